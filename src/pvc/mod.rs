@@ -1,0 +1,1 @@
+//! PVC scheduling: which reflection hits become calibrations.

@@ -1,0 +1,1 @@
+//! Reflection-trigger detection on decoded bytes.
