@@ -1,1 +1,296 @@
-//! PVC scheduling: which reflection hits become calibrations.
+//! PVC scheduling: which reflection hits become calibrations (the image given to the model
+//! again), and the per-stream state that carries the decision from token to token.
+//!
+//! A [`Monitor`] is one generation being watched: the trigger detector's state, the schedule's
+//! state, and the hits and calibrations so far. A [`MonitorBatch`] holds monitors in slots that
+//! follow a serving engine's batch as requests come, go, move and swap between steps.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::triggers::{Detector, Hit, StreamState};
+
+/// When hits become calibrations. Token counts are generated tokens of one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// No calibration before this many tokens have been generated.
+    pub warmup: u64,
+    /// At least this many tokens from one calibration to the next.
+    pub min_gap: u64,
+    /// At most this many calibrations per stream (`None`: no limit).
+    pub max_calibrations: Option<u32>,
+    /// Calibrate without a trigger once this many tokens have passed since the last
+    /// calibration (or since the start); `None`: only triggers calibrate.
+    pub period: Option<u64>,
+}
+
+impl Default for Schedule {
+    /// Every hit calibrates.
+    fn default() -> Self {
+        Schedule { warmup: 0, min_gap: 0, max_calibrations: None, period: None }
+    }
+}
+
+impl Schedule {
+    pub fn new(warmup: u64, min_gap: u64, max_calibrations: Option<u32>, period: Option<u64>) -> Result<Schedule> {
+        if period == Some(0) {
+            return Err(crate::value_err!("period: must be at least 1 token, or None for no periodic calibration"));
+        }
+        Ok(Schedule { warmup, min_gap, max_calibrations, period })
+    }
+}
+
+/// Why a calibration happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A reflection phrase was hit.
+    Trigger,
+    /// `period` tokens passed without one.
+    Period,
+}
+
+/// A calibration decided at token `token_index` (0-based among the stream's tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Calibration {
+    pub token_index: u64,
+    pub reason: Reason,
+    /// The hit that triggered it (for `Reason::Trigger`).
+    pub hit: Option<Hit>,
+}
+
+/// The schedule's state for one stream; it can be carried over when a request is continued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScheduleState {
+    /// Tokens seen.
+    pub tokens: u64,
+    /// Calibrations made.
+    pub calibrations: u32,
+    /// Tokens since the last calibration (or since the start, when there was none).
+    pub since_last: u64,
+}
+
+impl ScheduleState {
+    /// A state that continues a stream: `calibrations` already made, `since_last` tokens since
+    /// the last of them (or since the start).
+    pub fn resume(calibrations: u32, since_last: u64) -> ScheduleState {
+        ScheduleState { tokens: 0, calibrations, since_last }
+    }
+
+    /// Advances by one token; `hit` says whether a phrase was confirmed at it. Returns the
+    /// reason of the calibration decided at this token, if any.
+    #[inline]
+    pub fn on_token(&mut self, schedule: &Schedule, hit: bool) -> Option<Reason> {
+        let index = self.tokens;
+        self.tokens += 1;
+        self.since_last += 1;
+        let allowed = schedule.max_calibrations.is_none_or(|max| self.calibrations < max)
+            && (self.calibrations > 0 || index >= schedule.warmup)
+            && (self.calibrations == 0 || self.since_last >= schedule.min_gap);
+        let reason = if !allowed {
+            None
+        } else if hit {
+            Some(Reason::Trigger)
+        } else if schedule.period.is_some_and(|p| self.since_last >= p) {
+            Some(Reason::Period)
+        } else {
+            None
+        };
+        if reason.is_some() {
+            self.calibrations += 1;
+            self.since_last = 0;
+        }
+        reason
+    }
+}
+
+/// One watched generation: detector state, schedule state, hits and calibrations.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    pub schedule: Schedule,
+    pub trigger: StreamState,
+    pub state: ScheduleState,
+    /// The schedule state before the latest token, so that a hit confirmed only by the end
+    /// of the text can still be decided at that token.
+    before_last: ScheduleState,
+    pub hits: Vec<Hit>,
+    pub calibrations: Vec<Calibration>,
+}
+
+impl Monitor {
+    pub fn new(detector: &Detector, schedule: Schedule, state: ScheduleState) -> Monitor {
+        Monitor {
+            schedule,
+            trigger: detector.new_state(),
+            state,
+            before_last: state,
+            hits: Vec::new(),
+            calibrations: Vec::new(),
+        }
+    }
+
+    /// Feeds one generated token; returns the calibration decided at it, if any. An invalid
+    /// token id is refused before anything changes.
+    #[inline]
+    pub fn push(&mut self, detector: &Detector, token: i64) -> Result<Option<Calibration>> {
+        let index = self.state.tokens;
+        let before = self.hits.len();
+        detector.push(&mut self.trigger, token, index, &mut self.hits)?;
+        let first_new_hit = self.hits.get(before).copied();
+        self.before_last = self.state;
+        Ok(self.decide(index, first_new_hit))
+    }
+
+    /// Ends the text: a phrase at the very end becomes a hit (at the last token). Returns the
+    /// calibration it would make, if the schedule allows one there.
+    pub fn finish(&mut self, detector: &Detector) -> Option<Calibration> {
+        let before = self.hits.len();
+        let last = self.state.tokens.checked_sub(1);
+        detector.finish(&mut self.trigger, last, &mut self.hits);
+        let hit = self.hits.get(before).copied()?;
+        let last = last?;
+        // The last token was decided without this hit: decide it again with the hit, unless
+        // it calibrated already.
+        if self.calibrations.last().is_some_and(|c| c.token_index == last) {
+            return None;
+        }
+        self.state = self.before_last;
+        self.decide(last, Some(hit))
+    }
+
+    #[inline]
+    fn decide(&mut self, index: u64, hit: Option<Hit>) -> Option<Calibration> {
+        let reason = self.state.on_token(&self.schedule, hit.is_some())?;
+        let calibration = Calibration { token_index: index, reason, hit: if reason == Reason::Trigger { hit } else { None } };
+        self.calibrations.push(calibration);
+        Some(calibration)
+    }
+}
+
+/// Monitors in numbered slots, fed one token per slot per decoding step.
+#[derive(Debug, Clone)]
+pub struct MonitorBatch {
+    detector: Arc<Detector>,
+    slots: Vec<Option<Monitor>>,
+}
+
+impl MonitorBatch {
+    pub fn new(detector: Arc<Detector>, capacity: usize) -> MonitorBatch {
+        MonitorBatch { detector, slots: vec![None; capacity] }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn detector(&self) -> &Arc<Detector> {
+        &self.detector
+    }
+
+    fn check_slot(&self, slot: i64, name: &str) -> Result<usize> {
+        if slot < 0 || slot as u64 >= self.slots.len() as u64 {
+            return Err(crate::index_err!(
+                "{name} = {slot}: slot out of range (the batch has slots 0 to {})",
+                self.slots.len() as i64 - 1
+            ));
+        }
+        Ok(slot as usize)
+    }
+
+    /// Starts watching a new stream in `slot` (replacing whatever was there).
+    pub fn add(&mut self, slot: i64, schedule: Schedule, state: ScheduleState) -> Result<()> {
+        let slot = self.check_slot(slot, "slot")?;
+        self.slots[slot] = Some(Monitor::new(&self.detector, schedule, state));
+        Ok(())
+    }
+
+    /// Stops watching `slot`; returns its monitor (None if it was empty).
+    pub fn remove(&mut self, slot: i64) -> Result<Option<Monitor>> {
+        let slot = self.check_slot(slot, "slot")?;
+        Ok(self.slots[slot].take())
+    }
+
+    /// The stream in `from` moves to `to` (replacing what was there); `from` becomes empty.
+    pub fn move_slot(&mut self, from: i64, to: i64) -> Result<()> {
+        let from = self.check_slot(from, "from_slot")?;
+        let to = self.check_slot(to, "to_slot")?;
+        if from != to {
+            self.slots[to] = self.slots[from].take();
+        }
+        Ok(())
+    }
+
+    /// The streams in `a` and `b` trade places.
+    pub fn swap(&mut self, a: i64, b: i64) -> Result<()> {
+        let a = self.check_slot(a, "slot_a")?;
+        let b = self.check_slot(b, "slot_b")?;
+        self.slots.swap(a, b);
+        Ok(())
+    }
+
+    pub fn get(&self, slot: i64) -> Result<Option<&Monitor>> {
+        let slot = self.check_slot(slot, "slot")?;
+        Ok(self.slots[slot].as_ref())
+    }
+
+    /// Whether `slot` holds a stream.
+    pub fn is_active(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.is_some())
+    }
+
+    /// One decoding step: `tokens[i]` is the newest token of slot `i`; negative values and
+    /// empty slots are skipped. Calls `on_calibration(slot, calibration)` for every slot that
+    /// calibrates at this step. All token ids are checked before any stream changes.
+    pub fn step(&mut self, tokens: &[i64], mut on_calibration: impl FnMut(usize, Calibration)) -> Result<()> {
+        if tokens.len() > self.slots.len() {
+            return Err(crate::value_err!(
+                "tokens: {} entries for a batch of {} slots",
+                tokens.len(),
+                self.slots.len()
+            ));
+        }
+        for (slot, &token) in tokens.iter().enumerate() {
+            if token >= 0 && self.slots[slot].is_some() {
+                self.detector
+                    .check_token(token)
+                    .map_err(|e| crate::index_err!("tokens[{slot}]: {e}"))?;
+            }
+        }
+        let detector = &*self.detector;
+        for (slot, (&token, monitor)) in tokens.iter().zip(self.slots.iter_mut()).enumerate() {
+            if token < 0 {
+                continue;
+            }
+            if let Some(monitor) = monitor {
+                if let Some(calibration) = monitor.push(detector, token)? {
+                    on_calibration(slot, calibration);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a schedule makes of one text: its token count, hits and calibrations.
+#[derive(Debug, Clone)]
+pub struct TextScan {
+    pub tokens: usize,
+    pub hits: Vec<Hit>,
+    pub calibrations: Vec<Calibration>,
+}
+
+/// Tokenizes `text` and watches it as if it were generated, token by token.
+pub fn scan_text(detector: &Detector, text: &str, schedule: Schedule) -> Result<TextScan> {
+    let ids = detector.vocab().encode(text)?;
+    let mut monitor = Monitor::new(detector, schedule, ScheduleState::default());
+    for &id in &ids {
+        monitor.push(detector, id as i64)?;
+    }
+    monitor.finish(detector);
+    Ok(TextScan { tokens: ids.len(), hits: monitor.hits, calibrations: monitor.calibrations })
+}
+
+/// [`scan_text`] over many texts, in parallel.
+pub fn scan_texts(detector: &Detector, texts: &[String], schedule: Schedule) -> Vec<Result<TextScan>> {
+    use rayon::prelude::*;
+    texts.par_iter().map(|text| scan_text(detector, text, schedule)).collect()
+}

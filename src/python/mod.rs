@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 mod compress;
 mod errors;
 mod kv;
+mod pvc;
 mod rope;
 mod triggers;
 
@@ -14,6 +15,7 @@ mod triggers;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     triggers::register(m)?;
+    pvc::register(m)?;
     rope::register(m)?;
     compress::register(m)?;
     kv::register(m)?;

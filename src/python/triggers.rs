@@ -1,5 +1,476 @@
-use pyo3::prelude::*;
+//! Bindings of `src/triggers` (the detector) and of the per-stream and batch monitors of
+//! `src/pvc` that the detector hands out: `ReflectionDetector`, `ReflectionStream`,
+//! `StreamBatch`, `Hit`, `TextScan`.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyString};
+
+use super::pvc::{Calibration, PVCSchedule};
+use crate::pvc::{Monitor, MonitorBatch, Schedule, ScheduleState};
+use crate::triggers::{Detector, Hit as CoreHit, DEFAULT_PHRASES};
+
+/// A reflection phrase found in decoded text: `phrase` (as configured) matched the characters
+/// `char_start:char_end` of the text (Python `str` offsets); `token_index` is the token whose
+/// bytes confirmed the match's end (None when matching plain text).
+#[pyclass(name = "Hit", module = "tvc_rs", frozen, eq)]
+#[derive(Clone, PartialEq)]
+pub struct Hit {
+    #[pyo3(get)]
+    pub token_index: Option<u64>,
+    #[pyo3(get)]
+    pub phrase: String,
+    #[pyo3(get)]
+    pub phrase_index: u32,
+    #[pyo3(get)]
+    pub char_start: u64,
+    #[pyo3(get)]
+    pub char_end: u64,
+}
+
+impl Hit {
+    pub fn new(hit: &CoreHit, phrases: &[String]) -> Hit {
+        Hit {
+            token_index: hit.token_index,
+            phrase: phrases[hit.phrase as usize].clone(),
+            phrase_index: hit.phrase,
+            char_start: hit.char_start,
+            char_end: hit.char_end,
+        }
+    }
+}
+
+#[pymethods]
+impl Hit {
+    fn __repr__(&self) -> String {
+        let token = self.token_index.map_or("None".to_string(), |t| t.to_string());
+        format!(
+            "Hit(token_index={token}, phrase={:?}, char_start={}, char_end={})",
+            self.phrase, self.char_start, self.char_end
+        )
+    }
+}
+
+/// Token ids from a list, a tuple, a NumPy array or a PyTorch tensor (CPU), as i64.
+fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+    if let Ok(array) = obj.cast::<PyArray1<i64>>() {
+        return Ok(array.readonly().as_array().to_vec());
+    }
+    if let Ok(array) = obj.cast::<PyArray1<i32>>() {
+        return Ok(array.readonly().as_array().iter().map(|&v| v as i64).collect());
+    }
+    if obj.hasattr("__array__")? && !obj.is_instance_of::<PyList>() {
+        // Other array-likes (torch tensors, other integer dtypes) through NumPy, which refuses
+        // what is not integral.
+        let np = obj.py().import("numpy")?;
+        let array = np.call_method1("asarray", (obj,))?;
+        let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
+        if kind != "i" && kind != "u" {
+            return Err(PyTypeError::new_err(format!(
+                "{name}: expected integer token ids, got an array of dtype {}",
+                array.getattr("dtype")?.str()?
+            )));
+        }
+        let ndim: usize = array.getattr("ndim")?.extract()?;
+        if ndim != 1 {
+            return Err(PyValueError::new_err(format!("{name}: expected a 1-D array of token ids, got {ndim} dimensions")));
+        }
+        let array = array.call_method1("astype", ("int64",))?;
+        let array: PyReadonlyArray1<i64> = array.extract()?;
+        return Ok(array.as_array().to_vec());
+    }
+    obj.extract::<Vec<i64>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name}: expected a sequence of int token ids (list, NumPy array or tensor), got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })
+}
+
+/// Finds self-reflection phrases ("wait", "hmm", "let me double-check", ...) in the text a
+/// token stream decodes to: where the case-insensitive regex `(?<!\w)phrase(?!\w)` matches.
+///
+/// tokenizer: a path to tokenizer.json or to a model folder holding one, a
+/// `tokenizers.Tokenizer`, or a transformers fast tokenizer. phrases: the phrases to find
+/// (default: `tvc_rs.DEFAULT_PHRASES`).
+#[pyclass(name = "ReflectionDetector", module = "tvc_rs", frozen)]
+pub struct ReflectionDetector {
+    inner: Arc<Detector>,
+}
+
+fn detector_from(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<Vec<String>>) -> PyResult<Detector> {
+    let phrases = phrases.as_deref();
+    if let Ok(path) = tokenizer.extract::<PathBuf>() {
+        return Ok(py.detach(|| Detector::from_path(&path, phrases))?);
+    }
+    // transformers fast tokenizers wrap a `tokenizers.Tokenizer` as `backend_tokenizer`.
+    let backend = if tokenizer.hasattr("backend_tokenizer")? {
+        tokenizer.getattr("backend_tokenizer")?
+    } else {
+        tokenizer.clone()
+    };
+    if backend.hasattr("to_str")? {
+        let json: String = backend.call_method0("to_str")?.extract()?;
+        return Ok(py.detach(|| Detector::from_json(&json, phrases))?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "tokenizer: expected a path to tokenizer.json or a model folder, a tokenizers.Tokenizer, or a transformers \
+         fast tokenizer; got {}",
+        tokenizer.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+    )))
+}
+
+fn hits_to_py(hits: &[CoreHit], phrases: &[String]) -> Vec<Hit> {
+    hits.iter().map(|h| Hit::new(h, phrases)).collect()
+}
+
+fn schedule_state(calibrations_made: i64, tokens_since_last: Option<i64>) -> PyResult<ScheduleState> {
+    if !(0..=u32::MAX as i64).contains(&calibrations_made) {
+        return Err(PyValueError::new_err(format!("calibrations_made = {calibrations_made}: must be >= 0")));
+    }
+    let since = match tokens_since_last {
+        None => 0,
+        Some(s) if s >= 0 => s as u64,
+        Some(s) => return Err(PyValueError::new_err(format!("tokens_since_last = {s}: must be >= 0"))),
+    };
+    Ok(ScheduleState::resume(calibrations_made as u32, since))
+}
+
+#[pymethods]
+impl ReflectionDetector {
+    #[new]
+    #[pyo3(signature = (tokenizer, phrases=None))]
+    fn new(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let phrases = match phrases {
+            None => None,
+            Some(p) if p.is_instance_of::<PyString>() => {
+                return Err(PyTypeError::new_err("phrases: expected a list of strings, got a single string"))
+            }
+            Some(p) => Some(
+                p.extract::<Vec<String>>()
+                    .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings"))?,
+            ),
+        };
+        Ok(ReflectionDetector { inner: Arc::new(detector_from(py, tokenizer, phrases)?) })
+    }
+
+    /// The phrases this detector finds, in the order of `Hit.phrase_index`.
+    #[getter]
+    fn phrases(&self) -> Vec<String> {
+        self.inner.phrases().to_vec()
+    }
+
+    /// Number of token ids (the largest id plus one).
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    /// Every hit in `text`; `token_index` is None, offsets are `str` indices.
+    fn find_text(&self, py: Python<'_>, text: &str) -> Vec<Hit> {
+        let hits = py.detach(|| self.inner.find_text(text));
+        hits_to_py(&hits, self.inner.phrases())
+    }
+
+    /// Every hit in a whole token list, exactly as streaming the tokens one at a time and then
+    /// calling `finish()` gives. Offsets are into the decoded text.
+    fn find_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Hit>> {
+        let ids = token_ids(tokens, "tokens")?;
+        let hits = py.detach(|| self.inner.find_tokens(&ids))?;
+        Ok(hits_to_py(&hits, self.inner.phrases()))
+    }
+
+    /// Token ids of `text` with this tokenizer (no special tokens added).
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        Ok(py.detach(|| self.inner.vocab().encode(text))?)
+    }
+
+    /// A stream that watches one generation token by token, with a PVC schedule (default:
+    /// every hit calibrates). `calibrations_made` and `tokens_since_last` continue the
+    /// schedule of an earlier part of the same generation.
+    #[pyo3(signature = (schedule=None, *, calibrations_made=0, tokens_since_last=None))]
+    fn stream(
+        &self,
+        schedule: Option<PVCSchedule>,
+        calibrations_made: i64,
+        tokens_since_last: Option<i64>,
+    ) -> PyResult<ReflectionStream> {
+        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let state = schedule_state(calibrations_made, tokens_since_last)?;
+        Ok(ReflectionStream {
+            detector: self.inner.clone(),
+            monitor: Monitor::new(&self.inner, schedule, state),
+        })
+    }
+
+    /// Streams in `capacity` numbered slots, fed one token per slot per decoding step.
+    fn batch(&self, capacity: i64) -> PyResult<StreamBatch> {
+        if !(0..=1 << 24).contains(&capacity) {
+            return Err(PyValueError::new_err(format!("capacity = {capacity}: must be between 0 and 16777216")));
+        }
+        Ok(StreamBatch { inner: MonitorBatch::new(self.inner.clone(), capacity as usize), last: Vec::new() })
+    }
+
+    /// Tokenizes each text and watches it as if it were generated, with `schedule`; returns a
+    /// `TextScan` per text (with `error` set for a text that cannot be tokenized). In parallel.
+    #[pyo3(signature = (texts, schedule=None))]
+    fn scan(&self, py: Python<'_>, texts: Vec<String>, schedule: Option<PVCSchedule>) -> Vec<TextScan> {
+        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let results = py.detach(|| crate::pvc::scan_texts(&self.inner, &texts, schedule));
+        let phrases = self.inner.phrases();
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(scan) => TextScan {
+                    tokens: scan.tokens,
+                    hits: hits_to_py(&scan.hits, phrases),
+                    calibrations: scan.calibrations.iter().map(|c| Calibration::new(c, phrases)).collect(),
+                    error: None,
+                },
+                Err(e) => TextScan { tokens: 0, hits: Vec::new(), calibrations: Vec::new(), error: Some(e.to_string()) },
+            })
+            .collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ReflectionDetector(vocab_size={}, phrases={:?})", self.inner.vocab_size(), self.inner.phrases())
+    }
+}
+
+/// What a schedule makes of one text: token count, hits and calibrations.
+#[pyclass(name = "TextScan", module = "tvc_rs", frozen)]
+#[derive(Clone)]
+pub struct TextScan {
+    #[pyo3(get)]
+    tokens: usize,
+    #[pyo3(get)]
+    hits: Vec<Hit>,
+    #[pyo3(get)]
+    calibrations: Vec<Calibration>,
+    /// Why the text could not be scanned, or None.
+    #[pyo3(get)]
+    error: Option<String>,
+}
+
+#[pymethods]
+impl TextScan {
+    fn __repr__(&self) -> String {
+        format!("TextScan(tokens={}, hits={}, calibrations={})", self.tokens, self.hits.len(), self.calibrations.len())
+    }
+}
+
+/// One generation watched token by token (from `ReflectionDetector.stream()`).
+#[pyclass(name = "ReflectionStream", module = "tvc_rs")]
+pub struct ReflectionStream {
+    detector: Arc<Detector>,
+    monitor: Monitor,
+}
+
+#[pymethods]
+impl ReflectionStream {
+    /// Feeds the next generated token; returns the calibration decided at it, or None.
+    /// An id outside the vocabulary raises IndexError and changes nothing.
+    fn push(&mut self, token_id: i64) -> PyResult<Option<Calibration>> {
+        let calibration = self.monitor.push(&self.detector, token_id)?;
+        Ok(calibration.map(|c| Calibration::new(&c, self.detector.phrases())))
+    }
+
+    /// Feeds several tokens; returns the calibrations they make. All ids are checked first.
+    fn push_many(&mut self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+        let ids = token_ids(tokens, "tokens")?;
+        for (i, &id) in ids.iter().enumerate() {
+            self.detector.check_token(id).map_err(|e| pyo3::exceptions::PyIndexError::new_err(format!("tokens[{i}]: {e}")))?;
+        }
+        let detector = &self.detector;
+        let monitor = &mut self.monitor;
+        let made = py.detach(|| {
+            let mut made = Vec::new();
+            for &id in &ids {
+                if let Some(c) = monitor.push(detector, id)? {
+                    made.push(c);
+                }
+            }
+            crate::Result::Ok(made)
+        })?;
+        Ok(made.iter().map(|c| Calibration::new(c, self.detector.phrases())).collect())
+    }
+
+    /// Ends the text: a phrase right at the end becomes a hit (at the last token); returns the
+    /// calibration that makes, if any. Tokens fed afterwards start a new text.
+    fn finish(&mut self) -> Option<Calibration> {
+        self.monitor.finish(&self.detector).map(|c| Calibration::new(&c, self.detector.phrases()))
+    }
+
+    /// Every hit so far.
+    #[getter]
+    fn hits(&self) -> Vec<Hit> {
+        hits_to_py(&self.monitor.hits, self.detector.phrases())
+    }
+
+    /// Every calibration so far.
+    #[getter]
+    fn calibrations(&self) -> Vec<Calibration> {
+        self.monitor.calibrations.iter().map(|c| Calibration::new(c, self.detector.phrases())).collect()
+    }
+
+    /// Tokens fed so far.
+    #[getter]
+    fn tokens_seen(&self) -> u64 {
+        self.monitor.state.tokens
+    }
+
+    /// Calibrations made, including those carried over with `calibrations_made`.
+    #[getter]
+    fn calibrations_made(&self) -> u32 {
+        self.monitor.state.calibrations
+    }
+
+    /// Tokens since the last calibration (or since the start).
+    #[getter]
+    fn tokens_since_last(&self) -> u64 {
+        self.monitor.state.since_last
+    }
+
+    /// Characters of decoded text so far.
+    #[getter]
+    fn text_length(&self) -> u64 {
+        self.monitor.trigger.chars()
+    }
+
+    #[getter]
+    fn schedule(&self) -> PVCSchedule {
+        PVCSchedule { inner: self.monitor.schedule }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ReflectionStream(tokens_seen={}, hits={}, calibrations={})",
+            self.monitor.state.tokens,
+            self.monitor.hits.len(),
+            self.monitor.calibrations.len()
+        )
+    }
+}
+
+/// Streams in numbered slots that follow a serving engine's batch (from
+/// `ReflectionDetector.batch(capacity)`): `add`, `remove`, `move` and `swap` slots as requests
+/// come, go and are reordered, and call `step(tokens)` once per decoding step.
+#[pyclass(name = "StreamBatch", module = "tvc_rs")]
+pub struct StreamBatch {
+    inner: MonitorBatch,
+    last: Vec<(usize, crate::pvc::Calibration)>,
+}
+
+#[pymethods]
+impl StreamBatch {
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    /// Starts watching a new stream in `slot` (replacing what was there).
+    #[pyo3(signature = (slot, schedule=None, *, calibrations_made=0, tokens_since_last=None))]
+    fn add(&mut self, slot: i64, schedule: Option<PVCSchedule>, calibrations_made: i64, tokens_since_last: Option<i64>) -> PyResult<()> {
+        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let state = schedule_state(calibrations_made, tokens_since_last)?;
+        Ok(self.inner.add(slot, schedule, state)?)
+    }
+
+    /// Stops watching `slot`; returns whether it held a stream.
+    fn remove(&mut self, slot: i64) -> PyResult<bool> {
+        Ok(self.inner.remove(slot)?.is_some())
+    }
+
+    /// The stream in `from_slot` moves to `to_slot` (replacing what was there); `from_slot`
+    /// becomes empty.
+    #[pyo3(name = "move")]
+    fn move_slot(&mut self, from_slot: i64, to_slot: i64) -> PyResult<()> {
+        Ok(self.inner.move_slot(from_slot, to_slot)?)
+    }
+
+    /// The streams in `slot_a` and `slot_b` trade places.
+    fn swap(&mut self, slot_a: i64, slot_b: i64) -> PyResult<()> {
+        Ok(self.inner.swap(slot_a, slot_b)?)
+    }
+
+    /// Whether `slot` holds a stream.
+    fn is_active(&self, slot: i64) -> PyResult<bool> {
+        Ok(self.inner.get(slot)?.is_some())
+    }
+
+    /// One decoding step: `tokens[i]` is the newest token of slot `i` (a 1-D integer array or
+    /// list, at most `capacity` long); negative entries and empty slots are skipped. Returns
+    /// the slots that calibrate at this step (int32 array, ascending). All ids are checked
+    /// before any stream changes.
+    fn step<'py>(&mut self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let owned;
+        let readonly;
+        let ids: &[i64] = if let Ok(array) = tokens.cast::<PyArray1<i64>>() {
+            readonly = array.readonly();
+            match readonly.as_slice() {
+                Ok(slice) => slice,
+                Err(_) => {
+                    owned = readonly.as_array().to_vec();
+                    &owned
+                }
+            }
+        } else {
+            owned = token_ids(tokens, "tokens")?;
+            &owned
+        };
+        let inner = &mut self.inner;
+        let last = &mut self.last;
+        last.clear();
+        py.detach(|| inner.step(ids, |slot, c| last.push((slot, c))))?;
+        let slots: Vec<i32> = self.last.iter().map(|(slot, _)| *slot as i32).collect();
+        Ok(PyArray1::from_vec(py, slots))
+    }
+
+    /// The calibrations of the latest `step`, as (slot, Calibration) pairs.
+    #[getter]
+    fn last_calibrations(&self) -> Vec<(usize, Calibration)> {
+        let phrases = self.inner.detector().phrases();
+        self.last.iter().map(|(slot, c)| (*slot, Calibration::new(c, phrases))).collect()
+    }
+
+    /// Every hit of the stream in `slot`.
+    fn hits(&self, slot: i64) -> PyResult<Vec<Hit>> {
+        let phrases = self.inner.detector().phrases();
+        Ok(self.inner.get(slot)?.map(|m| hits_to_py(&m.hits, phrases)).unwrap_or_default())
+    }
+
+    /// Every calibration of the stream in `slot`.
+    fn calibrations(&self, slot: i64) -> PyResult<Vec<Calibration>> {
+        let phrases = self.inner.detector().phrases();
+        Ok(self
+            .inner
+            .get(slot)?
+            .map(|m| m.calibrations.iter().map(|c| Calibration::new(c, phrases)).collect())
+            .unwrap_or_default())
+    }
+
+    /// (tokens_seen, calibrations_made, tokens_since_last) of the stream in `slot`, or None
+    /// for an empty slot: what a continued request passes back to `add`.
+    fn state(&self, slot: i64) -> PyResult<Option<(u64, u32, u64)>> {
+        Ok(self.inner.get(slot)?.map(|m| (m.state.tokens, m.state.calibrations, m.state.since_last)))
+    }
+
+    fn __repr__(&self) -> String {
+        let active = (0..self.inner.capacity()).filter(|&s| self.inner.is_active(s)).count();
+        format!("StreamBatch(capacity={}, active={active})", self.inner.capacity())
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ReflectionDetector>()?;
+    m.add_class::<ReflectionStream>()?;
+    m.add_class::<StreamBatch>()?;
+    m.add_class::<Hit>()?;
+    m.add_class::<TextScan>()?;
+    m.add("DEFAULT_PHRASES", DEFAULT_PHRASES.to_vec())?;
     Ok(())
 }
