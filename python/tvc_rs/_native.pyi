@@ -6,7 +6,152 @@ __version__: str
 
 # --- triggers (src/python/triggers.rs) ---
 
+from os import PathLike
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+TokenIds = Union[Sequence[int], npt.NDArray[np.integer], Any]  # list, NumPy array or CPU tensor, 1-D
+
+DEFAULT_PHRASES: list[str]
+
+class Hit:
+    """A phrase matched the decoded text at characters ``char_start:char_end`` (``str`` offsets);
+    ``token_index`` is the token whose bytes confirmed the match's end (None for plain text)."""
+
+    token_index: Optional[int]
+    phrase: str
+    phrase_index: int
+    char_start: int
+    char_end: int
+
+class TextScan:
+    """What a schedule makes of one text (``ReflectionDetector.scan``)."""
+
+    tokens: int
+    hits: list[Hit]
+    calibrations: list[Calibration]
+    error: Optional[str]
+
+class ReflectionDetector:
+    """Finds reflection phrases where ``(?<!\\w)phrase(?!\\w)`` (case-insensitive) matches the
+    text that tokens decode to.
+
+    tokenizer: path to tokenizer.json or a model folder holding one, a ``tokenizers.Tokenizer``,
+    or a transformers fast tokenizer. phrases: default ``DEFAULT_PHRASES``.
+    Raises OSError (no such file), ValueError (bad tokenizer.json, empty or repeated phrase),
+    TypeError (anything else as tokenizer)."""
+
+    def __init__(self, tokenizer: Union[str, PathLike[str], Any], phrases: Optional[Sequence[str]] = None) -> None: ...
+    @property
+    def phrases(self) -> list[str]: ...
+    @property
+    def vocab_size(self) -> int: ...
+    def find_text(self, text: str) -> list[Hit]: ...
+    def find_tokens(self, tokens: TokenIds) -> list[Hit]:
+        """Hits of a whole token list, as streaming it and calling ``finish()`` gives.
+        IndexError for an id outside the vocabulary."""
+    def encode(self, text: str) -> list[int]: ...
+    def stream(
+        self,
+        schedule: Optional[PVCSchedule] = None,
+        *,
+        calibrations_made: int = 0,
+        tokens_since_last: Optional[int] = None,
+    ) -> ReflectionStream: ...
+    def batch(self, capacity: int) -> StreamBatch: ...
+    def scan(self, texts: Sequence[str], schedule: Optional[PVCSchedule] = None) -> list[TextScan]:
+        """Tokenize each text and watch it as if generated (in parallel)."""
+
+class ReflectionStream:
+    """One generation watched token by token, with its own schedule state."""
+
+    def push(self, token_id: int) -> Optional[Calibration]:
+        """Feed the next token; the calibration decided at it, or None. IndexError for a bad id
+        (nothing changes)."""
+    def push_many(self, tokens: TokenIds) -> list[Calibration]: ...
+    def finish(self) -> Optional[Calibration]:
+        """End of text: a phrase right at the end becomes a hit at the last token."""
+    @property
+    def hits(self) -> list[Hit]: ...
+    @property
+    def calibrations(self) -> list[Calibration]: ...
+    @property
+    def tokens_seen(self) -> int: ...
+    @property
+    def calibrations_made(self) -> int: ...
+    @property
+    def tokens_since_last(self) -> int: ...
+    @property
+    def text_length(self) -> int: ...
+    @property
+    def schedule(self) -> PVCSchedule: ...
+
+class StreamBatch:
+    """Streams in numbered slots following a serving engine's batch; one ``step`` per decoding
+    step. IndexError for a slot outside ``0..capacity``."""
+
+    @property
+    def capacity(self) -> int: ...
+    def add(
+        self,
+        slot: int,
+        schedule: Optional[PVCSchedule] = None,
+        *,
+        calibrations_made: int = 0,
+        tokens_since_last: Optional[int] = None,
+    ) -> None: ...
+    def remove(self, slot: int) -> bool: ...
+    def move(self, from_slot: int, to_slot: int) -> None: ...
+    def swap(self, slot_a: int, slot_b: int) -> None: ...
+    def is_active(self, slot: int) -> bool: ...
+    def step(self, tokens: TokenIds) -> npt.NDArray[np.int32]:
+        """``tokens[i]``: newest token of slot i (negative or empty slot: skipped). Returns the
+        slots that calibrate at this step. All ids are checked before anything changes."""
+    @property
+    def last_calibrations(self) -> list[tuple[int, Calibration]]: ...
+    def hits(self, slot: int) -> list[Hit]: ...
+    def calibrations(self, slot: int) -> list[Calibration]: ...
+    def state(self, slot: int) -> Optional[tuple[int, int, int]]:
+        """(tokens_seen, calibrations_made, tokens_since_last), or None for an empty slot."""
+
 # --- end triggers ---
+
+# --- pvc (src/python/pvc.rs) ---
+
+class PVCSchedule:
+    """When hits become calibrations: ``warmup`` tokens before the first, ``min_gap`` tokens
+    between two, at most ``max_calibrations``, and every ``period`` tokens without a trigger.
+    The default calibrates at every hit. ValueError for negative values or period 0."""
+
+    def __init__(
+        self,
+        warmup: int = 0,
+        min_gap: int = 0,
+        max_calibrations: Optional[int] = None,
+        period: Optional[int] = None,
+    ) -> None: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def min_gap(self) -> int: ...
+    @property
+    def max_calibrations(self) -> Optional[int]: ...
+    @property
+    def period(self) -> Optional[int]: ...
+
+class Calibration:
+    """A calibration at generated token ``token_index``: ``reason`` "trigger" (with ``hit``) or
+    "period"."""
+
+    token_index: int
+    reason: Literal["trigger", "period"]
+    hit: Optional[Hit]
+    @property
+    def phrase(self) -> Optional[str]: ...
+
+# --- end pvc ---
 
 # --- rope (src/python/rope.rs) ---
 
