@@ -5,9 +5,10 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use tvc_rs::rope::{
-    batch_positions, image_grid_thw, image_token_count, positions_for_segments, positions_for_sequence,
-    segments_for_sequence, smart_resize, BatchInput, GridThw, ImageSettings, ModelType, MropeConfig, Seconds,
-    SecondsValue, Segment, TimeInterval, TokenKinds, TokensPerSecond,
+    batch_positions, image_grid_thw, image_token_count, positions_for_segments,
+    positions_for_sequence, segments_for_sequence, smart_resize, BatchInput, GridThw,
+    ImageSettings, ModelType, MropeConfig, Seconds, SecondsValue, Segment, TimeInterval,
+    TokenKinds, TokensPerSecond,
 };
 use tvc_rs::Error;
 
@@ -17,7 +18,10 @@ const VISION_START: i64 = 151652;
 const VISION_END: i64 = 151653;
 
 fn cfg(merge: i64) -> MropeConfig {
-    MropeConfig { spatial_merge_size: merge, ..MropeConfig::qwen2_vl() }
+    MropeConfig {
+        spatial_merge_size: merge,
+        ..MropeConfig::qwen2_vl()
+    }
 }
 
 fn message(err: Error) -> String {
@@ -46,10 +50,14 @@ fn qwen2_5_video_time_scaling_by_hand() {
     // Video grid (3, 2, 2), merge 2: 3 frame groups of 1 token; tokens_per_second 2 and
     // second_per_grid_ts 1.0 give temporal steps of 2. After the video the position moves by
     // max(h, w) / 2 = 1 only, but the delta counts the largest temporal position.
-    let q25 = MropeConfig { tokens_per_second: TokensPerSecond::Int(2), ..MropeConfig::qwen2_5_vl() };
+    let q25 = MropeConfig {
+        tokens_per_second: TokensPerSecond::Int(2),
+        ..MropeConfig::qwen2_5_vl()
+    };
     let ids = [7, VIDEO, VIDEO, VIDEO, 8];
     let seconds = [Seconds::python_float(1.0)];
-    let p = positions_for_sequence(&ids, &[], &[GridThw::new(3, 2, 2)], Some(&seconds), &q25).unwrap();
+    let p =
+        positions_for_sequence(&ids, &[], &[GridThw::new(3, 2, 2)], Some(&seconds), &q25).unwrap();
     assert_eq!(p.t, vec![0, 1, 3, 5, 2]);
     assert_eq!(p.h, vec![0, 1, 1, 1, 2]);
     assert_eq!(p.w, vec![0, 1, 1, 1, 2]);
@@ -121,9 +129,21 @@ fn reference(
     let mut out = Vec::new();
     let mut deltas = Vec::new();
     for (row, mask) in rows.iter().zip(masks) {
-        let kept: Vec<(usize, i64)> =
-            row.iter().enumerate().filter(|(c, _)| mask[*c]).map(|(c, &id)| (c, id)).collect();
-        let kind = |id: i64| if id == IMAGE { 1 } else if id == VIDEO { 2 } else { 0 };
+        let kept: Vec<(usize, i64)> = row
+            .iter()
+            .enumerate()
+            .filter(|(c, _)| mask[*c])
+            .map(|(c, &id)| (c, id))
+            .collect();
+        let kind = |id: i64| {
+            if id == IMAGE {
+                1
+            } else if id == VIDEO {
+                2
+            } else {
+                0
+            }
+        };
         let mut groups: Vec<(i32, usize)> = Vec::new();
         for &(_, id) in &kept {
             match groups.last_mut() {
@@ -206,15 +226,24 @@ fn piece_strategy(merge: i64) -> impl Strategy<Value = Piece> {
 fn case_strategy() -> impl Strategy<Value = Case> {
     (1i64..4, 1usize..5, any::<bool>()).prop_flat_map(|(merge, batch, qwen2_5)| {
         let rows = prop::collection::vec(prop::collection::vec(piece_strategy(merge), 0..8), batch);
-        let pads = prop::collection::vec((0usize..4, 0usize..4, prop::collection::vec(0usize..64, 0..3)), batch);
+        let pads = prop::collection::vec(
+            (
+                0usize..4,
+                0usize..4,
+                prop::collection::vec(0usize..64, 0..3),
+            ),
+            batch,
+        );
         let seconds = prop::collection::vec(0.05f32..3.0, 64);
-        (Just(merge), rows, pads, Just(qwen2_5), seconds).prop_map(|(merge, rows, pads, qwen2_5, seconds)| Case {
-            merge,
-            rows,
-            pads,
-            qwen2_5,
-            seconds,
-        })
+        (Just(merge), rows, pads, Just(qwen2_5), seconds).prop_map(
+            |(merge, rows, pads, qwen2_5, seconds)| Case {
+                merge,
+                rows,
+                pads,
+                qwen2_5,
+                seconds,
+            },
+        )
     })
 }
 
@@ -226,7 +255,11 @@ fn row_ids(pieces: &[Piece], merge: i64) -> Vec<i64> {
         match piece {
             Piece::Text(t) => ids.extend(t),
             Piece::Image(g) | Piece::Video(g) => {
-                let id = if matches!(piece, Piece::Image(_)) { IMAGE } else { VIDEO };
+                let id = if matches!(piece, Piece::Image(_)) {
+                    IMAGE
+                } else {
+                    VIDEO
+                };
                 ids.push(VISION_START);
                 ids.extend(std::iter::repeat_n(id, g.token_count(merge).unwrap()));
                 ids.push(VISION_END);
@@ -451,10 +484,12 @@ fn grids_err(ids: &[i64], images: &[GridThw], videos: &[GridThw]) -> String {
 fn too_few_and_too_many_grids() {
     let ids = [1, IMAGE, 2, IMAGE, 3];
     let one = GridThw::new(1, 2, 2);
-    assert!(grids_err(&ids, &[one], &[]).contains("image_grid_thw has 1 row(s) but the sequences hold 2 image block(s)"));
+    assert!(grids_err(&ids, &[one], &[])
+        .contains("image_grid_thw has 1 row(s) but the sequences hold 2 image block(s)"));
     assert!(grids_err(&ids, &[one, one, one], &[]).contains("image_grid_thw has 3 row(s)"));
     assert!(grids_err(&[1, VIDEO], &[], &[]).contains("video_grid_thw has 0 row(s)"));
-    assert!(grids_err(&[1, 2], &[], &[one]).contains("video_grid_thw has 1 row(s) but the sequences hold 0"));
+    assert!(grids_err(&[1, 2], &[], &[one])
+        .contains("video_grid_thw has 1 row(s) but the sequences hold 0"));
 }
 
 #[test]
@@ -467,16 +502,23 @@ fn block_token_count_must_match_grid() {
     // Two images without a separator are one run: it cannot match either grid.
     let one = GridThw::new(1, 2, 2);
     let msg = grids_err(&[IMAGE, IMAGE], &[one, one], &[]);
-    assert!(msg.contains("image_grid_thw has 2 row(s) but the sequences hold 1"), "{msg}");
+    assert!(
+        msg.contains("image_grid_thw has 2 row(s) but the sequences hold 1"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn non_positive_grid_dims() {
     let msg = grids_err(&[IMAGE], &[GridThw::new(1, 4, 0)], &[]);
-    assert_eq!(msg, "image_grid_thw[0] = (1, 4, 0): every grid dimension must be >= 1");
+    assert_eq!(
+        msg,
+        "image_grid_thw[0] = (1, 4, 0): every grid dimension must be >= 1"
+    );
     let msg = grids_err(&[VIDEO], &[], &[GridThw::new(-1, 2, 2)]);
     assert!(msg.starts_with("video_grid_thw[0] = (-1, 2, 2)"), "{msg}");
-    let msg = message(positions_for_segments(&[Segment::Image(GridThw::new(1, 1, 4))], 2).unwrap_err());
+    let msg =
+        message(positions_for_segments(&[Segment::Image(GridThw::new(1, 1, 4))], 2).unwrap_err());
     assert!(msg.contains("segments[0]"), "{msg}");
 }
 
@@ -487,9 +529,15 @@ fn second_per_grid_ts_checks() {
     let s = [Seconds::python_float(0.5)];
     let q25 = MropeConfig::qwen2_5_vl();
     let msg = message(positions_for_sequence(&ids, &[], &[v], Some(&[]), &q25).unwrap_err());
-    assert!(msg.contains("second_per_grid_ts has 0 value(s) but video_grid_thw has 1 row(s)"), "{msg}");
+    assert!(
+        msg.contains("second_per_grid_ts has 0 value(s) but video_grid_thw has 1 row(s)"),
+        "{msg}"
+    );
     let msg = message(positions_for_sequence(&ids, &[], &[v], Some(&s), &cfg(2)).unwrap_err());
-    assert!(msg.contains("only used by model_type='qwen2_5_vl'"), "{msg}");
+    assert!(
+        msg.contains("only used by model_type='qwen2_5_vl'"),
+        "{msg}"
+    );
     let nan = [Seconds::python_float(f64::NAN)];
     let msg = message(positions_for_sequence(&ids, &[], &[v], Some(&nan), &q25).unwrap_err());
     assert!(msg.starts_with("second_per_grid_ts[0]"), "{msg}");
@@ -513,19 +561,31 @@ fn batch_shape_checks() {
     let mut deltas = vec![0i64; 2];
     assert!(batch_positions(&base, &cfg(2), &mut out, &mut deltas).is_ok());
     let mask = [true; 3];
-    let bad = BatchInput { attention_mask: Some(&mask), ..base };
+    let bad = BatchInput {
+        attention_mask: Some(&mask),
+        ..base
+    };
     let msg = message(batch_positions(&bad, &cfg(2), &mut out, &mut deltas).unwrap_err());
     assert!(msg.starts_with("attention_mask has 3 elements"), "{msg}");
     let types = [0i64, 3, 0, 0];
-    let bad = BatchInput { kinds: TokenKinds::TypeIds(&types), ..base };
+    let bad = BatchInput {
+        kinds: TokenKinds::TypeIds(&types),
+        ..base
+    };
     let msg = message(batch_positions(&bad, &cfg(2), &mut out, &mut deltas).unwrap_err());
-    assert_eq!(msg, "mm_token_type_ids[0, 1] = 3: expected 0 (text), 1 (image) or 2 (video)");
+    assert_eq!(
+        msg,
+        "mm_token_type_ids[0, 1] = 3: expected 0 (text), 1 (image) or 2 (video)"
+    );
     let msg = message(batch_positions(&base, &cfg(0), &mut out, &mut deltas).unwrap_err());
     assert!(msg.starts_with("spatial_merge_size must be >= 1"), "{msg}");
     // Outputs untouched by a failed call.
     let mut out = vec![9i64; 12];
     let bad_ids = [1i64, IMAGE, 3, 4];
-    let bad = BatchInput { input_ids: &bad_ids, ..base };
+    let bad = BatchInput {
+        input_ids: &bad_ids,
+        ..base
+    };
     assert!(batch_positions(&bad, &cfg(2), &mut out, &mut deltas).is_err());
     assert!(out.iter().all(|&v| v == 9));
 }
@@ -548,7 +608,13 @@ fn empty_batch_and_empty_rows() {
     // A fully masked row: zeros and delta 0.
     let ids = [1i64, 2, 3, 4];
     let mask = [false, false, true, true];
-    let input = BatchInput { input_ids: &ids, batch: 2, seq: 2, attention_mask: Some(&mask[..]), ..input };
+    let input = BatchInput {
+        input_ids: &ids,
+        batch: 2,
+        seq: 2,
+        attention_mask: Some(&mask[..]),
+        ..input
+    };
     let mut out = vec![5i64; 12];
     let mut deltas = vec![5i64; 2];
     batch_positions(&input, &cfg(2), &mut out, &mut deltas).unwrap();
@@ -561,26 +627,65 @@ fn empty_batch_and_empty_rows() {
 #[test]
 fn time_interval_arithmetic_follows_the_input_dtype() {
     let k = TokensPerSecond::Int(2);
-    let f32_tensor = Seconds { value: SecondsValue::F32(0.35), from_tensor: true };
-    assert_eq!(TimeInterval::qwen2_5_vl(k, f32_tensor).unwrap(), TimeInterval::F32(2.0 * 0.35f32));
-    let f64_tensor = Seconds { value: SecondsValue::F64(0.35), from_tensor: true };
-    assert_eq!(TimeInterval::qwen2_5_vl(k, f64_tensor).unwrap(), TimeInterval::F64(0.7));
+    let f32_tensor = Seconds {
+        value: SecondsValue::F32(0.35),
+        from_tensor: true,
+    };
+    assert_eq!(
+        TimeInterval::qwen2_5_vl(k, f32_tensor).unwrap(),
+        TimeInterval::F32(2.0 * 0.35f32)
+    );
+    let f64_tensor = Seconds {
+        value: SecondsValue::F64(0.35),
+        from_tensor: true,
+    };
+    assert_eq!(
+        TimeInterval::qwen2_5_vl(k, f64_tensor).unwrap(),
+        TimeInterval::F64(0.7)
+    );
     // A Python float: the product is a Python float, then used in float32 arithmetic.
-    assert_eq!(TimeInterval::qwen2_5_vl(k, Seconds::python_float(0.35)).unwrap(), TimeInterval::F32(0.7f64 as f32));
-    let int = Seconds { value: SecondsValue::Int(3), from_tensor: false };
-    assert_eq!(TimeInterval::qwen2_5_vl(k, int).unwrap(), TimeInterval::Int(6));
-    let int_tensor_float_tps = Seconds { value: SecondsValue::Int(3), from_tensor: true };
+    assert_eq!(
+        TimeInterval::qwen2_5_vl(k, Seconds::python_float(0.35)).unwrap(),
+        TimeInterval::F32(0.7f64 as f32)
+    );
+    let int = Seconds {
+        value: SecondsValue::Int(3),
+        from_tensor: false,
+    };
+    assert_eq!(
+        TimeInterval::qwen2_5_vl(k, int).unwrap(),
+        TimeInterval::Int(6)
+    );
+    let int_tensor_float_tps = Seconds {
+        value: SecondsValue::Int(3),
+        from_tensor: true,
+    };
     assert_eq!(
         TimeInterval::qwen2_5_vl(TokensPerSecond::Float(0.5), int_tensor_float_tps).unwrap(),
         TimeInterval::F32(1.5)
     );
-    let half = Seconds { value: SecondsValue::F16(f16::from_f32(0.3)), from_tensor: true };
-    assert!(matches!(TimeInterval::qwen2_5_vl(k, half).unwrap(), TimeInterval::F16(_)));
-    let b = Seconds { value: SecondsValue::BF16(bf16::from_f32(0.3)), from_tensor: true };
-    assert!(matches!(TimeInterval::qwen2_5_vl(k, b).unwrap(), TimeInterval::BF16(_)));
+    let half = Seconds {
+        value: SecondsValue::F16(f16::from_f32(0.3)),
+        from_tensor: true,
+    };
+    assert!(matches!(
+        TimeInterval::qwen2_5_vl(k, half).unwrap(),
+        TimeInterval::F16(_)
+    ));
+    let b = Seconds {
+        value: SecondsValue::BF16(bf16::from_f32(0.3)),
+        from_tensor: true,
+    };
+    assert!(matches!(
+        TimeInterval::qwen2_5_vl(k, b).unwrap(),
+        TimeInterval::BF16(_)
+    ));
 
     // Truncation happens after rounding to the arithmetic's precision.
-    assert_eq!(TimeInterval::F32(0.1f32).scale(10), (10.0f32 * 0.1f32) as i64);
+    assert_eq!(
+        TimeInterval::F32(0.1f32).scale(10),
+        (10.0f32 * 0.1f32) as i64
+    );
     assert_eq!(TimeInterval::F64(0.1).scale(30), (30.0f64 * 0.1) as i64);
     assert_eq!(TimeInterval::Int(3).scale(4), 12);
 }
@@ -597,7 +702,10 @@ fn smart_resize_by_hand() {
     assert_eq!(image_grid_thw(1, 200, &d).unwrap(), [1, 2, 58]);
     assert_eq!(image_token_count(4000, 3000, &d).unwrap(), 82 * 60 / 4);
     // 240 x 320 (TVC's CLEVR image): round(240/28)=9 -> 252, round(320/28)=11 -> 308.
-    assert_eq!(smart_resize(240, 320, 28, 3136, 1003520).unwrap(), (252, 308));
+    assert_eq!(
+        smart_resize(240, 320, 28, 3136, 1003520).unwrap(),
+        (252, 308)
+    );
     // Python's round is half-to-even: 42 / 28 = 1.5 -> 2, 70 / 28 = 2.5 -> 2.
     assert_eq!(smart_resize(42, 70, 28, 1, 1 << 40).unwrap(), (56, 56));
 }
@@ -620,6 +728,10 @@ fn smart_resize_errors() {
     }
     let msg = message(smart_resize(1 << 27, 1 << 27, 28, 3136, 1003520).unwrap_err());
     assert!(msg.contains("2**53"), "{msg}");
-    let bad = ImageSettings { patch_size: 0, ..ImageSettings::default() };
-    assert!(message(image_token_count(10, 10, &bad).unwrap_err()).starts_with("patch_size must be >= 1"));
+    let bad = ImageSettings {
+        patch_size: 0,
+        ..ImageSettings::default()
+    };
+    assert!(message(image_token_count(10, 10, &bad).unwrap_err())
+        .starts_with("patch_size must be >= 1"));
 }

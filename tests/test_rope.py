@@ -364,6 +364,7 @@ def test_real_processor_batch_with_image_inside_the_answer(qwen2_vl):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = AutoProcessor.from_pretrained(folder)
+    assert tvc_rs.image_processor_settings(processor) == tvc_rs.image_processor_settings(folder)
     texts = [
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many objects are left?<|im_end|>\n"
         "<|im_start|>assistant\nThere are 7. Wait, let me double-check the image. "

@@ -380,37 +380,126 @@ impl RowScan {
     }
 }
 
+/// Runs of one row token by token, skipping tokens that are not kept (the general case: a mask
+/// with holes). Rows whose kept tokens are one block go through [`scan_block`].
 fn scan_row(kind_at: impl Fn(usize) -> u8, kept_at: impl Fn(usize) -> bool, seq: usize) -> RowScan {
     let mut scan = RowScan::default();
-    let mut current: Option<Run> = None;
-    for col in 0..seq {
+    let mut first_kept = None;
+    let mut last_kept = 0;
+    let mut col = 0;
+    while col < seq {
         if !kept_at(col) {
+            col += 1;
             continue;
         }
+        // A new run starts here; extend it over kept tokens of the same kind (skipping masked
+        // ones, which transformers drops before grouping).
         let kind = kind_at(col);
-        scan.kept += 1;
-        scan.span = Some((scan.span.map_or(col, |(first, _)| first), col));
-        match &mut current {
-            Some(run) if run.kind == kind => run.len += 1,
-            _ => {
-                if let Some(run) = current.take() {
-                    scan.runs.push(run);
+        let start = col;
+        let mut len = 1;
+        last_kept = col;
+        col += 1;
+        while col < seq {
+            if kept_at(col) {
+                if kind_at(col) != kind {
+                    break;
                 }
-                match kind {
-                    KIND_IMAGE => scan.images += 1,
-                    KIND_VIDEO => scan.videos += 1,
-                    _ => {}
-                }
-                current = Some(Run {
-                    kind,
-                    len: 1,
-                    start_col: col,
-                });
+                len += 1;
+                last_kept = col;
             }
+            col += 1;
         }
+        first_kept.get_or_insert(start);
+        match kind {
+            KIND_IMAGE => scan.images += 1,
+            KIND_VIDEO => scan.videos += 1,
+            _ => {}
+        }
+        scan.kept += len;
+        scan.runs.push(Run {
+            kind,
+            len,
+            start_col: start,
+        });
     }
-    scan.runs.extend(current);
+    scan.span = first_kept.map(|first| (first, last_kept));
     scan
+}
+
+/// Index of the first element of `xs` for which `pred` holds. Checks blocks of 16 without
+/// early exit first (vectorisable), then locates the hit inside the block.
+#[inline]
+fn find_first<X: Copy>(xs: &[X], pred: impl Fn(X) -> bool) -> Option<usize> {
+    let mut chunks = xs.chunks_exact(16);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        if chunk.iter().fold(false, |any, &x| any | pred(x)) {
+            return chunk.iter().position(|&x| pred(x)).map(|p| base + p);
+        }
+        base += 16;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&x| pred(x))
+        .map(|p| base + p)
+}
+
+/// `scan_row` for a block of kept tokens `[offset, offset + xs.len())` (the common case:
+/// no mask, or padding only at the ends): runs are found by searching slices. `run_len(rest,
+/// kind)` is the length of the leading run of `kind` in `rest`; callers match on the kind so
+/// that each search is a plain comparison the compiler vectorises.
+fn scan_block<X: Copy>(
+    xs: &[X],
+    offset: usize,
+    kind_of: impl Fn(X) -> u8,
+    run_len: impl Fn(&[X], u8) -> usize,
+) -> RowScan {
+    let mut scan = RowScan::default();
+    let mut i = 0;
+    while i < xs.len() {
+        let kind = kind_of(xs[i]);
+        let len = 1 + run_len(&xs[i + 1..], kind);
+        match kind {
+            KIND_IMAGE => scan.images += 1,
+            KIND_VIDEO => scan.videos += 1,
+            _ => {}
+        }
+        scan.runs.push(Run {
+            kind,
+            len,
+            start_col: offset + i,
+        });
+        i += len;
+    }
+    scan.kept = xs.len();
+    if !xs.is_empty() {
+        scan.span = Some((offset, offset + xs.len() - 1));
+    }
+    scan
+}
+
+/// Length of the leading run of `kind` in `ids` (kinds by token id).
+fn id_run_len<I: TokenId>(ids: &[I], kind: u8, image: i64, video: i64) -> usize {
+    let end = match kind {
+        KIND_IMAGE => find_first(ids, |x: I| x.to_i64() != image),
+        KIND_VIDEO => find_first(ids, |x: I| x.to_i64() != video),
+        _ => find_first(ids, |x: I| (x.to_i64() == image) | (x.to_i64() == video)),
+    };
+    end.unwrap_or(ids.len())
+}
+
+/// The kept columns `[first, last]` of a mask row if they are contiguous (or the row is empty:
+/// `Some(None)`); `None` if there are holes.
+fn contiguous_span<M: MaskValue>(mask: &[M]) -> Option<Option<(usize, usize)>> {
+    let Some(first) = mask.iter().position(|m| m.is_kept()) else {
+        return Some(None);
+    };
+    let last = mask.iter().rposition(|m| m.is_kept()).unwrap_or(first);
+    let holes = mask[first..=last]
+        .iter()
+        .fold(false, |any, m| any | !m.is_kept());
+    (!holes).then_some(Some((first, last)))
 }
 
 fn kind_name(kind: u8) -> &'static str {
@@ -562,22 +651,12 @@ fn write_segments<T: PositionInt>(
     for segment in segments {
         match segment {
             Segment::Text(n) => {
-                let (ts, hs, ws) = (
-                    &mut t[offset..offset + n],
-                    &mut h[offset..offset + n],
-                    &mut w[offset..offset + n],
-                );
-                for (k, ((a, b), c)) in ts
-                    .iter_mut()
-                    .zip(hs.iter_mut())
-                    .zip(ws.iter_mut())
-                    .enumerate()
-                {
-                    let v = T::from_i64(pos + k as i64);
-                    *a = v;
-                    *b = v;
-                    *c = v;
+                let ts = &mut t[offset..offset + n];
+                for (k, v) in ts.iter_mut().enumerate() {
+                    *v = T::from_i64(pos + k as i64);
                 }
+                h[offset..offset + n].copy_from_slice(ts);
+                w[offset..offset + n].copy_from_slice(ts);
                 if n > 0 {
                     max = max.max(pos + n as i64 - 1);
                 }
@@ -600,12 +679,13 @@ fn write_segments<T: PositionInt>(
                 if n > 0 {
                     // One frame group's h and w pattern, then repeated for each group.
                     let frame = gh_u * gw_u;
-                    for y in 0..gh_u {
-                        let hv = T::from_i64(pos + y as i64);
-                        let row = y * gw_u;
-                        for x in 0..gw_u {
-                            hs[row + x] = hv;
-                            ws[row + x] = T::from_i64(pos + x as i64);
+                    let rows = hs[..frame]
+                        .chunks_exact_mut(gw_u)
+                        .zip(ws[..frame].chunks_exact_mut(gw_u));
+                    for (y, (h_row, w_row)) in rows.enumerate() {
+                        h_row.fill(T::from_i64(pos + y as i64));
+                        for (x, v) in w_row.iter_mut().enumerate() {
+                            *v = T::from_i64(pos + x as i64);
                         }
                     }
                     for i in 1..gt as usize {
@@ -831,16 +911,29 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
         .map(|row| {
             let base = row * seq;
             let mask = input.attention_mask.map(|m| &m[base..base + seq]);
-            match (input.kinds, mask) {
-                (TokenKinds::FromIds, None) => {
-                    let ids = &input.input_ids[base..base + seq];
-                    scan_row(
-                        |col| classify(ids[col].to_i64(), image_id, video_id),
-                        |_| true,
-                        seq,
+            // Kept tokens as one block [first, last] where possible: then a slice search.
+            let block = match mask {
+                None => Some(if seq == 0 { None } else { Some((0, seq - 1)) }),
+                Some(mask) => contiguous_span(mask),
+            };
+            match (input.kinds, block, mask) {
+                (_, Some(None), _) => RowScan::default(),
+                (TokenKinds::FromIds, Some(Some((first, last))), _) => {
+                    let ids = &input.input_ids[base + first..=base + last];
+                    scan_block(
+                        ids,
+                        first,
+                        |id: I| classify(id.to_i64(), image_id, video_id),
+                        |rest, kind| id_run_len(rest, kind, image_id, video_id),
                     )
                 }
-                (TokenKinds::FromIds, Some(mask)) => {
+                (TokenKinds::TypeIds(types), Some(Some((first, last))), _) => scan_block(
+                    &types[base + first..=base + last],
+                    first,
+                    |v: i64| v as u8,
+                    |rest, kind| find_first(rest, |v: i64| v != kind as i64).unwrap_or(rest.len()),
+                ),
+                (TokenKinds::FromIds, None, Some(mask)) => {
                     let ids = &input.input_ids[base..base + seq];
                     scan_row(
                         |col| classify(ids[col].to_i64(), image_id, video_id),
@@ -848,14 +941,12 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
                         seq,
                     )
                 }
-                (TokenKinds::TypeIds(types), None) => {
-                    let types = &types[base..base + seq];
-                    scan_row(|col| types[col] as u8, |_| true, seq)
-                }
-                (TokenKinds::TypeIds(types), Some(mask)) => {
+                (TokenKinds::TypeIds(types), None, Some(mask)) => {
                     let types = &types[base..base + seq];
                     scan_row(|col| types[col] as u8, |col| mask[col].is_kept(), seq)
                 }
+                // Holes are only found in a mask.
+                (_, None, None) => RowScan::default(),
             }
         })
         .collect();
