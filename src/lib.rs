@@ -5,6 +5,7 @@
 
 pub mod compress;
 pub mod dtype;
+pub mod dvr;
 pub mod error;
 pub mod kv;
 pub mod pvc;

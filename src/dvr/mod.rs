@@ -1,0 +1,28 @@
+//! Dynamic Visual Reaffirmation (DVR), TVC's training stage: long-CoT answers get the image
+//! again at their self-reflection points ("Wait, let me double-check the image. <image> ...").
+//!
+//! - [`policy`]: where: after the sentence of a reflection phrase (found by the
+//!   [`Detector`](crate::triggers::Detector)), at most N times, a minimum number of answer
+//!   tokens apart, not in the first K tokens; the copy is the image downscaled per side (the
+//!   pixel-space counterpart of the paper's 4x4 pooling).
+//! - [`sample`]: a whole training sample: token ids, labels with the prompt and every vision
+//!   token of the answer masked, M-RoPE positions; truncation drops re-affirmed images first
+//!   and then shortens the text, never cutting an image block.
+//! - [`truncate`]: LLaMA-Factory's length split (`infer_seqlen`) and the vision blocks of a
+//!   token sequence.
+//! - [`patches`]: Qwen2-VL's `pixel_values` from a resized `uint8` image in one pass.
+
+pub mod patches;
+pub mod policy;
+pub mod sample;
+pub mod truncate;
+
+pub use patches::{patch_rows, write_patches, ImageU8, PatchSettings};
+pub use policy::{
+    downscaled_size, insert_text, is_py_space, plan_insertions, sentence_end, Insertion, Policy,
+    DEFAULT_DOWNSCALE, DEFAULT_PLACEHOLDER,
+};
+pub use sample::{
+    vision_tokens, ChatFormat, Sample, SampleBuilder, SampleImage, IGNORE_INDEX, QWEN2_VL_SYSTEM,
+};
+pub use truncate::{infer_seqlen, snap_cut, vision_blocks, Block, VisionTokens};

@@ -1,0 +1,440 @@
+//! One DVR training sample: the answer with re-affirmed images inserted, its token ids, labels
+//! (prompt and every visual token masked) and M-RoPE positions, truncated to a cutoff without
+//! cutting an image block.
+
+use std::sync::Arc;
+
+use super::policy::{downscaled_size, insert_text, plan_insertions, Insertion, Policy};
+use super::truncate::{infer_seqlen, VisionTokens};
+use crate::error::Result;
+use crate::rope::{
+    image_grid_thw, positions_for_sequence, GridThw, ImageSettings, ModelType, MropeConfig,
+    SequencePositions,
+};
+use crate::triggers::{Detector, Vocab};
+use crate::value_err;
+
+/// The label of a token that is not trained on (PyTorch's and LLaMA-Factory's `IGNORE_INDEX`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Qwen2-VL's default system prompt (LLaMA-Factory's `qwen2_vl` template and the chat template).
+pub const QWEN2_VL_SYSTEM: &str = "You are a helpful assistant.";
+
+/// The text around a one-turn conversation, as LLaMA-Factory's template writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatFormat {
+    /// Before the question (system block and the user's header).
+    pub prompt_prefix: String,
+    /// After the question, up to where the answer starts.
+    pub prompt_suffix: String,
+    /// After the answer (part of the trained target).
+    pub answer_suffix: String,
+}
+
+impl ChatFormat {
+    /// LLaMA-Factory's `qwen2_vl` template (ChatML) with this system prompt; an empty one
+    /// leaves the system block out.
+    pub fn qwen2_vl(system: &str) -> ChatFormat {
+        let mut prompt_prefix = String::new();
+        if !system.is_empty() {
+            prompt_prefix.push_str("<|im_start|>system\n");
+            prompt_prefix.push_str(system);
+            prompt_prefix.push_str("<|im_end|>\n");
+        }
+        prompt_prefix.push_str("<|im_start|>user\n");
+        ChatFormat {
+            prompt_prefix,
+            prompt_suffix: "<|im_end|>\n<|im_start|>assistant\n".to_string(),
+            answer_suffix: "<|im_end|>\n".to_string(),
+        }
+    }
+}
+
+/// The ids of `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>` and `<|video_pad|>` in a
+/// tokenizer's vocabulary.
+pub fn vision_tokens(vocab: &Vocab) -> Result<VisionTokens> {
+    let id = |token: &str| {
+        vocab
+            .tokenizer()
+            .token_to_id(token)
+            .map(|i| i as i64)
+            .ok_or_else(|| {
+                value_err!("tokenizer: has no {token} token; a Qwen2-VL family tokenizer is needed")
+            })
+    };
+    Ok(VisionTokens {
+        vision_start: id("<|vision_start|>")?,
+        vision_end: id("<|vision_end|>")?,
+        image_pad: id("<|image_pad|>")?,
+        video_pad: id("<|video_pad|>")?,
+    })
+}
+
+/// One image of a sample, in the order the sequence holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleImage {
+    /// Which image of the question it shows.
+    pub source: usize,
+    /// Whether it is a re-affirmed copy inside the answer.
+    pub inserted: bool,
+    /// The size handed to the image processor (the downscaled size for a copy).
+    pub height: i64,
+    pub width: i64,
+    /// The processor's `image_grid_thw` row for it.
+    pub grid: GridThw,
+}
+
+/// A built sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The answer with the kept insertions (bridge and placeholders); the rest of the answer
+    /// is unchanged byte for byte.
+    pub answer_text: String,
+    /// Every insertion point the policy chose.
+    pub insertions: Vec<Insertion>,
+    /// How many re-affirmed images the sequence keeps (the first ones, in answer order).
+    pub kept_images: usize,
+    /// How many re-affirmed images the policy asked for (insertions x question images).
+    pub planned_images: usize,
+    pub input_ids: Vec<u32>,
+    /// `IGNORE_INDEX` on the prompt and on every vision token of the answer; the token id elsewhere.
+    pub labels: Vec<i64>,
+    pub positions: SequencePositions,
+    /// The images of the sequence, in order (question images first).
+    pub images: Vec<SampleImage>,
+    /// Prompt tokens kept.
+    pub prompt_tokens: usize,
+    /// Text tokens cut off after every re-affirmed image was dropped (0 if none).
+    pub cut_tokens: usize,
+}
+
+/// Builds DVR samples: reflection points from a detector, insertions by a policy, image token
+/// counts from the processor's `smart_resize` rule, positions as `get_rope_index`.
+#[derive(Debug, Clone)]
+pub struct SampleBuilder {
+    pub detector: Arc<Detector>,
+    pub policy: Policy,
+    pub images: ImageSettings,
+    pub format: ChatFormat,
+    pub vision: VisionTokens,
+    pub model_type: ModelType,
+}
+
+/// A piece of the sequence under construction.
+enum Part {
+    Text(String),
+    /// Index into the sample's image list.
+    Image(usize),
+}
+
+impl SampleBuilder {
+    pub fn new(
+        detector: Arc<Detector>,
+        policy: Policy,
+        images: ImageSettings,
+        format: ChatFormat,
+        model_type: ModelType,
+    ) -> Result<SampleBuilder> {
+        policy.check()?;
+        images.factor()?;
+        let vision = vision_tokens(detector.vocab())?;
+        Ok(SampleBuilder {
+            detector,
+            policy,
+            images,
+            format,
+            vision,
+            model_type,
+        })
+    }
+
+    fn mrope(&self) -> MropeConfig {
+        MropeConfig {
+            model_type: self.model_type,
+            spatial_merge_size: self.images.merge_size,
+            image_token_id: self.vision.image_pad,
+            video_token_id: self.vision.video_pad,
+            ..MropeConfig::qwen2_vl()
+        }
+    }
+
+    /// Insertion points of one answer (see [`plan_insertions`]).
+    pub fn plan(&self, answer: &str) -> Result<Vec<Insertion>> {
+        plan_insertions(&self.detector, answer, &self.policy)
+    }
+
+    /// The answer with every planned insertion for `images` question images.
+    pub fn insert(&self, answer: &str, insertions: &[Insertion], images: usize) -> String {
+        insert_text(answer, insertions, &self.policy.insertion_text(images))
+    }
+
+    fn block_tokens(&self, image: &SampleImage) -> usize {
+        // t * (h / m) * (w / m) pads plus <|vision_start|> and <|vision_end|>.
+        image.grid.token_count(self.images.merge_size).unwrap_or(0) + 2
+    }
+
+    fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        if !text.is_empty() {
+            out.extend(self.detector.vocab().encode(text)?);
+        }
+        Ok(())
+    }
+
+    fn encode_parts(
+        &self,
+        parts: &[Part],
+        images: &[SampleImage],
+        out: &mut Vec<u32>,
+        blocks: &mut Vec<(usize, usize, usize)>,
+    ) -> Result<()> {
+        for part in parts {
+            match part {
+                Part::Text(text) => self.encode(text, out)?,
+                Part::Image(i) => {
+                    let start = out.len();
+                    out.push(self.vision.vision_start as u32);
+                    let pads = self.block_tokens(&images[*i]) - 2;
+                    out.extend(std::iter::repeat_n(self.vision.image_pad as u32, pads));
+                    out.push(self.vision.vision_end as u32);
+                    blocks.push((start, out.len(), *i));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the sample for `question` (holding one placeholder per image, or none: the images
+    /// then come first), the question images' `(height, width)` and `answer`. With `cutoff`,
+    /// the sequence is at most that long: re-affirmed images are dropped first, last first
+    /// (a bridge goes with the last image of its insertion), then the text is shortened as
+    /// LLaMA-Factory does (`infer_seqlen`), never through an image block: a prompt cut inside
+    /// a question image moves to the block's end (the answer keeps less), an answer cut inside
+    /// a block moves to its start.
+    ///
+    /// Errors (`Error::Value`): a size < 1 or a processor-refused aspect ratio (`images[i]`);
+    /// a placeholder count that is neither 0 nor the number of images (`question`); the
+    /// placeholder inside the answer (`answer`); a cutoff of 0, or one smaller than the prompt
+    /// up to the end of an image block it would otherwise cut (`cutoff`).
+    pub fn build(
+        &self,
+        question: &str,
+        image_sizes: &[(i64, i64)],
+        answer: &str,
+        cutoff: Option<usize>,
+    ) -> Result<Sample> {
+        let placeholder = self.policy.placeholder.as_str();
+        let n_images = image_sizes.len();
+        let mut question_images = Vec::with_capacity(n_images);
+        let mut copies = Vec::with_capacity(n_images);
+        for (i, &(h, w)) in image_sizes.iter().enumerate() {
+            let grid = image_grid_thw(h, w, &self.images)
+                .map_err(|e| value_err!("images[{i}] = ({h}, {w}): {e}"))?;
+            question_images.push(SampleImage {
+                source: i,
+                inserted: false,
+                height: h,
+                width: w,
+                grid: grid_of(grid),
+            });
+            let (dh, dw) = downscaled_size(h, w, self.policy.downscale)?;
+            let grid = image_grid_thw(dh, dw, &self.images).map_err(|e| {
+                value_err!("images[{i}] = ({h}, {w}) downscaled to ({dh}, {dw}): {e}")
+            })?;
+            copies.push(SampleImage {
+                source: i,
+                inserted: true,
+                height: dh,
+                width: dw,
+                grid: grid_of(grid),
+            });
+        }
+        if cutoff == Some(0) {
+            return Err(value_err!("cutoff must be >= 1, got 0"));
+        }
+        let in_question = question.matches(placeholder).count();
+        if in_question != 0 && in_question != n_images {
+            return Err(value_err!(
+                "question: holds {in_question} image placeholder(s) {placeholder:?} but {n_images} image(s) were given"
+            ));
+        }
+        let insertions = if n_images == 0 {
+            Vec::new()
+        } else {
+            self.plan(answer)?
+        };
+
+        // The prompt: its text and the question's image blocks.
+        let mut images: Vec<SampleImage> = question_images.clone();
+        let mut source_parts = vec![Part::Text(self.format.prompt_prefix.clone())];
+        let mut pieces = question.split(placeholder);
+        let push_text = |parts: &mut Vec<Part>, text: &str| match parts.last_mut() {
+            Some(Part::Text(t)) => t.push_str(text),
+            _ => parts.push(Part::Text(text.to_string())),
+        };
+        if in_question == 0 {
+            for i in 0..n_images {
+                source_parts.push(Part::Image(i));
+            }
+            push_text(&mut source_parts, question);
+        } else {
+            push_text(&mut source_parts, pieces.next().unwrap_or(""));
+            for (i, piece) in pieces.enumerate() {
+                source_parts.push(Part::Image(i));
+                push_text(&mut source_parts, piece);
+            }
+        }
+        push_text(&mut source_parts, &self.format.prompt_suffix);
+        let mut source = Vec::new();
+        let mut source_blocks = Vec::new();
+        self.encode_parts(&source_parts, &images, &mut source, &mut source_blocks)?;
+
+        // The answer: piece i is the text before insertion i plus its bridge (encoded once);
+        // keeping `m` copies keeps ceil(m / n_images) insertions and the tail after the last.
+        images.extend(insertions.iter().flat_map(|_| copies.iter().copied()));
+        let bridge = self.policy.bridge.as_deref().unwrap_or("");
+        let bounds: Vec<usize> = std::iter::once(0)
+            .chain(insertions.iter().map(|i| i.byte_index))
+            .collect();
+        let mut piece_ids = Vec::with_capacity(insertions.len());
+        for k in 0..insertions.len() {
+            let mut ids = Vec::new();
+            self.encode(
+                &format!("{}{bridge}", &answer[bounds[k]..bounds[k + 1]]),
+                &mut ids,
+            )?;
+            piece_ids.push(ids);
+        }
+        let planned = insertions.len() * n_images;
+        let copy_tokens: Vec<usize> = copies.iter().map(|c| self.block_tokens(c)).collect();
+        let target_len_with = |kept: usize| -> Result<(usize, Vec<u32>)> {
+            let kept_insertions = kept.div_ceil(n_images.max(1));
+            let mut len = 0;
+            for (k, ids) in piece_ids.iter().take(kept_insertions).enumerate() {
+                let images_here = (kept - k * n_images).min(n_images);
+                len += ids.len() + copy_tokens[..images_here].iter().sum::<usize>();
+            }
+            let mut tail = Vec::new();
+            self.encode(
+                &format!(
+                    "{}{}",
+                    &answer[bounds[kept_insertions]..],
+                    self.format.answer_suffix
+                ),
+                &mut tail,
+            )?;
+            Ok((len + tail.len(), tail))
+        };
+
+        // Keep as many re-affirmed images as fit (dropping the last ones first).
+        let mut kept = planned;
+        let (mut target_len, mut tail) = target_len_with(kept)?;
+        if let Some(cutoff) = cutoff {
+            while kept > 0 && source.len() + target_len > cutoff {
+                kept -= 1;
+                (target_len, tail) = target_len_with(kept)?;
+            }
+        }
+        let kept_insertions = kept.div_ceil(n_images.max(1));
+        let mut target_parts = Vec::new();
+        let mut target = Vec::with_capacity(target_len);
+        let mut target_blocks = Vec::new();
+        for (k, ids) in piece_ids.iter().take(kept_insertions).enumerate() {
+            target.extend_from_slice(ids);
+            let images_here = (kept - k * n_images).min(n_images);
+            target_parts.clear();
+            for j in 0..images_here {
+                target_parts.push(Part::Image(n_images + k * n_images + j));
+            }
+            self.encode_parts(&target_parts, &images, &mut target, &mut target_blocks)?;
+        }
+        target.extend_from_slice(&tail);
+        debug_assert_eq!(target.len(), target_len);
+
+        // Shorten the text when even the answer without copies is too long.
+        let (mut source_keep, mut target_keep) = (source.len(), target.len());
+        if let Some(cutoff) = cutoff {
+            // As LLaMA-Factory, the split is applied whether or not the turn fits.
+            (source_keep, target_keep) = infer_seqlen(source.len(), target.len(), cutoff);
+            // A prompt image is kept whole: the prompt keeps up to its end, the answer gives way.
+            if let Some(&(start, end, i)) = source_blocks
+                .iter()
+                .find(|&&(s, e, _)| s < source_keep && source_keep < e)
+            {
+                if end > cutoff {
+                    return Err(value_err!(
+                        "cutoff = {cutoff} is smaller than the prompt up to the end of its image {i} ({end} tokens; \
+                         the image block alone has {} tokens): the image would be cut in two",
+                        end - start
+                    ));
+                }
+                source_keep = end;
+                target_keep = target_keep.min(cutoff - end);
+            }
+            if let Some(&(start, _, _)) = target_blocks
+                .iter()
+                .find(|&&(s, e, _)| s < target_keep && target_keep < e)
+            {
+                target_keep = start;
+            }
+        }
+        let cut_tokens = source.len() + target.len() - source_keep - target_keep;
+        let mut kept_blocks: Vec<usize> = source_blocks
+            .iter()
+            .filter(|b| b.1 <= source_keep)
+            .map(|b| b.2)
+            .collect();
+        kept_blocks.extend(
+            target_blocks
+                .iter()
+                .filter(|b| b.1 <= target_keep)
+                .map(|b| b.2),
+        );
+        let kept_copies = kept_blocks.iter().filter(|&&i| i >= n_images).count();
+
+        let mut input_ids = source;
+        input_ids.truncate(source_keep);
+        let mut labels = vec![IGNORE_INDEX; input_ids.len()];
+        labels.extend(target[..target_keep].iter().map(|&id| {
+            if self.vision.is_visual(id as i64) {
+                IGNORE_INDEX
+            } else {
+                id as i64
+            }
+        }));
+        input_ids.extend_from_slice(&target[..target_keep]);
+
+        let sample_images: Vec<SampleImage> = kept_blocks.iter().map(|&i| images[i]).collect();
+        let grids: Vec<GridThw> = sample_images.iter().map(|im| im.grid).collect();
+        let ids64: Vec<i64> = input_ids.iter().map(|&i| i as i64).collect();
+        let positions = positions_for_sequence(&ids64, &grids, &[], None, &self.mrope())?;
+
+        // The answer text with the copies that are kept.
+        let mut answer_text = String::with_capacity(answer.len());
+        for (k, ins) in insertions.iter().enumerate().take(kept_insertions) {
+            answer_text.push_str(&answer[bounds[k]..ins.byte_index]);
+            answer_text.push_str(bridge);
+            let images_here = (kept - k * n_images).min(n_images);
+            for _ in 0..images_here {
+                answer_text.push_str(placeholder);
+            }
+        }
+        answer_text.push_str(&answer[bounds[kept_insertions]..]);
+
+        Ok(Sample {
+            answer_text,
+            insertions,
+            kept_images: kept_copies,
+            planned_images: planned,
+            input_ids,
+            labels,
+            positions,
+            images: sample_images,
+            prompt_tokens: source_keep,
+            cut_tokens,
+        })
+    }
+}
+
+fn grid_of(thw: [i64; 3]) -> GridThw {
+    GridThw::new(thw[0], thw[1], thw[2])
+}

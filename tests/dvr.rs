@@ -1,0 +1,536 @@
+//! DVR insertion and samples against independent re-statements: reflection points from
+//! fancy-regex `(?i)(?<!\w)phrase(?!\w)` and the sentence rule written again here, on the real
+//! Qwen2 tokenizer and long-CoT traces; samples (labels, positions, truncation) checked against
+//! their definition; the patch layout and the block finder on random inputs.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use proptest::prelude::*;
+use tvc_rs::dvr::{
+    downscaled_size, infer_seqlen, insert_text, plan_insertions, snap_cut, vision_blocks,
+    write_patches, ChatFormat, ImageU8, PatchSettings, Policy, SampleBuilder, VisionTokens,
+    IGNORE_INDEX, QWEN2_VL_SYSTEM,
+};
+use tvc_rs::rope::{
+    image_grid_thw, positions_for_sequence, GridThw, ImageSettings, ModelType, MropeConfig,
+};
+use tvc_rs::triggers::{Detector, DEFAULT_PHRASES};
+
+fn detector() -> Option<Arc<Detector>> {
+    static DETECTOR: OnceLock<Option<Arc<Detector>>> = OnceLock::new();
+    DETECTOR
+        .get_or_init(|| {
+            let path = common::assets()?.join("qwen2-vl/tokenizer.json");
+            Some(Arc::new(
+                Detector::from_path(&path, None).expect("the real tokenizer loads"),
+            ))
+        })
+        .clone()
+}
+
+/// (question, answer, image size if known) of the real traces.
+fn traces() -> Vec<(String, String, Option<(i64, i64)>)> {
+    let Some(assets) = common::assets() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for file in [
+        "traces/emma_gemini2_flash_thinking_exp_1219.jsonl",
+        "traces/qwen_blog_qvq72b_qwq32b_official.jsonl",
+        "traces/marco_o1_cot_demo.jsonl",
+        "traces/vlaa_thinking_readme_deepseek_r1.jsonl",
+    ] {
+        let text = std::fs::read_to_string(assets.join(file)).unwrap();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            let answer = record["response"].as_str().unwrap_or_default().to_string();
+            let question = record["question"].as_str().unwrap_or_default().to_string();
+            // Image sizes are not in the traces; a fixed set of real MATH-V sizes stands in.
+            let size = [(477, 545), (212, 1313), (510, 897), (135, 557), (324, 724)][out.len() % 5];
+            out.push((question, answer, Some(size)));
+        }
+    }
+    out
+}
+
+/// Reflection hits (char start, char end) by the regex reference.
+fn reference_hits(text: &str) -> Vec<(usize, usize)> {
+    static PATTERNS: OnceLock<Vec<fancy_regex::Regex>> = OnceLock::new();
+    let patterns = PATTERNS.get_or_init(|| {
+        DEFAULT_PHRASES
+            .iter()
+            .map(|p| {
+                fancy_regex::Regex::new(&format!(r"(?i)(?<!\w){}(?!\w)", fancy_regex::escape(p)))
+                    .unwrap()
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for re in patterns {
+        for m in re.find_iter(text) {
+            let m = m.unwrap();
+            let start = text[..m.start()].chars().count();
+            out.push((start, start + m.as_str().chars().count()));
+        }
+    }
+    out.sort_by_key(|&(s, e)| (e, s));
+    out
+}
+
+/// The sentence rule, written again: from `from`, the first `.`/`!`/`?` followed (after closing
+/// quotes, brackets or `*`) by whitespace; a CJK full stop, question or exclamation mark (after
+/// closers); or a line break (the point before it). None at the end, or if only whitespace follows.
+fn reference_sentence_end(chars: &[char], from: usize) -> Option<usize> {
+    let py_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    let closer = |c: char| "\"'\u{201d}\u{2019})]}\u{bb}*".contains(c);
+    let mut point = None;
+    for i in from..chars.len() {
+        let c = chars[i];
+        if c == '\n' {
+            point = Some(i);
+            break;
+        }
+        if "\u{3002}\u{ff01}\u{ff1f}.!?".contains(c) {
+            let mut j = i + 1;
+            while j < chars.len() && closer(chars[j]) {
+                j += 1;
+            }
+            if "\u{3002}\u{ff01}\u{ff1f}".contains(c) || j == chars.len() || py_space(chars[j]) {
+                point = Some(j);
+                break;
+            }
+        }
+    }
+    let p = point?;
+    if chars[p..].iter().all(|&c| py_space(c)) {
+        None
+    } else {
+        Some(p)
+    }
+}
+
+#[test]
+fn insertions_follow_the_policy_on_real_traces() {
+    let Some(detector) = detector() else { return };
+    let traces = traces();
+    assert!(traces.len() > 500);
+    let policies = [
+        Policy::default(),
+        Policy {
+            max_insertions: None,
+            min_gap: 0,
+            skip_first: 0,
+            ..Policy::default()
+        },
+        Policy {
+            max_insertions: Some(2),
+            min_gap: 500,
+            skip_first: 300,
+            bridge: Some(" Let me look again:".into()),
+            ..Policy::default()
+        },
+    ];
+    let mut total = 0;
+    for (_, answer, _) in &traces {
+        let chars: Vec<char> = answer.chars().collect();
+        let hits = reference_hits(answer);
+        let ids = detector
+            .vocab()
+            .tokenizer()
+            .encode_char_offsets(answer.as_str(), false)
+            .unwrap();
+        let starts: Vec<usize> = ids.get_offsets().iter().map(|o| o.0).collect();
+        for policy in &policies {
+            let insertions = plan_insertions(&detector, answer, policy).unwrap();
+            let mut previous: Option<usize> = None;
+            // Every candidate point in order (one per sentence holding a hit).
+            let mut candidates: Vec<(usize, (usize, usize))> = Vec::new();
+            for &(s, e) in &hits {
+                if let Some(p) = reference_sentence_end(&chars, e) {
+                    if candidates.last().is_none_or(|&(q, _)| p > q) {
+                        candidates.push((p, (s, e)));
+                    }
+                }
+            }
+            // The greedy choice, restated.
+            let mut expected = Vec::new();
+            for &(p, hit) in &candidates {
+                let token = starts.iter().filter(|&&s| s < p).count();
+                if token < policy.skip_first || previous.is_some_and(|q| token - q < policy.min_gap)
+                {
+                    continue;
+                }
+                if policy.max_insertions.is_some_and(|m| expected.len() >= m) {
+                    break;
+                }
+                previous = Some(token);
+                expected.push((p, token, hit));
+            }
+            let got: Vec<_> = insertions
+                .iter()
+                .map(|i| {
+                    (
+                        i.char_index,
+                        i.token_index,
+                        (i.hit.char_start as usize, i.hit.char_end as usize),
+                    )
+                })
+                .collect();
+            assert_eq!(got, expected);
+            for ins in &insertions {
+                // After a real reflection phrase, inside its sentence.
+                assert!(hits.contains(&(ins.hit.char_start as usize, ins.hit.char_end as usize)));
+                assert!(ins.char_index >= ins.hit.char_end as usize);
+                assert_eq!(answer[..ins.byte_index].chars().count(), ins.char_index);
+            }
+            for pair in insertions.windows(2) {
+                assert!(pair[1].token_index - pair[0].token_index >= policy.min_gap);
+            }
+            // Text outside the insertions is unchanged byte for byte.
+            let text = policy.insertion_text(1);
+            let inserted = insert_text(answer, &insertions, &text);
+            let mut rebuilt = String::new();
+            let mut at = 0;
+            for (k, ins) in insertions.iter().enumerate() {
+                let here = ins.byte_index + k * text.len();
+                assert_eq!(&inserted[here..here + text.len()], text);
+                rebuilt.push_str(&inserted[at..here]);
+                at = here + text.len();
+            }
+            rebuilt.push_str(&inserted[at..]);
+            assert_eq!(rebuilt.as_bytes(), answer.as_bytes());
+            total += insertions.len();
+        }
+    }
+    assert!(total > 100, "the traces have reflection points: {total}");
+}
+
+fn builder(policy: Policy) -> Option<SampleBuilder> {
+    let detector = detector()?;
+    Some(
+        SampleBuilder::new(
+            detector,
+            policy,
+            ImageSettings::default(),
+            ChatFormat::qwen2_vl(QWEN2_VL_SYSTEM),
+            ModelType::Qwen2Vl,
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn samples_mask_vision_labels_and_have_get_rope_index_positions() {
+    let Some(b) = builder(Policy {
+        min_gap: 50,
+        ..Policy::default()
+    }) else {
+        return;
+    };
+    let vision = b.vision;
+    let mut with_copies = 0;
+    for (question, answer, size) in traces().iter().take(400) {
+        let sizes: Vec<(i64, i64)> = size.iter().copied().collect();
+        let sample = b.build(question, &sizes, answer, None).unwrap();
+        let ids: Vec<i64> = sample.input_ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(sample.labels.len(), ids.len());
+        for (i, (&id, &label)) in ids.iter().zip(&sample.labels).enumerate() {
+            if i < sample.prompt_tokens || vision.is_visual(id) {
+                assert_eq!(label, IGNORE_INDEX, "token {i}");
+            } else {
+                assert_eq!(label, id, "token {i}");
+            }
+        }
+        // Blocks: whole, one per image, with the grid's token count; copies downscaled.
+        let blocks = vision_blocks(&ids, &vision);
+        assert_eq!(blocks.len(), sample.images.len());
+        for (block, image) in blocks.iter().zip(&sample.images) {
+            assert!(block.complete);
+            assert_eq!(block.pads(), image.grid.token_count(2).unwrap());
+            let (h, w) = if image.inserted {
+                downscaled_size(sizes[image.source].0, sizes[image.source].1, 4).unwrap()
+            } else {
+                sizes[image.source]
+            };
+            assert_eq!((image.height, image.width), (h, w));
+            let g = image_grid_thw(h, w, &ImageSettings::default()).unwrap();
+            assert_eq!(image.grid, GridThw::new(g[0], g[1], g[2]));
+            if image.inserted {
+                assert!(block.start >= sample.prompt_tokens);
+            }
+        }
+        with_copies += (sample.kept_images > 0) as usize;
+        assert_eq!(sample.kept_images, sample.planned_images);
+        assert_eq!(sample.cut_tokens, 0);
+        // Positions: get_rope_index's rule (positions_for_sequence is checked against
+        // transformers in tests/rope.rs and tests/test_rope.py).
+        let grids: Vec<GridThw> = sample.images.iter().map(|i| i.grid).collect();
+        let expected =
+            positions_for_sequence(&ids, &grids, &[], None, &MropeConfig::qwen2_vl()).unwrap();
+        assert_eq!(sample.positions, expected);
+        // The answer text: the original with the bridge and placeholders at the insertion points.
+        assert_eq!(
+            sample.answer_text,
+            b.insert(answer, &sample.insertions, sizes.len())
+        );
+    }
+    assert!(with_copies > 20);
+}
+
+#[test]
+fn truncation_drops_copies_first_then_shortens_text_never_through_a_block() {
+    let Some(b) = builder(Policy {
+        min_gap: 30,
+        skip_first: 0,
+        max_insertions: Some(6),
+        ..Policy::default()
+    }) else {
+        return;
+    };
+    let vision = b.vision;
+    let mut checked = 0;
+    for (question, answer, size) in traces().iter().take(60) {
+        let sizes: Vec<(i64, i64)> = size.iter().copied().collect();
+        let full = b.build(question, &sizes, answer, None).unwrap();
+        if full.planned_images == 0 {
+            continue;
+        }
+        let n = full.input_ids.len();
+        for cutoff in [n, n - 1, n - 40, n / 2, 420] {
+            let result = b.build(question, &sizes, answer, Some(cutoff));
+            let prompt_block_end = full
+                .images
+                .iter()
+                .zip(vision_blocks(
+                    &full.input_ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                    &vision,
+                ))
+                .filter(|(im, _)| !im.inserted)
+                .map(|(_, b)| b.end)
+                .max()
+                .unwrap_or(0);
+            let sample = match result {
+                Err(e) => {
+                    assert!(cutoff < prompt_block_end, "cutoff {cutoff}: {e}");
+                    assert!(e.to_string().contains("cutoff"));
+                    continue;
+                }
+                Ok(s) => s,
+            };
+            checked += 1;
+            let ids: Vec<i64> = sample.input_ids.iter().map(|&i| i as i64).collect();
+            assert!(ids.len() <= cutoff);
+            let blocks = vision_blocks(&ids, &vision);
+            assert!(blocks.iter().all(|b| b.complete));
+            assert_eq!(blocks.len(), sample.images.len());
+            // Copies kept are the first ones; text is cut only when none is left.
+            assert!(sample.kept_images <= sample.planned_images);
+            assert!(sample.images.iter().filter(|i| i.inserted).count() == sample.kept_images);
+            // Text is cut only once every copy is gone (LLaMA-Factory's split may drop one token
+            // of a turn that fits exactly when prompt and answer are equally long).
+            assert!(sample.cut_tokens == 0 || sample.kept_images == 0 || sample.cut_tokens == 1);
+            if sample.kept_images == sample.planned_images && sample.cut_tokens == 0 {
+                assert_eq!(sample.input_ids, full.input_ids);
+            }
+            // As few copies as possible are dropped: one more would not fit (one image per
+            // insertion here, so keeping k copies is the policy with max_insertions = k).
+            if sample.kept_images < sample.planned_images {
+                let policy = Policy {
+                    max_insertions: Some(sample.kept_images + 1),
+                    ..b.policy.clone()
+                };
+                let more = SampleBuilder {
+                    policy,
+                    ..b.clone()
+                };
+                assert!(
+                    more.build(question, &sizes, answer, None)
+                        .unwrap()
+                        .input_ids
+                        .len()
+                        > cutoff
+                );
+            }
+            let grids: Vec<GridThw> = sample.images.iter().map(|i| i.grid).collect();
+            let expected =
+                positions_for_sequence(&ids, &grids, &[], None, &MropeConfig::qwen2_vl()).unwrap();
+            assert_eq!(sample.positions, expected);
+            for (i, (&id, &label)) in ids.iter().zip(&sample.labels).enumerate() {
+                if i < sample.prompt_tokens || vision.is_visual(id) {
+                    assert_eq!(label, IGNORE_INDEX);
+                } else {
+                    assert_eq!(label, id);
+                }
+            }
+        }
+    }
+    assert!(checked > 30, "{checked}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_argument_named() {
+    let Some(b) = builder(Policy::default()) else {
+        return;
+    };
+    let err = b
+        .build("<image> and <image>", &[(100, 100)], "Wait. Fine.", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("question") && err.contains("2") && err.contains("1 image"),
+        "{err}"
+    );
+    let err = b
+        .build("q", &[(100, 100)], "Wait, <image> here.", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("answer") && err.contains("placeholder"),
+        "{err}"
+    );
+    let err = b
+        .build("q", &[(0, 100)], "Wait. Fine.", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("images[0]"), "{err}");
+    let err = b
+        .build("q", &[(10, 3000)], "Wait. Fine.", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("images[0]") && err.contains("aspect ratio"),
+        "{err}"
+    );
+    let err = b
+        .build("q", &[(100, 100)], "Wait. Fine.", Some(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cutoff"), "{err}");
+    let err = b
+        .build("q", &[(1000, 1000)], "Wait. Fine.", Some(100))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cutoff = 100") && err.contains("image"),
+        "{err}"
+    );
+    let bad = Policy {
+        downscale: 0,
+        ..Policy::default()
+    };
+    assert!(bad.check().unwrap_err().to_string().contains("downscale"));
+    let bad = Policy {
+        bridge: Some("see <image>".into()),
+        ..Policy::default()
+    };
+    assert!(bad.check().unwrap_err().to_string().contains("bridge"));
+    assert!(downscaled_size(0, 5, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("height"));
+}
+
+#[test]
+fn infer_seqlen_keeps_within_the_cutoff() {
+    for s in 0..60 {
+        for t in 0..60 {
+            for c in 0..130 {
+                let (ks, kt) = infer_seqlen(s, t, c);
+                assert!(ks <= s && kt <= t && ks + kt <= c.max(0));
+                if s + t <= c && !(2 * s >= c && 2 * t >= c) {
+                    assert_eq!((ks, kt), (s, t));
+                }
+            }
+        }
+    }
+}
+
+fn naive_patches(
+    data: &[u8],
+    c: usize,
+    h: usize,
+    w: usize,
+    at: impl Fn(usize, usize, usize) -> usize,
+    mean: &[f32],
+    std: &[f32],
+    s: &PatchSettings,
+) -> Vec<f32> {
+    // The processor's view + permute, written as index arithmetic over (row, column).
+    let (p, m, t) = (s.patch_size, s.merge_size, s.temporal_patch_size);
+    let (gh, gw) = (h / p, w / p);
+    let mut out = Vec::new();
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    for ch in 0..c {
+                        for _ in 0..t {
+                            for py in 0..p {
+                                for px in 0..p {
+                                    let y = (bh * m + mh) * p + py;
+                                    let x = (bw * m + mw) * p + px;
+                                    out.push((data[at(ch, y, x)] as f32 - mean[ch]) / std[ch]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn patches_equal_the_processor_layout(
+        bh in 1usize..4, bw in 1usize..4, c in 1usize..4, p in 1usize..5, m in 1usize..3, t in 1usize..3,
+        hwc in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let s = PatchSettings { patch_size: p, merge_size: m, temporal_patch_size: t };
+        let (h, w) = (bh * p * m, bw * p * m);
+        let mut state = seed | 1;
+        let data: Vec<u8> = (0..c * h * w).map(|_| { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state as u8 }).collect();
+        let mean: Vec<f32> = (0..c).map(|i| 100.0 + 7.3 * i as f32).collect();
+        let std: Vec<f32> = (0..c).map(|i| 60.0 + 3.1 * i as f32).collect();
+        let strides = if hwc { [1, w * c, c] } else { [h * w, w, 1] };
+        let image = ImageU8 { data: &data, channels: c, height: h, width: w, strides };
+        let rows = tvc_rs::dvr::patch_rows(h, w, &s).unwrap();
+        let mut out = vec![0f32; rows * s.row_len(c)];
+        write_patches(&image, &mean, &std, &s, &mut out).unwrap();
+        let expected = naive_patches(&data, c, h, w, |ch, y, x| ch * strides[0] + y * strides[1] + x * strides[2], &mean, &std, &s);
+        prop_assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn blocks_and_snapped_cuts(tokens in proptest::collection::vec(0u8..6, 0..80), cut in 0usize..90) {
+        // 0,1: text; 2: vision_start; 3: image pad; 4: vision_end; 5: video pad.
+        let v = VisionTokens { vision_start: 2, vision_end: 4, image_pad: 3, video_pad: 5 };
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let blocks = vision_blocks(&ids, &v);
+        // Reference: maximal runs of one pad kind, extended by an adjacent start / end.
+        let mut i = 0;
+        let mut expected = Vec::new();
+        while i < ids.len() {
+            if ids[i] == 3 || ids[i] == 5 {
+                let mut j = i;
+                while j < ids.len() && ids[j] == ids[i] { j += 1; }
+                let s = if i > 0 && ids[i - 1] == 2 { i - 1 } else { i };
+                let e = if j < ids.len() && ids[j] == 4 { j + 1 } else { j };
+                expected.push((s, e, i, j, ids[i] == 5, s < i && e > j));
+                i = e.max(j);
+            } else { i += 1; }
+        }
+        let got: Vec<_> = blocks.iter().map(|b| (b.start, b.end, b.pads_start, b.pads_end, b.video, b.complete)).collect();
+        prop_assert_eq!(got, expected);
+        let cut = cut.min(ids.len());
+        let snapped = snap_cut(&blocks, cut);
+        prop_assert!(snapped <= cut);
+        prop_assert!(blocks.iter().all(|b| !b.is_split_by(snapped)));
+        if blocks.iter().all(|b| !b.is_split_by(cut)) { prop_assert_eq!(snapped, cut); }
+    }
+}
