@@ -12,7 +12,8 @@ from tvc_rs.pvc import *  # noqa: F401,F403
 from tvc_rs.rope import *  # noqa: F401,F403
 from tvc_rs.compress import *  # noqa: F401,F403
 from tvc_rs.kv import *  # noqa: F401,F403
+from tvc_rs.dvr import *  # noqa: F401,F403
 
-from tvc_rs import compress, kv, pvc, rope, triggers
+from tvc_rs import compress, dvr, kv, pvc, rope, triggers
 
-__all__ = ["__version__", *triggers.__all__, *pvc.__all__, *rope.__all__, *compress.__all__, *kv.__all__]
+__all__ = ["__version__", *triggers.__all__, *pvc.__all__, *rope.__all__, *compress.__all__, *kv.__all__, *dvr.__all__]

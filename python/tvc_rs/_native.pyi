@@ -209,3 +209,163 @@ def image_token_count(
 # --- kv (src/python/kv.rs) ---
 
 # --- end kv ---
+
+# --- dvr (src/python/dvr.rs) ---
+
+IGNORE_INDEX: int  # -100
+QWEN2_VL_SYSTEM: str  # "You are a helpful assistant."
+
+class DVRPolicy:
+    """Where re-affirmed images go: after the sentence of a reflection phrase, at most
+    ``max_insertions`` per answer (None: no limit), ``min_gap`` answer tokens apart, none in the
+    first ``skip_first`` answer tokens; ``bridge`` goes right before each image; the copy is the
+    image with each side divided by ``downscale`` (rounded up). ValueError for negative values,
+    ``downscale`` < 1, an empty placeholder, a bridge holding the placeholder."""
+
+    def __init__(
+        self,
+        max_insertions: Optional[int] = 4,
+        min_gap: int = 200,
+        skip_first: int = 50,
+        bridge: Optional[str] = None,
+        downscale: int = 4,
+        placeholder: str = "<image>",
+    ) -> None: ...
+    @property
+    def max_insertions(self) -> Optional[int]: ...
+    @property
+    def min_gap(self) -> int: ...
+    @property
+    def skip_first(self) -> int: ...
+    @property
+    def bridge(self) -> Optional[str]: ...
+    @property
+    def downscale(self) -> int: ...
+    @property
+    def placeholder(self) -> str: ...
+    def insertion_text(self, images: int = 1) -> str:
+        """The bridge, then ``images`` placeholders."""
+
+class Insertion:
+    """The re-affirmed image goes before character ``char_index`` (a ``str`` index) of the
+    answer, after ``token_index`` answer tokens; ``hit`` is the reflection phrase whose sentence
+    ends there."""
+
+    char_index: int
+    token_index: int
+    hit: Hit
+    @property
+    def phrase(self) -> str: ...
+
+class DVRPlan:
+    """``DVRBuilder.plan_many``'s result for one answer: ``insertions`` and ``answer_text`` (with
+    bridge and placeholders), or ``error``."""
+
+    insertions: list[Insertion]
+    answer_text: Optional[str]
+    error: Optional[str]
+
+class DVRImage:
+    """One image of a sample: which question image it shows, whether it is a re-affirmed copy,
+    the size handed to the processor, its ``grid_thw``."""
+
+    source: int
+    inserted: bool
+    height: int
+    width: int
+    grid_thw: tuple[int, int, int]
+
+class DVRSample:
+    """A DVR training sample. ``input_ids``, ``labels``: int64 ``(n,)`` (labels ``IGNORE_INDEX``
+    on the prompt and every vision token of the answer); ``position_ids``: int64 ``(3, n)`` as
+    ``get_rope_index``; ``image_grid_thw``: int64 ``(images, 3)``, images in sequence order."""
+
+    answer_text: str
+    insertions: list[Insertion]
+    kept_images: int
+    planned_images: int
+    input_ids: npt.NDArray[np.int64]
+    labels: npt.NDArray[np.int64]
+    position_ids: npt.NDArray[np.int64]
+    rope_delta: int
+    images: list[DVRImage]
+    image_grid_thw: npt.NDArray[np.int64]
+    prompt_tokens: int
+    cut_tokens: int
+    def __len__(self) -> int: ...
+
+class DVRBuilder:
+    """Insertion points and whole DVR samples for a Qwen2-VL family tokenizer.
+
+    tokenizer: a ``ReflectionDetector`` (its phrases are used), or a path to tokenizer.json / a
+    model folder, a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (with ``phrases``).
+    Image settings are the processor's; ``system`` is the system prompt ("" for none)."""
+
+    def __init__(
+        self,
+        tokenizer: Union[str, PathLike[str], Any],
+        *,
+        phrases: Optional[Sequence[str]] = None,
+        policy: Optional[DVRPolicy] = None,
+        system: str = "You are a helpful assistant.",
+        model_type: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
+        patch_size: int = 14,
+        merge_size: int = 2,
+        min_pixels: int = 3136,
+        max_pixels: int = 1003520,
+    ) -> None: ...
+    @property
+    def policy(self) -> DVRPolicy: ...
+    @property
+    def phrases(self) -> list[str]: ...
+    @property
+    def vision_token_ids(self) -> tuple[int, int, int, int]:
+        """(vision_start, vision_end, image_pad, video_pad)."""
+    def plan(self, answer: str) -> list[Insertion]: ...
+    def plan_many(self, answers: Sequence[str], images: Optional[Sequence[int]] = None) -> list[DVRPlan]:
+        """``plan`` of many answers in parallel (GIL released); errors per answer."""
+    def insert(self, answer: str, insertions: list[Insertion], images: int = 1) -> str: ...
+    def build(
+        self,
+        question: str,
+        image_sizes: Sequence[tuple[int, int]],
+        answer: str,
+        *,
+        cutoff: Optional[int] = None,
+    ) -> DVRSample:
+        """``image_sizes``: ``(height, width)`` of the question's images. With ``cutoff``:
+        re-affirmed images dropped first (last first), then the text shortened as
+        LLaMA-Factory's ``infer_seqlen``, never through an image block. ValueError for bad sizes,
+        placeholder mismatches, a cutoff smaller than the prompt up to the end of an image."""
+    def downscaled_size(self, height: int, width: int) -> tuple[int, int]: ...
+
+def dvr_downscaled_size(height: int, width: int, factor: int = 4) -> tuple[int, int]:
+    """``(ceil(height / factor), ceil(width / factor))`` (Pillow's ``Image.reduce``)."""
+
+def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
+    """LLaMA-Factory's ``infer_seqlen``."""
+
+def vision_blocks(
+    input_ids: TokenIds,
+    *,
+    vision_start: int = 151652,
+    vision_end: int = 151653,
+    image_pad: int = 151655,
+    video_pad: int = 151656,
+) -> npt.NDArray[np.int64]:
+    """int64 ``(blocks, 6)``: start, end (exclusive), pads_start, pads_end, video, complete."""
+
+def qwen2_vl_patches(
+    images: list[npt.NDArray[np.uint8]],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    layout: Literal["chw", "hwc"] = "chw",
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> npt.NDArray[np.float32]:
+    """Qwen2-VL ``pixel_values`` of resized uint8 images (GIL released), bit for bit the
+    processor's: float32 ``(sum of patch rows, C * temporal_patch_size * patch_size**2)``."""
+
+# --- end dvr ---

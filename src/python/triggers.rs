@@ -56,7 +56,7 @@ impl Hit {
 }
 
 /// Token ids from a list, a tuple, a NumPy array or a PyTorch tensor (CPU), as i64.
-fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
     if let Ok(array) = obj.cast::<PyArray1<i64>>() {
         return Ok(array.readonly().as_array().to_vec());
     }
@@ -99,10 +99,10 @@ fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
 /// (default: `tvc_rs.DEFAULT_PHRASES`).
 #[pyclass(name = "ReflectionDetector", module = "tvc_rs", frozen)]
 pub struct ReflectionDetector {
-    inner: Arc<Detector>,
+    pub(crate) inner: Arc<Detector>,
 }
 
-fn detector_from(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<Vec<String>>) -> PyResult<Detector> {
+pub(crate) fn detector_from(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<Vec<String>>) -> PyResult<Detector> {
     let phrases = phrases.as_deref();
     if let Ok(path) = tokenizer.extract::<PathBuf>() {
         return Ok(py.detach(|| Detector::from_path(&path, phrases))?);

@@ -1,0 +1,581 @@
+"""DVR (src/dvr): insertion points against a Python ``re`` reference of the phrases and of the
+sentence rule on the real traces; samples against the real tokenizer, the Qwen2-VL image
+processors and transformers' ``get_rope_index``; ``qwen2_vl_patches`` bit for bit against the
+image processor; ``tvc-rs dvr build`` on real traces and bad records."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tvc_rs
+from conftest import ASSETS, asset
+
+transformers = pytest.importorskip("transformers")
+from transformers import Qwen2VLConfig  # noqa: E402
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as slow_module  # noqa: E402
+from transformers.models.qwen2_vl import image_processing_qwen2_vl as fast_module  # noqa: E402
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel  # noqa: E402
+
+SCRIPT = Path(sys.executable).parent / "tvc-rs"
+TRACE_FILES = [
+    "traces/emma_gemini2_flash_thinking_exp_1219.jsonl",
+    "traces/qwen_blog_qvq72b_qwq32b_official.jsonl",
+    "traces/marco_o1_cot_demo.jsonl",
+    "traces/vlaa_thinking_readme_deepseek_r1.jsonl",
+]
+EMMA = "traces/emma_gemini2_flash_thinking_exp_1219.jsonl"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
+SYSTEM_TEXT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+
+
+def records(name: str) -> list[dict]:
+    return [json.loads(line) for line in asset(name).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_json))
+
+
+@pytest.fixture(scope="module")
+def image_processors():
+    config = json.loads(asset("qwen2-vl/preprocessor_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [fast_module.Qwen2VLImageProcessor(**config), slow_module.Qwen2VLImageProcessorPil(**config)]
+
+
+def processor_grids(processor, images) -> list[list[int]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return processor(images=images, return_tensors="pt")["image_grid_thw"].tolist()
+
+
+# ----------------------------------------------------------------------------- references
+
+def reference_hits(text: str) -> list[tuple[int, int]]:
+    out = []
+    for phrase in tvc_rs.DEFAULT_PHRASES:
+        pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
+        out += [(m.start(), m.end()) for m in pattern.finditer(text)]
+    return sorted(out, key=lambda h: (h[1], h[0]))
+
+
+# A sentence ends at . ! ? followed (after closing quotes / brackets / *) by whitespace or the
+# end, at a CJK full stop / exclamation / question mark (after closers), or before a line break.
+_SENTENCE_END = re.compile(r"\n|[.!?][\"'\u201d\u2019)\]}\u00bb*]*(?=\s|\Z)|[\u3002\uff01\uff1f][\"'\u201d\u2019)\]}\u00bb*]*")
+
+
+def reference_sentence_end(text: str, start: int):
+    m = _SENTENCE_END.search(text, start)
+    if m is None:
+        return None
+    point = m.start() if m.group() == "\n" else m.end()
+    return None if text[point:].strip() == "" else point
+
+
+def reference_plan(text: str, starts: list[int], policy: tvc_rs.DVRPolicy, hits) -> list[tuple[int, int, tuple]]:
+    """The policy, restated: one candidate per sentence holding a hit, taken greedily."""
+    candidates = []
+    for s, e in hits:
+        p = reference_sentence_end(text, e)
+        if p is not None and (not candidates or p > candidates[-1][0]):
+            candidates.append((p, (s, e)))
+    out = []
+    for p, hit in candidates:
+        token = bisect.bisect_left(starts, p)
+        if token < policy.skip_first or (out and token - out[-1][1] < policy.min_gap):
+            continue
+        if policy.max_insertions is not None and len(out) >= policy.max_insertions:
+            break
+        out.append((p, token, hit))
+    return out
+
+
+POLICIES = [
+    tvc_rs.DVRPolicy(),
+    tvc_rs.DVRPolicy(max_insertions=None, min_gap=0, skip_first=0),
+    tvc_rs.DVRPolicy(max_insertions=2, min_gap=400, skip_first=300, bridge=" Let me look at the image again:"),
+]
+
+
+@pytest.fixture(scope="module")
+def answers(hf_tokenizer):
+    """(answer, token start offsets, reference hits) of every real trace, computed once."""
+    out = []
+    for name in TRACE_FILES:
+        for record in records(name):
+            answer = record["response"]
+            starts = [o[0] for o in hf_tokenizer.encode(answer, add_special_tokens=False).offsets]
+            out.append((answer, starts, reference_hits(answer)))
+    assert len(out) > 500
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_insertions_follow_the_policy_on_real_traces(tokenizer_json, answers, policy):
+    builder = tvc_rs.DVRBuilder(tokenizer_json, policy=policy)
+    plans = builder.plan_many([a for a, _, _ in answers])
+    total = 0
+    for k, ((answer, starts, hits), plan) in enumerate(zip(answers, plans)):
+        assert plan.error is None
+        insertions = plan.insertions
+        if k % 50 == 0:
+            assert builder.plan(answer) == insertions
+        got = [(i.char_index, i.token_index, (i.hit.char_start, i.hit.char_end)) for i in insertions]
+        assert got == reference_plan(answer, starts, policy, hits)
+        for i in insertions:
+            assert (i.hit.char_start, i.hit.char_end) in hits  # after a real reflection point
+            assert answer[i.hit.char_start:i.hit.char_end].lower() == i.phrase
+            assert i.char_index >= i.hit.char_end
+        assert all(b.token_index - a.token_index >= policy.min_gap for a, b in zip(insertions, insertions[1:]))
+        # Text outside the insertions is unchanged byte for byte.
+        text = builder.insert(answer, insertions)
+        assert plan.answer_text == text
+        piece = policy.insertion_text(1)
+        rebuilt, at = [], 0
+        for n, i in enumerate(insertions):
+            here = i.char_index + n * len(piece)
+            assert text[here:here + len(piece)] == piece
+            rebuilt.append(text[at:here])
+            at = here + len(piece)
+        rebuilt.append(text[at:])
+        assert "".join(rebuilt).encode() == answer.encode()
+        total += len(insertions)
+    assert total > 30
+
+
+def test_answers_without_reflection_points_get_no_insertion(tokenizer_json):
+    builder = tvc_rs.DVRBuilder(tokenizer_json)
+    answer = "The sum is 4. The answer is B.\nDone."
+    assert builder.plan(answer) == []
+    sample = builder.build("What is 2+2?", [(100, 120)], answer)
+    assert sample.answer_text == answer and sample.planned_images == 0 and len(sample.images) == 1
+
+
+# ----------------------------------------------------------------------------- samples
+
+def emma_with_images() -> list[tuple[dict, Path]]:
+    return [(r, ASSETS / r["local_image"]) for r in records(EMMA) if r.get("local_image")]
+
+
+def block(n: int) -> str:
+    return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+
+
+def test_copy_token_counts_equal_the_image_processors(tokenizer_json, image_processors):
+    """The copy's size is Pillow's ``reduce(4)`` of the image; its token count is what the real
+    processors make of that copy."""
+    from PIL import Image
+
+    builder = tvc_rs.DVRBuilder(tokenizer_json, policy=tvc_rs.DVRPolicy(max_insertions=1, min_gap=0, skip_first=0))
+    paths = sorted(p for p in asset("images").rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+    assert len(paths) > 50
+    answer = "First look. Wait, let me check the picture. Then more reasoning follows."
+    for path in paths:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        copy = image.reduce(4)
+        sample = builder.build("q", [(image.height, image.width)], answer)
+        original, inserted = sample.images
+        assert inserted.inserted and (inserted.height, inserted.width) == (copy.height, copy.width)
+        assert (inserted.height, inserted.width) == tvc_rs.dvr_downscaled_size(image.height, image.width)
+        for processor in image_processors:
+            grids = processor_grids(processor, [image, copy])
+            assert [list(original.grid_thw), list(inserted.grid_thw)] == grids
+        ids = sample.input_ids
+        pads = [len(run) for run in "".join("x" if i == IMAGE_PAD else " " for i in ids).split()]
+        assert pads == [g[0] * g[1] * g[2] // 4 for g in (original.grid_thw, inserted.grid_thw)]
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl() -> Qwen2VLModel:
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2))
+    return Qwen2VLModel(config).eval()
+
+
+def test_samples_equal_the_tokenizer_the_processor_and_get_rope_index(tokenizer_json, hf_tokenizer,
+                                                                      image_processors, qwen2_vl):
+    from PIL import Image
+
+    builder = tvc_rs.DVRBuilder(tokenizer_json, policy=tvc_rs.DVRPolicy(min_gap=100))
+    processor = image_processors[0]
+    checked = 0
+    for record, path in emma_with_images()[:30]:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        sample = builder.build(record["question"], [(image.height, image.width)], record["response"])
+        grids = processor_grids(processor, [image] + [image.reduce(4)] * len(sample.insertions))
+        counts = [t * h * w // 4 for t, h, w in grids]
+        # The reference text: the chat format with every block expanded, tokenized by `tokenizers`.
+        prompt = SYSTEM_TEXT + block(counts[0]) + record["question"] + "<|im_end|>\n<|im_start|>assistant\n"
+        answer = sample.answer_text
+        for n in counts[1:]:
+            answer = answer.replace("<image>", block(n), 1)
+        ids = hf_tokenizer.encode(prompt + answer + "<|im_end|>\n", add_special_tokens=False).ids
+        assert sample.input_ids.tolist() == ids
+        prompt_len = len(hf_tokenizer.encode(prompt, add_special_tokens=False).ids)
+        assert sample.prompt_tokens == prompt_len
+        visual = {VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD}
+        labels = [-100 if i < prompt_len or t in visual else t for i, t in enumerate(ids)]
+        assert sample.labels.tolist() == labels
+        assert sample.image_grid_thw.tolist() == grids
+        input_ids = torch.tensor([ids])
+        with torch.no_grad():
+            positions, delta = qwen2_vl.get_rope_index(input_ids, (input_ids == IMAGE_PAD).long(),
+                                                       image_grid_thw=torch.tensor(grids))
+        assert np.array_equal(sample.position_ids, positions[:, 0].numpy())
+        assert sample.rope_delta == int(delta)
+        checked += bool(sample.insertions)
+    assert checked >= 10
+
+
+def python_blocks(ids: list[int]) -> list[tuple[int, int, bool]]:
+    """(start, end, complete) of each run of pads with its adjacent vision start / end."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] in (IMAGE_PAD, VIDEO_PAD):
+            j = i
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            s = i - 1 if i and ids[i - 1] == VISION_START else i
+            e = j + 1 if j < len(ids) and ids[j] == VISION_END else j
+            out.append((s, e, s < i and e > j))
+            i = max(e, j)
+        else:
+            i += 1
+    return out
+
+
+def lf_infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory 0.9.5's ``infer_seqlen`` (processor_utils.py), restated."""
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 9000))
+def test_infer_seqlen(source, target, cutoff):
+    assert tvc_rs.infer_seqlen(source, target, cutoff) == lf_infer_seqlen(source, target, cutoff)
+
+
+@pytest.fixture(scope="module")
+def truncation_cases(tokenizer_json):
+    builder = tvc_rs.DVRBuilder(tokenizer_json, policy=tvc_rs.DVRPolicy(max_insertions=6, min_gap=30, skip_first=0))
+    cases = []
+    for record, path in emma_with_images():
+        from PIL import Image
+
+        with Image.open(path) as im:
+            size = (im.height, im.width)
+        full = builder.build(record["question"], [size], record["response"])
+        if full.planned_images >= 2:
+            cases.append((record, size, full))
+    assert len(cases) >= 8
+    bare = tvc_rs.DVRBuilder(tokenizer_json, policy=tvc_rs.DVRPolicy(max_insertions=0))
+    return builder, bare, cases
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncation_drops_copies_first_and_never_splits_a_block(truncation_cases, data):
+    builder, bare_builder, cases = truncation_cases
+    record, size, full = data.draw(st.sampled_from(cases))
+    n = len(full)
+    cutoff = data.draw(st.integers(1, n + 50))
+    prompt_block_end = python_blocks(full.input_ids.tolist())[0][1]
+    try:
+        sample = builder.build(record["question"], [size], record["response"], cutoff=cutoff)
+    except ValueError as err:
+        assert "cutoff" in str(err) and cutoff < prompt_block_end
+        return
+    ids = sample.input_ids.tolist()
+    assert len(ids) <= cutoff
+    blocks = python_blocks(ids)
+    assert all(complete for _, _, complete in blocks)
+    assert len(blocks) == len(sample.images) == len(sample.image_grid_thw)
+    assert sample.kept_images == sum(i.inserted for i in sample.images)
+    if cutoff >= n:
+        assert ids == full.input_ids.tolist() and sample.kept_images == full.planned_images
+    if sample.cut_tokens > 1:
+        assert sample.kept_images == 0  # text is shortened only once the copies are gone
+    if 0 < sample.kept_images:
+        # the kept copies are the first ones: the answer text is the full one cut after them
+        kept_text = sample.answer_text
+        assert kept_text.count("<image>") == sample.kept_images
+        assert full.answer_text.startswith(kept_text[:kept_text.rfind("<image>")])
+    # Without copies the text cut is LLaMA-Factory's split, except that a prompt image stays whole.
+    if sample.kept_images == 0 and sample.cut_tokens:
+        bare = bare_builder.build(record["question"], [size], record["response"])
+        source, target = bare.prompt_tokens, len(bare) - bare.prompt_tokens
+        s_keep, t_keep = lf_infer_seqlen(source, target, cutoff)
+        start, end, _ = python_blocks(bare.input_ids.tolist())[0]
+        if start < s_keep < end:
+            s_keep, t_keep = end, min(t_keep, cutoff - end)
+        assert (sample.prompt_tokens, len(sample)) == (s_keep, s_keep + t_keep)
+        assert ids == bare.input_ids.tolist()[:s_keep] + bare.input_ids.tolist()[source:source + t_keep]
+
+
+def test_cutoff_smaller_than_an_image_block_is_an_error(tokenizer_json):
+    builder = tvc_rs.DVRBuilder(tokenizer_json)
+    sample = builder.build("q", [(1000, 1000)], "Wait. Fine, so it is 3.")
+    image_end = python_blocks(sample.input_ids.tolist())[0][1]
+    with pytest.raises(ValueError, match=r"cutoff = 100 is smaller than the prompt up to the end of its image"):
+        builder.build("q", [(1000, 1000)], "Wait. Fine, so it is 3.", cutoff=100)
+    ok = builder.build("q", [(1000, 1000)], "Wait. Fine, so it is 3.", cutoff=image_end)
+    assert python_blocks(ok.input_ids.tolist())[0][2] and len(ok) == image_end
+
+
+# ----------------------------------------------------------------------------- patches
+
+def reference_patches(image_u8: torch.Tensor, mean, std, patch=14, merge=2, temporal=2) -> torch.Tensor:
+    """The processor's float32 operations and view / permute, on a (C, H, W) uint8 tensor."""
+    x = (image_u8.to(torch.float32) - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    x = x.unsqueeze(0).repeat(temporal, 1, 1, 1)
+    c, h, w = image_u8.shape
+    x = x.view(1, temporal, c, h // patch // merge, merge, patch, w // patch // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape((h // patch) * (w // patch), c * temporal * patch * patch)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bh=st.integers(1, 4), bw=st.integers(1, 4), channels=st.sampled_from([1, 3]), hwc=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_patches_equal_the_processor_arithmetic(bh, bw, channels, hwc, seed):
+    rng = np.random.default_rng(seed)
+    h, w = bh * 28, bw * 28
+    image = rng.integers(0, 256, (channels, h, w), dtype=np.uint8)
+    mean = (rng.uniform(50, 200, channels)).astype(np.float32).tolist()
+    std = (rng.uniform(20, 90, channels)).astype(np.float32).tolist()
+    arg = np.ascontiguousarray(image.transpose(1, 2, 0)) if hwc else image
+    got = tvc_rs.qwen2_vl_patches([arg], mean, std, layout="hwc" if hwc else "chw")
+    expected = reference_patches(torch.from_numpy(image), mean, std).numpy()
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_patches_equal_the_image_processor_on_real_images(image_processors):
+    """Bit for bit transformers' Qwen2VLImageProcessor (torchvision backend) after its resize."""
+    from PIL import Image
+    from transformers.image_processing_backends import TorchvisionBackend
+    from transformers.image_utils import SizeDict
+
+    processor = image_processors[0]
+    paths = sorted(asset("images/mathv").glob("*.jpg"))[:12]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = processor(images=images, return_tensors="pt")
+    mean = (torch.tensor(processor.image_mean) * (1.0 / processor.rescale_factor)).tolist()
+    std = (torch.tensor(processor.image_std) * (1.0 / processor.rescale_factor)).tolist()
+    limits = tvc_rs.image_processor_settings(processor)
+    resized = []
+    for image in images:
+        tensor = processor.process_image(image, do_convert_rgb=True)
+        h, w = tvc_rs.smart_resize(*tensor.shape[-2:], min_pixels=limits["min_pixels"], max_pixels=limits["max_pixels"])
+        # The backend's plain resize (Qwen2VLImageProcessor.resize itself smart-resizes in 5.24).
+        resized.append(TorchvisionBackend.resize(processor, tensor.unsqueeze(0), SizeDict(height=h, width=w),
+                                                 resample=processor.resample)[0].numpy())
+    got = tvc_rs.qwen2_vl_patches(resized, mean, std)
+    assert torch.equal(torch.from_numpy(got), expected["pixel_values"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([1, 2, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]), max_size=60))
+def test_vision_blocks(ids):
+    got = tvc_rs.vision_blocks(np.asarray(ids, dtype=np.int64))
+    assert [(s, e, bool(c)) for s, e, _, _, _, c in got.tolist()] == python_blocks(ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 9))
+def test_downscaled_size_is_pillows_reduce(height, width, factor):
+    from PIL import Image
+
+    reduced = Image.new("RGB", (width, height)).reduce(factor)
+    assert tvc_rs.dvr_downscaled_size(height, width, factor) == (reduced.height, reduced.width)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input(tokenizer_json):
+    with pytest.raises(ValueError, match="downscale"):
+        tvc_rs.DVRPolicy(downscale=0)
+    with pytest.raises(ValueError, match="min_gap"):
+        tvc_rs.DVRPolicy(min_gap=-1)
+    with pytest.raises(ValueError, match="max_insertions"):
+        tvc_rs.DVRPolicy(max_insertions=-2)
+    with pytest.raises(ValueError, match="bridge"):
+        tvc_rs.DVRPolicy(bridge="see <image>")
+    with pytest.raises(TypeError, match="tokenizer"):
+        tvc_rs.DVRBuilder(42)
+    with pytest.raises(OSError, match="tokenizer"):
+        tvc_rs.DVRBuilder("/no/such/tokenizer.json")
+    builder = tvc_rs.DVRBuilder(tokenizer_json)
+    with pytest.raises(ValueError, match="question: holds 2 image placeholder"):
+        builder.build("<image><image>", [(100, 100)], "Wait. Yes.")
+    with pytest.raises(ValueError, match="answer: already contains the image placeholder"):
+        builder.build("q", [(100, 100)], "Wait, <image> yes.")
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        builder.build("q", [(0, 100)], "Wait. Yes.")
+    with pytest.raises(TypeError, match="image_sizes"):
+        builder.build("q", "100x100", "Wait. Yes.")
+    with pytest.raises(ValueError, match="cutoff"):
+        builder.build("q", [(100, 100)], "Wait. Yes.", cutoff=0)
+    plans = builder.plan_many(["Wait. <image> here.", "Hmm. Fine, go on."])
+    assert "placeholder" in plans[0].error and plans[1].error is None
+    image = np.zeros((3, 28, 28), np.uint8)
+    mean, std = [1.0] * 3, [2.0] * 3
+    with pytest.raises(TypeError, match="uint8"):
+        tvc_rs.qwen2_vl_patches([image.astype(np.float32)], mean, std)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        tvc_rs.qwen2_vl_patches([image[0]], mean, std)
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        tvc_rs.qwen2_vl_patches([np.zeros((3, 28, 30), np.uint8)], mean, std)
+    with pytest.raises(ValueError, match="channels"):
+        tvc_rs.qwen2_vl_patches([image], [1.0], [2.0])
+    with pytest.raises(ValueError, match="std"):
+        tvc_rs.qwen2_vl_patches([image], mean, [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="layout"):
+        tvc_rs.qwen2_vl_patches([image], mean, std, layout="nchw")
+    with pytest.raises(ValueError, match="negative strides"):
+        tvc_rs.qwen2_vl_patches([image[:, ::-1]], mean, std)
+
+
+# ----------------------------------------------------------------------------- tvc-rs dvr build
+
+def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture()
+def build_input(tmp_path):
+    """Real EMMA records with local images (some with, some without reflection points) and bad ones."""
+    good = emma_with_images()[:8]
+    lines = [json.dumps(r) for r, _ in good]
+    unreadable = tmp_path / "broken.png"
+    unreadable.write_text("not an image")
+    base = good[0][0]
+    bad = [
+        {**base, "id": "missing", "local_image": "images/mathv/no_such_file.jpg"},
+        {**base, "id": "unreadable", "local_image": str(unreadable)},
+        {k: v for k, v in base.items() if k != "response"} | {"id": "no-answer"},
+        {**base, "id": "empty-answer", "response": "   "},
+        {**base, "id": "two-tags", "question": "<image_1> and <image_2>"},
+        {**base, "id": "no-image", "local_image": None},
+    ]
+    lines[3:3] = [json.dumps(b) for b in bad]
+    lines.insert(5, "{not json")
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, [r for r, _ in good]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dvr_build_converts_real_traces_and_reports_bad_records(build_input, tmp_path, tokenizer_json):
+    from PIL import Image
+
+    path, good = build_input
+    out = tmp_path / "data" / "dvr.jsonl"
+    done = run("dvr", "build", str(path), "-o", str(out), "--tokenizer", str(tokenizer_json),
+               "--image-field", "local_image", "--image-root", str(ASSETS), expect=1)
+    bad = {int(m.group(1)): m.group(2) for m in re.finditer(r"bad record (\d+) \([^)]*\): (.*)", done.stderr)}
+    # Indices: good 0-2, bad 3-4, invalid JSON 5, bad 6-9, good 10-14.
+    assert sorted(bad) == [3, 4, 5, 6, 7, 8, 9]
+    assert "missing image" in bad[3] and "does not exist" in bad[3]
+    assert "unreadable image" in bad[4]
+    assert "invalid JSON" in bad[5]
+    assert "no answer" in bad[6] and "missing" in bad[6]
+    assert "no answer" in bad[7] and "empty" in bad[7]
+    assert "2 image tag" in bad[8]
+    assert "missing image" in bad[9]
+    assert "7 bad" in done.stdout
+    written = read_jsonl(out)
+    assert [w["tvc"]["id"] for w in written] == [r["id"] for r in good]
+    builder = tvc_rs.DVRBuilder(tokenizer_json)
+    no_reflection = 0
+    for record, line in zip(good, written):
+        user, assistant = line["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert user["content"] == record["question"].replace("<image_1>", "<image>")
+        insertions = builder.plan(record["response"])
+        assert assistant["content"] == builder.insert(record["response"], insertions)
+        assert assistant["content"].replace("<image>", "") == record["response"]
+        assert line["tvc"]["insertions"] == len(insertions) == assistant["content"].count("<image>")
+        images = [Path(p) if Path(p).is_absolute() else out.parent / p for p in line["images"]]
+        assert len(images) == 1 + len(insertions)
+        assert images[0] == (ASSETS / record["local_image"]).resolve()
+        no_reflection += not insertions
+        with Image.open(images[0]) as im:
+            reduced = im.convert("RGB").reduce(4)
+        for copy in images[1:]:
+            assert copy.parent == out.parent / "images"
+            with Image.open(copy) as im:
+                assert np.array_equal(np.asarray(im), np.asarray(reduced))
+    assert 0 < no_reflection < len(good)
+    assert f"{no_reflection} without a reflection point" in done.stdout
+    info = json.loads((out.parent / "dataset_info.json").read_text())
+    assert info["dvr"] == {
+        "file_name": "dvr.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+    }
+    report = json.loads((out.parent / "dvr.report.json").read_text())
+    assert report["bad_records"] == 7 and report["written"] == len(good) and report["no_reflection"] == no_reflection
+
+    # An existing output is not overwritten by accident.
+    done = run("dvr", "build", str(path), "-o", str(out), "--tokenizer", str(tokenizer_json), expect=2)
+    assert "exists" in done.stderr and "--resume" in done.stderr
+
+
+def test_dvr_build_resumes(build_input, tmp_path, tokenizer_json):
+    path, good = build_input
+    common = ["--tokenizer", str(tokenizer_json), "--image-field", "local_image", "--image-root", str(ASSETS)]
+    whole = tmp_path / "whole" / "dvr.jsonl"
+    run("dvr", "build", str(path), "-o", str(whole), *common, expect=1)
+    part = tmp_path / "part" / "dvr.jsonl"
+    run("dvr", "build", str(path), "-o", str(part), "--limit", "3", *common)
+    with open(part, "a") as f:
+        f.write('{"messages": [{"role": "user", "cont')  # an interrupted write
+    done = run("dvr", "build", str(path), "-o", str(part), "--resume", *common, expect=1)
+    assert "3 already written" in done.stdout
+    assert read_jsonl(part) == read_jsonl(whole)
+
+
+def test_dvr_build_input_errors(tmp_path, tokenizer_json):
+    done = run("dvr", "build", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--tokenizer",
+               str(tokenizer_json), expect=2)
+    assert "no such file" in done.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = run("dvr", "build", str(empty), "-o", str(tmp_path / "o.jsonl"), "--tokenizer", str(tokenizer_json),
+               expect=2)
+    assert "0 records" in done.stdout
