@@ -333,8 +333,8 @@ def test_truncation_drops_copies_first_and_never_splits_a_block(truncation_cases
         bare = bare_builder.build(record["question"], [size], record["response"])
         source, target = bare.prompt_tokens, len(bare) - bare.prompt_tokens
         s_keep, t_keep = lf_infer_seqlen(source, target, cutoff)
-        start, end, _ = python_blocks(bare.input_ids.tolist())[0]
-        if start < s_keep < end:
+        end = python_blocks(bare.input_ids.tolist())[0][1]
+        if s_keep < end:  # the question's image is kept whole; the answer gives way
             s_keep, t_keep = end, min(t_keep, cutoff - end)
         assert (sample.prompt_tokens, len(sample)) == (s_keep, s_keep + t_keep)
         assert ids == bare.input_ids.tolist()[:s_keep] + bare.input_ids.tolist()[source:source + t_keep]

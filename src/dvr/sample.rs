@@ -207,9 +207,9 @@ impl SampleBuilder {
     /// then come first), the question images' `(height, width)` and `answer`. With `cutoff`,
     /// the sequence is at most that long: re-affirmed images are dropped first, last first
     /// (a bridge goes with the last image of its insertion), then the text is shortened as
-    /// LLaMA-Factory does (`infer_seqlen`), never through an image block: a prompt cut inside
-    /// a question image moves to the block's end (the answer keeps less), an answer cut inside
-    /// a block moves to its start.
+    /// LLaMA-Factory does (`infer_seqlen`), never through an image block: the prompt keeps at
+    /// least up to the end of its last image (the answer keeps less), an answer cut inside a
+    /// block moves to its start.
     ///
     /// Errors (`Error::Value`): a size < 1 or a processor-refused aspect ratio (`images[i]`);
     /// a placeholder count that is neither 0 nor the number of images (`question`); the
@@ -355,20 +355,20 @@ impl SampleBuilder {
         if let Some(cutoff) = cutoff {
             // As LLaMA-Factory, the split is applied whether or not the turn fits.
             (source_keep, target_keep) = infer_seqlen(source.len(), target.len(), cutoff);
-            // A prompt image is kept whole: the prompt keeps up to its end, the answer gives way.
-            if let Some(&(start, end, i)) = source_blocks
-                .iter()
-                .find(|&&(s, e, _)| s < source_keep && source_keep < e)
-            {
-                if end > cutoff {
-                    return Err(value_err!(
-                        "cutoff = {cutoff} is smaller than the prompt up to the end of its image {i} ({end} tokens; \
-                         the image block alone has {} tokens): the image would be cut in two",
-                        end - start
-                    ));
+            // The question's images are kept whole: the prompt keeps up to the end of its last
+            // image block, the answer gives way.
+            if let Some(&(start, end, i)) = source_blocks.last() {
+                if source_keep < end {
+                    if end > cutoff {
+                        return Err(value_err!(
+                            "cutoff = {cutoff} is smaller than the prompt up to the end of its image {i} ({end} \
+                             tokens; the image block alone has {} tokens): the image would be cut off",
+                            end - start
+                        ));
+                    }
+                    source_keep = end;
+                    target_keep = target_keep.min(cutoff - end);
                 }
-                source_keep = end;
-                target_keep = target_keep.min(cutoff - end);
             }
             if let Some(&(start, _, _)) = target_blocks
                 .iter()

@@ -1,0 +1,1 @@
+"""Entry points that other launchers run as scripts (see tvc_rs.llamafactory.cli_train)."""
