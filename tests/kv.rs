@@ -245,7 +245,12 @@ fn check_rerotate<T: Float>(case: &Case) {
             "keys",
         )
         .unwrap();
-        rerotate_keys(&mut view, Deltas::PerToken(&flat), &rope).unwrap();
+        rerotate_keys(
+            std::slice::from_mut(&mut view),
+            Deltas::PerToken(&flat),
+            &rope,
+        )
+        .unwrap();
         assert_close(&keys, &moved_f64, &want);
         return;
     };
@@ -257,7 +262,7 @@ fn check_rerotate<T: Float>(case: &Case) {
         "keys",
     )
     .unwrap();
-    rerotate_keys(&mut view, deltas, &rope).unwrap();
+    rerotate_keys(std::slice::from_mut(&mut view), deltas, &rope).unwrap();
     assert_close(&keys, &moved_f64, &want);
 }
 
@@ -325,7 +330,7 @@ fn large_positions_exact_in_f32() {
         let want = reference.apply(&x, [p + delta; 3]);
         let mut view =
             StridedMut::new(&mut keys, 0, [1, 1, d], [d as isize, d as isize, 1], "keys").unwrap();
-        rerotate_keys(&mut view, Deltas::Same(delta), &rope).unwrap();
+        rerotate_keys(std::slice::from_mut(&mut view), Deltas::Same(delta), &rope).unwrap();
         assert!(
             max_err(&keys, &want) < 2e-6,
             "p = {p}, delta = {delta}: {}",
@@ -364,7 +369,12 @@ fn strided_keys_match_contiguous() {
             "keys",
         )
         .unwrap();
-        rerotate_keys(&mut v, Deltas::PerToken(&deltas), &rope).unwrap();
+        rerotate_keys(
+            std::slice::from_mut(&mut v),
+            Deltas::PerToken(&deltas),
+            &rope,
+        )
+        .unwrap();
         let mut v = StridedMut::new(
             &mut transposed,
             0,
@@ -373,7 +383,12 @@ fn strided_keys_match_contiguous() {
             "keys",
         )
         .unwrap();
-        rerotate_keys(&mut v, Deltas::PerToken(&deltas), &rope).unwrap();
+        rerotate_keys(
+            std::slice::from_mut(&mut v),
+            Deltas::PerToken(&deltas),
+            &rope,
+        )
+        .unwrap();
     }
     for ti in 0..t {
         for hi in 0..h {
@@ -402,7 +417,12 @@ fn strided_keys_match_contiguous() {
         "keys",
     )
     .unwrap();
-    rerotate_keys(&mut v, Deltas::PerToken(&deltas), &rope).unwrap();
+    rerotate_keys(
+        std::slice::from_mut(&mut v),
+        Deltas::PerToken(&deltas),
+        &rope,
+    )
+    .unwrap();
     for ti in 0..t {
         for hi in 0..h {
             for k in 0..d {
@@ -840,18 +860,28 @@ fn bad_input_leaves_caches_untouched() {
         "keys",
     )
     .unwrap();
-    let err = rerotate_keys(&mut view, Deltas::PerToken(&[1, 2, 3]), &rope).unwrap_err();
+    let err = rerotate_keys(
+        std::slice::from_mut(&mut view),
+        Deltas::PerToken(&[1, 2, 3]),
+        &rope,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::Value(m) if m.starts_with("delta has 3 entries")),
         "{err:?}"
     );
-    let err = rerotate_keys(&mut view, Deltas::PerTokenThw(&[[1, 2, 3]; 4]), &rope).unwrap_err();
+    let err = rerotate_keys(
+        std::slice::from_mut(&mut view),
+        Deltas::PerTokenThw(&[[1, 2, 3]; 4]),
+        &rope,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::Value(m) if m.contains("mrope_section is None")),
         "{err:?}"
     );
     let wrong = rope_of(10000.0, 16, 16, false, None);
-    assert!(rerotate_keys(&mut view, Deltas::Same(1), &wrong).is_err());
+    assert!(rerotate_keys(std::slice::from_mut(&mut view), Deltas::Same(1), &wrong).is_err());
     assert_eq!(keys, original);
 
     // Overlapping (stride-0) and out-of-buffer views are refused when made.
@@ -949,4 +979,44 @@ fn paged_bad_input_leaves_cache_untouched() {
         ..layout
     };
     assert!(PagedCache::new(&mut cache, 0, bad, "kv_caches[0]").is_err());
+}
+
+#[test]
+fn several_layers_in_one_call_match_one_at_a_time() {
+    let (layers, t, h, d) = (3, 11, 2, 16);
+    let rope = rope_of(1e6, d, 12, false, Some(vec![2, 2, 2]));
+    let mut rng = TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+    let deltas: Vec<[i64; 3]> = (0..t)
+        .map(|_| {
+            [
+                rng.random_range(-99..99),
+                rng.random_range(-9..9),
+                rng.random_range(-9..9),
+            ]
+        })
+        .collect();
+    let data: Vec<Vec<f32>> = (0..layers)
+        .map(|_| {
+            (0..t * h * d)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        })
+        .collect();
+    let strides = [(h * d) as isize, d as isize, 1];
+    let mut together = data.clone();
+    let mut views: Vec<_> = together
+        .iter_mut()
+        .map(|k| StridedMut::new(k, 0, [t, h, d], strides, "keys").unwrap())
+        .collect();
+    rerotate_keys(&mut views, Deltas::PerTokenThw(&deltas), &rope).unwrap();
+    for (l, mut alone) in data.into_iter().enumerate() {
+        let mut view = StridedMut::new(&mut alone, 0, [t, h, d], strides, "keys").unwrap();
+        rerotate_keys(
+            std::slice::from_mut(&mut view),
+            Deltas::PerTokenThw(&deltas),
+            &rope,
+        )
+        .unwrap();
+        assert_eq!(alone, together[l]);
+    }
 }
