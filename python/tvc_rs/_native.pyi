@@ -16,6 +16,31 @@ __version__: str
 
 # --- end compress ---
 
+# --- tensor (src/python/tensor.rs) ---
+
+class Buffer:
+    """A Rust-owned result exported through DLPack: ``np.from_dlpack(b)`` / ``torch.from_dlpack(b)``
+    share its memory (no copy). bfloat16 buffers can only become torch tensors."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: object | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> object: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+def _tensor_info(x: object, name: str = "x") -> dict[str, object]: ...
+def _tensor_copy(x: object) -> Buffer: ...
+
+# --- end tensor ---
+
 # --- kv (src/python/kv.rs) ---
 
 # --- end kv ---

@@ -8,6 +8,7 @@ mod compress;
 mod errors;
 mod kv;
 mod rope;
+pub(crate) mod tensor;
 mod triggers;
 
 #[pymodule]
@@ -17,5 +18,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rope::register(m)?;
     compress::register(m)?;
     kv::register(m)?;
+    tensor::register(m)?;
     Ok(())
 }
