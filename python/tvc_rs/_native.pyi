@@ -43,4 +43,60 @@ def _tensor_copy(x: object) -> Buffer: ...
 
 # --- kv (src/python/kv.rs) ---
 
+from collections.abc import Sequence
+
+def rerotate_keys(
+    keys: object,
+    delta: object,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None: ...
+def relocate_span(
+    keys: object,
+    values: object,
+    start: int,
+    end: int,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    delta: object | None = None,
+    old_positions: object | None = None,
+    new_positions: object | None = None,
+    length: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int: ...
+def append_entries(
+    keys: object,
+    values: object,
+    new_keys: object,
+    new_values: object,
+    positions: object,
+    *,
+    delta: object | None = None,
+    rope_theta: float | None = None,
+    head_dim: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None: ...
+def paged_reinject(
+    kv_caches: object,
+    src_slots: object,
+    dst_slots: object,
+    delta: object,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    layout: str = "vllm",
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int: ...
+
 # --- end kv ---
