@@ -307,8 +307,8 @@ proptest! {
     }
 
     #[test]
-    fn paged_round_trip_every_layout(case in case(), blocks in 1usize..6, block_size in 1usize..5, layout in 0usize..4, inplace in any::<bool>()) {
-        check_paged(&case, blocks, block_size, layout, inplace);
+    fn paged_round_trip_every_layout(case in case(), blocks in 1usize..6, block_size in 1usize..5, layout in 0usize..4, mode in 0usize..4) {
+        check_paged(&case, blocks, block_size, layout, mode);
     }
 }
 
@@ -699,7 +699,7 @@ fn elem(l: &PagedLayout, slot: usize, head: usize, k: usize, value: bool) -> usi
     off as usize
 }
 
-fn check_paged(case: &Case, blocks: usize, bs: usize, which: usize, inplace: bool) {
+fn check_paged(case: &Case, blocks: usize, bs: usize, which: usize, mode: usize) {
     let mut rng = TestRng::from_seed(
         proptest::test_runner::RngAlgorithm::ChaCha,
         &case.seed.to_le_bytes().repeat(4),
@@ -720,8 +720,10 @@ fn check_paged(case: &Case, blocks: usize, bs: usize, which: usize, inplace: boo
         case.sections.clone(),
     );
     let layers = 2;
-    // Random block tables: a permutation of slots as destinations; sources random slots, some
-    // -1 (padding). In place: sources are a permutation too, so entries move within the cache.
+    // Destinations: distinct slots (a random permutation), some -1 (padding). Sources, some -1:
+    // mode 0 random slots (repeats allowed); 1 the destinations shifted by k along the
+    // permutation (chains and cycles of moves within the cache); 2 some entries in place;
+    // 3 pairs swapping slots.
     let mut perm: Vec<usize> = (0..slots).collect();
     for i in (1..slots).rev() {
         perm.swap(i, rng.random_range(0..=i));
@@ -737,12 +739,15 @@ fn check_paged(case: &Case, blocks: usize, bs: usize, which: usize, inplace: boo
             }
         })
         .collect();
+    let shift = rng.random_range(1..=slots.max(1));
     let src: Vec<i64> = (0..n)
         .map(|i| {
-            let s = if inplace {
-                perm[(i + 1) % slots] as i64
-            } else {
-                rng.random_range(0..slots) as i64
+            let s = match mode {
+                0 => rng.random_range(0..slots) as i64,
+                1 => perm[(i + shift) % slots] as i64,
+                2 if rng.random_range(0..2) == 0 => perm[i] as i64,
+                2 => rng.random_range(0..slots) as i64,
+                _ => perm[(i ^ 1).min(slots - 1)] as i64,
             };
             if rng.random_range(0..10) == 0 {
                 -1
@@ -1018,5 +1023,50 @@ fn several_layers_in_one_call_match_one_at_a_time() {
         )
         .unwrap();
         assert_eq!(alone, together[l]);
+    }
+}
+
+#[test]
+fn paged_long_chains_and_cycles() {
+    // Shift by one slot along 300 slots: a chain of 299 moves (more waves than the planner
+    // allows, so staged through a buffer); the same closed into a cycle; a shift by 37 (waves).
+    let (blocks, bs, heads, d) = (75, 4, 2, 8);
+    let slots = blocks * bs;
+    let rope = rope_of(10000.0, d, d, true, None);
+    let reference = RefRope::new(10000.0, d, true, None);
+    let (layout, total) = layout_of(3, blocks, bs, heads, d, "kv_caches[0]");
+    let mut rng = TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+    for (n, shift) in [(slots - 1, 1), (slots, 1), (slots - 37, 37), (slots, 150)] {
+        let src: Vec<i64> = (0..n).map(|i| ((i + shift) % slots) as i64).collect();
+        let dst: Vec<i64> = (0..n as i64).collect();
+        let deltas: Vec<i64> = (0..n).map(|_| rng.random_range(-500..500)).collect();
+        let before: Vec<f32> = (0..total).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut cache = before.clone();
+        let mut views = vec![PagedCache::new(&mut cache, 0, layout, "kv_caches[0]").unwrap()];
+        assert_eq!(
+            paged_reinject(&mut views, &src, &dst, Deltas::PerToken(&deltas), &rope).unwrap(),
+            n
+        );
+        for i in 0..slots {
+            for h in 0..heads {
+                let s = if i < n { src[i] as usize } else { i };
+                let key: Vec<f64> = (0..d)
+                    .map(|k| before[elem(&layout, s, h, k, false)] as f64)
+                    .collect();
+                let want = if i < n {
+                    reference.apply(&key, [deltas[i]; 3])
+                } else {
+                    key
+                };
+                for k in 0..d {
+                    let got = cache[elem(&layout, i, h, k, false)] as f64;
+                    assert!((got - want[k]).abs() < 2e-6, "n {n} shift {shift} slot {i}");
+                    assert_eq!(
+                        cache[elem(&layout, i, h, k, true)],
+                        before[elem(&layout, s, h, k, true)]
+                    );
+                }
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::{index_err, value_err};
 
 use super::rope::{Deltas, Rope};
-use super::strided::{copy_row, is_non_overlapping, rotate_row_into, Row, SendPtr};
+use super::strided::{copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
 
 /// Where entry (block, slot-in-block, head, dim) of the keys lies, in elements from the cache's
 /// base pointer; the value element at the same index is `value_offset` further.
@@ -281,9 +281,10 @@ pub fn paged_reinject<T: Float>(
                 first.block_size
             ));
         }
-        if let Some(earlier) = dst_seen.insert(d as usize, i) {
+        if let Some(earlier) = dst_seen.insert(d as usize, entries.len()) {
             return Err(value_err!(
-                "dst_slots[{i}] = {d} repeats dst_slots[{earlier}]: a destination slot may be written only once"
+                "dst_slots[{i}] = {d} repeats dst_slots[{}]: a destination slot may be written only once",
+                entries[earlier].2
             ));
         }
         entries.push((s as usize, d as usize, i));
@@ -291,18 +292,12 @@ pub fn paged_reinject<T: Float>(
     if entries.is_empty() || first.kv_heads == 0 {
         return Ok(entries.len());
     }
-    // When no source is also a destination, entries can go straight across; otherwise gather
-    // every source of a layer into a buffer before writing.
-    let buffered = entries.iter().any(|&(s, _, _)| dst_seen.contains(s));
+    let plan = Plan::new(&entries, &dst_seen);
     let table = rope.table(deltas, src_slots.len());
     let interleaved = config.interleaved;
     let (heads, dim) = (first.kv_heads, first.head_dim);
     let min_entries = (64 / heads).max(1);
-    let mut buffer: Vec<T> = if buffered {
-        Vec::with_capacity(entries.len() * heads * 2 * dim)
-    } else {
-        Vec::new()
-    };
+    let mut buffer: Vec<T> = Vec::new();
     // Layers one after another: views of one vLLM buffer may interleave in memory, so two
     // layers are never written at the same time.
     for cache in caches.iter_mut() {
@@ -321,15 +316,24 @@ pub fn paged_reinject<T: Float>(
                 stride: l.dim_stride,
             }
         };
-        if !buffered {
-            entries.par_iter().with_min_len(min_entries).for_each_init(
-                Vec::new,
-                |scratch, &(s, d, i)| {
+        // Straight across, wave after wave: an entry runs in a later wave than every entry that
+        // reads its destination, so every source is read before it is overwritten.
+        for wave in &plan.waves {
+            wave.par_iter()
+                .with_min_len(min_entries)
+                .for_each_init(Vec::new, |scratch, &e| {
+                    let (s, d, i) = entries[e];
                     let (cos, sin, identity) = table.row(i);
                     for h in 0..heads {
-                        // SAFETY: destinations are distinct slots of a non-overlapping view and no
-                        // destination is a source, so no row is read and written by two tasks.
+                        // SAFETY: destinations are distinct slots of a non-overlapping view; no entry
+                        // of this wave writes a row another entry of the wave reads (see `Plan`).
                         unsafe {
+                            if s == d {
+                                if !identity {
+                                    rotate_row(row(d, h, false), cos, sin, interleaved, scratch);
+                                }
+                                continue;
+                            }
                             if identity {
                                 copy_row(row(s, h, false), row(d, h, false));
                             } else {
@@ -345,61 +349,126 @@ pub fn paged_reinject<T: Float>(
                             copy_row(row(s, h, true), row(d, h, true));
                         }
                     }
-                },
-            );
+                });
+        }
+        if plan.staged.is_empty() {
             continue;
         }
+        // Entries on cycles (e.g. two entries swapping slots): gather all, then scatter.
+        let staged_entries = &plan.staged;
         buffer.clear();
-        buffer.resize(entries.len() * heads * 2 * dim, T::from_f32(0.0));
+        buffer.resize(staged_entries.len() * heads * 2 * dim, T::from_f32(0.0));
         let staged = SendPtr(buffer.as_mut_ptr());
-        let stage = move |e: usize, h: usize, value: bool| -> Row<T> {
-            let off = ((e * heads + h) * 2 + value as usize) * dim;
+        let stage = move |k: usize, h: usize, value: bool| -> Row<T> {
+            let off = ((k * heads + h) * 2 + value as usize) * dim;
+            // SAFETY (of the offset): inside the buffer.
             Row {
                 ptr: unsafe { staged.get().add(off) },
                 len: dim,
                 stride: 1,
             }
         };
-        entries
+        staged_entries
             .par_iter()
             .enumerate()
             .with_min_len(min_entries)
-            .for_each_init(Vec::new, |scratch, (e, &(s, _, i))| {
+            .for_each_init(Vec::new, |scratch, (k, &e)| {
+                let (s, _, i) = entries[e];
                 let (cos, sin, identity) = table.row(i);
                 for h in 0..heads {
                     // SAFETY: the cache is only read in this phase; each buffer row has one writer.
                     unsafe {
                         if identity {
-                            copy_row(row(s, h, false), stage(e, h, false));
+                            copy_row(row(s, h, false), stage(k, h, false));
                         } else {
                             rotate_row_into(
                                 row(s, h, false),
-                                stage(e, h, false),
+                                stage(k, h, false),
                                 cos,
                                 sin,
                                 interleaved,
                                 scratch,
                             );
                         }
-                        copy_row(row(s, h, true), stage(e, h, true));
+                        copy_row(row(s, h, true), stage(k, h, true));
                     }
                 }
             });
-        entries
+        staged_entries
             .par_iter()
             .enumerate()
             .with_min_len(min_entries)
-            .for_each(|(e, &(_, d, _))| {
+            .for_each(|(k, &e)| {
+                let d = entries[e].1;
                 for h in 0..heads {
                     // SAFETY: destinations are distinct slots; the buffer is only read here.
                     unsafe {
-                        copy_row(stage(e, h, false), row(d, h, false));
-                        copy_row(stage(e, h, true), row(d, h, true));
+                        copy_row(stage(k, h, false), row(d, h, false));
+                        copy_row(stage(k, h, true), row(d, h, true));
                     }
                 }
             });
     }
     Ok(entries.len())
+}
+
+/// At most this many waves of direct moves; a longer chain (e.g. a shift by one slot) is
+/// staged through a buffer instead, which costs one extra copy but stays parallel.
+const MAX_WAVES: usize = 32;
+
+/// The order of the moves. Entry `e` reads slot `src(e)`, which entry `writer(src(e))` (if any)
+/// overwrites: `e` must read first. These edges form a functional graph; Kahn's algorithm peels
+/// it into waves (entries nobody waits on first), and what remains lies on cycles, which are
+/// gathered into a buffer and scattered last (their sources are written only by each other).
+struct Plan {
+    waves: Vec<Vec<usize>>,
+    staged: Vec<usize>,
+}
+
+impl Plan {
+    fn new(entries: &[(usize, usize, usize)], dst_index: &SlotIndex) -> Self {
+        let m = entries.len();
+        // The entry that overwrites e's source, and per entry how many readers it waits for.
+        let mut overwriter = vec![usize::MAX; m];
+        let mut waiting = vec![0u32; m];
+        for (e, &(s, _, _)) in entries.iter().enumerate() {
+            if let Some(f) = dst_index.get(s) {
+                if f != e {
+                    overwriter[e] = f;
+                    waiting[f] += 1;
+                }
+            }
+        }
+        if overwriter.iter().all(|&f| f == usize::MAX) {
+            return Plan {
+                waves: vec![(0..m).collect()],
+                staged: Vec::new(),
+            };
+        }
+        let mut waves = Vec::new();
+        let mut current: Vec<usize> = (0..m).filter(|&f| waiting[f] == 0).collect();
+        while !current.is_empty() {
+            if waves.len() == MAX_WAVES {
+                return Plan {
+                    waves: Vec::new(),
+                    staged: (0..m).collect(),
+                };
+            }
+            let mut next = Vec::new();
+            for &e in &current {
+                let f = overwriter[e];
+                if f != usize::MAX {
+                    waiting[f] -= 1;
+                    if waiting[f] == 0 {
+                        next.push(f);
+                    }
+                }
+            }
+            waves.push(std::mem::replace(&mut current, next));
+        }
+        let staged = (0..m).filter(|&f| waiting[f] > 0).collect();
+        Plan { waves, staged }
+    }
 }
 
 /// Which entry writes each destination slot: a dense array when the cache is not much larger
@@ -436,10 +505,11 @@ impl SlotIndex {
         }
     }
 
-    fn contains(&self, slot: usize) -> bool {
+    /// The entry writing `slot`, if any.
+    fn get(&self, slot: usize) -> Option<usize> {
         match self {
-            SlotIndex::Dense(v) => v[slot] != usize::MAX,
-            SlotIndex::Sparse(m) => m.contains_key(&slot),
+            SlotIndex::Dense(v) => Some(v[slot]).filter(|&e| e != usize::MAX),
+            SlotIndex::Sparse(m) => m.get(&slot).copied(),
         }
     }
 }
