@@ -183,7 +183,7 @@ unsafe fn shift_lane<T: Float>(
     moved: usize,
     table: &AngleTable,
     interleaved: bool,
-    scratch: &mut Vec<T>,
+    scratch: &mut Vec<f32>,
 ) {
     if !lane.is_key {
         if start == end {

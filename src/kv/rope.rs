@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::dtype::Float;
 use crate::error::Result;
 use crate::{type_err, value_err};
 
@@ -243,36 +242,132 @@ impl AngleTable {
     }
 }
 
-/// Rotates `row[..rotary_dim]` in place (pairs as configured); the rest is untouched.
+/// An element the row kernels convert inline: f32, or bf16 as its bits (u16). Both
+/// conversions are branch-free so the loops vectorise (f16 goes through `half`'s slice
+/// conversions instead).
+pub(crate) trait Lane: Copy {
+    fn load(self) -> f32;
+    fn store(value: f32) -> Self;
+}
+
+impl Lane for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(value: f32) -> Self {
+        value
+    }
+}
+
+/// bf16 bits.
+impl Lane for u16 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+    #[inline(always)]
+    fn store(value: f32) -> Self {
+        bf16_bits(value)
+    }
+}
+
+/// f32 to bf16 bits, round to nearest even (as `half` and PyTorch), NaN kept quiet.
+#[inline(always)]
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        ((x >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+/// [`rotate_in_place`], compiled for AVX2 as well and picked at run time (the default x86-64
+/// target has only SSE2, which packs bf16 poorly).
 #[inline]
-pub(crate) fn rotate_in_place<T: Float>(
-    row: &mut [T],
+pub(crate) fn rotate_in_place_dispatch<L: Lane>(
+    row: &mut [L],
     cos: &[f32],
     sin: &[f32],
     interleaved: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { rotate_in_place_avx2(row, cos, sin, interleaved) };
+    }
+    rotate_in_place(row, cos, sin, interleaved)
+}
+
+/// [`rotate_into`], compiled for AVX2 as well and picked at run time.
+#[inline]
+pub(crate) fn rotate_into_dispatch<L: Lane>(
+    src: &[L],
+    dst: &mut [L],
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { rotate_into_avx2(src, dst, cos, sin, interleaved) };
+    }
+    rotate_into(src, dst, cos, sin, interleaved)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rotate_in_place_avx2<L: Lane>(
+    row: &mut [L],
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    rotate_in_place(row, cos, sin, interleaved)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rotate_into_avx2<L: Lane>(
+    src: &[L],
+    dst: &mut [L],
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    rotate_into(src, dst, cos, sin, interleaved)
+}
+
+/// Rotates `row[..rotary_dim]` in place (pairs as configured); the rest is untouched.
+#[inline(always)]
+pub(crate) fn rotate_in_place<L: Lane>(row: &mut [L], cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = cos.len();
     if interleaved {
         for ((pair, &c), &s) in row[..2 * half].chunks_exact_mut(2).zip(cos).zip(sin) {
-            let (x1, x2) = (pair[0].to_f32(), pair[1].to_f32());
-            pair[0] = T::from_f32(x1 * c - x2 * s);
-            pair[1] = T::from_f32(x2 * c + x1 * s);
+            let (x1, x2) = (pair[0].load(), pair[1].load());
+            pair[0] = L::store(x1 * c - x2 * s);
+            pair[1] = L::store(x2 * c + x1 * s);
         }
     } else {
         let (first, second) = row[..2 * half].split_at_mut(half);
         for (((a, b), &c), &s) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
-            let (x1, x2) = (a.to_f32(), b.to_f32());
-            *a = T::from_f32(x1 * c - x2 * s);
-            *b = T::from_f32(x2 * c + x1 * s);
+            let (x1, x2) = (a.load(), b.load());
+            *a = L::store(x1 * c - x2 * s);
+            *b = L::store(x2 * c + x1 * s);
         }
     }
 }
 
 /// Writes the rotation of `src` to `dst` (pass-through dims copied); `src` and `dst` are distinct rows.
-#[inline]
-pub(crate) fn rotate_into<T: Float>(
-    src: &[T],
-    dst: &mut [T],
+#[inline(always)]
+pub(crate) fn rotate_into<L: Lane>(
+    src: &[L],
+    dst: &mut [L],
     cos: &[f32],
     sin: &[f32],
     interleaved: bool,
@@ -286,9 +381,9 @@ pub(crate) fn rotate_into<T: Float>(
             .zip(cos)
             .zip(sin)
         {
-            let (x1, x2) = (s_pair[0].to_f32(), s_pair[1].to_f32());
-            d[0] = T::from_f32(x1 * c - x2 * s);
-            d[1] = T::from_f32(x2 * c + x1 * s);
+            let (x1, x2) = (s_pair[0].load(), s_pair[1].load());
+            d[0] = L::store(x1 * c - x2 * s);
+            d[1] = L::store(x2 * c + x1 * s);
         }
     } else {
         let (d1, d2) = dst[..rot].split_at_mut(half);
@@ -300,9 +395,9 @@ pub(crate) fn rotate_into<T: Float>(
             .zip(cos)
             .zip(sin)
         {
-            let (x1, x2) = (x1.to_f32(), x2.to_f32());
-            *a = T::from_f32(x1 * c - x2 * s);
-            *b = T::from_f32(x2 * c + x1 * s);
+            let (x1, x2) = (x1.load(), x2.load());
+            *a = L::store(x1 * c - x2 * s);
+            *b = L::store(x2 * c + x1 * s);
         }
     }
     dst[rot..].copy_from_slice(&src[rot..]);

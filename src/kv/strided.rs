@@ -6,11 +6,16 @@
 
 use std::marker::PhantomData;
 
-use crate::dtype::Float;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::dtype::{DType, Float};
 use crate::error::Result;
 use crate::value_err;
 
-use super::rope::{rotate_in_place, rotate_into};
+use super::rope::{
+    bf16_bits, rotate_in_place_dispatch as rotate_in_place, rotate_into_dispatch as rotate_into,
+};
 
 fn fmt_dims<D: std::fmt::Display>(dims: &[D]) -> String {
     let parts: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
@@ -302,16 +307,90 @@ impl<T> Clone for Row<T> {
 impl<T> Copy for Row<T> {}
 
 impl<T: Float> Row<T> {
+    /// The first `out.len()` elements as f32.
     #[inline]
-    unsafe fn load(self, buf: &mut Vec<T>) {
-        buf.clear();
-        buf.extend((0..self.len).map(|i| *self.ptr.offset(i as isize * self.stride)));
+    unsafe fn load(self, out: &mut [f32]) {
+        if self.stride == 1 {
+            load_f32(std::slice::from_raw_parts(self.ptr, out.len()), out);
+        } else {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (*self.ptr.offset(i as isize * self.stride)).to_f32();
+            }
+        }
     }
 
+    /// Writes `values` to the first `values.len()` elements.
     #[inline]
-    unsafe fn store(self, buf: &[T]) {
-        for (i, &v) in buf.iter().enumerate() {
-            *self.ptr.offset(i as isize * self.stride) = v;
+    unsafe fn store(self, values: &[f32]) {
+        if self.stride == 1 {
+            store_f32(
+                values,
+                std::slice::from_raw_parts_mut(self.ptr, values.len()),
+            );
+        } else {
+            for (i, &v) in values.iter().enumerate() {
+                *self.ptr.offset(i as isize * self.stride) = T::from_f32(v);
+            }
+        }
+    }
+
+    /// The row past its first `skip` elements.
+    #[inline]
+    unsafe fn skip(self, skip: usize) -> Self {
+        Row {
+            ptr: self.ptr.offset(skip as isize * self.stride),
+            len: self.len - skip,
+            stride: self.stride,
+        }
+    }
+}
+
+/// f16 / bf16 rows convert through f32 with slice conversions that vectorise (F16C for f16 via
+/// `half`, bit shifts for bf16), not element by element.
+#[inline]
+fn load_f32<T: Float>(src: &[T], out: &mut [f32]) {
+    match T::DTYPE {
+        DType::F16 => {
+            // SAFETY: T is f16 (checked by DTYPE).
+            let src = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f16, src.len()) };
+            src.convert_to_f32_slice(out);
+        }
+        DType::BF16 => {
+            // SAFETY: T is bf16, a u16 bit pattern.
+            let src = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, src.len()) };
+            for (o, &bits) in out.iter_mut().zip(src) {
+                *o = f32::from_bits((bits as u32) << 16);
+            }
+        }
+        _ => {
+            for (o, s) in out.iter_mut().zip(src) {
+                *o = s.to_f32();
+            }
+        }
+    }
+}
+
+#[inline]
+fn store_f32<T: Float>(values: &[f32], out: &mut [T]) {
+    match T::DTYPE {
+        DType::F16 => {
+            // SAFETY: T is f16 (checked by DTYPE).
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f16, out.len()) };
+            out.convert_from_f32_slice(values);
+        }
+        DType::BF16 => {
+            // SAFETY: T is bf16, a u16 bit pattern.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, out.len()) };
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = bf16_bits(v);
+            }
+        }
+        _ => {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = T::from_f32(v);
+            }
         }
     }
 }
@@ -326,20 +405,27 @@ pub(crate) unsafe fn rotate_row<T: Float>(
     cos: &[f32],
     sin: &[f32],
     interleaved: bool,
-    scratch: &mut Vec<T>,
+    scratch: &mut Vec<f32>,
 ) {
+    let rot = 2 * cos.len();
     if row.stride == 1 {
-        rotate_in_place(
-            std::slice::from_raw_parts_mut(row.ptr, row.len),
-            cos,
-            sin,
-            interleaved,
-        );
-    } else {
-        row.load(scratch);
-        rotate_in_place(scratch, cos, sin, interleaved);
-        row.store(scratch);
+        // SAFETY (of the casts): T is the type DTYPE names.
+        match T::DTYPE {
+            DType::F32 => {
+                let row = std::slice::from_raw_parts_mut(row.ptr as *mut f32, rot);
+                return rotate_in_place(row, cos, sin, interleaved);
+            }
+            DType::BF16 => {
+                let row = std::slice::from_raw_parts_mut(row.ptr as *mut u16, rot);
+                return rotate_in_place(row, cos, sin, interleaved);
+            }
+            _ => {}
+        }
     }
+    scratch.resize(rot, 0.0);
+    row.load(scratch);
+    rotate_in_place(scratch, cos, sin, interleaved);
+    row.store(scratch);
 }
 
 /// Writes `src` rotated to `dst` (a different row of the same length).
@@ -353,21 +439,30 @@ pub(crate) unsafe fn rotate_row_into<T: Float>(
     cos: &[f32],
     sin: &[f32],
     interleaved: bool,
-    scratch: &mut Vec<T>,
+    scratch: &mut Vec<f32>,
 ) {
     if src.stride == 1 && dst.stride == 1 {
-        rotate_into(
-            std::slice::from_raw_parts(src.ptr, src.len),
-            std::slice::from_raw_parts_mut(dst.ptr, dst.len),
-            cos,
-            sin,
-            interleaved,
-        );
-    } else {
-        src.load(scratch);
-        rotate_in_place(scratch, cos, sin, interleaved);
-        dst.store(scratch);
+        // SAFETY (of the casts): T is the type DTYPE names.
+        match T::DTYPE {
+            DType::F32 => {
+                let s = std::slice::from_raw_parts(src.ptr as *const f32, src.len);
+                let d = std::slice::from_raw_parts_mut(dst.ptr as *mut f32, dst.len);
+                return rotate_into(s, d, cos, sin, interleaved);
+            }
+            DType::BF16 => {
+                let s = std::slice::from_raw_parts(src.ptr as *const u16, src.len);
+                let d = std::slice::from_raw_parts_mut(dst.ptr as *mut u16, dst.len);
+                return rotate_into(s, d, cos, sin, interleaved);
+            }
+            _ => {}
+        }
     }
+    let rot = 2 * cos.len();
+    scratch.resize(rot, 0.0);
+    src.load(scratch);
+    rotate_in_place(scratch, cos, sin, interleaved);
+    dst.store(scratch);
+    copy_row(src.skip(rot), dst.skip(rot));
 }
 
 /// Copies `src` to `dst` (rows of the same length that do not share memory).
@@ -401,5 +496,50 @@ impl<T> SendPtr<T> {
     #[inline(always)]
     pub(crate) fn get(self) -> *mut T {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+        ];
+        let sampled = (0..u32::MAX / 7919).map(|i| f32::from_bits(i.wrapping_mul(7919)));
+        // Ties: exactly halfway between two bf16 values, with even and odd lower neighbours.
+        let ties = (0..1000u32).map(|i| f32::from_bits(0x3f80_8000 + (i << 16)));
+        for v in specials.into_iter().chain(sampled).chain(ties) {
+            let want = bf16::from_f32(v);
+            let got = bf16::from_bits(bf16_bits(v));
+            if want.is_nan() {
+                assert!(got.is_nan(), "{v:e}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{v:e} ({:#x})", v.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn row_conversions_round_trip() {
+        let values: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.37).collect();
+        let mut halves = vec![f16::ZERO; values.len()];
+        store_f32(&values, &mut halves);
+        let mut back = vec![0f32; values.len()];
+        load_f32(&halves, &mut back);
+        for ((h, v), b) in halves.iter().zip(&values).zip(&back) {
+            assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits());
+            assert_eq!(*b, h.to_f32());
+        }
     }
 }
