@@ -147,6 +147,20 @@ def main() -> None:
         rows.append(row("re-rotate all keys", name, 2 * key_bytes, t_torch, t_rs, bandwidth, diff))
         del work, views, want
 
+    # ---- the same in bfloat16 (the dtype Qwen2-VL runs in)
+    keys_bf16 = [k.to(torch.bfloat16) for k in keys]
+    delta = torch.full((SEQ,), -IMAGE_TOKENS, dtype=torch.int64)
+    work = [k.clone() for k in keys_bf16]
+    views = [k[0].transpose(0, 1) for k in work]
+    tvc_rs.rerotate_keys(views, delta, **rope_kwargs(False))
+    want = torch_rerotate(keys_bf16, delta, False)
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(work, want))
+    t_torch, t_rs = time_pair(
+        lambda: torch_rerotate(keys_bf16, delta, False), lambda: tvc_rs.rerotate_keys(views, delta, **rope_kwargs(False))
+    )
+    rows.append(row("re-rotate all keys", "RoPE, one delta, bfloat16", key_bytes, t_torch, t_rs, bandwidth, diff))
+    del keys_bf16, work, views, want
+
     # ---- relocate_span: evict the image, shift the rest down re-rotated
     start, end = IMAGE_START, IMAGE_START + IMAGE_TOKENS
     moved = SEQ - end
