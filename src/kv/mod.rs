@@ -14,5 +14,5 @@ mod strided;
 pub use contiguous::{append_entries, relocate_span, LayerKv, LayerKvRef};
 pub use paged::{paged_reinject, PagedCache, PagedLayout};
 pub use rerotate::rerotate_keys;
-pub use rope::{check_float_dtype, Deltas, Rope, RopeConfig};
+pub use rope::{Deltas, Rope, RopeConfig};
 pub use strided::{Strided, StridedMut};

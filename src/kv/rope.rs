@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::{type_err, value_err};
+use crate::value_err;
 
 /// How keys were rotated: the RoPE parameters, under the same names everywhere
 /// (`rope_theta`, `head_dim`, `rotary_dim`, `interleaved`, `mrope_section`).
@@ -401,15 +401,4 @@ pub(crate) fn rotate_into<L: Lane>(
         }
     }
     dst[rot..].copy_from_slice(&src[rot..]);
-}
-
-/// Refuses an element type the kernels do not take (for callers that dispatch on a runtime dtype).
-pub fn check_float_dtype(dtype: crate::dtype::DType, name: &str) -> Result<()> {
-    if dtype.is_float() {
-        Ok(())
-    } else {
-        Err(type_err!(
-            "{name} has dtype {dtype}: expected float32, float16 or bfloat16"
-        ))
-    }
 }
