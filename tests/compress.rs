@@ -326,7 +326,9 @@ fn selection_refuses_nan_and_bad_budgets() {
 
 // ---------- pruning and merging ----------
 
-fn merge_reference(x: &[f64], dim: usize, kept: &[usize]) -> Vec<f64> {
+/// The merged rows, or `None` when some dropped token is (nearly) equally similar to two kept
+/// ones: then f32 rounding may pick either, and the case says nothing.
+fn merge_reference(x: &[f64], dim: usize, kept: &[usize]) -> Option<Vec<f64>> {
     let tokens = x.len() / dim;
     let row = |i: usize| &x[i * dim..(i + 1) * dim];
     let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
@@ -338,48 +340,57 @@ fn merge_reference(x: &[f64], dim: usize, kept: &[usize]) -> Vec<f64> {
             .map(|&k| row(j).iter().zip(row(k)).map(|(a, b)| a * b).sum::<f64>() / (norm(row(j)) * norm(row(k))))
             .collect();
         let best = (0..kept.len()).fold(0, |b, i| if sims[i] > sims[b] { i } else { b });
+        if (0..kept.len()).any(|i| i != best && sims[best] - sims[i] < 1e-5) {
+            return None;
+        }
         for (s, v) in sums[best].iter_mut().zip(row(j)) {
             *s += v;
         }
         sizes[best] += 1;
     }
-    sums.iter().zip(&sizes).flat_map(|(s, &n)| s.iter().map(move |v| v / n as f64)).collect()
+    Some(sums.iter().zip(&sizes).flat_map(|(s, &n)| s.iter().map(move |v| v / n as f64)).collect())
 }
 
-fn check_prune<T: Float>(seed: u64, tokens: usize, dim: usize, keep_mask: &[bool], merge: bool) {
+/// Returns false when the case was skipped (a near-tie in the similarities).
+fn check_prune<T: Float>(seed: u64, tokens: usize, dim: usize, keep_mask: &[bool], merge: bool) -> bool {
     let x: Vec<T> = rounded(&random_values(seed, tokens * dim));
     let kept: Vec<usize> = (0..tokens).filter(|&i| keep_mask[i]).collect();
     let strided = Strided::contiguous(&x, &[tokens, dim]).unwrap();
     let got = prune_visual_tokens(&strided, &kept, merge).unwrap();
     let xf = as_f64(&x);
     let want: Vec<f64> = if merge && !kept.is_empty() && dim > 0 {
-        merge_reference(&xf, dim, &kept)
+        match merge_reference(&xf, dim, &kept) {
+            Some(want) => want,
+            None => return false,
+        }
     } else {
         kept.iter().flat_map(|&k| xf[k * dim..(k + 1) * dim].to_vec()).collect()
     };
     assert_close(&as_f64(&got), &want, tolerance::<T>(), "pruned");
+    true
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig { cases: 128, max_global_rejects: 4096, ..ProptestConfig::default() })]
 
     #[test]
     fn pruning_and_merging_match_direct_loops(seed: u64, mask in prop::collection::vec(any::<bool>(), 0..50),
                                               dim in 0usize..24, merge: bool) {
-        // Random continuous data: exact similarity ties have probability zero, and near-ties
-        // within f32 rounding are rare enough at these sizes.
-        check_prune::<f32>(seed, mask.len(), dim, &mask, merge);
+        // Near-ties (certain in 1-D, where every cosine is +-1) are skipped: rounding decides them.
+        prop_assume!(check_prune::<f32>(seed, mask.len(), dim, &mask, merge));
         check_prune::<bf16>(seed, mask.len(), dim, &mask, false);
         check_prune::<f16>(seed, mask.len(), dim, &mask, false);
+        check_prune::<bf16>(seed, mask.len(), dim, &mask, merge);
+        check_prune::<f16>(seed, mask.len(), dim, &mask, merge);
     }
 }
 
 #[test]
 fn merging_of_large_rows() {
     let mask: Vec<bool> = (0..70).map(|i| i % 3 == 0).collect();
-    check_prune::<f32>(11, 70, 1100, &mask, true);
-    check_prune::<f16>(12, 70, 600, &mask, true);
-    check_prune::<bf16>(13, 70, 600, &mask, true);
+    assert!(check_prune::<f32>(21, 70, 1100, &mask, true));
+    assert!(check_prune::<f16>(12, 70, 600, &mask, true));
+    assert!(check_prune::<bf16>(13, 70, 600, &mask, true));
 }
 
 #[test]

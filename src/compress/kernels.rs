@@ -1,7 +1,7 @@
 //! Inner loops shared by the compression kernels: dtype conversion of whole rows, a
 //! vectorisable `exp`, a blocked `A · Bᵀ` for dot products (attention logits, cosine
-//! similarities) compiled twice (AVX2+FMA chosen at run time, portable otherwise), and filling
-//! a fresh output in parallel without zero-initialising it first.
+//! similarities: an AVX2+FMA register-tiled kernel chosen at run time, a portable one
+//! otherwise), and filling a fresh output in parallel without zero-initialising it first.
 
 use std::any::TypeId;
 use std::mem::MaybeUninit;
@@ -32,19 +32,87 @@ pub(crate) fn to_f32_slice<T: Float>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// `acc[i] += src[i] as f32`; `scratch` (same length) holds the conversion for f16/bf16.
+/// The CPU can run the AVX2 + FMA versions (cached by `std` after the first call).
 #[inline]
-pub(crate) fn add_row<T: Float>(acc: &mut [f32], src: &[T], scratch: &mut [f32]) {
-    if TypeId::of::<T>() == TypeId::of::<f32>() {
-        // SAFETY: T is f32.
-        let src = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len()) };
-        for (a, s) in acc.iter_mut().zip(src) {
-            *a += *s;
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `acc[i] = (init ? 0 : acc[i]) + sum over rows of rows[r][i]` for up to 4 rows at a time
+/// (one pass over `acc` per 4 input rows). f32 and bf16 are read directly; f16 goes through
+/// `scratch` (4 x len) with the vectorised conversion.
+#[inline(always)]
+pub(crate) fn sum_rows<T: Float>(acc: &mut [f32], rows: &[&[T]], init: bool, scratch: &mut [f32]) {
+    let len = acc.len();
+    let mut first = init;
+    for group in rows.chunks(4) {
+        if TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<bf16>() {
+            match group {
+                [a] => sum_group::<T, 1>(acc, [a], first),
+                [a, b] => sum_group::<T, 2>(acc, [a, b], first),
+                [a, b, c] => sum_group::<T, 3>(acc, [a, b, c], first),
+                [a, b, c, d] => sum_group::<T, 4>(acc, [a, b, c, d], first),
+                _ => unreachable!("chunks of 1 to 4"),
+            }
+        } else {
+            let converted: Vec<&[f32]> = group
+                .iter()
+                .zip(scratch.chunks_exact_mut(len))
+                .map(|(row, buf)| {
+                    to_f32_slice(row, buf);
+                    &*buf
+                })
+                .collect();
+            match converted.as_slice() {
+                [a] => sum_group::<f32, 1>(acc, [a], first),
+                [a, b] => sum_group::<f32, 2>(acc, [a, b], first),
+                [a, b, c] => sum_group::<f32, 3>(acc, [a, b, c], first),
+                [a, b, c, d] => sum_group::<f32, 4>(acc, [a, b, c, d], first),
+                _ => unreachable!("chunks of 1 to 4"),
+            }
+        }
+        first = false;
+    }
+}
+
+/// Element as f32 for the types read without a scratch buffer (f32, bf16: a shift).
+#[inline(always)]
+fn load<T: Float>(value: T) -> f32 {
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        // SAFETY: T is bf16 (2 bytes); widening its bits is the exact conversion.
+        let bits: u16 = unsafe { std::mem::transmute_copy(&value) };
+        f32::from_bits((bits as u32) << 16)
+    } else {
+        value.to_f32()
+    }
+}
+
+#[inline(always)]
+fn sum_group<T: Float, const N: usize>(acc: &mut [f32], rows: [&[T]; N], init: bool) {
+    let len = acc.len();
+    let rows: [&[T]; N] = rows.map(|row| &row[..len]);
+    if init {
+        for i in 0..len {
+            let mut sum = load(rows[0][i]);
+            for row in &rows[1..] {
+                sum += load(row[i]);
+            }
+            acc[i] = sum;
         }
     } else {
-        to_f32_slice(src, scratch);
-        for (a, s) in acc.iter_mut().zip(scratch.iter()) {
-            *a += *s;
+        for i in 0..len {
+            let mut sum = load(rows[0][i]);
+            for row in &rows[1..] {
+                sum += load(row[i]);
+            }
+            acc[i] += sum;
         }
     }
 }
@@ -138,6 +206,76 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// `acc[k] += p[k]` for one attention row of raw dot products `logits` (overwritten):
+/// `p = softmax(scale * logits)`, or `p = exp(scale * logits - lse)` when `lse` is given.
+pub(crate) fn accumulate_probabilities(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { accumulate_probabilities_avx2(logits, scale, lse, acc) };
+        }
+    }
+    accumulate_probabilities_impl(logits, scale, lse, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_probabilities_avx2(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+    accumulate_probabilities_impl(logits, scale, lse, acc)
+}
+
+/// Written as separate simple loops (map, max, sum) so that each vectorises.
+#[inline(always)]
+fn accumulate_probabilities_impl(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+    let acc = &mut acc[..logits.len()];
+    match lse {
+        Some(lse) => {
+            for s in logits.iter_mut() {
+                *s = exp_f32(*s * scale - lse);
+            }
+            for (a, &p) in acc.iter_mut().zip(logits.iter()) {
+                *a += p as f64;
+            }
+        }
+        None => {
+            for s in logits.iter_mut() {
+                *s *= scale;
+            }
+            let mut lanes = [f32::NEG_INFINITY; LANES];
+            let chunks = logits.chunks_exact(LANES);
+            let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            for chunk in chunks {
+                for l in 0..LANES {
+                    lanes[l] = lanes[l].max(chunk[l]);
+                }
+            }
+            let max = lanes.iter().fold(tail, |m, &s| m.max(s));
+            for s in logits.iter_mut() {
+                *s = exp_f32(*s - max);
+            }
+            let inv = 1.0 / sum(logits) as f64;
+            for (a, &e) in acc.iter_mut().zip(logits.iter()) {
+                *a += e as f64 * inv;
+            }
+        }
+    }
+}
+
+/// Sum in `LANES` partial sums (vectorises, unlike a sequential f32 sum).
+#[inline(always)]
+pub(crate) fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for l in 0..LANES {
+            lanes[l] += chunk[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 const LANES: usize = 8;
 /// Elements of the shared dimension per block: rows of both operands stay in L1/L2.
 const K_BLOCK: usize = 512;
@@ -146,111 +284,137 @@ const N_BLOCK: usize = 64;
 
 /// `out[i * n + j] = a_i · b_j` for row-major `a` `[m, k]` and `b` `[n, k]` (f32).
 pub(crate) fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
-    debug_assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n);
+    assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { matmul_nt_avx2(a, b, m, n, k, out) };
+            // SAFETY: the CPU has AVX2 and FMA; the sizes were checked above.
+            return unsafe { avx2::matmul_nt(a, b, m, n, k, out) };
         }
     }
-    matmul_nt_impl::<false>(a, b, m, n, k, out)
+    matmul_nt_portable(a, b, m, n, k, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn matmul_nt_avx2(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
-    matmul_nt_impl::<true>(a, b, m, n, k, out)
-}
-
-#[inline(always)]
-fn matmul_nt_impl<const FMA: bool>(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+/// The same blocking as the AVX2 path, with `LANES`-wide arrays the compiler vectorises.
+fn matmul_nt_portable(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     out[..m * n].fill(0.0);
     for k0 in (0..k).step_by(K_BLOCK) {
         let k1 = (k0 + K_BLOCK).min(k);
         for n0 in (0..n).step_by(N_BLOCK) {
             let n1 = (n0 + N_BLOCK).min(n);
-            let mut i = 0;
-            while i + 4 <= m {
-                row_block::<4, FMA>(a, b, i, n0, n1, k, k0, k1, n, out);
-                i += 4;
-            }
-            while i < m {
-                row_block::<1, FMA>(a, b, i, n0, n1, k, k0, k1, n, out);
-                i += 1;
-            }
-        }
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn row_block<const MR: usize, const FMA: bool>(
-    a: &[f32],
-    b: &[f32],
-    i: usize,
-    n0: usize,
-    n1: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    let a_rows: [&[f32]; MR] = std::array::from_fn(|r| &a[(i + r) * k + k0..(i + r) * k + k1]);
-    let mut j = n0;
-    while j + 2 <= n1 {
-        let b_rows = [&b[j * k + k0..j * k + k1], &b[(j + 1) * k + k0..(j + 1) * k + k1]];
-        let dots = tile::<MR, 2, FMA>(&a_rows, &b_rows);
-        for r in 0..MR {
-            out[(i + r) * n + j] += dots[r][0];
-            out[(i + r) * n + j + 1] += dots[r][1];
-        }
-        j += 2;
-    }
-    if j < n1 {
-        let b_rows = [&b[j * k + k0..j * k + k1]];
-        let dots = tile::<MR, 1, FMA>(&a_rows, &b_rows);
-        for r in 0..MR {
-            out[(i + r) * n + j] += dots[r][0];
-        }
-    }
-}
-
-/// Dot products of `MR` rows with `NR` rows of the same length, in `LANES`-wide accumulators.
-#[inline(always)]
-fn tile<const MR: usize, const NR: usize, const FMA: bool>(a: &[&[f32]; MR], b: &[&[f32]; NR]) -> [[f32; NR]; MR] {
-    let len = a[0].len();
-    let body = len / LANES * LANES;
-    let mut acc = [[[0f32; LANES]; NR]; MR];
-    let mut c = 0;
-    while c < body {
-        let av: [&[f32; LANES]; MR] = std::array::from_fn(|r| a[r][c..c + LANES].try_into().unwrap());
-        let bv: [&[f32; LANES]; NR] = std::array::from_fn(|q| b[q][c..c + LANES].try_into().unwrap());
-        for r in 0..MR {
-            for q in 0..NR {
-                for l in 0..LANES {
-                    acc[r][q][l] = if FMA {
-                        av[r][l].mul_add(bv[q][l], acc[r][q][l])
-                    } else {
-                        av[r][l] * bv[q][l] + acc[r][q][l]
-                    };
+            for i in 0..m {
+                let a_row = &a[i * k + k0..i * k + k1];
+                for j in n0..n1 {
+                    let b_row = &b[j * k + k0..j * k + k1];
+                    let mut acc = [0f32; LANES];
+                    let (a_chunks, b_chunks) = (a_row.chunks_exact(LANES), b_row.chunks_exact(LANES));
+                    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+                    for (x, y) in a_chunks.zip(b_chunks) {
+                        for l in 0..LANES {
+                            acc[l] += x[l] * y[l];
+                        }
+                    }
+                    out[i * n + j] += acc.iter().sum::<f32>() + tail;
                 }
             }
         }
-        c += LANES;
     }
-    let mut dots = [[0f32; NR]; MR];
-    for r in 0..MR {
-        for q in 0..NR {
-            let mut sum = acc[r][q].iter().sum::<f32>();
-            for t in body..len {
-                sum += a[r][t] * b[q][t];
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{K_BLOCK, N_BLOCK};
+
+    /// Rows of `a` and of `b` per register tile: 4 x 3 accumulators of 8 lanes (12 of the 16
+    /// ymm registers), 7 loads per 12 FMAs.
+    const MR: usize = 4;
+    const NR: usize = 3;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+        out[..m * n].fill(0.0);
+        let (a, b, out) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+        for k0 in (0..k).step_by(K_BLOCK) {
+            let len = K_BLOCK.min(k - k0);
+            for n0 in (0..n).step_by(N_BLOCK) {
+                let n1 = (n0 + N_BLOCK).min(n);
+                let mut i = 0;
+                while i < m {
+                    let rows = MR.min(m - i);
+                    let mut j = n0;
+                    while j < n1 {
+                        let cols = NR.min(n1 - j);
+                        let a_tile = a.add(i * k + k0);
+                        let b_tile = b.add(j * k + k0);
+                        let out_tile = out.add(i * n + j);
+                        match (rows, cols) {
+                            (4, 3) => tile::<4, 3>(a_tile, b_tile, k, len, out_tile, n),
+                            (4, 2) => tile::<4, 2>(a_tile, b_tile, k, len, out_tile, n),
+                            (4, 1) => tile::<4, 1>(a_tile, b_tile, k, len, out_tile, n),
+                            (3, 3) => tile::<3, 3>(a_tile, b_tile, k, len, out_tile, n),
+                            (3, 2) => tile::<3, 2>(a_tile, b_tile, k, len, out_tile, n),
+                            (3, 1) => tile::<3, 1>(a_tile, b_tile, k, len, out_tile, n),
+                            (2, 3) => tile::<2, 3>(a_tile, b_tile, k, len, out_tile, n),
+                            (2, 2) => tile::<2, 2>(a_tile, b_tile, k, len, out_tile, n),
+                            (2, 1) => tile::<2, 1>(a_tile, b_tile, k, len, out_tile, n),
+                            (1, 3) => tile::<1, 3>(a_tile, b_tile, k, len, out_tile, n),
+                            (1, 2) => tile::<1, 2>(a_tile, b_tile, k, len, out_tile, n),
+                            _ => tile::<1, 1>(a_tile, b_tile, k, len, out_tile, n),
+                        }
+                        j += cols;
+                    }
+                    i += rows;
+                }
             }
-            dots[r][q] = sum;
         }
     }
-    dots
+
+    /// `out[r * ld_out + q] += a_r · b_q` over `len` elements, rows `ld` apart.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const Q: usize>(
+        a: *const f32,
+        b: *const f32,
+        ld: usize,
+        len: usize,
+        out: *mut f32,
+        ld_out: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); Q]; R];
+        let body = len / 8 * 8;
+        let mut c = 0;
+        while c < body {
+            let mut bv = [_mm256_setzero_ps(); Q];
+            for q in 0..Q {
+                bv[q] = _mm256_loadu_ps(b.add(q * ld + c));
+            }
+            for r in 0..R {
+                let av = _mm256_loadu_ps(a.add(r * ld + c));
+                for q in 0..Q {
+                    acc[r][q] = _mm256_fmadd_ps(av, bv[q], acc[r][q]);
+                }
+            }
+            c += 8;
+        }
+        for r in 0..R {
+            for q in 0..Q {
+                let mut sum = horizontal_sum(acc[r][q]);
+                for t in body..len {
+                    sum += *a.add(r * ld + t) * *b.add(q * ld + t);
+                }
+                *out.add(r * ld_out + q) += sum;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn horizontal_sum(v: __m256) -> f32 {
+        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+        let single = _mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 0b01));
+        _mm_cvtss_f32(single)
+    }
 }
 
 /// Squared Euclidean norm, vectorised.
@@ -290,17 +454,24 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive() {
-        for &(m, n, k) in &[(0, 3, 5), (1, 1, 1), (5, 7, 9), (9, 130, 1100), (4, 2, 8)] {
+        for &(m, n, k) in &[(0, 3, 5), (1, 1, 1), (5, 7, 9), (9, 130, 1100), (4, 2, 8), (7, 5, 3), (13, 67, 515), (32, 17, 5), (5, 33, 20), (6, 4, 1)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
             let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
-            let mut out = vec![f32::NAN; m * n];
-            matmul_nt(&a, &b, m, n, k, &mut out);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|t| a[i * k + t] as f64 * b[j * k + t] as f64).sum();
-                    assert!((out[i * n + j] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()));
+            for portable in [false, true] {
+                let mut out = vec![f32::NAN; m * n];
+                if portable {
+                    matmul_nt_portable(&a, &b, m, n, k, &mut out);
+                } else {
+                    matmul_nt(&a, &b, m, n, k, &mut out);
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|t| a[i * k + t] as f64 * b[j * k + t] as f64).sum();
+                        assert!((out[i * n + j] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()));
+                    }
                 }
             }
         }
     }
 }
+

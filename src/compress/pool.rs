@@ -1,7 +1,9 @@
 //! kh x kw average pooling of visual tokens within each frame of their (t, h, w) grids.
 
 use crate::compress::grid::{check_grid_list, Grid};
-use crate::compress::kernels::{add_row, par_rows_init, to_f32_slice, write_scaled};
+use std::mem::MaybeUninit;
+
+use crate::compress::kernels::{has_avx2_fma, par_rows_init, sum_rows, write_scaled};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::tensor::Strided;
@@ -67,18 +69,58 @@ pub fn pool_visual_tokens<T: Float>(x: &Strided<'_, T>, grids: &[Grid], kh: usiz
         windows.len(),
         dim,
         min_rows,
-        || (vec![0f32; dim], vec![0f32; dim]),
-        |(acc, scratch), o, out| {
-            let window = windows[o];
-            to_f32_slice(x.row(window.start), acc);
-            for r in 0..window.rows {
-                let row_start = window.start + r * window.row_step;
-                for c in usize::from(r == 0)..window.cols {
-                    add_row(acc, x.row(row_start + c), scratch);
-                }
-            }
-            write_scaled(out, acc, 1.0 / (window.rows * window.cols) as f32);
-        },
+        || (vec![0f32; dim], vec![0f32; 4 * dim], Vec::with_capacity(kh * kw)),
+        |(acc, scratch, rows), o, out| pool_window(x, windows[o], acc, scratch, rows, out),
     );
     Ok((pooled, new_grids))
+}
+
+/// Average of one window into `out`, with the AVX2 build of the loops where the CPU has it.
+fn pool_window<'a, T: Float>(
+    x: &'a Strided<'_, T>,
+    window: Window,
+    acc: &mut [f32],
+    scratch: &mut [f32],
+    rows: &mut Vec<&'a [T]>,
+    out: &mut [MaybeUninit<T>],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { pool_window_avx2(x, window, acc, scratch, rows, out) };
+        }
+    }
+    pool_window_impl(x, window, acc, scratch, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pool_window_avx2<'a, T: Float>(
+    x: &'a Strided<'_, T>,
+    window: Window,
+    acc: &mut [f32],
+    scratch: &mut [f32],
+    rows: &mut Vec<&'a [T]>,
+    out: &mut [MaybeUninit<T>],
+) {
+    pool_window_impl(x, window, acc, scratch, rows, out)
+}
+
+#[inline(always)]
+fn pool_window_impl<'a, T: Float>(
+    x: &'a Strided<'_, T>,
+    window: Window,
+    acc: &mut [f32],
+    scratch: &mut [f32],
+    rows: &mut Vec<&'a [T]>,
+    out: &mut [MaybeUninit<T>],
+) {
+    rows.clear();
+    for r in 0..window.rows {
+        let row_start = window.start + r * window.row_step;
+        rows.extend((row_start..row_start + window.cols).map(|token| x.row(token)));
+    }
+    sum_rows(acc, rows, true, scratch);
+    write_scaled(out, acc, 1.0 / (window.rows * window.cols) as f32);
 }

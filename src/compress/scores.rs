@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::compress::kernels::{exp_f32, matmul_nt, to_f32_slice};
+use crate::compress::kernels::{accumulate_probabilities, matmul_nt, to_f32_slice};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::tensor::{tuple_str, Strided};
@@ -12,8 +12,8 @@ use crate::value_err;
 
 /// Query rows per matrix product: the logits block `[ROWS, k_tokens]` stays in L2.
 const ROWS: usize = 16;
-/// The row space is cut into this many chunks whatever the thread count, and their partial sums
-/// are added in order, so the result does not depend on scheduling.
+/// The row space is cut into about this many tasks whatever the thread count, and their partial
+/// sums are added in order, so the result does not depend on scheduling.
 const CHUNKS: usize = 64;
 
 /// Importance of each of `keys`' tokens: `mean over (q, h) of p[q, h, k]` with
@@ -107,53 +107,34 @@ pub fn visual_token_scores<T: Float, L: Float>(
         flat
     });
 
-    let total_rows = kv_heads * group_rows;
-    let chunk_rows = total_rows.div_ceil(CHUNKS);
-    let partials: Vec<Vec<f64>> = (0..total_rows.div_ceil(chunk_rows))
+    // Tasks: pieces of one group's rows (they share the keys), at most about CHUNKS of them
+    // whatever the thread count; their partial sums are added in task order (deterministic).
+    let piece = ROWS.max((kv_heads * group_rows).div_ceil(CHUNKS));
+    let tasks: Vec<(usize, usize, usize)> = (0..kv_heads)
+        .flat_map(|g| (0..group_rows).step_by(piece).map(move |r| (g, r, (r + piece).min(group_rows))))
+        .collect();
+    let partials: Vec<Vec<f64>> = tasks
         .into_par_iter()
-        .map(|chunk| {
+        .map(|(g, first, end)| {
             let mut acc = vec![0f64; k_tokens];
             let mut logits = vec![0f32; ROWS * k_tokens];
-            let (first, end) = (chunk * chunk_rows, ((chunk + 1) * chunk_rows).min(total_rows));
-            let mut row = first;
-            while row < end {
-                // A block of rows within one group (they share the keys).
-                let g = row / group_rows;
-                let block_end = end.min((g + 1) * group_rows).min(row + ROWS);
-                let rows = block_end - row;
-                let local = row - g * group_rows;
+            let group_keys = &packed_keys[g * k_tokens * head_dim..(g + 1) * k_tokens * head_dim];
+            let group_query = &packed_query[g * group_rows * head_dim..(g + 1) * group_rows * head_dim];
+            for block in (first..end).step_by(ROWS) {
+                let rows = ROWS.min(end - block);
                 matmul_nt(
-                    &packed_query[row * head_dim..block_end * head_dim],
-                    &packed_keys[g * k_tokens * head_dim..(g + 1) * k_tokens * head_dim],
+                    &group_query[block * head_dim..(block + rows) * head_dim],
+                    group_keys,
                     rows,
                     k_tokens,
                     head_dim,
                     &mut logits,
                 );
                 for (r, logit_row) in logits[..rows * k_tokens].chunks_exact_mut(k_tokens).enumerate() {
-                    let (q, head) = ((local + r) / group, g * group + (local + r) % group);
-                    match &lse {
-                        Some(lse) => {
-                            let offset = lse[q * q_heads + head];
-                            for (a, &s) in acc.iter_mut().zip(logit_row.iter()) {
-                                *a += exp_f32(s * scale - offset) as f64;
-                            }
-                        }
-                        None => {
-                            let max = logit_row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                            let mut sum = 0f32;
-                            for s in logit_row.iter_mut() {
-                                *s = exp_f32(*s * scale - max);
-                                sum += *s;
-                            }
-                            let inv = 1.0 / sum as f64;
-                            for (a, &e) in acc.iter_mut().zip(logit_row.iter()) {
-                                *a += e as f64 * inv;
-                            }
-                        }
-                    }
+                    // Row `q * group + h` of the group is query token q, head g * group + h.
+                    let (q, head) = ((block + r) / group, g * group + (block + r) % group);
+                    accumulate_probabilities(logit_row, scale, lse.as_ref().map(|l| l[q * q_heads + head]), &mut acc);
                 }
-                row = block_end;
             }
             acc
         })
