@@ -1,6 +1,6 @@
 """Visual-token compression against PyTorch CPU doing the same work the usual way, in one run.
 
-    python benches/bench_compress.py [--quick]
+    python benches/bench_compress.py [--quick] [--threads N]
 
 Cases (Qwen2-VL-7B sizes: a 1008 x 1008 image is a 36 x 36 grid of 3584-wide tokens after the
 2x2 merge; 28 query heads, 4 kv heads, head_dim 128):
@@ -13,15 +13,21 @@ Cases (Qwen2-VL-7B sizes: a 1008 x 1008 image is a 36 x 36 grid of 3584-wide tok
 - merge: ToMe-style merge of the 972 dropped tokens into the 324 kept ones, torch normalise +
   matmul + argmax + ``index_add_``.
 
-Each figure is the median wall time of many calls; "GB/s" counts the bytes the operation must
-read and write at least once, "of memcpy" divides that by this machine's copy bandwidth measured
-in the same run (``memcpy_bandwidth()``). Results go to ``benches/results/compress-cpu.json``.
+The implementations of a case are timed in interleaved rounds (torch, ours, torch, ours, ...)
+so that both see the same machine load; "ms" is the median wall time per call, "best ms" the
+fastest call. "GB/s" counts the bytes the operation must read and write at least once, "of
+memcpy" divides that by this machine's copy bandwidth measured in the same run
+(``memcpy_bandwidth()``). The load average before and after the run is recorded with the results
+in ``benches/results/compress-cpu.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, memcpy_bandwidth, time_call, write_results  # noqa: E402
+from _common import markdown_table, memcpy_bandwidth, write_results  # noqa: E402
 
 import tvc_rs  # noqa: E402
 
@@ -74,31 +80,55 @@ def torch_merge(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return sums / sizes[:, None]
 
 
-def row(op, shape, impl, seconds, nbytes, bandwidth, baseline=None):
-    out = {
-        "op": op,
-        "shape": shape,
-        "impl": impl,
-        "ms": seconds * 1e3,
-        "GB/s": nbytes / seconds / 1e9,
-        "of memcpy": nbytes / seconds / bandwidth,
-    }
-    if baseline is not None:
-        out["speedup vs torch"] = baseline / seconds
-    return out
+def compare(fns: dict, *, rounds: int, calls: int) -> dict:
+    """Per implementation: (median, best) seconds per call, measured in interleaved rounds."""
+    samples: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def case_rows(op, shape, timings: dict, nbytes: int, bandwidth: float) -> list[dict]:
+    """Table rows of one case; the first implementation is the torch baseline."""
+    baseline = next(iter(timings.values()))[0]
+    rows = []
+    for i, (impl, (median, best)) in enumerate(timings.items()):
+        out = {
+            "op": op,
+            "shape": shape,
+            "impl": impl,
+            "ms": median * 1e3,
+            "best ms": best * 1e3,
+            "GB/s": nbytes / median / 1e9,
+            "of memcpy": nbytes / median / bandwidth,
+        }
+        if i > 0:
+            out["speedup vs torch"] = baseline / median
+        rows.append(out)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, help="threads for both torch and tvc_rs (default: all cores)")
     args = parser.parse_args()
-    repeat = 5 if args.quick else 30
-    min_seconds = 0.05 if args.quick else 0.5
-
-    def timed(fn):
-        return time_call(fn, repeat=repeat, min_seconds=min_seconds)
+    if args.threads:
+        # tvc_rs's rayon pool starts at its first parallel call and reads this then.
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    fast = dict(rounds=5 if args.quick else 20, calls=5 if args.quick else 20)
+    slow = dict(rounds=2 if args.quick else 5, calls=1 if args.quick else 2)
 
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     bandwidth = memcpy_bandwidth()
     rows: list[dict] = []
     grid = [(1, H, W)]
@@ -106,34 +136,28 @@ def main() -> None:
     # --- pooling
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(TOKENS, DIM).to(dtype)
-        esize = x.element_size()
         ours, _ = tvc_rs.pool_visual_tokens(x, grid, 4)
         torch.testing.assert_close(ours.float(), torch_pool_channels_last(x, 4).float(), rtol=1e-2, atol=1e-2)
-        nbytes = (TOKENS + ours.shape[0]) * DIM * esize
-        shape = f"{H}x{W}x{DIM} {str(dtype)[6:]}, 4x4"
-        base = timed(lambda: torch_pool_channels_last(x, 4))
-        rows.append(row("pool", shape, "torch avg_pool2d (channels-last view)", base, nbytes, bandwidth))
+        nbytes = (TOKENS + ours.shape[0]) * DIM * x.element_size()
+        fns = {"torch avg_pool2d (channels-last view)": lambda: torch_pool_channels_last(x, 4)}
         if dtype == torch.float32:
-            rows.append(
-                row("pool", shape, "torch avg_pool2d (channels-first copy)",
-                    timed(lambda: torch_pool_channels_first(x, 4)), nbytes, bandwidth, base)
-            )
-        rows.append(row("pool", shape, "tvc_rs.pool_visual_tokens",
-                        timed(lambda: tvc_rs.pool_visual_tokens(x, grid, 4)), nbytes, bandwidth, base))
+            fns["torch avg_pool2d (channels-first copy)"] = lambda: torch_pool_channels_first(x, 4)
+        fns["tvc_rs.pool_visual_tokens"] = lambda: tvc_rs.pool_visual_tokens(x, grid, 4)
+        shape = f"{H}x{W}x{DIM} {str(dtype)[6:]}, 4x4"
+        rows += case_rows("pool", shape, compare(fns, **fast), nbytes, bandwidth)
 
     # --- pruning
     x = torch.randn(TOKENS, DIM)
     scores = torch.rand(TOKENS)
     assert torch.equal(tvc_rs.prune_visual_tokens(x, scores=scores, keep=KEEP).tokens, torch_prune(x, scores, KEEP))
-    nbytes = 2 * KEEP * DIM * 4 + TOKENS * 4
-    shape = f"keep {KEEP} of {TOKENS}x{DIM} f32"
-    base = timed(lambda: torch_prune(x, scores, KEEP))
-    rows.append(row("prune", shape, "torch topk + sort + index_select", base, nbytes, bandwidth))
-    rows.append(row("prune", shape, "tvc_rs.prune_visual_tokens(scores=, keep=)",
-                    timed(lambda: tvc_rs.prune_visual_tokens(x, scores=scores, keep=KEEP)), nbytes, bandwidth, base))
     indices = torch_prune(torch.arange(TOKENS)[:, None], scores, KEEP)[:, 0]
-    rows.append(row("prune", shape, "tvc_rs.prune_visual_tokens(indices)",
-                    timed(lambda: tvc_rs.prune_visual_tokens(x, indices)), nbytes, bandwidth, base))
+    nbytes = 2 * KEEP * DIM * 4 + TOKENS * 4
+    fns = {
+        "torch topk + sort + index_select": lambda: torch_prune(x, scores, KEEP),
+        "tvc_rs.prune_visual_tokens(scores=, keep=)": lambda: tvc_rs.prune_visual_tokens(x, scores=scores, keep=KEEP),
+        "tvc_rs.prune_visual_tokens(indices)": lambda: tvc_rs.prune_visual_tokens(x, indices),
+    }
+    rows += case_rows("prune", f"keep {KEEP} of {TOKENS}x{DIM} f32", compare(fns, **fast), nbytes, bandwidth)
 
     # --- scores
     for q_tokens in (1, 64):
@@ -141,27 +165,39 @@ def main() -> None:
         k = torch.randn(TOKENS, 4, 128)
         torch.testing.assert_close(tvc_rs.visual_token_scores(q, k), torch_scores(q, k), rtol=1e-4, atol=1e-7)
         nbytes = (q.numel() + k.numel() + TOKENS) * 4
+        fns = {
+            "torch matmul + softmax + mean": lambda: torch_scores(q, k),
+            "tvc_rs.visual_token_scores": lambda: tvc_rs.visual_token_scores(q, k),
+        }
         shape = f"q {q_tokens}x28x128, k {TOKENS}x4x128 f32"
-        base = timed(lambda: torch_scores(q, k))
-        rows.append(row("scores", shape, "torch matmul + softmax + mean", base, nbytes, bandwidth))
-        rows.append(row("scores", shape, "tvc_rs.visual_token_scores",
-                        timed(lambda: tvc_rs.visual_token_scores(q, k)), nbytes, bandwidth, base))
+        rows += case_rows("scores", shape, compare(fns, **(fast if q_tokens == 1 else slow)), nbytes, bandwidth)
 
     # --- merging
-    kept = indices
-    torch.testing.assert_close(tvc_rs.prune_visual_tokens(x, kept, merge=True).tokens, torch_merge(x, kept), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        tvc_rs.prune_visual_tokens(x, indices, merge=True).tokens, torch_merge(x, indices), rtol=1e-4, atol=1e-5
+    )
     nbytes = (TOKENS + KEEP) * DIM * 4
-    shape = f"{TOKENS - KEEP} into {KEEP}, dim {DIM} f32"
-    slow = dict(repeat=3 if args.quick else 10, min_seconds=0.05 if args.quick else 1.0)
-    base = time_call(lambda: torch_merge(x, kept), **slow)
-    rows.append(row("merge", shape, "torch normalize + matmul + argmax + index_add_", base, nbytes, bandwidth))
-    rows.append(row("merge", shape, "tvc_rs.prune_visual_tokens(merge=True)",
-                    time_call(lambda: tvc_rs.prune_visual_tokens(x, kept, merge=True), **slow), nbytes, bandwidth, base))
+    fns = {
+        "torch normalize + matmul + argmax + index_add_": lambda: torch_merge(x, indices),
+        "tvc_rs.prune_visual_tokens(merge=True)": lambda: tvc_rs.prune_visual_tokens(x, indices, merge=True),
+    }
+    rows += case_rows("merge", f"{TOKENS - KEEP} into {KEEP}, dim {DIM} f32", compare(fns, **slow), nbytes, bandwidth)
+    load_after = os.getloadavg()
 
-    columns = ["op", "shape", "impl", "ms", "GB/s", "of memcpy", "speedup vs torch"]
-    print(f"memcpy bandwidth: {bandwidth / 1e9:.1f} GB/s; torch threads: {torch.get_num_threads()}\n")
+    columns = ["op", "shape", "impl", "ms", "best ms", "GB/s", "of memcpy", "speedup vs torch"]
+    print(
+        f"memcpy bandwidth: {bandwidth / 1e9:.1f} GB/s; torch threads: {torch.get_num_threads()}; "
+        f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}\n"
+    )
     print(markdown_table(rows, columns))
-    path = write_results("compress-cpu", rows, memcpy_bandwidth_GBps=bandwidth / 1e9, command="python benches/bench_compress.py")
+    path = write_results(
+        "compress-cpu" if not args.threads else f"compress-cpu-{args.threads}-threads",
+        rows,
+        command="python benches/bench_compress.py" + (f" --threads {args.threads}" if args.threads else ""),
+        memcpy_bandwidth_GBps=bandwidth / 1e9,
+        load_average_before=load_before,
+        load_average_after=load_after,
+    )
     print(f"\nwritten to {path}")
 
 

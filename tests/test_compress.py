@@ -223,6 +223,14 @@ def test_pool_grid_thw_kinds():
         assert torch.equal(pooled, results[0][0]) and grid.tolist() == [[1, 2, 3]]
 
 
+def test_readonly_numpy_inputs_are_read():
+    x = rng(4).standard_normal((12, 6)).astype(np.float32)
+    x.flags.writeable = False
+    pooled, _ = pool_visual_tokens(x, [(1, 3, 4)], 2)
+    assert_close(pooled, pool_reference(x.astype(np.float64), [(1, 3, 4)], 2, 2)[0], np.float32)
+    np.testing.assert_array_equal(prune_visual_tokens(x, [1, 5]).tokens, x[[1, 5]])
+
+
 def test_pool_empty():
     pooled, grids = pool_visual_tokens(np.zeros((0, 8), np.float32), [], 4)
     assert pooled.shape == (0, 8) and grids.shape == (0, 3)

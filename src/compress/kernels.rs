@@ -322,6 +322,7 @@ fn matmul_nt_portable(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register tiles read best with explicit indices
 mod avx2 {
     use std::arch::x86_64::*;
 

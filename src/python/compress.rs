@@ -165,7 +165,7 @@ fn select_tokens<'py>(
     let scores = scores_arg(scores)?;
     let budget = budget_arg(keep, ratio, mass)?;
     let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;
-    let kept = compress::select_tokens(&scores, budget, min_keep, max_keep)?;
+    let kept = py.detach(|| compress::select_tokens(&scores, budget, min_keep, max_keep))?;
     let kept: Vec<i64> = kept.into_iter().map(|i| i as i64).collect();
     let count = kept.len();
     buffer(py, OwnedTensor::new(kept, vec![count])?)
