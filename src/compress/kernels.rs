@@ -32,17 +32,32 @@ pub(crate) fn to_f32_slice<T: Float>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// The CPU can run the AVX2 + FMA versions (cached by `std` after the first call).
+/// The CPU can run the AVX2 + FMA + F16C versions (cached by `std` after the first call).
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// `out[i] = scale * sum over rows of rows[r][i]` (every row at least `out.len()` long).
+pub(crate) fn mean_of_rows<T: Float>(rows: &[&[T]], scale: f32, acc: &mut [f32], scratch: &mut [f32], out: &mut [MaybeUninit<T>]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() && [TypeId::of::<f32>(), TypeId::of::<f16>(), TypeId::of::<bf16>()].contains(&TypeId::of::<T>()) {
+            // SAFETY: the CPU has AVX2, FMA and F16C; T is one of the types `load8` reads.
+            return unsafe { avx2::mean_of_rows(rows, scale, out) };
+        }
+    }
+    sum_rows(acc, rows, true, scratch);
+    write_scaled(out, acc, scale);
 }
 
 /// `acc[i] = (init ? 0 : acc[i]) + sum over rows of rows[r][i]` for up to 4 rows at a time
@@ -51,6 +66,12 @@ pub(crate) fn has_avx2_fma() -> bool {
 #[inline(always)]
 pub(crate) fn sum_rows<T: Float>(acc: &mut [f32], rows: &[&[T]], init: bool, scratch: &mut [f32]) {
     let len = acc.len();
+    if init && rows.is_empty() {
+        acc.fill(0.0);
+    }
+    if len == 0 {
+        return;
+    }
     let mut first = init;
     for group in rows.chunks(4) {
         if TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<bf16>() {
@@ -324,9 +345,14 @@ fn matmul_nt_portable(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // register tiles read best with explicit indices
 mod avx2 {
+    use std::any::TypeId;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use half::{bf16, f16};
 
     use super::{K_BLOCK, N_BLOCK};
+    use crate::dtype::Float;
 
     /// Rows of `a` and of `b` per register tile: 4 x 3 accumulators of 8 lanes (12 of the 16
     /// ymm registers), 7 loads per 12 FMAs.
@@ -409,6 +435,74 @@ mod avx2 {
         }
     }
 
+    /// Eight elements of `T` (f32, f16 or bf16) at `ptr` as f32 lanes.
+    #[inline(always)]
+    unsafe fn load8<T: Float>(ptr: *const T) -> __m256 {
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            _mm256_loadu_ps(ptr as *const f32)
+        } else if TypeId::of::<T>() == TypeId::of::<bf16>() {
+            let half = _mm_loadu_si128(ptr as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16))
+        } else {
+            debug_assert!(TypeId::of::<T>() == TypeId::of::<f16>());
+            _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i))
+        }
+    }
+
+    /// `out[i] = scale * sum over rows of rows[r][i]`, every row of `out.len()` elements:
+    /// 64 columns at a time summed over all rows in eight registers, so nothing but the
+    /// inputs and the output ever touches memory.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn mean_of_rows<T: Float>(rows: &[&[T]], scale: f32, out: &mut [MaybeUninit<T>]) {
+        let len = out.len();
+        for row in rows {
+            assert!(row.len() >= len);
+        }
+        let scale_v = _mm256_set1_ps(scale);
+        let mut buffer = [0f32; 64];
+        let mut c = 0;
+        while c + 64 <= len {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for row in rows {
+                let ptr = row.as_ptr().add(c);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, load8(ptr.add(8 * j)));
+                }
+            }
+            store_chunk(&acc, scale_v, &mut buffer, &mut out[c..c + 64]);
+            c += 64;
+        }
+        while c + 8 <= len {
+            let mut acc = _mm256_setzero_ps();
+            for row in rows {
+                acc = _mm256_add_ps(acc, load8(row.as_ptr().add(c)));
+            }
+            store_chunk(&[acc], scale_v, &mut buffer, &mut out[c..c + 8]);
+            c += 8;
+        }
+        for i in c..len {
+            let sum: f32 = rows.iter().map(|row| row[i].to_f32()).sum();
+            out[i].write(T::from_f32(sum * scale));
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_chunk<T: Float>(acc: &[__m256], scale: __m256, buffer: &mut [f32; 64], out: &mut [MaybeUninit<T>]) {
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            let dst = out.as_mut_ptr() as *mut f32;
+            for (j, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(8 * j), _mm256_mul_ps(*a, scale));
+            }
+        } else {
+            for (j, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(buffer.as_mut_ptr().add(8 * j), _mm256_mul_ps(*a, scale));
+            }
+            for (o, &v) in out.iter_mut().zip(buffer.iter()) {
+                o.write(T::from_f32(v));
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn horizontal_sum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -451,6 +545,47 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(100.0), f32::INFINITY);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// Both builds of the window mean (AVX2 where the CPU has it, and the portable one) against
+    /// an f64 sum, for every dtype and lengths around the 64- and 8-column blocks.
+    #[test]
+    fn mean_of_rows_matches_f64() {
+        fn check<T: Float>() {
+            for &(count, len) in &[(1, 1), (3, 7), (16, 64), (5, 71), (4, 200), (9, 3584 + 13), (2, 0)] {
+                let rows: Vec<Vec<T>> = (0..count)
+                    .map(|r| (0..len).map(|i| T::from_f32(((i * 31 + r * 17) % 23) as f32 / 7.0 - 1.5)).collect())
+                    .collect();
+                let views: Vec<&[T]> = rows.iter().map(|r| r.as_slice()).collect();
+                let scale = 1.0 / count as f32;
+                let want: Vec<f64> = (0..len)
+                    .map(|i| views.iter().map(|r| r[i].to_f32() as f64).sum::<f64>() * scale as f64)
+                    .collect();
+                let (mut acc, mut scratch) = (vec![0f32; len], vec![0f32; 4 * len]);
+                for portable in [false, true] {
+                    let mut out: Vec<MaybeUninit<T>> = (0..len).map(|_| MaybeUninit::uninit()).collect();
+                    if portable {
+                        sum_rows(&mut acc, &views, true, &mut scratch);
+                        write_scaled(&mut out, &acc, scale);
+                    } else {
+                        mean_of_rows(&views, scale, &mut acc, &mut scratch, &mut out);
+                    }
+                    for (i, o) in out.iter().enumerate() {
+                        // SAFETY: every element was written above.
+                        let got = unsafe { o.assume_init() }.to_f32() as f64;
+                        let tol = match T::DTYPE {
+                            crate::dtype::DType::F32 => 1e-5,
+                            crate::dtype::DType::F16 => 2e-3,
+                            _ => 1e-2,
+                        };
+                        assert!((got - want[i]).abs() <= tol * (1.0 + want[i].abs()), "{i}: {got} vs {}", want[i]);
+                    }
+                }
+            }
+        }
+        check::<f32>();
+        check::<f16>();
+        check::<bf16>();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::compress::grid::{check_grid_list, Grid};
 use std::mem::MaybeUninit;
 
-use crate::compress::kernels::{has_avx2_fma, par_rows_init, sum_rows, write_scaled};
+use crate::compress::kernels::{mean_of_rows, par_rows_init};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::tensor::Strided;
@@ -75,40 +75,8 @@ pub fn pool_visual_tokens<T: Float>(x: &Strided<'_, T>, grids: &[Grid], kh: usiz
     Ok((pooled, new_grids))
 }
 
-/// Average of one window into `out`, with the AVX2 build of the loops where the CPU has it.
+/// Average of one window into `out`.
 fn pool_window<'a, T: Float>(
-    x: &'a Strided<'_, T>,
-    window: Window,
-    acc: &mut [f32],
-    scratch: &mut [f32],
-    rows: &mut Vec<&'a [T]>,
-    out: &mut [MaybeUninit<T>],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { pool_window_avx2(x, window, acc, scratch, rows, out) };
-        }
-    }
-    pool_window_impl(x, window, acc, scratch, rows, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pool_window_avx2<'a, T: Float>(
-    x: &'a Strided<'_, T>,
-    window: Window,
-    acc: &mut [f32],
-    scratch: &mut [f32],
-    rows: &mut Vec<&'a [T]>,
-    out: &mut [MaybeUninit<T>],
-) {
-    pool_window_impl(x, window, acc, scratch, rows, out)
-}
-
-#[inline(always)]
-fn pool_window_impl<'a, T: Float>(
     x: &'a Strided<'_, T>,
     window: Window,
     acc: &mut [f32],
@@ -121,6 +89,5 @@ fn pool_window_impl<'a, T: Float>(
         let row_start = window.start + r * window.row_step;
         rows.extend((row_start..row_start + window.cols).map(|token| x.row(token)));
     }
-    sum_rows(acc, rows, true, scratch);
-    write_scaled(out, acc, 1.0 / (window.rows * window.cols) as f32);
+    mean_of_rows(rows, 1.0 / (window.rows * window.cols) as f32, acc, scratch, out);
 }
