@@ -584,6 +584,42 @@ impl<'a> TensorView<'a> {
         }
     }
 
+    /// A writable view whose lanes (last axis) are slices, for writing in place (e.g. into a
+    /// KV cache slice): CPU, dtype `T`, writable, last axis contiguous, non-negative strides,
+    /// aligned, and no two elements sharing memory. Anything else is refused naming the
+    /// argument (writes cannot go through a copy).
+    pub fn strided_mut<T: Element>(&mut self) -> Result<StridedMut<'_, T>> {
+        self.check_element::<T>()?;
+        self.expect_writable()?;
+        let strides = self.borrowable_strides::<T>().ok_or_else(|| {
+            value_err!(
+                "{}: expected a tensor whose last axis is contiguous (stride 1) and whose strides are \
+                 non-negative to write into, got strides {} (in elements) for shape {}",
+                self.name,
+                tuple_str(&self.strides),
+                self.shape_str()
+            )
+        })?;
+        if !self.is_non_overlapping() {
+            return Err(value_err!(
+                "{}: cannot write into a tensor whose elements share memory (strides {} for shape {})",
+                self.name,
+                tuple_str(&self.strides),
+                self.shape_str()
+            ));
+        }
+        Ok(StridedMut {
+            ptr: self.ptr as *mut T,
+            shape: self.shape.clone(),
+            strides: if self.numel() == 0 {
+                vec![0; self.ndim()]
+            } else {
+                strides
+            },
+            _borrow: PhantomData,
+        })
+    }
+
     /// Like [`TensorView::strided`], but refuses (naming the argument) instead of copying.
     pub fn strided_no_copy<T: Element>(&self) -> Result<Strided<'_, T>> {
         self.check_element::<T>()?;
@@ -686,6 +722,87 @@ fn check_len(name: &str, len: usize, shape: &[usize]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A writable CPU tensor of `T` whose lanes (last axis) are disjoint slices; made by
+/// [`TensorView::strided_mut`], which checked that no two elements share memory.
+pub struct StridedMut<'a, T> {
+    ptr: *mut T,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a StridedMut is an exclusive borrow of its elements, like `&mut [T]`.
+unsafe impl<T: Send> Send for StridedMut<'_, T> {}
+unsafe impl<T: Sync> Sync for StridedMut<'_, T> {}
+
+impl<T: Copy> StridedMut<'_, T> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    /// Number of lanes: the product of every dimension but the last.
+    pub fn lanes(&self) -> usize {
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
+    }
+
+    fn lane_offset(&self, mut lane: usize) -> usize {
+        let outer = self.shape.len().saturating_sub(1);
+        let mut offset = 0;
+        for axis in (0..outer).rev() {
+            offset += (lane % self.shape[axis]) * self.strides[axis];
+            lane /= self.shape[axis];
+        }
+        offset
+    }
+
+    fn lane_len(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    /// Lane number `lane` (row-major over the outer dimensions), for reading.
+    pub fn lane(&self, lane: usize) -> &[T] {
+        assert!(lane < self.lanes(), "lane {lane} out of range");
+        // SAFETY: in range; the elements are borrowed for the view's lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(self.lane_offset(lane)), self.lane_len()) }
+    }
+
+    /// Lane number `lane`, for writing.
+    pub fn lane_mut(&mut self, lane: usize) -> &mut [T] {
+        assert!(lane < self.lanes(), "lane {lane} out of range");
+        // SAFETY: as in `lane`, and `&mut self` is exclusive.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(self.lane_offset(lane)), self.lane_len())
+        }
+    }
+
+    /// `f(lane, slice)` for every lane, in parallel (rayon); lanes are disjoint.
+    pub fn par_for_each_lane<F>(&mut self, f: F)
+    where
+        T: Send + Sync,
+        F: Fn(usize, &mut [T]) + Sync + Send,
+    {
+        use rayon::prelude::*;
+        if self.lane_len() == 0 {
+            return;
+        }
+        let this = &*self;
+        (0..this.lanes()).into_par_iter().for_each(|lane| {
+            // SAFETY: lanes are disjoint (checked by `strided_mut`), so each task owns its slice.
+            let slice = unsafe {
+                std::slice::from_raw_parts_mut(
+                    this.ptr.add(this.lane_offset(lane)),
+                    this.lane_len(),
+                )
+            };
+            f(lane, slice)
+        });
+    }
 }
 
 /// A CPU tensor of `T` whose last axis is contiguous: each lane (all indices but the last

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use tvc_rs::dtype::DType;
 use tvc_rs::tensor::{Device, OwnedTensor, Strided, TensorView};
+
 use tvc_rs::Error;
 
 fn raw_view<'a>(
@@ -235,4 +236,69 @@ fn owned_tensors_view_their_elements() {
     );
     assert!(owned.as_slice::<f32>().is_none());
     assert!(OwnedTensor::new(vec![1f32], vec![2]).is_err());
+}
+
+#[test]
+fn strided_mut_writes_lanes_in_place() {
+    // Write into x[:, 1:3, :] of a [2, 4, 3] tensor, in parallel and lane by lane.
+    let mut data = vec![0f32; 24];
+    {
+        // SAFETY: the view stays inside `data`, which it borrows mutably.
+        let mut view = unsafe {
+            TensorView::from_raw_parts(
+                "cache",
+                data.as_mut_ptr().add(3) as *mut u8,
+                DType::F32,
+                vec![2, 2, 3],
+                vec![12, 3, 1],
+                Device::Cpu,
+                false,
+                true,
+            )
+        };
+        let mut lanes = view.strided_mut::<f32>().unwrap();
+        assert_eq!(lanes.lanes(), 4);
+        lanes.par_for_each_lane(|lane, out| out.iter_mut().for_each(|v| *v = lane as f32 + 1.0));
+        lanes.lane_mut(3)[2] = 9.0;
+        assert_eq!(lanes.lane(3), &[4.0, 4.0, 9.0]);
+    }
+    let want = [
+        0., 0., 0., 1., 1., 1., 2., 2., 2., 0., 0., 0., 0., 0., 0., 3., 3., 3., 4., 4., 9., 0., 0.,
+        0.,
+    ];
+    assert_eq!(data, want);
+    // Read-only, overlapping and transposed views are refused.
+    let mut shared = TensorView::from_slice("cache", &data, &[24]).unwrap();
+    assert!(shared.strided_mut::<f32>().is_err());
+    // SAFETY: in bounds.
+    let mut overlapping = unsafe {
+        TensorView::from_raw_parts(
+            "cache",
+            data.as_mut_ptr() as *mut u8,
+            DType::F32,
+            vec![4, 4],
+            vec![1, 1],
+            Device::Cpu,
+            false,
+            true,
+        )
+    };
+    assert!(
+        matches!(overlapping.strided_mut::<f32>(), Err(Error::Value(m)) if m.contains("share memory"))
+    );
+    let mut transposed = unsafe {
+        TensorView::from_raw_parts(
+            "cache",
+            data.as_mut_ptr() as *mut u8,
+            DType::F32,
+            vec![4, 6],
+            vec![1, 4],
+            Device::Cpu,
+            false,
+            true,
+        )
+    };
+    assert!(
+        matches!(transposed.strided_mut::<f32>(), Err(Error::Value(m)) if m.starts_with("cache: expected a tensor whose last axis is contiguous"))
+    );
 }
