@@ -407,6 +407,8 @@ class _Recorded:
         return done
 
     def __getattr__(self, name: str) -> Any:  # e.g. eos_token_id, which generate looks for
+        if name == "_inner":  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
