@@ -44,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # noqa: E402
 
-import tvc_rs  # noqa: E402
 from tvc_rs import PVCConfig, PVCSchedule, hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -345,7 +345,7 @@ def test_append_logits_equal_one_fresh_forward(model_dirs, clevr, family, pool):
     out, pos = reference_forward(model, torch.tensor(ids), [(feats, None), (pooled, None), (pooled, None)], grids_patch=patch)
     assert torch.equal(result.position_ids, pos)
     # Where each generated token sits in the sequence; its logits came from the token before.
-    at, index, last = [], len(inputs["input_ids"][0]), 0
+    at, index = [], len(inputs["input_ids"][0])
     extra = len(bridge_ids(processor)) + pooled.shape[0] + 2
     for j in range(len(result.token_ids)):
         at.append(index)

@@ -490,7 +490,6 @@ class PVCSession:
         self.model = model
         self.processor = processor
         self.config = config
-        self.prune = config.prune_spec
         self.tokenizer = getattr(processor, "tokenizer", None)
         if self.tokenizer is None:
             raise TypeError(f"processor must be a Qwen2-VL-family processor with a tokenizer, got {type(processor).__name__}")
@@ -518,6 +517,15 @@ class PVCSession:
         if ids.shape[0] != 1:
             raise ValueError(f"one question at a time: the processor returned a batch of {ids.shape[0]}")
         grids = inputs["image_grid_thw"].cpu()
+        k = config.pool
+        if self.prune is None and k > 1:  # checked before the vision tower runs
+            for i, (_, h, w) in enumerate(grids.tolist()):
+                h, w = h // self.merge, w // self.merge
+                if k > h or k > w:
+                    raise ValueError(
+                        f"pool = {k} is larger than the merged grid of images[{i}] ({h} x {w} tokens); "
+                        f"use a factor <= {min(h, w)} or pool=1"
+                    )
         with torch.no_grad():
             pixels = inputs["pixel_values"].to(self.device)
             out = model.model.get_image_features(pixels, grids.to(self.device))
@@ -529,14 +537,6 @@ class PVCSession:
             if merged[0] * merged[1] * merged[2] != feats.shape[0]:
                 raise ValueError(f"images[{i}]: {feats.shape[0]} features for a {merged} grid")
             self.images.append((merged, feats))
-        k = config.pool
-        if self.prune is None and k > 1:
-            for i, ((t, h, w), _) in enumerate(self.images):
-                if k > h or k > w:
-                    raise ValueError(
-                        f"pool = {k} is larger than the merged grid of images[{i}] ({h} x {w} tokens); "
-                        f"use a factor <= {min(h, w)} or pool=1"
-                    )
         self.blocks = self._prompt_blocks(ids[0].tolist())
         self.prompt_length = int(ids.shape[1])
         self.layout = self._layout(self.blocks)
@@ -546,9 +546,11 @@ class PVCSession:
         self.generated: list = []
         self.transcript: list = []  # ("text" | "bridge", ids) in the order the model saw them
         self.records: list = []
-        self._pooled: Optional[list] = None
-        self._hooks_active = False
-        self.on_step: Optional[Callable] = None  # visual_attention_curve's recorder
+        self._pooled: dict = {}  # pool factor -> pooled images (computed once)
+
+    @property
+    def prune(self) -> Optional[dict]:
+        return self.config.prune_spec
 
     # ------------------------------------------------------------ layout helpers
 
@@ -647,7 +649,6 @@ class PVCSession:
 
     def _embeds(self, layout: _Layout, a: int, b: int) -> Any:
         """inputs_embeds ``[1, b - a, hidden]`` of layout positions ``a .. b``."""
-        torch = _torch()
         emb = self.embed(layout.ids[a:b].to(self.device))
         for start, end, block in layout.spans:
             lo, hi = max(start + 1, a), min(end - 1, b)
@@ -698,9 +699,8 @@ class PVCSession:
     # ------------------------------------------------------------ compression
 
     def _pooled_images(self) -> list:
-        if self._pooled is None:
-            torch = _torch()
-            k = self.config.pool
+        k = self.config.pool
+        if k not in self._pooled:
             out = []
             for i, (grid, feats) in enumerate(self.images):
                 if k == 1:
@@ -711,13 +711,12 @@ class PVCSession:
                 tokens = pooled.tokens.to(self.dtype).to(self.device)
                 new_grid = tuple(int(v) for v in pooled.grid_thw[0])
                 out.append(_Image(i, new_grid, tokens, injected=True))
-            self._pooled = out
-        return self._pooled
+            self._pooled[k] = out
+        return self._pooled[k]
 
     def _probe_queries(self) -> dict:
         """Queries (after RoPE) of the pending token at the scoring layer(s): ``{layer: [heads, d]}``.
         The pending token is run once and its cache entry dropped again."""
-        torch = _torch()
         layers = self.text_model.layers
         chosen = self.prune.get("layer")
         wanted = range(len(layers)) if chosen is None else [chosen % len(layers)]
@@ -747,7 +746,6 @@ class PVCSession:
 
     def _pruned_images(self) -> list:
         """Per question image, its newest copy in the cache pruned by the pending token's attention."""
-        torch = _torch()
         queries = self._probe_queries()
         spec = self.prune
         # Score the full image while it is in the cache (append mode), else its newest copy.
@@ -756,7 +754,7 @@ class PVCSession:
             if block.source not in latest or latest[block.source][2].kept is not None:
                 latest[block.source] = (start, end, block)
         out = []
-        for source, (grid, feats) in enumerate(self.images):
+        for source, (grid, _) in enumerate(self.images):
             start, end, block = latest[source]
             scores = None
             for index, q in queries.items():
@@ -798,7 +796,6 @@ class PVCSession:
     def _evict_images(self) -> int:
         """kv mode: drop every image block from the cache, re-rotating what follows to the
         positions of the sequence without them. Returns the entries dropped."""
-        torch = _torch()
         cached = len(self.layout.ids) - 1
         dropped = 0
         blocks = list(self.blocks)
@@ -1154,7 +1151,6 @@ def visual_attention_curve(
     (mean over heads); its mass on image tokens (the prompt's and any re-injected copies) is the
     share. Arguments as ``generate``; greedy decoding unless sampling settings are given.
     """
-    torch = _torch()
     plain = config is None
     if plain:
         config = PVCConfig(schedule=PVCSchedule(max_calibrations=0))
