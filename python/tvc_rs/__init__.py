@@ -15,5 +15,6 @@ from tvc_rs.kv import *  # noqa: F401,F403
 from tvc_rs.dvr import *  # noqa: F401,F403
 
 from tvc_rs import compress, dvr, kv, pvc, rope, triggers
+from tvc_rs import hf  # transformers driver; imports torch / transformers only when used
 
 __all__ = ["__version__", *triggers.__all__, *pvc.__all__, *rope.__all__, *compress.__all__, *kv.__all__, *dvr.__all__]

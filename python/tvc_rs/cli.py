@@ -1,8 +1,12 @@
 """The `tvc-rs` command.
 
     tvc-rs scan [FILE ...]          reflection points and PVC calibrations of long-CoT traces
+    tvc-rs generate ...             answer a question about an image with PVC (a local transformers model)
+    tvc-rs diagnose ...             visual forgetting: attention on image tokens along the answer, with and without PVC
     tvc-rs dvr build IN -o OUT      long-CoT records to LLaMA-Factory sharegpt with re-affirmed images (DVR)
     tvc-rs train CONFIG.yaml        LLaMA-Factory training with the TVC plugin installed (every rank)
+
+Argument wiring only; the work is in `tvc_rs.hf`, `tvc_rs.dvr` and `tvc_rs.llamafactory`.
 """
 
 from __future__ import annotations
@@ -227,6 +231,208 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if data.bad else 0
 
 
+# ---------------------------------------------------------------- generate / diagnose
+
+
+def _prune_arg(text: str):
+    """"0.25" (a keep ratio) or "mass=0.9" / "keep=64" / "ratio=0.25,layer=2,merge=1"."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    spec: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--prune {text!r}: expected a ratio or key=value pairs")
+        key = key.strip()
+        if key in ("keep", "min_keep", "max_keep", "layer"):
+            spec[key] = int(value)
+        elif key == "merge":
+            spec[key] = value.strip().lower() in ("1", "true", "yes")
+        else:
+            spec[key] = float(value)
+    return spec
+
+
+def _pvc_config(args: argparse.Namespace):
+    import tvc_rs
+
+    schedule = tvc_rs.PVCSchedule(warmup=args.warmup, min_gap=args.min_gap,
+                                  max_calibrations=args.max_calibrations, period=args.period)
+    phrases = [p.strip() for p in args.phrases.split(",")] if args.phrases else None
+    return tvc_rs.PVCConfig(mode=args.mode, pool=args.pool, prune=args.prune, bridge=args.bridge,
+                            schedule=schedule, phrases=phrases)
+
+
+def _load_model(args: argparse.Namespace):
+    """(model, processor) from a local folder; ValueError with the reason if it is not a
+    Qwen2-VL-family model folder."""
+    from tvc_rs import hf
+
+    folder = Path(args.model)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {args.model}: no config.json there (expected a transformers model folder)")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in hf.SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"--model {args.model}: model_type {model_type!r} is not Qwen2-VL-family "
+                         f"(expected one of {', '.join(hf.SUPPORTED_MODEL_TYPES)})")
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2VLForConditionalGeneration if model_type == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"attn_implementation": args.attn} if args.attn else {}
+    model = cls.from_pretrained(folder, dtype=dtype, **extra).to(device).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict:
+    kwargs: dict = {"max_new_tokens": args.max_new_tokens}
+    if args.do_sample:
+        kwargs["do_sample"] = True
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
+    else:
+        kwargs["do_sample"] = False
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    return kwargs
+
+
+class _Progress:
+    """A transformers streamer that shows tokens, calibrations and speed on stderr."""
+
+    def __init__(self, enabled: bool, label: str = "generating"):
+        import time
+
+        self.enabled = enabled
+        self.label = label
+        self.tokens = 0
+        self.calibrations = 0
+        self.clock = time.perf_counter
+        self.start = self.clock()
+        self.last = 0.0
+
+    def put(self, value) -> None:
+        if value.dim() != 1:  # the prompt and bridge texts come as [1, n]; new tokens as [1]
+            return
+        self.tokens += int(value.numel())
+        self.show()
+
+    def calibrated(self, record) -> None:
+        self.calibrations += 1
+        self.show(force=True)
+
+    def show(self, force: bool = False) -> None:
+        now = self.clock()
+        if not self.enabled or (not force and now - self.last < 0.2):
+            return
+        self.last = now
+        rate = self.tokens / (now - self.start) if now > self.start else 0.0
+        sys.stderr.write(f"\r{self.label}: {self.tokens} tokens, {self.calibrations} calibrations, {rate:.1f} tok/s ")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            self.show(force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tvc_rs import hf
+
+    config = _pvc_config(args)
+    model, processor = _load_model(args)
+    progress = _Progress(not args.quiet)
+    result = hf.generate(model, processor, args.image, args.question, config=config, streamer=progress,
+                         on_calibration=progress.calibrated, **_generate_kwargs(args))
+    if args.json:
+        out = result.as_dict()
+        out["marked_text"] = result.marked_text()
+        out["config"] = {"mode": config.mode, "pool": config.pool, "prune": config.prune, "bridge": config.bridge,
+                         "schedule": {"warmup": config.schedule.warmup, "min_gap": config.schedule.min_gap,
+                                      "max_calibrations": config.schedule.max_calibrations,
+                                      "period": config.schedule.period}}
+        json.dump(out, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(result.marked_text())
+    print(f"tvc-rs generate: {len(result.token_ids)} tokens in {result.seconds:.1f} s "
+          f"({result.tokens_per_second:.1f} tok/s), {len(result.calibrations)} calibration(s) ({config.mode}), "
+          f"stopped by {result.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from tvc_rs import hf
+
+    config = _pvc_config(args)
+    model, processor = _load_model(args)
+    curves = []
+    for label, run_config in (("without PVC", None), (f"PVC ({config.mode})", config)):
+        progress = _Progress(not args.quiet, label)
+        kwargs = _generate_kwargs(args)
+        curves.append(hf.visual_attention_curve(model, processor, args.image, args.question, config=run_config,
+                                                label=label, streamer=progress, on_calibration=progress.calibrated,
+                                                **kwargs))
+    out = Path(args.out)
+    if out.suffix.lower() in (".csv", ".png"):
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".png")
+    hf.write_attention_csv(curves, csv_path)
+    layers = [int(x) for x in args.layers.split(",")]
+    try:
+        hf.plot_attention_curves(curves, png_path, layers=layers)
+        wrote = f"{csv_path} and {png_path}"
+    except ImportError as err:
+        print(f"tvc-rs diagnose: {err}; wrote the CSV only", file=sys.stderr)
+        wrote = str(csv_path)
+    print("share of attention on image tokens, mean over each eighth of the answer (1/8 ... 8/8):")
+    for curve in curves:
+        for layer in layers:
+            index = layer % curve.layers
+            parts = " ".join(f"{v:.3f}" for v in curve.by_fraction(8, index))
+            print(f"  {curve.label:<18} layer {index:>3}: {parts}   ({len(curve.calibrations)} calibrations)")
+    print(f"wrote {wrote}")
+    return 0
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local model folder (Qwen2-VL / Qwen2.5-VL / QVQ / TVC)")
+    p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--mode", choices=["relocate", "append", "kv"], default="relocate",
+                   help="relocate: the published method (re-encode); append: prefill on top; kv: evict and re-rotate")
+    p.add_argument("--pool", type=int, default=4, help="k x k pooling of the re-injected image (4, 2, 1 = none)")
+    p.add_argument("--prune", type=_prune_arg, default=None,
+                   help="prune by attention instead of pooling: a keep ratio (0.25) or mass=0.9 / keep=64 [,layer=N]")
+    p.add_argument("--bridge", default="Let me see the image again:", help="text put before the re-injected image")
+    p.add_argument("--phrases", help="comma-separated reflection phrases (default: tvc_rs.DEFAULT_PHRASES)")
+    p.add_argument("--warmup", type=int, default=0, help="no calibration before this many tokens")
+    p.add_argument("--min-gap", type=int, default=0, help="tokens between two calibrations, at least")
+    p.add_argument("--max-calibrations", type=int, default=None, help="calibrations per answer, at most")
+    p.add_argument("--period", type=int, default=None, help="calibrate every N tokens without a trigger")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--attn", help="attention implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--quiet", action="store_true", help="no progress indicator on stderr")
+
+
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--context", type=int, default=30, help="characters of context around each hit")
     scan.add_argument("--json", action="store_true", help="machine-readable output")
     scan.set_defaults(run=cmd_scan)
+
+    gen = sub.add_parser(
+        "generate", help="answer a question about an image with PVC (local transformers model)",
+        description="Run a local Qwen2-VL-family model on an image and a question with Periodic Visual "
+                    "Calibration: at reflection points the image is given again, compressed. Prints the answer "
+                    "with each calibration marked; progress on stderr. Exit status: 0 ok, 2 bad input.")
+    _add_model_arguments(gen)
+    gen.add_argument("--json", action="store_true", help="machine-readable output")
+    gen.set_defaults(run=cmd_generate)
+
+    diag = sub.add_parser(
+        "diagnose", help="visual forgetting: attention on image tokens along the answer, with and without PVC",
+        description="Generate twice (without and with PVC) with eager attention and record, at every generated "
+                    "token and layer, the share of attention on image tokens. Writes OUT.csv and OUT.png "
+                    "(matplotlib) and prints the mean share over each eighth of the answer.")
+    _add_model_arguments(diag)
+    diag.add_argument("--out", default="forgetting", help="output path prefix (default: forgetting)")
+    diag.add_argument("--layers", default="0,-1", help="layers to plot and summarise (default: first and last)")
+    diag.set_defaults(run=cmd_diagnose)
 
     dvr = sub.add_parser("dvr", help="Dynamic Visual Reaffirmation data (training)",
                          description="Dynamic Visual Reaffirmation: training data with the image given again at "

@@ -10,6 +10,7 @@ mod errors;
 mod kv;
 mod pvc;
 mod rope;
+pub(crate) mod tensor;
 mod triggers;
 
 #[pymodule]
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rope::register(m)?;
     compress::register(m)?;
     kv::register(m)?;
+    tensor::register(m)?;
     dvr::register(m)?;
     Ok(())
 }
