@@ -60,7 +60,10 @@ class ReflectionDetector:
         calibrations_made: int = 0,
         tokens_since_last: Optional[int] = None,
     ) -> ReflectionStream: ...
-    def batch(self, capacity: int) -> StreamBatch: ...
+    def batch(self, capacity: int, *, out_of_vocab: Literal["raise", "no_text"] = "raise") -> StreamBatch:
+        """``capacity`` slots. ``out_of_vocab``: a token id outside the vocabulary raises
+        IndexError ("raise") or counts as a generated token that decodes to no text
+        ("no_text": for models whose logits are wider than their tokenizer)."""
     def scan(self, texts: Sequence[str], schedule: Optional[PVCSchedule] = None) -> list[TextScan]:
         """Tokenize each text and watch it as if generated (in parallel)."""
 
@@ -105,6 +108,11 @@ class StreamBatch:
     def remove(self, slot: int) -> bool: ...
     def move(self, from_slot: int, to_slot: int) -> None: ...
     def swap(self, slot_a: int, slot_b: int) -> None: ...
+    @property
+    def out_of_vocab(self) -> Literal["raise", "no_text"]: ...
+    def feed(self, slot: int, tokens: TokenIds) -> list[Calibration]:
+        """Several tokens, in order, for the stream in ``slot``; the calibrations they make. Ids
+        are checked first; ValueError for an empty slot, IndexError for a bad id."""
     def is_active(self, slot: int) -> bool: ...
     def step(self, tokens: TokenIds) -> npt.NDArray[np.int32]:
         """``tokens[i]``: newest token of slot i (negative or empty slot: skipped). Returns the

@@ -140,6 +140,16 @@ impl Monitor {
         Ok(self.decide(index, first_new_hit))
     }
 
+    /// Feeds a token that decodes to no text (an id the tokenizer does not know, as a model
+    /// whose logits are wider than its tokenizer can sample): it counts as a generated token for
+    /// the schedule but leaves the decoded text, and so the trigger state, unchanged.
+    #[inline]
+    pub fn push_no_text(&mut self) -> Option<Calibration> {
+        let index = self.state.tokens;
+        self.before_last = self.state;
+        self.decide(index, None)
+    }
+
     /// Ends the text: a phrase at the very end becomes a hit (at the last token). Returns the
     /// calibration it would make, if the schedule allows one there.
     pub fn finish(&mut self, detector: &Detector) -> Option<Calibration> {
@@ -166,16 +176,46 @@ impl Monitor {
     }
 }
 
+/// What a batch does with a token id outside the tokenizer's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutOfVocab {
+    /// Refuse it (an index error, nothing changes).
+    #[default]
+    Raise,
+    /// Count it as a generated token that decodes to no text ([`Monitor::push_no_text`]), as
+    /// `tokenizers` drops ids it does not know when decoding.
+    NoText,
+}
+
 /// Monitors in numbered slots, fed one token per slot per decoding step.
 #[derive(Debug, Clone)]
 pub struct MonitorBatch {
     detector: Arc<Detector>,
     slots: Vec<Option<Monitor>>,
+    out_of_vocab: OutOfVocab,
 }
 
 impl MonitorBatch {
     pub fn new(detector: Arc<Detector>, capacity: usize) -> MonitorBatch {
-        MonitorBatch { detector, slots: vec![None; capacity] }
+        MonitorBatch::with_out_of_vocab(detector, capacity, OutOfVocab::Raise)
+    }
+
+    pub fn with_out_of_vocab(detector: Arc<Detector>, capacity: usize, out_of_vocab: OutOfVocab) -> MonitorBatch {
+        MonitorBatch { detector, slots: vec![None; capacity], out_of_vocab }
+    }
+
+    pub fn out_of_vocab(&self) -> OutOfVocab {
+        self.out_of_vocab
+    }
+
+    /// Feeds one token to `monitor`, following the batch's out-of-vocabulary rule (ids were
+    /// checked before when the rule is `Raise`).
+    #[inline]
+    fn push(detector: &Detector, out_of_vocab: OutOfVocab, monitor: &mut Monitor, token: i64) -> Result<Option<Calibration>> {
+        if out_of_vocab == OutOfVocab::NoText && detector.check_token(token).is_err() {
+            return Ok(monitor.push_no_text());
+        }
+        monitor.push(detector, token)
     }
 
     pub fn capacity(&self) -> usize {
@@ -248,25 +288,59 @@ impl MonitorBatch {
                 self.slots.len()
             ));
         }
-        for (slot, &token) in tokens.iter().enumerate() {
-            if token >= 0 && self.slots[slot].is_some() {
-                self.detector
-                    .check_token(token)
-                    .map_err(|e| crate::index_err!("tokens[{slot}]: {e}"))?;
+        if self.out_of_vocab == OutOfVocab::Raise {
+            for (slot, &token) in tokens.iter().enumerate() {
+                if token >= 0 && self.slots[slot].is_some() {
+                    self.detector
+                        .check_token(token)
+                        .map_err(|e| crate::index_err!("tokens[{slot}]: {e}"))?;
+                }
             }
         }
         let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
         for (slot, (&token, monitor)) in tokens.iter().zip(self.slots.iter_mut()).enumerate() {
             if token < 0 {
                 continue;
             }
             if let Some(monitor) = monitor {
-                if let Some(calibration) = monitor.push(detector, token)? {
+                if let Some(calibration) = Self::push(detector, out_of_vocab, monitor, token)? {
                     on_calibration(slot, calibration);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Feeds several tokens, in order, to the stream in `slot` (a request that joins the batch
+    /// with tokens already generated, or tokens a step did not show). Returns the calibrations
+    /// they make. Ids are checked before anything changes (under `OutOfVocab::Raise`); a
+    /// negative id is refused; an empty slot is an error.
+    pub fn feed(&mut self, slot: i64, tokens: &[i64]) -> Result<Vec<Calibration>> {
+        let index = self.check_slot(slot, "slot")?;
+        if self.slots[index].is_none() {
+            return Err(crate::value_err!("slot = {slot}: the slot holds no stream"));
+        }
+        for (i, &token) in tokens.iter().enumerate() {
+            if token < 0 {
+                return Err(crate::index_err!("tokens[{i}] = {token}: token ids must be >= 0"));
+            }
+            if self.out_of_vocab == OutOfVocab::Raise {
+                self.detector.check_token(token).map_err(|e| crate::index_err!("tokens[{i}]: {e}"))?;
+            }
+        }
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        let Some(monitor) = self.slots[index].as_mut() else {
+            return Err(crate::value_err!("slot = {slot}: the slot holds no stream"));
+        };
+        let mut made = Vec::new();
+        for &token in tokens {
+            if let Some(calibration) = Self::push(detector, out_of_vocab, monitor, token)? {
+                made.push(calibration);
+            }
+        }
+        Ok(made)
     }
 }
 

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
-use crate::pvc::{Monitor, MonitorBatch, Schedule, ScheduleState};
+use crate::pvc::{Monitor, MonitorBatch, OutOfVocab, Schedule, ScheduleState};
 use crate::triggers::{Detector, Hit as CoreHit, DEFAULT_PHRASES};
 
 /// A reflection phrase found in decoded text: `phrase` (as configured) matched the characters
@@ -208,11 +208,29 @@ impl ReflectionDetector {
     }
 
     /// Streams in `capacity` numbered slots, fed one token per slot per decoding step.
-    fn batch(&self, capacity: i64) -> PyResult<StreamBatch> {
+    ///
+    /// out_of_vocab: what a token id outside the tokenizer's vocabulary does: "raise" (an
+    /// IndexError, nothing changes) or "no_text" (it counts as a generated token that decodes to
+    /// no text, as `tokenizers` drops unknown ids; for models whose logits are wider than
+    /// their tokenizer).
+    #[pyo3(signature = (capacity, *, out_of_vocab="raise"))]
+    fn batch(&self, capacity: i64, out_of_vocab: &str) -> PyResult<StreamBatch> {
         if !(0..=1 << 24).contains(&capacity) {
             return Err(PyValueError::new_err(format!("capacity = {capacity}: must be between 0 and 16777216")));
         }
-        Ok(StreamBatch { inner: MonitorBatch::new(self.inner.clone(), capacity as usize), last: Vec::new() })
+        let out_of_vocab = match out_of_vocab {
+            "raise" => OutOfVocab::Raise,
+            "no_text" => OutOfVocab::NoText,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "out_of_vocab = {other:?}: expected \"raise\" or \"no_text\""
+                )))
+            }
+        };
+        Ok(StreamBatch {
+            inner: MonitorBatch::with_out_of_vocab(self.inner.clone(), capacity as usize, out_of_vocab),
+            last: Vec::new(),
+        })
     }
 
     /// Tokenizes each text and watches it as if it were generated, with `schedule`; returns a
@@ -397,6 +415,27 @@ impl StreamBatch {
         Ok(self.inner.swap(slot_a, slot_b)?)
     }
 
+    /// "raise" or "no_text": what a token id outside the vocabulary does (see
+    /// `ReflectionDetector.batch`).
+    #[getter]
+    fn out_of_vocab(&self) -> &'static str {
+        match self.inner.out_of_vocab() {
+            OutOfVocab::Raise => "raise",
+            OutOfVocab::NoText => "no_text",
+        }
+    }
+
+    /// Feeds several tokens, in order, to the stream in `slot` (a request that joins with
+    /// tokens already generated, or tokens that steps did not show); returns the calibrations
+    /// they make. Ids are checked before anything changes; an empty slot is a ValueError.
+    fn feed(&mut self, py: Python<'_>, slot: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+        let ids = token_ids(tokens, "tokens")?;
+        let inner = &mut self.inner;
+        let made = py.detach(|| inner.feed(slot, &ids))?;
+        let phrases = self.inner.detector().phrases();
+        Ok(made.iter().map(|c| Calibration::new(c, phrases)).collect())
+    }
+
     /// Whether `slot` holds a stream.
     fn is_active(&self, slot: i64) -> PyResult<bool> {
         Ok(self.inner.get(slot)?.is_some())
@@ -461,7 +500,7 @@ impl StreamBatch {
 
     fn __repr__(&self) -> String {
         let active = (0..self.inner.capacity()).filter(|&s| self.inner.is_active(s)).count();
-        format!("StreamBatch(capacity={}, active={active})", self.inner.capacity())
+        format!("StreamBatch(capacity={}, active={active}, out_of_vocab={:?})", self.inner.capacity(), self.out_of_vocab())
     }
 }
 

@@ -1,0 +1,121 @@
+"""`StreamBatch` options a serving engine needs: token ids outside the tokenizer's vocabulary
+(models whose logits are wider than their tokenizer, e.g. Qwen2-VL's 151936 rows for 151657
+tokens) and `feed` for several tokens of one slot. Checked against Python's `re` on the text
+`tokenizers` decodes, the way `tests/test_triggers.py` checks the detector itself."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import tvc_rs
+
+TEXT = (
+    "The area is 12. Wait, that doesn't seem right. Hmm, let me check the image again: the cube "
+    "is red.\n\nAlternatively, we count them; wait... hold on, on second thought, it is 3."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_json):
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_file(str(tokenizer_json))
+
+
+@pytest.fixture(scope="module")
+def detector(tokenizer_json):
+    return tvc_rs.ReflectionDetector(tokenizer_json)
+
+
+def reference_ends(text: str, phrases: list[str]) -> list[tuple[str, int]]:
+    """(phrase, end offset) of every match of ``(?<!\\w)phrase(?!\\w)``, case-insensitive, as
+    the detector reports them (a phrase that could overlap itself is reported once per match)."""
+    out = []
+    for phrase in phrases:
+        for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text, re.IGNORECASE):
+            out.append((phrase, m.end()))
+    return sorted(out, key=lambda x: (x[1], x[0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    inserts=st.lists(st.integers(0, 60), max_size=10),
+    unknown=st.sampled_from([151657, 151935, 152063, 2**40]),
+)
+def test_out_of_vocab_ids_decode_to_no_text(detector, tokenizer, inserts, unknown):
+    ids = detector.encode(TEXT)
+    mixed, new_index = [], []
+    for i, token in enumerate(ids):
+        mixed.extend([unknown] * inserts.count(i))
+        new_index.append(len(mixed))
+        mixed.append(token)
+    # tokenizers drops the ids it does not know when it decodes: the text is unchanged.
+    if unknown < 2**32:
+        assert tokenizer.decode(mixed, skip_special_tokens=False) == tokenizer.decode(ids)
+
+    batch = detector.batch(2, out_of_vocab="no_text")
+    assert batch.out_of_vocab == "no_text"
+    batch.add(1)
+    for token in mixed:
+        batch.step(np.array([-1, token], dtype=np.int64))
+    hits = batch.hits(1)
+    assert [(h.phrase, h.char_end) for h in hits] == [
+        e for e in reference_ends(TEXT, detector.phrases) if e[1] < len(TEXT)
+    ]
+    plain = detector.batch(2)
+    plain.add(1)
+    for token in ids:
+        plain.step(np.array([-1, token]))
+    assert [h.token_index for h in hits] == [new_index[h.token_index] for h in plain.hits(1)]
+    assert batch.state(1) == (len(mixed), len(hits), len(mixed) - 1 - hits[-1].token_index)
+
+
+@settings(max_examples=30, deadline=None)
+@given(split=st.integers(0, 80), min_gap=st.integers(0, 20), made=st.integers(0, 3))
+def test_feed_equals_one_step_per_token(detector, split, min_gap, made):
+    ids = detector.encode(TEXT)
+    schedule = tvc_rs.PVCSchedule(min_gap=min_gap)
+    stepped = detector.batch(3)
+    stepped.add(2, schedule, calibrations_made=made, tokens_since_last=5)
+    want = []
+    for token in ids:
+        if stepped.step(np.array([-1, -1, token])).size:
+            want.extend(c for _, c in stepped.last_calibrations)
+    fed = detector.batch(3)
+    fed.add(2, schedule, calibrations_made=made, tokens_since_last=5)
+    got = fed.feed(2, np.array(ids[:split], dtype=np.int64))
+    for token in ids[split:]:
+        if fed.step(np.array([-1, -1, token])).size:
+            got.extend(c for _, c in fed.last_calibrations)
+    assert got == want == stepped.calibrations(2)
+    assert fed.state(2) == stepped.state(2)
+
+
+def test_feed_and_out_of_vocab_errors(detector):
+    with pytest.raises(ValueError, match='out_of_vocab = "ignore": expected "raise" or "no_text"'):
+        detector.batch(2, out_of_vocab="ignore")
+    batch = detector.batch(2)
+    assert batch.out_of_vocab == "raise"
+    batch.add(0)
+    with pytest.raises(IndexError, match=r"tokens\[2\]: token id 151700 is outside the vocabulary"):
+        batch.feed(0, [14190, 11, 151700])
+    assert batch.state(0) == (0, 0, 0)  # checked before anything was fed
+    with pytest.raises(IndexError, match=r"tokens\[1\] = -1: token ids must be >= 0"):
+        batch.feed(0, [14190, -1])
+    with pytest.raises(ValueError, match="slot = 1: the slot holds no stream"):
+        batch.feed(1, [14190])
+    with pytest.raises(IndexError, match="slot = 2"):
+        batch.feed(2, [14190])
+    with pytest.raises(TypeError, match="tokens"):
+        batch.feed(0, "wait")
+    batch.step(np.array([-1, 151700]))  # an empty slot is skipped ...
+    batch.add(1)
+    with pytest.raises(IndexError, match=r"tokens\[1\]"):
+        batch.step(np.array([-1, 151700]))  # ... an active one is checked
+    lenient = detector.batch(1, out_of_vocab="no_text")
+    lenient.add(0)
+    assert lenient.feed(0, [151700, 2**50]) == []
+    assert lenient.state(0) == (2, 0, 2)
