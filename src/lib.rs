@@ -9,6 +9,7 @@ pub mod error;
 pub mod kv;
 pub mod pvc;
 pub mod rope;
+pub mod tensor;
 pub mod triggers;
 
 #[cfg(feature = "python")]

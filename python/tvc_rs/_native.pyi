@@ -163,12 +163,138 @@ class Calibration:
 
 # --- rope (src/python/rope.rs) ---
 
+from typing import Any as _Any
+
+import numpy as _np
+from numpy.typing import NDArray as _NDArray
+
+def mrope_position_ids(
+    input_ids: _Any,
+    image_grid_thw: _Any | None = None,
+    video_grid_thw: _Any | None = None,
+    attention_mask: _Any | None = None,
+    *,
+    mm_token_type_ids: _Any | None = None,
+    second_per_grid_ts: _Any | None = None,
+    model_type: str = "qwen2_vl",
+    spatial_merge_size: int = 2,
+    image_token_id: int = 151655,
+    video_token_id: int = 151656,
+    tokens_per_second: int | float | None = None,
+) -> tuple[_NDArray[_np.int32] | _NDArray[_np.int64], _NDArray[_np.int64]]:
+    """NumPy arrays in (``input_ids`` int32/int64 ``(batch, seq)``, C-contiguous), NumPy out:
+    ``position_ids`` ``(3, batch, seq)`` in ``input_ids``' dtype and ``rope_deltas`` ``(batch, 1)`` int64.
+    ``second_per_grid_ts`` is passed as given (tensor, array or list): its dtype decides the arithmetic."""
+
+def smart_resize(
+    height: int, width: int, *, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
+) -> tuple[int, int]: ...
+def image_grid_thw(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = 3136,
+    max_pixels: int = 1003520,
+) -> tuple[int, int, int]: ...
+def image_token_count(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = 3136,
+    max_pixels: int = 1003520,
+) -> int: ...
+
 # --- end rope ---
 
 # --- compress (src/python/compress.rs) ---
 
 # --- end compress ---
 
+# --- tensor (src/python/tensor.rs) ---
+
+class Buffer:
+    """A Rust-owned result exported through DLPack: ``np.from_dlpack(b)`` / ``torch.from_dlpack(b)``
+    share its memory (no copy). bfloat16 buffers can only become torch tensors."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: object | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> object: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+def _tensor_info(x: object, name: str = "x") -> dict[str, object]: ...
+def _tensor_copy(x: object) -> Buffer: ...
+
+# --- end tensor ---
+
 # --- kv (src/python/kv.rs) ---
+
+from collections.abc import Sequence
+
+def rerotate_keys(
+    keys: object,
+    delta: object,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None: ...
+def relocate_span(
+    keys: object,
+    values: object,
+    start: int,
+    end: int,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    delta: object | None = None,
+    old_positions: object | None = None,
+    new_positions: object | None = None,
+    length: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int: ...
+def append_entries(
+    keys: object,
+    values: object,
+    new_keys: object,
+    new_values: object,
+    positions: object,
+    *,
+    delta: object | None = None,
+    rope_theta: float | None = None,
+    head_dim: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None: ...
+def paged_reinject(
+    kv_caches: object,
+    src_slots: object,
+    dst_slots: object,
+    delta: object,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    layout: str = "vllm",
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int: ...
 
 # --- end kv ---

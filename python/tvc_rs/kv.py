@@ -1,5 +1,198 @@
-"""KV-cache re-injection: key re-rotation, span relocation, paged re-injection (Rust: src/kv)."""
+"""KV-cache re-injection: key re-rotation, span relocation, paged re-injection (Rust: src/kv).
+
+Every function writes the caller's tensors in place (NumPy arrays or PyTorch CPU tensors,
+float32 / float16 / bfloat16, read through DLPack without copies), checks every argument before
+writing anything, and runs with the GIL released (rayon over layers, heads and tokens).
+
+RoPE is described by the same keywords everywhere:
+
+- ``rope_theta``: the RoPE base (``config.rope_parameters["rope_theta"]`` in transformers 5).
+- ``head_dim``: size of one key vector.
+- ``rotary_dim``: leading dims that rotate (default ``head_dim``; partial rotary otherwise).
+- ``interleaved``: GPT-J pairs ``(2i, 2i+1)`` if True, else NeoX / Llama / Qwen half-split pairs
+  ``(i, i + rotary_dim/2)``.
+- ``mrope_section``: Qwen2-VL M-RoPE sections (e.g. ``[16, 24, 24]``, summing to
+  ``rotary_dim / 2``): frequency pair ``i`` in section ``j`` turns with the (t, h, w)[j % 3]
+  component of the delta, exactly as transformers' ``Qwen2VLRotaryEmbedding`` splits them.
+
+A delta is an int (the same for every token), an int32/int64 array ``[n]`` (one per token; with
+M-RoPE it applies to all three components, as for text tokens) or ``[n, 3]`` (t, h, w; M-RoPE
+only). The rotation angle is computed from the integer delta in float64, never as the difference
+of two large angles, so keys at position 100 000 move as exactly as keys at position 10.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import Any, Sequence
+
+from tvc_rs import _native
+
+__all__ = ["rerotate_keys", "relocate_span", "append_entries", "paged_reinject"]
+
+
+def rerotate_keys(
+    keys: Any,
+    delta: Any,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None:
+    """Rotate cached (already RoPE-rotated) keys in place by a position delta per token.
+
+    ``keys``: ``[tokens, heads, head_dim]`` float32/float16/bfloat16, or a list/tuple of such
+    tensors (one per layer, same ``tokens``, all rotated in one call). Any strides: for a
+    transformers cache layer ``[batch, kv_heads, seq, head_dim]`` pass
+    ``layer.keys[b].transpose(0, 1)`` (a view; no copy). Written in place.
+
+    ``delta``: int, ``[tokens]`` or (M-RoPE) ``[tokens, 3]`` int32/int64. A key stored at
+    position ``p`` becomes the key at ``p + delta``: ``R(p + d) = R(d) R(p)``.
+    Only the first ``rotary_dim`` dims of each key change.
+    """
+    _native.rerotate_keys(
+        keys,
+        delta,
+        rope_theta=rope_theta,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        mrope_section=mrope_section,
+    )
+
+
+def relocate_span(
+    keys: Any,
+    values: Any,
+    start: int,
+    end: int,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    delta: Any = None,
+    old_positions: Any = None,
+    new_positions: Any = None,
+    length: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int:
+    """Evict cache positions ``[start, end)`` (e.g. the first image) from every layer.
+
+    ``keys``, ``values``: lists/tuples of per-layer tensors ``[batch, kv_heads, seq, head_dim]``
+    (transformers' ``[layer.keys for layer in cache.layers]`` and ``[layer.values ...]``; values
+    may have another head size), one dtype for all. Modified in place: entries
+    ``[end, length)`` move down to ``[start, length - (end - start))`` in keys and values, and
+    each moved key is re-rotated to its new position. Entries before ``start`` are untouched;
+    entries from the returned length on are stale: drop them (transformers 5.24:
+    ``cache.crop(new_length - old_length)``, a negative count removing that many).
+
+    The moved entries' deltas (``n = length - end`` of them), one of:
+
+    - ``delta``: int, ``[n]`` or ``[n, 3]`` (t, h, w);
+    - ``old_positions`` and ``new_positions``: their position ids before and after, ``[n]`` or,
+      for M-RoPE, ``[3, n]`` as transformers lays position ids out (``position_ids[:, b, end:length]``
+      and what ``get_rope_index`` assigns them in the rebuilt sequence: the ``relocate`` mode);
+    - neither (plain RoPE only): ``-(end - start)``. With M-RoPE an image advances positions by
+      ``max(t, h, w)`` of its grid, not by its token count, so the deltas must be given.
+
+    ``length``: valid entries (default ``seq``; e.g. a StaticCache's filled length).
+    Returns the new valid length ``length - (end - start)``.
+    """
+    return _native.relocate_span(
+        keys,
+        values,
+        start,
+        end,
+        rope_theta=rope_theta,
+        head_dim=head_dim,
+        delta=delta,
+        old_positions=old_positions,
+        new_positions=new_positions,
+        length=length,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        mrope_section=mrope_section,
+    )
+
+
+def append_entries(
+    keys: Any,
+    values: Any,
+    new_keys: Any,
+    new_values: Any,
+    positions: Any,
+    *,
+    delta: Any = None,
+    rope_theta: float | None = None,
+    head_dim: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> None:
+    """Write new entries (e.g. a compressed image's K/V) into every layer of a contiguous cache.
+
+    ``keys``, ``values``: per-layer ``[batch, kv_heads, seq, head_dim]`` (written in place).
+    ``new_keys``, ``new_values``: per-layer ``[batch, kv_heads, n, head_dim]`` (read only; must
+    not share memory with the cache). ``positions``: an int ``start`` (entries go to
+    ``start .. start + n``) or ``[n]`` int32/int64 distinct cache indices ``< seq``.
+    ``delta`` (optional; needs ``rope_theta`` and ``head_dim``): rotate each new key by it while
+    writing (int, ``[n]`` or ``[n, 3]``). The cache must already be long enough (grow it first).
+    """
+    _native.append_entries(
+        keys,
+        values,
+        new_keys,
+        new_values,
+        positions,
+        delta=delta,
+        rope_theta=rope_theta,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        mrope_section=mrope_section,
+    )
+
+
+def paged_reinject(
+    kv_caches: Any,
+    src_slots: Any,
+    dst_slots: Any,
+    delta: Any,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    layout: str = "vllm",
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+) -> int:
+    """Move entries of a paged (vLLM) cache: gather, re-rotate keys, scatter, for every layer.
+
+    ``kv_caches``: one tensor or a list (one per layer), written in place, in ``layout``:
+
+    - ``"vllm"`` (vLLM 0.33): ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, keys then
+      values in the last dimension, with whatever strides vLLM's ``KVCacheLayout`` gave the view
+      (NHD by default, HND for FlashInfer's TRT-LLM kernels);
+    - ``"kv_blocks"`` (earlier vLLM FlashAttention): ``[2, num_blocks, block_size, kv_heads, head_dim]``;
+    - ``"blocks_kv"`` (earlier vLLM FlashInfer): ``[num_blocks, 2, block_size, kv_heads, head_dim]``.
+
+    ``src_slots``, ``dst_slots``: ``[n]`` int32/int64 slots numbered as vLLM's slot mapping,
+    ``block_number * block_size + offset``; a pair with a negative slot (``PAD_SLOT_ID = -1``)
+    is skipped. Destinations must be distinct. All sources are read before any destination is
+    written, so moves within one cache may overlap. ``delta``: int, ``[n]`` or ``[n, 3]``.
+    Returns the number of entries moved per layer.
+    """
+    return _native.paged_reinject(
+        kv_caches,
+        src_slots,
+        dst_slots,
+        delta,
+        rope_theta=rope_theta,
+        head_dim=head_dim,
+        layout=layout,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        mrope_section=mrope_section,
+    )

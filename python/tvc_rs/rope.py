@@ -1,5 +1,279 @@
-"""M-RoPE position ids and image token counts of Qwen2-VL / Qwen2.5-VL (Rust: src/rope)."""
+"""M-RoPE position ids and image token counts of Qwen2-VL / Qwen2.5-VL (Rust: src/rope).
+
+``mrope_position_ids`` equals transformers' ``Qwen2VLModel.get_rope_index`` /
+``Qwen2_5_VLModel.get_rope_index`` (5.24) element for element; ``smart_resize``,
+``image_grid_thw`` and ``image_token_count`` equal what ``Qwen2VLImageProcessor`` (fast and PIL)
+does to an image of that size.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tvc_rs import _native
+
+__all__ = [
+    "mrope_position_ids",
+    "smart_resize",
+    "image_grid_thw",
+    "image_token_count",
+    "image_processor_settings",
+]
+
+# transformers' Qwen2VLConfig / Qwen2_5_VLConfig defaults.
+_DEFAULTS = {
+    "model_type": "qwen2_vl",
+    "spatial_merge_size": 2,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "tokens_per_second": None,  # None: the model type's default (Qwen2.5-VL: 4)
+}
+
+# Qwen2VLImageProcessor's defaults (= Qwen2-VL's preprocessor_config.json).
+_MIN_PIXELS = 56 * 56
+_MAX_PIXELS = 28 * 28 * 1280
+
+
+def _torch_tensor_type():
+    torch = sys.modules.get("torch")  # a tensor cannot exist unless torch is imported
+    return None if torch is None else torch.Tensor
+
+
+def _numpy(x: Any, name: str) -> np.ndarray | None:
+    """``x`` as a C-contiguous NumPy array (no copy for contiguous CPU tensors and arrays)."""
+    if x is None:
+        return None
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(x, tensor):
+        try:
+            x = x.detach().cpu().numpy()
+        except TypeError as err:  # e.g. bfloat16, which NumPy lacks
+            raise TypeError(f"{name}: {err}") from None
+    elif not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    return np.require(x, requirements="C")
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _config_settings(config: Any) -> dict:
+    """The settings ``get_rope_index`` reads, from a transformers config object or its dict."""
+    if config is None:
+        return {}
+    vision = _get(config, "vision_config")
+    found = {
+        "model_type": _get(config, "model_type"),
+        "image_token_id": _get(config, "image_token_id"),
+        "video_token_id": _get(config, "video_token_id"),
+        "spatial_merge_size": _get(vision, "spatial_merge_size"),
+        "tokens_per_second": _get(vision, "tokens_per_second"),
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def mrope_position_ids(
+    input_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    *,
+    second_per_grid_ts=None,
+    mm_token_type_ids=None,
+    config=None,
+    model_type: str | None = None,
+    spatial_merge_size: int | None = None,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
+    tokens_per_second: int | float | None = None,
+):
+    """3-D M-RoPE position ids and rope deltas of Qwen2-VL / Qwen2.5-VL.
+
+    Equal element for element to transformers 5.24's ``Qwen2VLModel.get_rope_index``
+    (``model_type="qwen2_vl"``, also QVQ) and ``Qwen2_5_VLModel.get_rope_index``
+    (``model_type="qwen2_5_vl"``).
+
+    Args:
+        input_ids: ``(batch, seq)`` int32 or int64, NumPy array or torch tensor (any device).
+        image_grid_thw: ``(num_images, 3)`` integer ``(t, h, w)`` patch grids, one row per
+            image of the whole batch in order (row 0's images first), as the processor returns.
+        video_grid_thw: ``(num_videos, 3)`` integer grids of the videos, likewise.
+        attention_mask: ``(batch, seq)`` bool / int / float; tokens where it is 0 are dropped
+            before positions are assigned and get position 0. Left and right padding both work.
+        second_per_grid_ts: ``(num_videos,)`` seconds per temporal grid step (Qwen2.5-VL only;
+            a tensor, array or list, as the processor returns it). The temporal positions of
+            video ``i`` are ``trunc(arange(t) * tokens_per_second * second_per_grid_ts[i])``,
+            computed in the same dtype as transformers would (float32 for a float32 tensor or
+            Python floats, float64 for a float64 tensor, exact for integers). Default: 1.
+        mm_token_type_ids: ``(batch, seq)`` integers, 0 text / 1 image / 2 video, as the
+            processor returns; when given it decides the token kinds instead of comparing
+            ``input_ids`` with ``image_token_id`` / ``video_token_id``.
+        config: a transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` (or its ``to_dict()``):
+            ``model_type``, ``image_token_id``, ``video_token_id``,
+            ``vision_config.spatial_merge_size`` and ``vision_config.tokens_per_second`` are read
+            from it. Explicit keyword arguments take precedence.
+        model_type: ``"qwen2_vl"`` (default) or ``"qwen2_5_vl"``; only videos differ.
+        spatial_merge_size: default 2.
+        image_token_id: default 151655 (``<|image_pad|>``).
+        video_token_id: default 151656 (``<|video_pad|>``).
+        tokens_per_second: Qwen2.5-VL's ``vision_config.tokens_per_second``; default 4 (the
+            transformers config default; released Qwen2.5-VL checkpoints use 2, so pass
+            ``config=`` or set it).
+
+    Each maximal run of image (video) tokens is one image (video) and takes the next grid row;
+    it must hold ``t * (h // m) * (w // m)`` tokens (``m = spatial_merge_size``). Text runs
+    count up by one; a vision block starting at ``p`` gets ``(p + t_index, p + row, p + col)``
+    and the next segment starts at ``p + max(h, w) // m``.
+
+    Returns:
+        ``(position_ids, rope_deltas)``: ``position_ids`` ``(3, batch, seq)`` with the dtype of
+        ``input_ids``; ``rope_deltas`` ``(batch, 1)`` int64 (``max position + 1 - kept tokens``,
+        0 for a fully masked row). Torch tensors on ``input_ids``' device if ``input_ids`` is a
+        tensor, NumPy arrays otherwise. Inputs are never modified.
+
+    Raises:
+        ValueError: wrong rank or shape; ``attention_mask`` / ``mm_token_type_ids`` shape
+            different from ``input_ids``; a grid dimension < 1; more or fewer grid rows than
+            image / video blocks; a block whose token count does not match its grid;
+            ``second_per_grid_ts`` length different from ``video_grid_thw`` or given for
+            Qwen2-VL; an unknown ``model_type``.
+        TypeError: ``input_ids`` not int32 / int64; grids or ``mm_token_type_ids`` not integer;
+            an unsupported ``attention_mask`` dtype.
+    """
+    settings = {**_DEFAULTS, **_config_settings(config)}
+    explicit = {
+        "model_type": model_type,
+        "spatial_merge_size": spatial_merge_size,
+        "image_token_id": image_token_id,
+        "video_token_id": video_token_id,
+        "tokens_per_second": tokens_per_second,
+    }
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+
+    tensor = _torch_tensor_type()
+    device = input_ids.device if tensor is not None and isinstance(input_ids, tensor) else None
+    position_ids, rope_deltas = _native.mrope_position_ids(
+        _numpy(input_ids, "input_ids"),
+        _numpy(image_grid_thw, "image_grid_thw"),
+        _numpy(video_grid_thw, "video_grid_thw"),
+        _numpy(attention_mask, "attention_mask"),
+        mm_token_type_ids=_numpy(mm_token_type_ids, "mm_token_type_ids"),
+        second_per_grid_ts=second_per_grid_ts,
+        **settings,
+    )
+    if device is None:
+        return position_ids, rope_deltas
+    import torch
+
+    return torch.from_numpy(position_ids).to(device), torch.from_numpy(rope_deltas).to(device)
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int = 28,
+    min_pixels: int = _MIN_PIXELS,
+    max_pixels: int = _MAX_PIXELS,
+) -> tuple[int, int]:
+    """The ``(height, width)`` Qwen2-VL's image processor resizes an image to.
+
+    Same as transformers 5.24's ``qwen2_vl.image_processing_qwen2_vl.smart_resize``: both sides
+    become multiples of ``factor`` (``patch_size * merge_size``), the pixel count is scaled into
+    ``[min_pixels, max_pixels]``, the aspect ratio is kept as far as rounding allows. Images
+    smaller than ``factor`` are scaled up (5.24 no longer refuses them).
+
+    Raises:
+        ValueError: a size, ``factor``, ``min_pixels`` or ``max_pixels`` < 1; an aspect ratio
+            above 200 (the processor refuses those); ``height * width >= 2**53``.
+    """
+    return _native.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def image_grid_thw(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = _MIN_PIXELS,
+    max_pixels: int = _MAX_PIXELS,
+) -> tuple[int, int, int]:
+    """``(1, grid_h, grid_w)``: the processor's ``image_grid_thw`` row for an image of this size.
+
+    ``grid_h, grid_w`` are the resized sides divided by ``patch_size`` (patches before merging).
+    ``min_pixels`` / ``max_pixels`` are the processor's ``size["shortest_edge"]`` /
+    ``size["longest_edge"]``; see :func:`image_processor_settings` to read them from a processor.
+    Errors as :func:`smart_resize` (also ``patch_size`` / ``merge_size`` < 1).
+    """
+    return _native.image_grid_thw(
+        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+
+
+def image_token_count(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = _MIN_PIXELS,
+    max_pixels: int = _MAX_PIXELS,
+) -> int:
+    """How many ``<|image_pad|>`` tokens an image of this size becomes:
+    ``grid_h * grid_w // merge_size**2`` (see :func:`image_grid_thw`). Errors as :func:`smart_resize`.
+    """
+    return _native.image_token_count(
+        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+
+
+def image_processor_settings(source: Any) -> dict[str, int]:
+    """``{"patch_size", "merge_size", "min_pixels", "max_pixels"}`` of a Qwen2-VL image processor,
+    to pass as ``**settings`` to :func:`image_grid_thw` / :func:`image_token_count`.
+
+    ``source`` is a processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``), an image processor
+    (``Qwen2VLImageProcessor`` / ``Qwen2VLImageProcessorPil``), a ``preprocessor_config.json``
+    dict, or the path of that file or of the folder holding it. A dict is read as the processor's
+    constructor reads it: top-level ``min_pixels`` / ``max_pixels`` override
+    ``size["shortest_edge"]`` / ``size["longest_edge"]``; missing values take the defaults.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "preprocessor_config.json")
+        with open(path, encoding="utf-8") as f:
+            source = json.load(f)
+    if not isinstance(source, Mapping) and getattr(source, "image_processor", None) is not None:
+        source = source.image_processor
+    if isinstance(source, Mapping):
+        size = source.get("size")
+        size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS} if size is None else dict(size)
+        if source.get("min_pixels") is not None:
+            size["shortest_edge"] = source["min_pixels"]
+        if source.get("max_pixels") is not None:
+            size["longest_edge"] = source["max_pixels"]
+        patch_size, merge_size = source.get("patch_size", 14), source.get("merge_size", 2)
+    else:
+        size, patch_size, merge_size = _get(source, "size"), _get(source, "patch_size"), _get(source, "merge_size")
+        if patch_size is None or merge_size is None or size is None:
+            raise TypeError(
+                "source must be a Qwen2-VL processor, image processor, preprocessor_config dict or path, "
+                f"got {type(source).__name__}"
+            )
+    min_pixels, max_pixels = _get(size, "shortest_edge"), _get(size, "longest_edge")
+    if not min_pixels or not max_pixels:
+        # The processor's own message for the same configuration.
+        raise ValueError(f"size must contain 'shortest_edge' and 'longest_edge' (or min_pixels / max_pixels), got {size}")
+    return {"patch_size": patch_size, "merge_size": merge_size, "min_pixels": min_pixels, "max_pixels": max_pixels}

@@ -1,1 +1,18 @@
-//! KV-cache re-injection: key re-rotation (RoPE, M-RoPE), span relocation, paged gather-rotate-scatter.
+//! KV-cache re-injection: key re-rotation (RoPE, M-RoPE), span relocation in contiguous caches,
+//! paged gather-rotate-scatter.
+//!
+//! Everything works in place on caller memory described by strides ([`StridedMut`],
+//! [`PagedCache`]), for f32, f16 and bf16 elements with f32 arithmetic and angles from the
+//! integer position delta in f64. Inputs are checked before anything is written.
+
+mod contiguous;
+mod paged;
+mod rerotate;
+mod rope;
+mod strided;
+
+pub use contiguous::{append_entries, relocate_span, LayerKv, LayerKvRef};
+pub use paged::{paged_reinject, PagedCache, PagedLayout};
+pub use rerotate::rerotate_keys;
+pub use rope::{Deltas, Rope, RopeConfig};
+pub use strided::{Strided, StridedMut};

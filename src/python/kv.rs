@@ -1,5 +1,529 @@
-use pyo3::prelude::*;
+//! Bindings of `crate::kv`: key re-rotation, span relocation and entry writes in contiguous
+//! (transformers) caches, paged re-injection in vLLM caches. Tensors come in through the shared
+//! DLPack interop (`tensor.rs`) without copies and are written in place; every argument is
+//! checked before anything is written, and the work runs with the GIL released.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::dtype::{DType, Float};
+use crate::kv::{
+    append_entries as core_append, paged_reinject as core_paged, relocate_span as core_relocate,
+    rerotate_keys as core_rerotate, Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope,
+    RopeConfig, Strided, StridedMut,
+};
+use crate::python::tensor::{int_vector_arg, PyTensor, FLOAT_DTYPES, INDEX_DTYPES};
+use crate::tensor::{tuple_str, TensorView};
+use crate::{type_err, value_err};
+
+// ---- arguments ----
+
+/// The RoPE keywords, under the same names in every function.
+fn rope_arg(
+    rope_theta: f64,
+    head_dim: i64,
+    rotary_dim: Option<i64>,
+    interleaved: bool,
+    mrope_section: Option<Vec<i64>>,
+) -> PyResult<Rope> {
+    if head_dim < 1 {
+        return Err(value_err!("head_dim = {head_dim}: must be >= 2").into());
+    }
+    if let Some(r) = rotary_dim {
+        if r < 1 {
+            return Err(value_err!(
+                "rotary_dim = {r}: must be even and >= 2 (RoPE rotates pairs of dimensions)"
+            )
+            .into());
+        }
+    }
+    let sections = match mrope_section {
+        Some(s) if s.iter().any(|&x| x < 0) => {
+            return Err(value_err!("mrope_section = {s:?}: every section must be >= 0").into());
+        }
+        Some(s) => Some(s.into_iter().map(|x| x as usize).collect()),
+        None => None,
+    };
+    let config = RopeConfig::new(
+        rope_theta,
+        head_dim as usize,
+        rotary_dim.map(|r| r as usize),
+        interleaved,
+        sections,
+    )?;
+    Ok(Rope::new(config))
+}
+
+/// Position deltas as passed: one int for all, `[n]`, or `[n, 3]` (t, h, w).
+enum DeltaArg {
+    Same(i64),
+    PerToken(Vec<i64>),
+    Thw(Vec<[i64; 3]>),
+}
+
+impl DeltaArg {
+    fn deltas(&self) -> Deltas<'_> {
+        match self {
+            DeltaArg::Same(d) => Deltas::Same(*d),
+            DeltaArg::PerToken(d) => Deltas::PerToken(d),
+            DeltaArg::Thw(d) => Deltas::PerTokenThw(d),
+        }
+    }
+}
+
+/// An integer array (int32/int64 tensor, or nested sequences of ints) of rank <= 2, row-major.
+fn int_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<i64>, Vec<usize>)> {
+    if obj.hasattr("__dlpack__")? {
+        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
+        let view = tensor.view();
+        view.expect_cpu()?;
+        if view.ndim() > 2 {
+            return Err(value_err!(
+                "{name}: expected an int array of rank <= 2, got shape {}",
+                view.shape_str()
+            )
+            .into());
+        }
+        let values: Vec<i64> = match view.dtype() {
+            DType::I32 => view
+                .strided::<i32>()?
+                .to_contiguous()
+                .iter()
+                .map(|&v| v as i64)
+                .collect(),
+            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+        };
+        return Ok((values, view.shape().to_vec()));
+    }
+    if let Ok(v) = obj.extract::<i64>() {
+        return Ok((vec![v], vec![]));
+    }
+    if let Ok(v) = obj.extract::<Vec<i64>>() {
+        let n = v.len();
+        return Ok((v, vec![n]));
+    }
+    if let Ok(rows) = obj.extract::<Vec<Vec<i64>>>() {
+        let cols = rows.first().map_or(0, |r| r.len());
+        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
+            return Err(value_err!(
+                "{name}[{i}] has {} entries but {name}[0] has {cols}: rows must be equal",
+                row.len()
+            )
+            .into());
+        }
+        let shape = vec![rows.len(), cols];
+        return Ok((rows.into_iter().flatten().collect(), shape));
+    }
+    Err(type_err!(
+        "{name}: expected an int, an int32/int64 array or a sequence of ints, got {}",
+        obj.get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    )
+    .into())
+}
+
+fn delta_arg(obj: &Bound<'_, PyAny>) -> PyResult<DeltaArg> {
+    let (values, shape) = int_array(obj, "delta")?;
+    match shape.as_slice() {
+        [] => Ok(DeltaArg::Same(values[0])),
+        [_] => Ok(DeltaArg::PerToken(values)),
+        [_, 3] => Ok(DeltaArg::Thw(values.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())),
+        _ => Err(value_err!(
+            "delta: expected an int, an int array [n] or, for M-RoPE, [n, 3] (t, h, w deltas), got shape {}",
+            tuple_str(&shape)
+        )
+        .into()),
+    }
+}
+
+/// One tensor, or a list / tuple of them (one per layer), imported under `name` / `name[i]`.
+fn tensor_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<PyTensor>> {
+    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        obj.try_iter()?
+            .enumerate()
+            .map(|(i, item)| PyTensor::extract(&item?, &format!("{name}[{i}]"), FLOAT_DTYPES))
+            .collect()
+    } else {
+        Ok(vec![PyTensor::extract(obj, name, FLOAT_DTYPES)?])
+    }
+}
+
+fn fixed<const N: usize>(
+    view: &TensorView<'_>,
+    layout: &str,
+) -> PyResult<([usize; N], [isize; N])> {
+    view.expect_cpu()?;
+    view.expect_rank(N, layout)?;
+    let shape: [usize; N] = view.shape().try_into().expect("rank checked");
+    let strides: [isize; N] = view.strides().try_into().expect("rank checked");
+    Ok((shape, strides))
+}
+
+fn check_aligned<T>(view: &TensorView<'_>) -> PyResult<()> {
+    if view.numel() > 0 && (view.data_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(value_err!(
+            "{}: the data pointer is not aligned for {}; pass a freshly allocated array",
+            view.name(),
+            view.dtype()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A writable strided view of a tensor of dtype `T` and rank `N`.
+fn writable<'t, T: Float, const N: usize>(
+    tensor: &'t mut PyTensor,
+    layout: &str,
+) -> PyResult<StridedMut<'t, T, N>> {
+    let view = tensor.view_mut();
+    let (shape, strides) = fixed::<N>(&view, layout)?;
+    view.expect_dtype(T::DTYPE)?;
+    view.expect_writable()?;
+    check_aligned::<T>(&view)?;
+    // SAFETY: the PyTensor keeps the producer's memory alive and is borrowed mutably for 't;
+    // CPU, dtype, rank, alignment and writability are checked (overlap in `from_raw`).
+    Ok(unsafe { StridedMut::from_raw(view.data_ptr() as *mut T, shape, strides, view.name())? })
+}
+
+/// A read-only strided view of a tensor of dtype `T` and rank `N`.
+fn readable<'t, T: Float, const N: usize>(
+    tensor: &'t PyTensor,
+    layout: &str,
+) -> PyResult<Strided<'t, T, N>> {
+    let view = tensor.view();
+    let (shape, strides) = fixed::<N>(&view, layout)?;
+    view.expect_dtype(T::DTYPE)?;
+    check_aligned::<T>(&view)?;
+    // SAFETY: as in `writable`, read only.
+    Ok(unsafe { Strided::from_raw(view.data_ptr() as *const T, shape, strides, view.name())? })
+}
+
+fn first_dtype(tensors: &[PyTensor]) -> DType {
+    tensors.first().map_or(DType::F32, |t| t.view().dtype())
+}
+
+// ---- functions ----
+
+/// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
+#[pyfunction]
+#[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = false, mrope_section = None))]
+#[allow(clippy::too_many_arguments)]
+fn rerotate_keys(
+    py: Python<'_>,
+    keys: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    rope_theta: f64,
+    head_dim: i64,
+    rotary_dim: Option<i64>,
+    interleaved: bool,
+    mrope_section: Option<Vec<i64>>,
+) -> PyResult<()> {
+    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    let mut tensors = tensor_list(keys, "keys")?;
+    let delta = delta_arg(delta)?;
+    crate::dispatch_float!(first_dtype(&tensors), T => {
+        let mut views: Vec<StridedMut<T, 3>> = tensors
+            .iter_mut()
+            .map(|t| writable::<T, 3>(t, "[tokens, heads, head_dim]"))
+            .collect::<PyResult<_>>()?;
+        let deltas = delta.deltas();
+        py.detach(|| core_rerotate(&mut views, deltas, &rope))?;
+    });
+    Ok(())
+}
+
+fn layer_views<'t, T: Float>(
+    keys: &'t mut [PyTensor],
+    values: &'t mut [PyTensor],
+) -> PyResult<Vec<LayerKv<'t, T>>> {
+    if keys.len() != values.len() {
+        return Err(value_err!(
+            "values has {} layers but keys has {}: one of each per layer",
+            values.len(),
+            keys.len()
+        )
+        .into());
+    }
+    keys.iter_mut()
+        .zip(values.iter_mut())
+        .map(|(k, v)| {
+            Ok(LayerKv {
+                keys: writable::<T, 4>(k, "[batch, kv_heads, seq, head_dim]")?,
+                values: writable::<T, 4>(v, "[batch, kv_heads, seq, head_dim]")?,
+            })
+        })
+        .collect()
+}
+
+/// Deltas for the entries after an evicted span, from `delta` or from old/new position ids.
+fn relocate_deltas(
+    delta: Option<&Bound<'_, PyAny>>,
+    old_positions: Option<&Bound<'_, PyAny>>,
+    new_positions: Option<&Bound<'_, PyAny>>,
+    moved: usize,
+    start: usize,
+    end: usize,
+    rope: &Rope,
+) -> PyResult<DeltaArg> {
+    let mrope = rope.config().is_mrope();
+    match (delta, old_positions, new_positions) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            Err(value_err!("delta and old_positions/new_positions: pass one or the other, not both").into())
+        }
+        (Some(d), None, None) => delta_arg(d),
+        (None, None, None) if mrope => Err(value_err!(
+            "delta: required with mrope_section (or pass old_positions and new_positions): evicting an image shifts \
+             M-RoPE positions by what get_rope_index assigns, not by end - start"
+        )
+        .into()),
+        (None, None, None) => Ok(DeltaArg::Same(-((end - start) as i64))),
+        (None, Some(_), None) | (None, None, Some(_)) => {
+            Err(value_err!("old_positions and new_positions: pass both (the followers' position ids before and after)").into())
+        }
+        (None, Some(old), Some(new)) => {
+            let (old, old_shape) = int_array(old, "old_positions")?;
+            let (new, new_shape) = int_array(new, "new_positions")?;
+            if old_shape != new_shape {
+                return Err(value_err!(
+                    "new_positions has shape {} but old_positions has {}: they must match",
+                    tuple_str(&new_shape),
+                    tuple_str(&old_shape)
+                )
+                .into());
+            }
+            let expected = if mrope { format!("(3, {moved})") } else { format!("({moved},)") };
+            match old_shape.as_slice() {
+                [n] if *n == moved => Ok(DeltaArg::PerToken(new.iter().zip(&old).map(|(a, b)| a - b).collect())),
+                [3, n] if mrope && *n == moved => Ok(DeltaArg::Thw(
+                    (0..moved).map(|j| [0, 1, 2].map(|c| new[c * moved + j] - old[c * moved + j])).collect(),
+                )),
+                _ => Err(value_err!(
+                    "old_positions has shape {}: expected {expected}, the position ids of the length - end = {moved} entries after the span{}",
+                    tuple_str(&old_shape),
+                    if mrope { " as transformers lays them out ([3, n]: t, h, w)" } else { "" }
+                )
+                .into()),
+            }
+        }
+    }
+}
+
+/// Evicts a span from every layer of a contiguous cache (see `tvc_rs.kv.relocate_span`).
+#[pyfunction]
+#[pyo3(signature = (keys, values, start, end, *, rope_theta, head_dim, delta = None, old_positions = None,
+    new_positions = None, length = None, rotary_dim = None, interleaved = false, mrope_section = None))]
+#[allow(clippy::too_many_arguments)]
+fn relocate_span(
+    py: Python<'_>,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    start: i64,
+    end: i64,
+    rope_theta: f64,
+    head_dim: i64,
+    delta: Option<&Bound<'_, PyAny>>,
+    old_positions: Option<&Bound<'_, PyAny>>,
+    new_positions: Option<&Bound<'_, PyAny>>,
+    length: Option<i64>,
+    rotary_dim: Option<i64>,
+    interleaved: bool,
+    mrope_section: Option<Vec<i64>>,
+) -> PyResult<usize> {
+    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    if start < 0 || end < 0 {
+        return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+            "start = {start}, end = {end}: the span [start, end) must lie inside the cache (>= 0)"
+        )));
+    }
+    if let Some(l) = length {
+        if l < 0 {
+            return Err(value_err!("length = {l}: must be >= 0").into());
+        }
+    }
+    let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
+    let mut k = tensor_list(keys, "keys")?;
+    let mut v = tensor_list(values, "values")?;
+    let new_len = crate::dispatch_float!(first_dtype(&k), T => {
+        let mut layers = layer_views::<T>(&mut k, &mut v)?;
+        let seq = layers.first().map_or(0, |l| l.keys.shape()[2]);
+        let valid = length.unwrap_or(seq);
+        let delta = if start <= end && end <= valid {
+            relocate_deltas(delta, old_positions, new_positions, valid - end, start, end, &rope)?
+        } else {
+            // The core refuses the span, naming start / end / length.
+            DeltaArg::Same(0)
+        };
+        let deltas = delta.deltas();
+        py.detach(|| core_relocate(&mut layers, start, end, length, deltas, &rope))?
+    });
+    Ok(new_len)
+}
+
+/// Writes new entries into every layer of a contiguous cache (see `tvc_rs.kv.append_entries`).
+#[pyfunction]
+#[pyo3(signature = (keys, values, new_keys, new_values, positions, *, delta = None, rope_theta = None,
+    head_dim = None, rotary_dim = None, interleaved = false, mrope_section = None))]
+#[allow(clippy::too_many_arguments)]
+fn append_entries(
+    py: Python<'_>,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    new_keys: &Bound<'_, PyAny>,
+    new_values: &Bound<'_, PyAny>,
+    positions: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+    rope_theta: Option<f64>,
+    head_dim: Option<i64>,
+    rotary_dim: Option<i64>,
+    interleaved: bool,
+    mrope_section: Option<Vec<i64>>,
+) -> PyResult<()> {
+    let rope = match (delta, rope_theta, head_dim) {
+        (Some(_), Some(theta), Some(dim)) => Some(rope_arg(
+            theta,
+            dim,
+            rotary_dim,
+            interleaved,
+            mrope_section,
+        )?),
+        (Some(_), _, _) => {
+            return Err(value_err!(
+                "delta: rotating the new keys needs rope_theta and head_dim as well"
+            )
+            .into());
+        }
+        (None, _, _) => None,
+    };
+    let delta = delta.map(delta_arg).transpose()?;
+    let mut k = tensor_list(keys, "keys")?;
+    let mut v = tensor_list(values, "values")?;
+    let nk = tensor_list(new_keys, "new_keys")?;
+    let nv = tensor_list(new_values, "new_values")?;
+    if nk.len() != nv.len() {
+        return Err(value_err!(
+            "new_values has {} layers but new_keys has {}: one of each per layer",
+            nv.len(),
+            nk.len()
+        )
+        .into());
+    }
+    let positions: Vec<i64> = match positions.extract::<i64>() {
+        // One int: the new entries go to start, start + 1, ...
+        Ok(start) if !positions.hasattr("__len__")? => {
+            let n = nk
+                .first()
+                .and_then(|t| t.view().shape().get(2).copied())
+                .unwrap_or(0) as i64;
+            (start..start + n).collect()
+        }
+        _ => int_vector_arg(positions, "positions")?,
+    };
+    crate::dispatch_float!(first_dtype(&k), T => {
+        let mut layers = layer_views::<T>(&mut k, &mut v)?;
+        let new: Vec<LayerKvRef<T>> = nk
+            .iter()
+            .zip(&nv)
+            .map(|(a, b)| {
+                Ok(LayerKvRef {
+                    keys: readable::<T, 4>(a, "[batch, kv_heads, n, head_dim]")?,
+                    values: readable::<T, 4>(b, "[batch, kv_heads, n, head_dim]")?,
+                })
+            })
+            .collect::<PyResult<_>>()?;
+        let rotate = match (&delta, &rope) {
+            (Some(d), Some(r)) => Some((d.deltas(), r)),
+            _ => None,
+        };
+        py.detach(|| core_append(&mut layers, &new, &positions, rotate))?;
+    });
+    Ok(())
+}
+
+fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize) -> PyResult<PagedLayout> {
+    let name = view.name().to_string();
+    Ok(match layout {
+        "vllm" => {
+            let (shape, strides) = fixed::<4>(
+                view,
+                "[num_blocks, kv_heads, block_size, 2 * head_dim] (layout \"vllm\")",
+            )?;
+            PagedLayout::vllm(shape, strides, head_dim, &name)?
+        }
+        "kv_blocks" => {
+            let (shape, strides) = fixed::<5>(
+                view,
+                "[2, num_blocks, block_size, kv_heads, head_dim] (layout \"kv_blocks\")",
+            )?;
+            PagedLayout::kv_blocks(shape, strides, head_dim, &name)?
+        }
+        "blocks_kv" => {
+            let (shape, strides) = fixed::<5>(
+                view,
+                "[num_blocks, 2, block_size, kv_heads, head_dim] (layout \"blocks_kv\")",
+            )?;
+            PagedLayout::blocks_kv(shape, strides, head_dim, &name)?
+        }
+        other => {
+            return Err(value_err!(
+                "layout = '{other}': expected 'vllm', 'kv_blocks' or 'blocks_kv'"
+            )
+            .into());
+        }
+    })
+}
+
+/// Gathers, re-rotates and scatters entries of a paged (vLLM) cache (see `tvc_rs.kv.paged_reinject`).
+#[pyfunction]
+#[pyo3(signature = (kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout = "vllm",
+    rotary_dim = None, interleaved = false, mrope_section = None))]
+#[allow(clippy::too_many_arguments)]
+fn paged_reinject(
+    py: Python<'_>,
+    kv_caches: &Bound<'_, PyAny>,
+    src_slots: &Bound<'_, PyAny>,
+    dst_slots: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    rope_theta: f64,
+    head_dim: i64,
+    layout: &str,
+    rotary_dim: Option<i64>,
+    interleaved: bool,
+    mrope_section: Option<Vec<i64>>,
+) -> PyResult<usize> {
+    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    let mut tensors = tensor_list(kv_caches, "kv_caches")?;
+    let src = int_vector_arg(src_slots, "src_slots")?;
+    let dst = int_vector_arg(dst_slots, "dst_slots")?;
+    let delta = delta_arg(delta)?;
+    let moved = crate::dispatch_float!(first_dtype(&tensors), T => {
+        let mut caches: Vec<PagedCache<T>> = tensors
+            .iter_mut()
+            .map(|t| {
+                let view = t.view_mut();
+                let layout = paged_layout(&view, layout, head_dim as usize)?;
+                view.expect_dtype(T::DTYPE)?;
+                view.expect_writable()?;
+                check_aligned::<T>(&view)?;
+                let name = view.name().to_string();
+                // SAFETY: the PyTensor keeps the memory alive and is borrowed mutably for the
+                // call; CPU, dtype, shape, alignment and writability are checked (overlap in
+                // `from_raw`).
+                Ok(unsafe { PagedCache::from_raw(view.data_ptr() as *mut T, layout, &name)? })
+            })
+            .collect::<PyResult<_>>()?;
+        let deltas = delta.deltas();
+        py.detach(|| core_paged(&mut caches, &src, &dst, deltas, &rope))?
+    });
+    Ok(moved)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rerotate_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(relocate_span, m)?)?;
+    m.add_function(wrap_pyfunction!(append_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_reinject, m)?)?;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod errors;
 mod kv;
 mod pvc;
 mod rope;
+pub(crate) mod tensor;
 mod triggers;
 
 #[pymodule]
@@ -19,5 +20,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rope::register(m)?;
     compress::register(m)?;
     kv::register(m)?;
+    tensor::register(m)?;
     Ok(())
 }

@@ -1,5 +1,524 @@
-use pyo3::prelude::*;
+//! Bindings of `crate::rope`: M-RoPE position ids and image token counts.
+//!
+//! The Python layer (`tvc_rs/rope.py`) hands over NumPy arrays (torch tensors already converted,
+//! C-contiguous); here dtypes and ranks are checked, the GIL is released and the core runs.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use half::{bf16, f16};
+use numpy::prelude::*;
+use numpy::{Element, PyArray1, PyArrayDyn, PyUntypedArray};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyFloat, PyInt};
+
+use crate::rope::{
+    self, BatchInput, GridThw, ImageSettings, MaskValue, ModelType, MropeConfig, PositionInt,
+    Seconds, SecondsValue, TokenId, TokenKinds, TokensPerSecond,
+};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(mrope_position_ids, m)?)?;
+    m.add_function(wrap_pyfunction!(smart_resize, m)?)?;
+    m.add_function(wrap_pyfunction!(image_grid_thw, m)?)?;
+    m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
     Ok(())
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn as_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyUntypedArray>> {
+    obj.cast::<PyUntypedArray>().cloned().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a NumPy array or a torch tensor, got {}",
+            type_name(obj)
+        ))
+    })
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    match shape {
+        [n] => format!("({n},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
+    arr.dtype().to_string()
+}
+
+/// `kind` of the array's dtype: b bool, i signed, u unsigned, f float, ...
+fn dtype_kind(arr: &Bound<'_, PyUntypedArray>) -> u8 {
+    arr.dtype().kind()
+}
+
+fn contiguous_slice<'a, T: Element>(
+    arr: &'a numpy::PyReadonlyArray<'_, T, numpy::IxDyn>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    arr.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+}
+
+fn readonly<'py, T: Element>(
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    name: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, numpy::IxDyn>> {
+    arr.try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{name} cannot be read: {e}")))
+}
+
+/// An integer array converted to int64 (a copy only when it is not int64 already).
+fn int64_array<'py>(
+    arr: &Bound<'py, PyUntypedArray>,
+    name: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    if !matches!(dtype_kind(arr), b'i' | b'u') {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must hold integers, got dtype {}",
+            dtype_str(arr)
+        )));
+    }
+    let converted = match arr.cast::<PyArrayDyn<i64>>() {
+        Ok(a) => a.clone(),
+        Err(_) => arr
+            .call_method1("astype", ("int64",))?
+            .cast_into::<PyArrayDyn<i64>>()?,
+    };
+    Ok(converted)
+}
+
+/// `(num, 3)` grids; an empty sequence (any dtype, e.g. `np.asarray([])`) means no rows.
+fn grids(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<GridThw>>> {
+    let Some(obj) = obj else { return Ok(None) };
+    let arr = as_array(obj, name)?;
+    if arr.ndim() == 1 && arr.len() == 0 {
+        return Ok(Some(Vec::new()));
+    }
+    if arr.ndim() != 2 || arr.shape()[1] != 3 {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have shape (num_{}, 3) with one (t, h, w) row per input, got shape {}",
+            if name.starts_with("image") {
+                "images"
+            } else {
+                "videos"
+            },
+            shape_str(arr.shape())
+        )));
+    }
+    let arr = int64_array(&arr, name)?;
+    let ro = readonly(&arr, name)?;
+    let values: Vec<i64> = ro.as_array().iter().copied().collect();
+    Ok(Some(
+        values
+            .chunks_exact(3)
+            .map(|r| GridThw::new(r[0], r[1], r[2]))
+            .collect(),
+    ))
+}
+
+fn torch_tensor_type<'py>(py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    // A tensor can only exist if torch is imported already; never import it here.
+    let modules = py.import("sys")?.getattr("modules")?;
+    match modules.get_item("torch") {
+        Ok(torch) => Ok(Some(torch.getattr("Tensor")?)),
+        Err(_) => Ok(None),
+    }
+}
+
+fn seconds_value(
+    dtype: &str,
+    value: &Bound<'_, PyAny>,
+    from_tensor: bool,
+    index: usize,
+) -> PyResult<Seconds> {
+    let value = match dtype {
+        "float16" => SecondsValue::F16(f16::from_f64(value.extract::<f64>()?)),
+        "bfloat16" => SecondsValue::BF16(bf16::from_f64(value.extract::<f64>()?)),
+        "float32" => SecondsValue::F32(value.extract::<f64>()? as f32),
+        "float64" => SecondsValue::F64(value.extract::<f64>()?),
+        "bool" | "int8" | "int16" | "int32" | "int64" | "uint8" | "uint16" | "uint32"
+        | "uint64" => SecondsValue::Int(value.extract::<i64>()?),
+        other => {
+            return Err(PyTypeError::new_err(format!(
+                "second_per_grid_ts[{index}] has dtype {other}; expected a float or integer dtype"
+            )))
+        }
+    };
+    Ok(Seconds { value, from_tensor })
+}
+
+/// `second_per_grid_ts` with each value's dtype and origin, which decide the arithmetic that
+/// transformers ends up doing with it (see `crate::rope::time`).
+fn seconds_list(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<Seconds>>> {
+    let Some(obj) = obj else { return Ok(None) };
+    let tensor_type = torch_tensor_type(py)?;
+    let is_tensor = |o: &Bound<'_, PyAny>| -> PyResult<bool> {
+        match &tensor_type {
+            Some(t) => o.is_instance(t),
+            None => Ok(false),
+        }
+    };
+    let one_d = |shape: Vec<usize>| -> PyResult<()> {
+        if shape.len() != 1 {
+            return Err(PyValueError::new_err(format!(
+                "second_per_grid_ts must be 1-D (num_videos,), got shape {}",
+                shape_str(&shape)
+            )));
+        }
+        Ok(())
+    };
+    if is_tensor(obj)? {
+        one_d(obj.getattr("shape")?.extract::<Vec<usize>>()?)?;
+        let dtype = obj.getattr("dtype")?.str()?.to_string();
+        let dtype = dtype.trim_start_matches("torch.");
+        let values = obj.call_method0("tolist")?;
+        return values
+            .try_iter()?
+            .enumerate()
+            .map(|(i, v)| seconds_value(dtype, &v?, true, i))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Some);
+    }
+    if let Ok(arr) = obj.cast::<PyUntypedArray>() {
+        one_d(arr.shape().to_vec())?;
+        let dtype = dtype_str(arr);
+        let values = arr.call_method0("tolist")?;
+        return values
+            .try_iter()?
+            .enumerate()
+            .map(|(i, v)| seconds_value(&dtype, &v?, false, i))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Some);
+    }
+    let numpy_generic = py.import("numpy")?.getattr("generic")?;
+    let items = obj.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "second_per_grid_ts must be a tensor, an array or a sequence of numbers, got {}",
+            type_name(obj)
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (i, item) in items.enumerate() {
+        let item = item?;
+        let seconds = if is_tensor(&item)? {
+            let dtype = item.getattr("dtype")?.str()?.to_string();
+            seconds_value(
+                dtype.trim_start_matches("torch."),
+                &item.call_method0("item")?,
+                true,
+                i,
+            )?
+        } else if item.is_instance(&numpy_generic)? {
+            let dtype = item.getattr("dtype")?.str()?.to_string();
+            seconds_value(&dtype, &item.call_method0("item")?, false, i)?
+        } else if item.is_instance_of::<PyBool>() || item.is_instance_of::<PyInt>() {
+            Seconds {
+                value: SecondsValue::Int(item.extract::<i64>()?),
+                from_tensor: false,
+            }
+        } else if item.is_instance_of::<PyFloat>() {
+            Seconds::python_float(item.extract::<f64>()?)
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "second_per_grid_ts[{i}] must be a number, got {}",
+                type_name(&item)
+            )));
+        };
+        out.push(seconds);
+    }
+    Ok(Some(out))
+}
+
+fn tokens_per_second(
+    obj: Option<&Bound<'_, PyAny>>,
+    model_type: ModelType,
+) -> PyResult<TokensPerSecond> {
+    let Some(obj) = obj else {
+        return Ok(match model_type {
+            ModelType::Qwen2Vl => MropeConfig::qwen2_vl().tokens_per_second,
+            ModelType::Qwen2_5Vl => MropeConfig::qwen2_5_vl().tokens_per_second,
+        });
+    };
+    if obj.is_instance_of::<PyInt>() {
+        return Ok(TokensPerSecond::Int(obj.extract::<i64>()?));
+    }
+    if let Ok(arr) = obj
+        .getattr("dtype")
+        .and_then(|d| d.getattr("kind"))
+        .and_then(|k| k.extract::<String>())
+    {
+        if arr == "i" || arr == "u" || arr == "b" {
+            return Ok(TokensPerSecond::Int(obj.extract::<i64>()?));
+        }
+    }
+    obj.extract::<f64>()
+        .map(TokensPerSecond::Float)
+        .map_err(|_| {
+            PyTypeError::new_err(format!(
+                "tokens_per_second must be an int or a float, got {}",
+                type_name(obj)
+            ))
+        })
+}
+
+/// The arrays and settings of one call, checked, ready for the core.
+struct Prepared {
+    batch: usize,
+    seq: usize,
+    images: Option<Vec<GridThw>>,
+    videos: Option<Vec<GridThw>>,
+    seconds: Option<Vec<Seconds>>,
+    cfg: MropeConfig,
+}
+
+fn compute<'py, I, M>(
+    py: Python<'py>,
+    ids: &[I],
+    mask: Option<&[M]>,
+    types: Option<&[i64]>,
+    p: &Prepared,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)>
+where
+    I: TokenId + PositionInt + Element,
+    M: MaskValue,
+{
+    let input = BatchInput {
+        input_ids: ids,
+        batch: p.batch,
+        seq: p.seq,
+        kinds: types.map_or(TokenKinds::FromIds, TokenKinds::TypeIds),
+        attention_mask: mask,
+        image_grid_thw: p.images.as_deref(),
+        video_grid_thw: p.videos.as_deref(),
+        second_per_grid_ts: p.seconds.as_deref(),
+    };
+    let cfg = p.cfg;
+    let (positions, deltas) = py.detach(|| -> crate::Result<(Vec<I>, Vec<i64>)> {
+        let mut positions = vec![I::default(); 3 * p.batch * p.seq];
+        let mut deltas = vec![0i64; p.batch];
+        rope::batch_positions(&input, &cfg, &mut positions, &mut deltas)?;
+        Ok((positions, deltas))
+    })?;
+    let positions = PyArray1::from_vec(py, positions)
+        .reshape([3, p.batch, p.seq])?
+        .into_any();
+    let deltas = PyArray1::from_vec(py, deltas)
+        .reshape([p.batch, 1])?
+        .into_any();
+    Ok((positions, deltas))
+}
+
+fn with_mask<'py, I>(
+    py: Python<'py>,
+    ids: &[I],
+    mask: Option<&Bound<'py, PyUntypedArray>>,
+    types: Option<&[i64]>,
+    p: &Prepared,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)>
+where
+    I: TokenId + PositionInt + Element,
+{
+    let Some(mask) = mask else {
+        return compute::<I, bool>(py, ids, None, types, p);
+    };
+    macro_rules! try_mask {
+        ($($t:ty),*) => {$(
+            if let Ok(m) = mask.cast::<PyArrayDyn<$t>>() {
+                let ro = readonly(m, "attention_mask")?;
+                return compute::<I, $t>(py, ids, Some(contiguous_slice(&ro, "attention_mask")?), types, p);
+            }
+        )*};
+    }
+    try_mask!(bool, i64, i32, u8, f32, f64);
+    // Any other numeric dtype: non-zero means kept, as `tensor.bool()`.
+    if matches!(dtype_kind(mask), b'b' | b'i' | b'u' | b'f') {
+        let converted = mask
+            .call_method1("astype", ("bool",))?
+            .cast_into::<PyArrayDyn<bool>>()?;
+        let ro = readonly(&converted, "attention_mask")?;
+        return compute::<I, bool>(
+            py,
+            ids,
+            Some(contiguous_slice(&ro, "attention_mask")?),
+            types,
+            p,
+        );
+    }
+    Err(PyTypeError::new_err(format!(
+        "attention_mask must hold booleans, integers or floats, got dtype {}",
+        dtype_str(mask)
+    )))
+}
+
+/// Native part of `tvc_rs.mrope_position_ids` (arguments already NumPy, settings resolved).
+#[pyfunction]
+#[pyo3(signature = (
+    input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
+    mm_token_type_ids=None, second_per_grid_ts=None, model_type="qwen2_vl", spatial_merge_size=2,
+    image_token_id=151655, video_token_id=151656, tokens_per_second=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn mrope_position_ids<'py>(
+    py: Python<'py>,
+    input_ids: &Bound<'py, PyAny>,
+    image_grid_thw: Option<&Bound<'py, PyAny>>,
+    video_grid_thw: Option<&Bound<'py, PyAny>>,
+    attention_mask: Option<&Bound<'py, PyAny>>,
+    mm_token_type_ids: Option<&Bound<'py, PyAny>>,
+    second_per_grid_ts: Option<&Bound<'py, PyAny>>,
+    model_type: &str,
+    spatial_merge_size: i64,
+    image_token_id: i64,
+    video_token_id: i64,
+    tokens_per_second: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let model_type = ModelType::parse(model_type)?;
+    let cfg = MropeConfig {
+        model_type,
+        spatial_merge_size,
+        image_token_id,
+        video_token_id,
+        tokens_per_second: self::tokens_per_second(tokens_per_second, model_type)?,
+    };
+
+    let ids = as_array(input_ids, "input_ids")?;
+    if ids.ndim() != 2 {
+        return Err(PyValueError::new_err(format!(
+            "input_ids must have shape (batch, seq), got shape {}",
+            shape_str(ids.shape())
+        )));
+    }
+    let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
+    let same_shape = |arr: &Bound<'py, PyUntypedArray>, name: &str| -> PyResult<()> {
+        if arr.shape() != ids.shape() {
+            return Err(PyValueError::new_err(format!(
+                "{name} must have the shape of input_ids {}, got shape {}",
+                shape_str(ids.shape()),
+                shape_str(arr.shape())
+            )));
+        }
+        Ok(())
+    };
+    let mask = attention_mask
+        .map(|m| as_array(m, "attention_mask"))
+        .transpose()?;
+    if let Some(mask) = &mask {
+        same_shape(mask, "attention_mask")?;
+    }
+    let types = match mm_token_type_ids {
+        Some(t) => {
+            let arr = as_array(t, "mm_token_type_ids")?;
+            same_shape(&arr, "mm_token_type_ids")?;
+            Some(int64_array(&arr, "mm_token_type_ids")?)
+        }
+        None => None,
+    };
+    let types_ro = types
+        .as_ref()
+        .map(|t| readonly(t, "mm_token_type_ids"))
+        .transpose()?;
+    let types_slice = types_ro
+        .as_ref()
+        .map(|t| contiguous_slice(t, "mm_token_type_ids"))
+        .transpose()?;
+
+    let prepared = Prepared {
+        batch,
+        seq,
+        images: grids(image_grid_thw, "image_grid_thw")?,
+        videos: grids(video_grid_thw, "video_grid_thw")?,
+        seconds: seconds_list(py, second_per_grid_ts)?,
+        cfg,
+    };
+    if let Ok(a) = ids.cast::<PyArrayDyn<i64>>() {
+        let ro = readonly(a, "input_ids")?;
+        return with_mask(
+            py,
+            contiguous_slice(&ro, "input_ids")?,
+            mask.as_ref(),
+            types_slice,
+            &prepared,
+        );
+    }
+    if let Ok(a) = ids.cast::<PyArrayDyn<i32>>() {
+        let ro = readonly(a, "input_ids")?;
+        return with_mask(
+            py,
+            contiguous_slice(&ro, "input_ids")?,
+            mask.as_ref(),
+            types_slice,
+            &prepared,
+        );
+    }
+    Err(PyTypeError::new_err(format!(
+        "input_ids must be int32 or int64, got dtype {}",
+        dtype_str(&ids)
+    )))
+}
+
+/// Native `tvc_rs.smart_resize`.
+#[pyfunction]
+#[pyo3(signature = (height, width, *, factor=28, min_pixels=3136, max_pixels=1003520))]
+fn smart_resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> PyResult<(i64, i64)> {
+    Ok(rope::smart_resize(
+        height, width, factor, min_pixels, max_pixels,
+    )?)
+}
+
+/// Native `tvc_rs.image_grid_thw`.
+#[pyfunction]
+#[pyo3(signature = (height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520))]
+fn image_grid_thw(
+    height: i64,
+    width: i64,
+    patch_size: i64,
+    merge_size: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> PyResult<(i64, i64, i64)> {
+    let settings = ImageSettings {
+        patch_size,
+        merge_size,
+        min_pixels,
+        max_pixels,
+    };
+    let [t, h, w] = rope::image_grid_thw(height, width, &settings)?;
+    Ok((t, h, w))
+}
+
+/// Native `tvc_rs.image_token_count`.
+#[pyfunction]
+#[pyo3(signature = (height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520))]
+fn image_token_count(
+    height: i64,
+    width: i64,
+    patch_size: i64,
+    merge_size: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> PyResult<i64> {
+    let settings = ImageSettings {
+        patch_size,
+        merge_size,
+        min_pixels,
+        max_pixels,
+    };
+    Ok(rope::image_token_count(height, width, &settings)?)
 }

@@ -1,0 +1,593 @@
+//! Tensor interop through DLPack: NumPy arrays, PyTorch tensors (and anything else with
+//! `__dlpack__`) come in as [`PyTensor`]s without a copy; results go out as [`Buffer`]s,
+//! which Python turns into NumPy arrays or torch tensors with `np.from_dlpack` /
+//! `torch.from_dlpack`, again without a copy.
+//!
+//! Import: `obj.__dlpack__(stream=None, max_version=(1, 0))` (falling back to the legacy call
+//! for producers that do not take `max_version`), the capsule renamed to `used_dltensor[_versioned]`
+//! as the protocol asks, and the producer's deleter called when the `PyTensor` is dropped.
+//! Versioned capsules carry NumPy's read-only flag; legacy producers cannot export read-only
+//! arrays at all.
+//!
+//! Export: a `Buffer` shares its `OwnedTensor` (an `Arc`) with every capsule it hands out, so the
+//! memory lives as long as the last array made from it, and the deleter needs no GIL.
+
+// Shared by every capability's bindings; not each helper is used by each build of the module.
+#![allow(dead_code)]
+
+use std::ffi::{c_void, CStr};
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyBufferError, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::dtype::DType;
+use crate::tensor::{contiguous_strides, dtype_list, Device, OwnedTensor, TensorView};
+use crate::{type_err, value_err};
+
+/// Float dtypes of data arguments.
+pub const FLOAT_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// Integer dtypes of index arguments.
+pub const INDEX_DTYPES: &[DType] = &[DType::I32, DType::I64];
+
+// ---- DLPack ABI (dlpack.h, v1.x; the legacy struct is the v0.x one) ----
+
+const DL_CPU: i32 = 1;
+const DL_CUDA: i32 = 2;
+const DL_CUDA_HOST: i32 = 3;
+const DL_CUDA_MANAGED: i32 = 13;
+
+const DL_INT: u8 = 0;
+const DL_UINT: u8 = 1;
+const DL_FLOAT: u8 = 2;
+const DL_BFLOAT: u8 = 4;
+const DL_COMPLEX: u8 = 5;
+const DL_BOOL: u8 = 6;
+
+const FLAG_READ_ONLY: u64 = 1 << 0;
+const FLAG_IS_COPIED: u64 = 1 << 1;
+
+const NAME_LEGACY: &CStr = c"dltensor";
+const NAME_VERSIONED: &CStr = c"dltensor_versioned";
+const NAME_USED_LEGACY: &CStr = c"used_dltensor";
+const NAME_USED_VERSIONED: &CStr = c"used_dltensor_versioned";
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DLDevice {
+    pub device_type: i32,
+    pub device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DLDataType {
+    pub code: u8,
+    pub bits: u8,
+    pub lanes: u16,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+pub struct DLTensor {
+    pub data: *mut c_void,
+    pub device: DLDevice,
+    pub ndim: i32,
+    pub dtype: DLDataType,
+    pub shape: *mut i64,
+    /// In elements; null means row-major (legacy producers).
+    pub strides: *mut i64,
+    pub byte_offset: u64,
+}
+
+#[repr(C)]
+pub struct DLManagedTensor {
+    pub dl_tensor: DLTensor,
+    pub manager_ctx: *mut c_void,
+    pub deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DLPackVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+#[repr(C)]
+pub struct DLManagedTensorVersioned {
+    pub version: DLPackVersion,
+    pub manager_ctx: *mut c_void,
+    pub deleter: Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned)>,
+    pub flags: u64,
+    pub dl_tensor: DLTensor,
+}
+
+fn dtype_from_dl(dtype: DLDataType) -> Result<DType, String> {
+    let known = match (dtype.code, dtype.bits, dtype.lanes) {
+        (DL_FLOAT, 32, 1) => Some(DType::F32),
+        (DL_FLOAT, 16, 1) => Some(DType::F16),
+        (DL_BFLOAT, 16, 1) => Some(DType::BF16),
+        (DL_INT, 32, 1) => Some(DType::I32),
+        (DL_INT, 64, 1) => Some(DType::I64),
+        _ => None,
+    };
+    known.ok_or_else(|| {
+        let kind = match dtype.code {
+            DL_INT => "int",
+            DL_UINT => "uint",
+            DL_FLOAT => "float",
+            DL_BFLOAT => "bfloat",
+            DL_COMPLEX => "complex",
+            DL_BOOL => return "bool".to_string(),
+            code => return format!("DLPack dtype code {code} ({} bits)", dtype.bits),
+        };
+        if dtype.lanes == 1 {
+            format!("{kind}{}", dtype.bits)
+        } else {
+            format!("{kind}{}x{}", dtype.bits, dtype.lanes)
+        }
+    })
+}
+
+fn dl_dtype(dtype: DType) -> DLDataType {
+    let (code, bits) = match dtype {
+        DType::F32 => (DL_FLOAT, 32),
+        DType::F16 => (DL_FLOAT, 16),
+        DType::BF16 => (DL_BFLOAT, 16),
+        DType::I32 => (DL_INT, 32),
+        DType::I64 => (DL_INT, 64),
+    };
+    DLDataType { code, bits, lanes: 1 }
+}
+
+fn device_from_dl(device: DLDevice) -> Device {
+    match device.device_type {
+        // Pinned host memory is ordinary CPU memory for reading and writing.
+        DL_CPU | DL_CUDA_HOST => Device::Cpu,
+        DL_CUDA | DL_CUDA_MANAGED => Device::Cuda(device.device_id),
+        other => Device::Other { device_type: other, id: device.device_id },
+    }
+}
+
+// ---- import ----
+
+enum Managed {
+    Legacy(*mut DLManagedTensor),
+    Versioned(*mut DLManagedTensorVersioned),
+}
+
+/// A tensor argument imported through DLPack: the consumed capsule's tensor and a view of it.
+///
+/// Read with [`PyTensor::view`]; write in place with [`PyTensor::view_mut`] (which refuses
+/// read-only arrays). Dropping it calls the producer's deleter, so keep it alive as long as
+/// any slice of it is in use (slices borrow it, so the compiler checks that).
+pub struct PyTensor {
+    managed: Managed,
+    /// Lifetime erased; only handed out re-borrowed from `&self` / `&mut self`.
+    view: TensorView<'static>,
+}
+
+impl Drop for PyTensor {
+    fn drop(&mut self) {
+        // SAFETY: we consumed the capsule, so calling the deleter once is ours to do.
+        unsafe {
+            match self.managed {
+                Managed::Legacy(ptr) => {
+                    if let Some(deleter) = (*ptr).deleter {
+                        deleter(ptr)
+                    }
+                }
+                Managed::Versioned(ptr) => {
+                    if let Some(deleter) = (*ptr).deleter {
+                        deleter(ptr)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl PyTensor {
+    /// Import `obj` (any object with `__dlpack__`) as argument `name`, accepting `dtypes`.
+    ///
+    /// Errors name the argument: not an array (TypeError), a dtype not in `dtypes` (TypeError),
+    /// a tensor the producer refuses to export (ValueError, e.g. one that requires grad).
+    /// The device is not checked here: call `view().expect_cpu()` (CPU kernels) or dispatch on
+    /// `view().device()`.
+    pub fn extract(obj: &Bound<'_, PyAny>, name: &str, dtypes: &[DType]) -> PyResult<PyTensor> {
+        Self::extract_with_stream(obj, name, dtypes, None)
+    }
+
+    /// As [`PyTensor::extract`], passing `stream` to `__dlpack__` (for CUDA producers: the
+    /// consumer's stream, so that the producer orders its work before ours).
+    pub fn extract_with_stream(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        dtypes: &[DType],
+        stream: Option<isize>,
+    ) -> PyResult<PyTensor> {
+        let py = obj.py();
+        if !obj.hasattr("__dlpack__")? {
+            return Err(type_err!(
+                "{name}: expected a NumPy array or a torch tensor (an object with __dlpack__), got {}",
+                type_name(obj)
+            )
+            .into());
+        }
+        let export_failed = |err: PyErr| -> PyErr {
+            value_err!("{name}: cannot be read through DLPack: {}", err.value(py)).into()
+        };
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("stream", stream)?;
+        kwargs.set_item("max_version", (1u32, 0u32))?;
+        let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+            Ok(capsule) => capsule,
+            // Producers older than DLPack 1.0 do not know `max_version`.
+            Err(err) if err.is_instance_of::<PyTypeError>(py) => {
+                kwargs.del_item("max_version")?;
+                obj.call_method("__dlpack__", (), Some(&kwargs)).map_err(export_failed)?
+            }
+            Err(err) => return Err(export_failed(err)),
+        };
+        // SAFETY: the capsule checks below make sure of the pointer's type before use.
+        let managed = unsafe { consume_capsule(&capsule) }
+            .ok_or_else(|| type_err!("{name}: __dlpack__ returned {}, not a DLPack capsule", type_name(&capsule)))?;
+        // From here on, dropping `guard` calls the producer's deleter.
+        let mut guard = PyTensor { managed, view: TensorView::from_slice::<f32>("", &[], &[0]).expect("empty") };
+        let (tensor, readonly) = match guard.managed {
+            // SAFETY: valid until the deleter runs (when `guard` drops).
+            Managed::Legacy(ptr) => unsafe { (&(*ptr).dl_tensor, false) },
+            Managed::Versioned(ptr) => unsafe {
+                if (*ptr).version.major != 1 {
+                    return Err(value_err!(
+                        "{name}: unsupported DLPack version {}.{} (expected 1.x)",
+                        (*ptr).version.major,
+                        (*ptr).version.minor
+                    )
+                    .into());
+                }
+                (&(*ptr).dl_tensor, (*ptr).flags & FLAG_READ_ONLY != 0)
+            },
+        };
+        let dtype = dtype_from_dl(tensor.dtype)
+            .ok()
+            .filter(|dtype| dtypes.contains(dtype))
+            .ok_or_else(|| {
+                let got = dtype_from_dl(tensor.dtype).map(|d| d.name().to_string()).unwrap_or_else(|name| name);
+                type_err!("{name}: expected dtype {}, got {got}", dtype_list(dtypes))
+            })?;
+        let ndim = usize::try_from(tensor.ndim).map_err(|_| value_err!("{name}: negative DLPack ndim"))?;
+        // SAFETY: DLPack gives `ndim` shape entries and, when not null, `ndim` strides.
+        let shape_i64: &[i64] = if ndim == 0 { &[] } else { unsafe { std::slice::from_raw_parts(tensor.shape, ndim) } };
+        let shape: Vec<usize> = shape_i64
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| value_err!("{name}: negative dimension in DLPack shape")))
+            .collect::<Result<_, _>>()?;
+        let strides: Vec<isize> = if tensor.strides.is_null() || ndim == 0 {
+            contiguous_strides(&shape)
+        } else {
+            // SAFETY: see above.
+            unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }.iter().map(|&s| s as isize).collect()
+        };
+        let ptr = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
+        let device = device_from_dl(tensor.device);
+        // SAFETY: the producer's memory stays valid until the deleter runs in `Drop`; the view
+        // is only handed out borrowed from the PyTensor.
+        guard.view = unsafe { TensorView::from_raw_parts(name, ptr, dtype, shape, strides, device, readonly, true) };
+        Ok(guard)
+    }
+
+    /// A read-only view, borrowed from `self`.
+    pub fn view(&self) -> TensorView<'_> {
+        self.view.reborrow()
+    }
+
+    /// A view that may write in place (`as_mut_slice` refuses read-only arrays), borrowing
+    /// `self` exclusively.
+    pub fn view_mut(&mut self) -> TensorView<'_> {
+        self.view.reborrow_mut()
+    }
+}
+
+/// Take the DLManagedTensor out of a fresh capsule and mark the capsule used.
+unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
+    let raw = capsule.as_ptr();
+    if ffi::PyCapsule_IsValid(raw, NAME_VERSIONED.as_ptr()) == 1 {
+        let ptr = ffi::PyCapsule_GetPointer(raw, NAME_VERSIONED.as_ptr()) as *mut DLManagedTensorVersioned;
+        if ptr.is_null() || ffi::PyCapsule_SetName(raw, NAME_USED_VERSIONED.as_ptr()) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        return Some(Managed::Versioned(ptr));
+    }
+    if ffi::PyCapsule_IsValid(raw, NAME_LEGACY.as_ptr()) == 1 {
+        let ptr = ffi::PyCapsule_GetPointer(raw, NAME_LEGACY.as_ptr()) as *mut DLManagedTensor;
+        if ptr.is_null() || ffi::PyCapsule_SetName(raw, NAME_USED_LEGACY.as_ptr()) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        return Some(Managed::Legacy(ptr));
+    }
+    None
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
+}
+
+/// An integer argument given as an int32/int64 array or a Python sequence of ints, as `i64`s:
+/// `indices`-like arguments. Arrays must be 1-D (any strides); `name` is used in errors.
+pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+    if obj.hasattr("__dlpack__")? {
+        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
+        let view = tensor.view();
+        view.expect_cpu()?;
+        view.expect_rank(1, "")?;
+        return Ok(match view.dtype() {
+            DType::I32 => view.strided::<i32>()?.to_contiguous().iter().map(|&v| v as i64).collect(),
+            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+        });
+    }
+    obj.extract::<Vec<i64>>().map_err(|_| {
+        type_err!("{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}", type_name(obj)).into()
+    })
+}
+
+/// A table of integers with `cols` columns (e.g. `grid_thw`, `[n, 3]`) given as an int32/int64
+/// array `[n, cols]` or a sequence of `cols`-sequences of ints; `layout` names the columns in
+/// errors (`"[n, 3] of (t, h, w)"`).
+pub fn int_table_arg(obj: &Bound<'_, PyAny>, name: &str, cols: usize, layout: &str) -> PyResult<Vec<Vec<i64>>> {
+    if obj.hasattr("__dlpack__")? {
+        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
+        let view = tensor.view();
+        view.expect_cpu()?;
+        view.expect_rank(2, layout)?;
+        if view.dim(1) != cols {
+            return Err(value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into());
+        }
+        let flat: Vec<i64> = match view.dtype() {
+            DType::I32 => view.strided::<i32>()?.to_contiguous().iter().map(|&v| v as i64).collect(),
+            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+        };
+        return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
+    }
+    let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
+        PyErr::from(type_err!(
+            "{name}: expected an int32/int64 array {layout} or a sequence of {cols}-tuples of ints, got {}",
+            type_name(obj)
+        ))
+    })?;
+    if let Some((i, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != cols) {
+        return Err(value_err!("{name}[{i}] has {} entries, expected {cols} ({layout})", row.len()).into());
+    }
+    Ok(rows)
+}
+
+// ---- export ----
+
+/// A Rust-owned result, handed to Python through DLPack.
+///
+/// `np.from_dlpack(buffer)` and `torch.from_dlpack(buffer)` give an array / tensor sharing its
+/// memory (no copy); the memory is freed when the last of them goes. bfloat16 buffers can only
+/// become torch tensors (NumPy has no bfloat16).
+#[pyclass(frozen, module = "tvc_rs._native", name = "Buffer")]
+pub struct Buffer {
+    tensor: Arc<OwnedTensor>,
+}
+
+impl Buffer {
+    pub fn new(tensor: OwnedTensor) -> Self {
+        Buffer { tensor: Arc::new(tensor) }
+    }
+
+    pub fn tensor(&self) -> &OwnedTensor {
+        &self.tensor
+    }
+}
+
+impl From<OwnedTensor> for Buffer {
+    fn from(tensor: OwnedTensor) -> Self {
+        Buffer::new(tensor)
+    }
+}
+
+/// What a capsule's DLManagedTensor points into; freed by the deleter.
+struct ExportContext {
+    _tensor: Arc<OwnedTensor>,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+}
+
+#[repr(C)]
+struct LegacyExport {
+    managed: DLManagedTensor,
+    context: ExportContext,
+}
+
+#[repr(C)]
+struct VersionedExport {
+    managed: DLManagedTensorVersioned,
+    context: ExportContext,
+}
+
+unsafe extern "C" fn delete_legacy(managed: *mut DLManagedTensor) {
+    // SAFETY: `managed` is the first field of a boxed LegacyExport made in `__dlpack__`.
+    drop(Box::from_raw(managed as *mut LegacyExport));
+}
+
+unsafe extern "C" fn delete_versioned(managed: *mut DLManagedTensorVersioned) {
+    // SAFETY: as above, for VersionedExport.
+    drop(Box::from_raw(managed as *mut VersionedExport));
+}
+
+/// Frees a capsule nobody consumed (its name is still `dltensor`).
+unsafe extern "C" fn legacy_capsule_destructor(capsule: *mut ffi::PyObject) {
+    if ffi::PyCapsule_IsValid(capsule, NAME_LEGACY.as_ptr()) == 1 {
+        let managed = ffi::PyCapsule_GetPointer(capsule, NAME_LEGACY.as_ptr()) as *mut DLManagedTensor;
+        if let Some(deleter) = (*managed).deleter {
+            deleter(managed);
+        }
+    }
+}
+
+unsafe extern "C" fn versioned_capsule_destructor(capsule: *mut ffi::PyObject) {
+    if ffi::PyCapsule_IsValid(capsule, NAME_VERSIONED.as_ptr()) == 1 {
+        let managed = ffi::PyCapsule_GetPointer(capsule, NAME_VERSIONED.as_ptr()) as *mut DLManagedTensorVersioned;
+        if let Some(deleter) = (*managed).deleter {
+            deleter(managed);
+        }
+    }
+}
+
+#[pymethods]
+impl Buffer {
+    /// DLPack export (array API standard): a versioned capsule when the consumer asks for
+    /// DLPack >= 1.0 (`max_version`), else a legacy one. CPU only; `copy=True` copies.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = stream; // CPU memory: nothing to synchronise.
+        if let Some((device_type, device_id)) = dl_device {
+            if device_type != DL_CPU {
+                return Err(PyBufferError::new_err(format!(
+                    "tvc_rs Buffer lives on the CPU and cannot be exported to DLPack device ({device_type}, {device_id})"
+                )));
+            }
+        }
+        let tensor = if copy == Some(true) { Arc::new((*self.tensor).clone()) } else { Arc::clone(&self.tensor) };
+        let shape: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
+        let strides: Vec<i64> = contiguous_strides(tensor.shape()).iter().map(|&s| s as i64).collect();
+        let dl_tensor = DLTensor {
+            data: tensor.as_ptr() as *mut c_void,
+            device: DLDevice { device_type: DL_CPU, device_id: 0 },
+            ndim: shape.len() as i32,
+            dtype: dl_dtype(tensor.dtype()),
+            shape: std::ptr::null_mut(),
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        };
+        let context = ExportContext { _tensor: tensor, shape, strides };
+        let versioned = matches!(max_version, Some((major, _)) if major >= 1);
+        // The Vecs' heap buffers do not move when the box is made, so the pointers stay valid.
+        let (pointer, name, destructor): (*mut c_void, &CStr, ffi::PyCapsule_Destructor) = if versioned {
+            let mut export = Box::new(VersionedExport {
+                managed: DLManagedTensorVersioned {
+                    version: DLPackVersion { major: 1, minor: 0 },
+                    manager_ctx: std::ptr::null_mut(),
+                    deleter: Some(delete_versioned),
+                    flags: if copy == Some(true) { FLAG_IS_COPIED } else { 0 },
+                    dl_tensor,
+                },
+                context,
+            });
+            export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
+            export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
+            let raw = Box::into_raw(export);
+            // SAFETY: just allocated.
+            unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
+            (raw as *mut c_void, NAME_VERSIONED, versioned_capsule_destructor)
+        } else {
+            let mut export = Box::new(LegacyExport {
+                managed: DLManagedTensor { dl_tensor, manager_ctx: std::ptr::null_mut(), deleter: Some(delete_legacy) },
+                context,
+            });
+            export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
+            export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
+            let raw = Box::into_raw(export);
+            // SAFETY: just allocated.
+            unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
+            (raw as *mut c_void, NAME_LEGACY, legacy_capsule_destructor)
+        };
+        // SAFETY: `pointer` is a boxed export whose first field is the managed tensor; the
+        // destructor frees it unless a consumer renamed the capsule (and then owns it).
+        unsafe {
+            let capsule = ffi::PyCapsule_New(pointer, name.as_ptr(), Some(destructor));
+            if capsule.is_null() {
+                if versioned {
+                    delete_versioned(pointer as *mut DLManagedTensorVersioned);
+                } else {
+                    delete_legacy(pointer as *mut DLManagedTensor);
+                }
+            }
+            Bound::from_owned_ptr_or_err(py, capsule)
+        }
+    }
+
+    /// `(kDLCPU, 0)`
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        (DL_CPU, 0)
+    }
+
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.tensor.shape())
+    }
+
+    /// `"float32"`, `"float16"`, `"bfloat16"`, `"int32"` or `"int64"`.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.tensor.dtype().name()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Buffer(shape={}, dtype={})",
+            crate::tensor::tuple_str(self.tensor.shape()),
+            self.tensor.dtype().name()
+        )
+    }
+}
+
+/// Hand a result to Python as a [`Buffer`].
+pub fn buffer<'py>(py: Python<'py>, tensor: OwnedTensor) -> PyResult<Bound<'py, Buffer>> {
+    Bound::new(py, Buffer::new(tensor))
+}
+
+/// `_tensor_info(x, name="x")`: what the interop reads from an array (for tests and debugging).
+#[pyfunction]
+#[pyo3(signature = (x, name = "x"))]
+fn _tensor_info<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+    let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
+    let tensor = PyTensor::extract(x, name, &all)?;
+    let view = tensor.view();
+    let info = PyDict::new(py);
+    info.set_item("dtype", view.dtype().name())?;
+    info.set_item("shape", PyTuple::new(py, view.shape())?)?;
+    info.set_item("strides", PyTuple::new(py, view.strides())?)?;
+    info.set_item("device", view.device().to_string())?;
+    info.set_item("readonly", view.is_readonly())?;
+    info.set_item("contiguous", view.is_contiguous())?;
+    info.set_item("data_ptr", view.data_ptr() as usize)?;
+    Ok(info)
+}
+
+/// `_tensor_copy(x)`: a row-major copy of any CPU array as a Buffer (exercises the strided
+/// reader and the export; for tests).
+#[pyfunction]
+fn _tensor_copy<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Buffer>> {
+    let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
+    let tensor = PyTensor::extract(x, "x", &all)?;
+    let view = tensor.view();
+    view.expect_cpu()?;
+    let shape = view.shape().to_vec();
+    let owned = crate::dispatch_dtype!(view.dtype(), T => {
+        OwnedTensor::new(view.strided::<T>()?.to_contiguous().into_owned(), shape)?
+    });
+    buffer(py, owned)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Buffer>()?;
+    m.add_function(wrap_pyfunction!(_tensor_info, m)?)?;
+    m.add_function(wrap_pyfunction!(_tensor_copy, m)?)?;
+    Ok(())
+}

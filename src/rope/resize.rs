@@ -1,0 +1,140 @@
+//! Qwen2-VL's image resizing rule and the token count it implies, as transformers 5.24's
+//! `Qwen2VLImageProcessor` (torchvision backend) and `Qwen2VLImageProcessorPil` apply it: both
+//! call the same `smart_resize(height, width, factor=patch_size * merge_size,
+//! min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])`.
+//!
+//! The float operations are those of the Python function, in the same order, in f64 (Python's
+//! `float`); `round` is Python's round-half-to-even. Integer ratios are exact in f64 as long as
+//! the operands stay below 2^53, which is checked.
+
+use crate::error::Result;
+use crate::value_err;
+
+/// 2^53: integers up to here are exact in f64, so Python's `int / int` equals the f64 quotient.
+const EXACT_F64_INT: i128 = 1 << 53;
+
+/// The settings of the image processor that decide the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageSettings {
+    /// `patch_size` (14).
+    pub patch_size: i64,
+    /// `merge_size` (2): `merge_size x merge_size` patches become one token.
+    pub merge_size: i64,
+    /// `size["shortest_edge"]`, alias `min_pixels` (56 * 56 = 3136).
+    pub min_pixels: i64,
+    /// `size["longest_edge"]`, alias `max_pixels` (28 * 28 * 1280 = 1003520).
+    pub max_pixels: i64,
+}
+
+impl Default for ImageSettings {
+    /// `Qwen2VLImageProcessor()`'s defaults (also those of Qwen2-VL's preprocessor_config.json).
+    fn default() -> Self {
+        ImageSettings {
+            patch_size: 14,
+            merge_size: 2,
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 1280,
+        }
+    }
+}
+
+impl ImageSettings {
+    /// `patch_size * merge_size`: both sides of the resized image are multiples of it.
+    pub fn factor(&self) -> Result<i64> {
+        positive("patch_size", self.patch_size)?;
+        positive("merge_size", self.merge_size)?;
+        self.patch_size
+            .checked_mul(self.merge_size)
+            .filter(|&f| (f as i128) < EXACT_F64_INT)
+            .ok_or_else(|| {
+                value_err!(
+                    "patch_size * merge_size must be < 2**53, got {} * {}",
+                    self.patch_size,
+                    self.merge_size
+                )
+            })
+    }
+}
+
+fn positive(name: &str, value: i64) -> Result<()> {
+    if value < 1 {
+        return Err(value_err!("{name} must be >= 1, got {value}"));
+    }
+    Ok(())
+}
+
+fn below_2_53(name: &str, value: i128) -> Result<()> {
+    if value >= EXACT_F64_INT {
+        return Err(value_err!("{name} must be < 2**53, got {value}"));
+    }
+    Ok(())
+}
+
+/// `smart_resize`: the `(height, width)` an image is resized to. Both are multiples of
+/// `factor`, the pixel count is brought into `[min_pixels, max_pixels]` by scaling, and the
+/// aspect ratio is kept as far as the rounding allows.
+///
+/// Errors (`Error::Value`): a size, `factor` or pixel bound < 1; an aspect ratio above 200
+/// (the processor's own error); values so large that Python's float arithmetic could no longer
+/// be reproduced exactly (`height * width >= 2**53`).
+pub fn smart_resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> Result<(i64, i64)> {
+    positive("height", height)?;
+    positive("width", width)?;
+    positive("factor", factor)?;
+    positive("min_pixels", min_pixels)?;
+    positive("max_pixels", max_pixels)?;
+    let pixels = height as i128 * width as i128;
+    below_2_53("height * width", pixels)?;
+    below_2_53("factor", factor as i128)?;
+    below_2_53("min_pixels", min_pixels as i128)?;
+    below_2_53("max_pixels", max_pixels as i128)?;
+
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    let ratio = h.max(w) / h.min(w);
+    if ratio > 200.0 {
+        return Err(value_err!(
+            "height = {height}, width = {width}: the aspect ratio must be at most 200 (the processor refuses it), got {ratio:.1}"
+        ));
+    }
+    let mut h_bar = (h / f).round_ties_even() as i128 * factor as i128;
+    let mut w_bar = (w / f).round_ties_even() as i128 * factor as i128;
+    if h_bar * w_bar > max_pixels as i128 {
+        let beta = (pixels as f64 / max_pixels as f64).sqrt();
+        h_bar = (factor as i128).max((h / beta / f).floor() as i128 * factor as i128);
+        w_bar = (factor as i128).max((w / beta / f).floor() as i128 * factor as i128);
+    } else if h_bar * w_bar < min_pixels as i128 {
+        let beta = (min_pixels as f64 / pixels as f64).sqrt();
+        h_bar = (h * beta / f).ceil() as i128 * factor as i128;
+        w_bar = (w * beta / f).ceil() as i128 * factor as i128;
+    }
+    let to_i64 = |v: i128, name: &str| {
+        i64::try_from(v).map_err(|_| value_err!("the resized {name} {v} does not fit in 64 bits"))
+    };
+    Ok((to_i64(h_bar, "height")?, to_i64(w_bar, "width")?))
+}
+
+/// The processor's `image_grid_thw` row for one image: `(1, resized_h / patch, resized_w / patch)`.
+pub fn image_grid_thw(height: i64, width: i64, settings: &ImageSettings) -> Result<[i64; 3]> {
+    let factor = settings.factor()?;
+    let (h, w) = smart_resize(
+        height,
+        width,
+        factor,
+        settings.min_pixels,
+        settings.max_pixels,
+    )?;
+    Ok([1, h / settings.patch_size, w / settings.patch_size])
+}
+
+/// Number of `<|image_pad|>` tokens one image becomes: `grid_h * grid_w / merge_size^2`.
+pub fn image_token_count(height: i64, width: i64, settings: &ImageSettings) -> Result<i64> {
+    let [_, gh, gw] = image_grid_thw(height, width, settings)?;
+    // Both grid sides are multiples of merge_size, so this division is exact.
+    Ok((gh / settings.merge_size) * (gw / settings.merge_size))
+}
