@@ -169,18 +169,19 @@ class ExpectedStream:
         self.since = settings.tokens_since_last or 0
         self.pending = False
         self.calibrations: list[int] = []
+        self.phrases: list[str | None] = []  # the phrase of each calibration (None: period)
 
     def push(self, token: int) -> None:
         index = len(self.ids)
         self.ids.append(token)
         # Text so far; a character still incomplete at the end is not there yet.
         text = self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
-        hit = False
+        hit = None
         for p, pattern in enumerate(self.patterns):
             for m in pattern.finditer(text):
                 if m.end() < len(text) and (p, m.start()) not in self.confirmed:
                     self.confirmed.add((p, m.start()))
-                    hit = True
+                    hit = hit or m.group(0).lower()
         s = self.s
         self.since += 1
         allowed = (
@@ -193,6 +194,7 @@ class ExpectedStream:
             self.since = 0
             self.pending = True
             self.calibrations.append(index)
+            self.phrases.append(hit)
 
 
 def random_settings(rng: random.Random) -> TVCSettings:
@@ -747,14 +749,14 @@ def test_legacy_placeholders_turn_tvc_off_with_a_warning(vllm_config, caplog):
 # ----------------------------------------------------------------------------- the PVC driver
 
 
-def reference_calibration(tokenizer, ids, schedule_settings) -> int | None:
-    """Index of the first calibration the plain-Python model makes on ``ids``."""
+def reference_calibration(tokenizer, ids, schedule_settings) -> tuple[int | None, str | None]:
+    """Index and phrase of the first calibration the plain-Python model makes on ``ids``."""
     model = ExpectedStream(tokenizer, list(tvc_rs.DEFAULT_PHRASES), schedule_settings)
     for token in ids:
         model.push(token)
         if model.calibrations:
-            return model.calibrations[0]
-    return None
+            return model.calibrations[0], model.phrases[0]
+    return None, None
 
 
 def finished_output(request, token_ids, *, stop_at_calibration: bool, cal=CAL, cached=0) -> RequestOutput:
@@ -809,7 +811,7 @@ def test_driver_prompts_through_vllms_qwen2_vl_processing(vllm_config, input_pro
 
     answer = tokenizer.encode(ANSWER, add_special_tokens=False).ids
     settings = TVCSettings.from_schedule(pvc.schedule)
-    at = reference_calibration(tokenizer, answer, settings)
+    at, phrase = reference_calibration(tokenizer, answer, settings)
     assert at is not None
     part1 = answer[: at + 1]
     cont = session.on_finished(finished_output(first, part1, stop_at_calibration=True))
@@ -820,7 +822,7 @@ def test_driver_prompts_through_vllms_qwen2_vl_processing(vllm_config, input_pro
 
     (cal,) = session.calibrations
     assert (cal.token_index, cal.mode) == (at, mode)
-    assert cal.phrase == "wait" and cal.reason == "trigger"
+    assert cal.phrase == phrase == "wait" and cal.reason == "trigger"
     # The compressed images: ceil(h / pool) x ceil(w / pool) merged cells each, where (h, w) is
     # the original's merged grid (vLLM's own count, above) -- unless that falls below the
     # processor's min_pixels (56 x 56), which it does not for these images.
@@ -854,13 +856,13 @@ def test_driver_prompts_through_vllms_qwen2_vl_processing(vllm_config, input_pro
     # A second calibration, then the end of the answer.
     rest = answer[at + 1 :]
     settings2 = TVCSettings.from_schedule(pvc.schedule, calibrations_made=1, tokens_since_last=0)
-    at2 = reference_calibration(tokenizer, rest, settings2)
+    at2, phrase2 = reference_calibration(tokenizer, rest, settings2)
     assert at2 is not None
     cont3 = session.on_finished(finished_output(second, rest[: at2 + 1], stop_at_calibration=True))
     third = process(input_processor, cont3, session.next_params(), "third")
     assert len(third.mm_features) == (3 if mode == "append" else 2) * count
     assert [c.token_index for c in session.calibrations] == [at, at + 1 + at2]
-    assert session.calibrations[1].phrase == "hmm"
+    assert session.calibrations[1].phrase == phrase2 == "double check"
     if mode == "append":
         assert third.prompt_token_ids[: len(ids2)] == ids2
     assert session.on_finished(finished_output(third, rest[at2 + 1 :], stop_at_calibration=False)) is None
@@ -880,12 +882,13 @@ def test_driver_with_vision_features_sends_pooled_image_embeds(vllm_config, inpu
     grids = [(1, 18, 22), (1, 30, 14)]  # image_grid_thw rows (patches): 99 and 105 merged tokens
     gen = torch.Generator().manual_seed(0)
     features = [torch.randn(t * h * w // 4, 1536, generator=gen) for t, h, w in grids]
-    session = _Session(driver, TVCRequest(prompt=PROMPT_2, vision_features=list(zip(features, grids))), "e")
+    session = _Session(driver, TVCRequest(prompt=PROMPT_2, vision_features=list(zip(features, grids)),
+                                          sampling_params=SamplingParams(max_tokens=1000)), "e")
     prompt, params = session.first()
     first = process(input_processor, prompt, params)
     assert [n for _, n in placeholders(first)] == [99, 105]
     answer = tokenizer.encode(ANSWER, add_special_tokens=False).ids
-    at = reference_calibration(tokenizer, answer, TVCSettings.from_schedule(pvc.schedule))
+    at, _ = reference_calibration(tokenizer, answer, TVCSettings.from_schedule(pvc.schedule))
     cont = session.on_finished(finished_output(first, answer[: at + 1], stop_at_calibration=True))
     second = process(input_processor, cont, session.next_params())
     new = second.mm_features[-2:]
@@ -909,10 +912,10 @@ def test_driver_streaming_chunk_is_only_the_new_part(vllm_config, input_processo
     request with the placeholder right after the bridge."""
     tok = input_processor.tokenizer
     driver = _Driver(vllm_config, tok, PVCConfig(mode="append", pool=4))
-    session = _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(1)), "s")
+    session = _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(1), sampling_params=SamplingParams(max_tokens=1000)), "s")
     first = process(input_processor, *session.first())
     answer = tokenizer.encode(ANSWER, add_special_tokens=False).ids
-    at = reference_calibration(tokenizer, answer, TVCSettings())
+    at, _ = reference_calibration(tokenizer, answer, TVCSettings())
     added = session.take_part(finished_output(first, answer[: at + 1], stop_at_calibration=True))
     chunk = input_processor.process_inputs("s", session.streaming_chunk(added), session.next_params(),
                                            supported_tasks=("generate",), resumable=True)
