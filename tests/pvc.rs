@@ -171,3 +171,82 @@ fn out_of_vocab_ids_are_refused_by_default_and_feed_checks_first() {
     assert!(lenient.feed(0, &[151700, 1 << 50]).unwrap().is_empty());
     assert_eq!(lenient.get(0).unwrap().unwrap().state.tokens, 2);
 }
+
+/// One event of an engine step for the stream in slot 1: feed its next token, show it again
+/// (an intermediate prefill chunk, a repeated step), or show none; and whether the row samples.
+#[derive(Debug, Clone, Copy)]
+enum Show {
+    Next,
+    Again,
+    Nothing,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `advance` feeds a token only when it is the next one, and reports a due calibration on
+    /// every sampling row until a token follows the report; `feed_and_collect` the same for
+    /// whole lists of new tokens.
+    #[test]
+    fn advance_feeds_the_next_token_and_reports_due_calibrations(
+        events in prop::collection::vec((prop::sample::select(vec![Show::Next, Show::Next, Show::Again, Show::Nothing]), prop::bool::weighted(0.8)), 0..120),
+        min_gap in 0u64..10,
+    ) {
+        let Some(detector) = detector() else { return Ok(()) };
+        let ids: Vec<i64> = detector.vocab().encode(TEXT).unwrap().into_iter().map(i64::from).collect();
+        let schedule = Schedule::new(0, min_gap, None, None).unwrap();
+        let mut batch = MonitorBatch::new(detector.clone(), 3);
+        batch.add(1, schedule, ScheduleState::default()).unwrap();
+        let mut lists = MonitorBatch::new(detector.clone(), 3);
+        lists.add(2, schedule, ScheduleState::default()).unwrap();
+        // The model: calibrations where the plain stream makes them; due from a calibration
+        // until a token follows its first report.
+        let mut plain = MonitorBatch::new(detector.clone(), 2);
+        plain.add(1, schedule, ScheduleState::default()).unwrap();
+        let (mut seen, mut due, mut reported) = (0usize, false, false);
+        for (show, sampling) in events {
+            let (index, token) = match show {
+                Show::Next if seen < ids.len() => (seen as i64, ids[seen]),
+                Show::Again if seen > 0 => (seen as i64 - 1, ids[seen - 1]),
+                _ => (-1, -1),
+            };
+            if index >= 0 && index as usize == seen {
+                let mut made = false;
+                plain.step(&[-1, token], |_, _| made = true).unwrap();
+                if reported { due = false; reported = false; }
+                due |= made;
+                seen += 1;
+            }
+            let want: Vec<usize> = if sampling && due { reported = true; vec![1] } else { vec![] };
+            let mut got = Vec::new();
+            // Row 0 is an empty slot, row 1 the stream.
+            batch.advance(&[0, 1], &[0, index], &[ids[0], token], &[true, sampling], |row| got.push(row)).unwrap();
+            prop_assert_eq!(&got, &want);
+            // The same through lists: slot 2 gains the token when one is fed.
+            let fed_before = lists.get(2).unwrap().unwrap().state.tokens as usize;
+            let spans = if fed_before < seen { vec![(2usize, fed_before, seen)] } else { vec![] };
+            let mut got_lists = Vec::new();
+            lists.feed_and_collect(&ids, &spans, if sampling { 3 } else { 2 }, |slot| got_lists.push(slot)).unwrap();
+            prop_assert_eq!(got_lists, want.iter().map(|_| 2usize).collect::<Vec<_>>());
+        }
+        prop_assert_eq!(batch.get(1).unwrap().unwrap().state.tokens as usize, seen);
+        prop_assert_eq!(&batch.get(1).unwrap().unwrap().calibrations, &plain.get(1).unwrap().unwrap().calibrations);
+    }
+}
+
+#[test]
+fn advance_checks_before_it_changes_anything() {
+    let Some(detector) = detector() else { return };
+    let mut batch = MonitorBatch::new(detector.clone(), 2);
+    batch.add(0, Schedule::default(), ScheduleState::default()).unwrap();
+    let err = batch.advance(&[0, 1], &[0], &[14190, 11], &[true, true], |_| {}).unwrap_err().to_string();
+    assert!(err.contains("one entry per row") && err.contains("got 2, 1, 2 and 2"), "{err}");
+    let err = batch.advance(&[0, 5], &[0, 0], &[14190, 11], &[true, true], |_| {}).unwrap_err().to_string();
+    assert!(err.contains("slots[1] = 5: slot out of range"), "{err}");
+    let err = batch.advance(&[1, 0], &[0, 0], &[14190, 151700], &[true, true], |_| {}).unwrap_err().to_string();
+    assert!(err.contains("tokens[1]") && err.contains("outside the vocabulary"), "{err}");
+    assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0, "nothing was fed");
+    // Only the token the stream expects is checked: a repeated or skipped one is ignored.
+    batch.advance(&[0], &[3], &[151700], &[true], |_| {}).unwrap();
+    assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0);
+}

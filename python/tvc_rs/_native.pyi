@@ -117,6 +117,15 @@ class StreamBatch:
     def step(self, tokens: TokenIds) -> npt.NDArray[np.int32]:
         """``tokens[i]``: newest token of slot i (negative or empty slot: skipped). Returns the
         slots that calibrate at this step. All ids are checked before anything changes."""
+    def advance(self, slots: TokenIds, token_index: TokenIds, tokens: TokenIds, sampling: Any) -> npt.NDArray[np.int32]:
+        """An engine step whose rows name their stream: row i is slot ``slots[i]`` and
+        ``tokens[i]`` is token number ``token_index[i]`` of that stream (fed if it is the next
+        one); returns the rows with ``sampling[i]`` whose stream has a calibration due (returned
+        again until a token follows). Everything is checked before anything changes."""
+    def advance_lists(self, outputs: list[Optional[list[int]]], rows: int) -> tuple[npt.NDArray[np.int32], list[int]]:
+        """An engine step that keeps each stream's tokens in a list (``outputs[slot]``): feeds
+        what the lists gained; returns (slots below ``rows`` with a calibration due, slots whose
+        new tokens could not be read: negative placeholders or a list that shrank)."""
     @property
     def last_calibrations(self) -> list[tuple[int, Calibration]]: ...
     def hits(self, slot: int) -> list[Hit]: ...

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -349,17 +348,14 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
 
         cap = self._capacity
         self._watched = np.zeros(cap, dtype=bool)
-        self._pending = np.zeros(cap, dtype=bool)
-        self._fed = np.zeros(cap, dtype=np.int64)
         self._cal_token = np.zeros(cap, dtype=np.int64)
-        self._tokens = np.full(cap, -1, dtype=np.int64)
         self._num_watched = 0
         self._new_slots: list[int] = []  # V2: slots added since the last apply_staged_writes
         self._outputs: list[Optional[list[int]]] = [None] * cap  # legacy: output-token lists
-        self._active_slots = np.zeros(0, dtype=np.int64)  # legacy: watched slots, ascending
-        self._active_lists: list[list[int]] = []
-        self._active_dirty = False
         self._warned: set[str] = set()
+        if self._req_states is not None:
+            self._prompt_len = self._req_states.prompt_len.np
+            self._prefill_len = self._req_states.prefill_len.np
 
         self._state = "unloaded"  # "ready" | "failed"
         self._streams = None
@@ -387,7 +383,6 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
             return False
         self._streams = detector.batch(self._capacity, out_of_vocab="no_text")
         self._default_cal_token = token_id
-        self._tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._state = "ready"
         logger.info(
             "TVC logits processor ready (%s model runner, %d slots, calibration token %r = %d, %d phrases)",
@@ -466,8 +461,6 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
             slot, settings.schedule, calibrations_made=settings.calibrations_made, tokens_since_last=settings.tokens_since_last
         )
         self._watched[slot] = True
-        self._pending[slot] = False
-        self._fed[slot] = 0
         self._cal_token[slot] = token
         self._num_watched += 1
         return True
@@ -475,30 +468,23 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
     def _unwatch(self, slot: int) -> None:
         if self._watched[slot]:
             self._watched[slot] = False
-            self._pending[slot] = False
             self._num_watched -= 1
             self._streams.remove(slot)
         self._outputs[slot] = None
 
-    def _replay(self, slot: int, tokens: Sequence[int]) -> None:
-        """Feeds tokens the request generated before it (re)joined; a calibration among them is
-        forced at the next sampling step of the slot."""
-        if len(tokens) and self._streams.feed(slot, np.asarray(tokens, dtype=np.int64)):
-            self._pending[slot] = True
-        self._fed[slot] += len(tokens)
-
     def _force(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray) -> None:
         """Rows ``rows`` of ``logits`` become ``-inf`` everywhere but their slots' calibration
         token (``0``)."""
-        if rows.size == 1:
-            row, token = int(rows[0]), int(self._cal_token[slots[0]])
-            logits[row].fill_(_NEG_INF)
-            logits[row, token] = 0.0
+        tokens = self._cal_token[slots]
+        if logits.device.type == "cpu" or rows.size == 1:
+            # On the CPU a fill per row is many times faster than index_fill_ / index_put_.
+            for row, token in zip(rows.tolist(), tokens.tolist()):
+                logits[row].fill_(_NEG_INF)
+                logits[row, token] = 0.0
             return
-        index = torch.from_numpy(rows.astype(np.int64)).to(logits.device)
-        tokens = torch.from_numpy(self._cal_token[slots]).to(logits.device)
+        index = torch.from_numpy(rows.astype(np.int64)).to(logits.device, non_blocking=True)
         logits.index_fill_(0, index, _NEG_INF)
-        logits.index_put_((index, tokens), torch.zeros((), dtype=logits.dtype, device=logits.device))
+        logits[index, torch.from_numpy(tokens).to(logits.device, non_blocking=True)] = 0.0
 
     def apply(self, logits: torch.Tensor, ctx: Optional["LogitsContext"] = None) -> torch.Tensor:
         if ctx is None:
@@ -526,59 +512,51 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
         for slot in self._new_slots:
             if self._watched[slot] and prefill_len[slot] > prompt_len[slot]:
                 earlier = req_states.all_token_ids.gpu[slot, int(prompt_len[slot]) : int(prefill_len[slot])]
-                self._replay(slot, earlier.cpu().numpy())
+                # A calibration among them is due at the slot's next sampling row.
+                self._streams.feed(slot, earlier.cpu().numpy())
         self._new_slots.clear()
 
     def _apply_v2(self, logits: torch.Tensor, ctx: "LogitsContext") -> torch.Tensor:
         if not self._num_watched:
             return logits
-        slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
-        watched = self._watched[slots]
-        if not watched.any():
-            return logits
+        slots = ctx.idx_mapping_np
         num_reqs = slots.shape[0]
         if ctx.expanded_idx_mapping.shape[0] == num_reqs:
-            # One logits row per request (no speculative decoding): row i is request i. The
-            # input position comes from the host-side sequence lengths, exact in this case.
-            rows = np.arange(num_reqs)
-            in_pos = np.asarray(ctx.seq_lens_upper_bound_np[:num_reqs], dtype=np.int64) - 1
-            in_ids = ctx.input_ids.cpu().numpy()  # the one device-to-host copy of a step
-        else:
-            # Speculative decoding: several rows per request; act on each request's first row,
-            # whose input is its last committed token (drafts are not committed yet).
-            host = torch.stack(
-                [ctx.expanded_idx_mapping.long(), ctx.expanded_local_pos.long(), ctx.input_ids.long(), ctx.pos.long()]
-            ).cpu().numpy()
-            rows = np.flatnonzero(host[1] == 0)  # requests' rows are in batch order
-            in_pos = host[3, rows]
-            in_ids = host[2]
-        w = np.flatnonzero(watched)
-        s, pos = slots[w], in_pos[w]
-        prompt_len = self._req_states.prompt_len.np[s].astype(np.int64)
-        prefill_len = self._req_states.prefill_len.np[s].astype(np.int64)
-        sampling = pos + 1 >= prefill_len  # not an intermediate chunk of a prefill
-        out_index = pos - prompt_len  # output index of the input token (-1: the prompt's last)
-        fed = self._fed[s]
+            # One logits row per request (no speculative decoding): row i is request i, whose
+            # input position the host-side sequence lengths give exactly.
+            seq_lens = ctx.seq_lens_upper_bound_np[:num_reqs]
+            input_ids = ctx.input_ids.cpu().numpy()  # the step's one device-to-host copy
+            index = seq_lens - 1 - self._prompt_len[slots]  # output index of the input token
+            sampling = seq_lens >= self._prefill_len[slots]  # not an intermediate prefill chunk
+            rows = self._streams.advance(slots, index, input_ids, sampling)
+            if rows.size:
+                self._force(logits, rows, slots[rows])
+            return logits
+        return self._apply_v2_speculative(logits, ctx)
 
-        tokens = self._tokens
-        tokens.fill(-1)
-        now = sampling & (out_index == fed) & (out_index >= 0)
-        tokens[s[now]] = in_ids[rows[w[now]]]
-        self._fed[s[now]] += 1
-        for k in np.flatnonzero(sampling & (out_index > fed)):
-            # Tokens no step showed (accepted drafts): read them from the runner's buffer.
-            slot = int(s[k])
-            start, stop = int(prompt_len[k] + fed[k]), int(prompt_len[k] + out_index[k])
-            self._replay(slot, self._req_states.all_token_ids.gpu[slot, start:stop].cpu().numpy())
-            tokens[slot] = in_ids[rows[w[k]]]
-            self._fed[slot] += 1
-        for slot in self._streams.step(tokens):
-            self._pending[slot] = True
-        force = np.flatnonzero(sampling & self._pending[s])
-        if force.size:
-            self._force(logits, rows[w[force]], s[force])
-            # The forced sample is committed (V2 samples every row that is not a prefill chunk).
-            self._pending[s[force]] = False
+    def _apply_v2_speculative(self, logits: torch.Tensor, ctx: "LogitsContext") -> torch.Tensor:
+        """Several rows per request (speculative decoding): act on each request's first row,
+        whose input is its last committed token; tokens committed since the last step (accepted
+        drafts) are read from the runner's token buffer. A trigger completed inside accepted
+        drafts is forced at the next step, up to the number of drafts late."""
+        host = torch.stack(
+            [ctx.expanded_idx_mapping.long(), ctx.expanded_local_pos.long(), ctx.input_ids.long(), ctx.pos.long()]
+        ).cpu().numpy()
+        first = np.flatnonzero(host[1] == 0)  # a request's rows are consecutive, in batch order
+        slots = host[0, first]
+        positions = host[3, first]
+        index = positions - self._prompt_len[slots]
+        sampling = positions + 1 >= self._prefill_len[slots]
+        for k in np.flatnonzero(self._watched[slots] & sampling):
+            slot = int(slots[k])
+            state = self._streams.state(slot)
+            seen = 0 if state is None else state[0]
+            if index[k] > seen:
+                start = int(self._prompt_len[slot]) + seen
+                self._streams.feed(slot, self._req_states.all_token_ids.gpu[slot, start : start + int(index[k]) - seen].cpu().numpy())
+        forced = self._streams.advance(slots, index, host[2, first], sampling)
+        if forced.size:
+            self._force(logits, first[forced], slots[forced])
         return logits
 
     # ---- legacy model runner -----------------------------------------------------------------
@@ -591,21 +569,16 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
         for slot in batch_update.removed:
             if watched[slot]:
                 self._unwatch(slot)
-                self._active_dirty = True
         for slot, params, _prompt, output_ids in batch_update.added:
-            had = watched[slot]
-            if self._watch(slot, params):  # (replacing whatever the slot held)
+            # (replacing whatever the slot held)
+            if self._watch(slot, params):
                 self._outputs[slot] = output_ids
-                self._active_dirty = True
-            elif had:
-                self._active_dirty = True
         for a, b, direction in batch_update.moved:
             if not (watched[a] or watched[b]):
                 continue
-            self._active_dirty = True
             if direction == MoveDirectionality.SWAP:
                 self._streams.swap(a, b)
-                for array in (self._watched, self._pending, self._fed, self._cal_token):
+                for array in (self._watched, self._cal_token):
                     array[a], array[b] = array[b], array[a]
                 self._outputs[a], self._outputs[b] = self._outputs[b], self._outputs[a]
             else:  # UNIDIRECTIONAL: a's request replaces b's; a is empty afterwards
@@ -613,79 +586,32 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
                     self._unwatch(b)
                 if watched[a]:
                     self._streams.move(a, b)
-                    for array in (self._watched, self._pending, self._fed, self._cal_token):
-                        array[b] = array[a]
+                    watched[b], self._cal_token[b] = True, self._cal_token[a]
                     self._outputs[b] = self._outputs[a]
-                    self._watched[a] = False
-                    self._pending[a] = False
+                    watched[a] = False
                     self._outputs[a] = None
-
-    def _refresh_active(self) -> None:
-        self._active_slots = np.flatnonzero(self._watched).astype(np.int64)
-        self._active_lists = [self._outputs[slot] for slot in self._active_slots]
-        self._active_dirty = False
 
     def _apply_legacy(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._num_watched:
             return logits
-        if self._active_dirty:
-            self._refresh_active()
-        slots, lists = self._active_slots, self._active_lists
-        k = len(lists)
-        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=k)
-        new = lengths - self._fed[slots]
-        tokens = self._tokens
-        tokens.fill(-1)
-        if k and new.min() < 0:
-            # Tokens were taken back (a KV-load failure, or optimistic placeholders trimmed);
-            # what was fed stays fed.
-            self._warn_once("shrink", "TVC: a request's output tokens were taken back; its trigger state keeps them")
-            shrunk = new < 0
-            self._fed[slots[shrunk]] = lengths[shrunk]
-            new[shrunk] = 0
-        if k and new.min() == 1 and new.max() == 1:
-            # The usual step: one new token per watched request.
-            last = np.fromiter(map(itemgetter(-1), lists), dtype=np.int64, count=k)
-            if last.min() >= 0:
-                tokens[slots] = last
-                self._fed[slots] += 1
-                self._pending[slots] = False
-            else:
-                self._take_new_tokens(slots, lists, new)
-        elif k:
-            self._take_new_tokens(slots, lists, new)
-        for slot in self._streams.step(tokens):
-            self._pending[slot] = True
-        # Until a new token shows that the forced sample was taken (a request still in its
-        # prefill has its sample dropped), the slot stays forced.
-        force = np.flatnonzero(self._pending[: logits.shape[0]])
-        if force.size:
-            self._force(logits, force, force)
+        # Rows are slots. Every watched request's list is read for the tokens it gained; a
+        # calibration due is forced until the next token shows the forced sample was taken (a
+        # request still in its prefill has its sample dropped).
+        slots, blind = self._streams.advance_lists(self._outputs, logits.shape[0])
+        for slot in blind:
+            # A placeholder: under async scheduling the legacy runner fills in sampled ids only
+            # when a logits processor named in `logits_processors` is loaded.
+            self._warn_once(
+                "placeholder",
+                "TVC cannot see the tokens of its requests (async scheduling with the legacy model runner and TVC "
+                "loaded only through the entry point): pass logits_processors=['tvc_rs.vllm:TVCLogitsProcessor'] "
+                "(--logits-processors tvc_rs.vllm:TVCLogitsProcessor) or use the V2 model runner; TVC requests are "
+                "left untouched",
+            )
+            self._unwatch(slot)
+        if slots.size:
+            self._force(logits, slots, slots)
         return logits
-
-    def _take_new_tokens(self, slots: np.ndarray, lists: list, new: np.ndarray) -> None:
-        tokens = self._tokens
-        for i in np.flatnonzero(new > 0):
-            slot, output = int(slots[i]), lists[i]
-            fresh = output[int(self._fed[slot]) :]
-            if min(fresh) < 0:
-                # A placeholder: under async scheduling the legacy runner fills in sampled ids
-                # only when some logits processor named in `logits_processors` asks for them.
-                self._warn_once(
-                    "placeholder",
-                    "TVC cannot see the tokens of its requests (async scheduling with the legacy model runner and "
-                    "TVC loaded only through the entry point): pass logits_processors=['tvc_rs.vllm:TVCLogitsProcessor'] "
-                    "(--logits-processors tvc_rs.vllm:TVCLogitsProcessor) or use the V2 model runner; "
-                    "TVC requests are left untouched",
-                )
-                self._unwatch(slot)
-                self._active_dirty = True
-                continue
-            self._pending[slot] = False
-            if len(fresh) > 1:
-                self._replay(slot, fresh[:-1])
-            tokens[slot] = fresh[-1]
-            self._fed[slot] += 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,6 +114,13 @@ pub struct Monitor {
     before_last: ScheduleState,
     pub hits: Vec<Hit>,
     pub calibrations: Vec<Calibration>,
+    /// A calibration is due: decided and not yet carried out. Set when a calibration is
+    /// decided; it stays set through later tokens until [`Monitor::take_due`] has reported it
+    /// and a token has been fed after that (a serving engine keeps forcing the calibration
+    /// until the next token shows that the forced sample was taken).
+    pub due: bool,
+    /// `take_due` reported the due calibration; the next token clears it.
+    reported: bool,
 }
 
 impl Monitor {
@@ -125,6 +132,24 @@ impl Monitor {
             before_last: state,
             hits: Vec::new(),
             calibrations: Vec::new(),
+            due: false,
+            reported: false,
+        }
+    }
+
+    /// Whether a calibration is due; reporting it lets the next token clear it.
+    #[inline]
+    pub fn take_due(&mut self) -> bool {
+        self.reported |= self.due;
+        self.due
+    }
+
+    /// A new token arrived: a reported calibration has been carried out.
+    #[inline]
+    fn on_new_token(&mut self) {
+        if self.reported {
+            self.due = false;
+            self.reported = false;
         }
     }
 
@@ -135,6 +160,7 @@ impl Monitor {
         let index = self.state.tokens;
         let before = self.hits.len();
         detector.push(&mut self.trigger, token, index, &mut self.hits)?;
+        self.on_new_token();
         let first_new_hit = self.hits.get(before).copied();
         self.before_last = self.state;
         Ok(self.decide(index, first_new_hit))
@@ -146,6 +172,7 @@ impl Monitor {
     #[inline]
     pub fn push_no_text(&mut self) -> Option<Calibration> {
         let index = self.state.tokens;
+        self.on_new_token();
         self.before_last = self.state;
         self.decide(index, None)
     }
@@ -172,6 +199,7 @@ impl Monitor {
         let reason = self.state.on_token(&self.schedule, hit.is_some())?;
         let calibration = Calibration { token_index: index, reason, hit: if reason == Reason::Trigger { hit } else { None } };
         self.calibrations.push(calibration);
+        self.due = true;
         Some(calibration)
     }
 }
@@ -341,6 +369,97 @@ impl MonitorBatch {
             }
         }
         Ok(made)
+    }
+}
+
+impl MonitorBatch {
+    /// One step of a serving engine whose rows name their stream: row `i` belongs to slot
+    /// `slots[i]`, and `tokens[i]` is token number `token_index[i]` of that stream. A token is
+    /// fed when it is the one the stream expects next (`token_index == tokens seen`); rows
+    /// that repeat a token already fed, or show none (`token_index < 0` or `tokens[i] < 0`),
+    /// feed nothing. Then `on_force(i)` is called for every row with `sampling[i]` set whose
+    /// stream has a calibration due ([`Monitor::take_due`]). Empty slots are skipped. Lengths
+    /// and slots are checked, and (under `OutOfVocab::Raise`) the ids that would be fed, before
+    /// any stream changes.
+    pub fn advance(
+        &mut self,
+        slots: &[i64],
+        token_index: &[i64],
+        tokens: &[i64],
+        sampling: &[bool],
+        mut on_force: impl FnMut(usize),
+    ) -> Result<()> {
+        let n = slots.len();
+        if token_index.len() != n || tokens.len() != n || sampling.len() != n {
+            return Err(crate::value_err!(
+                "slots, token_index, tokens and sampling must have one entry per row: got {}, {}, {} and {}",
+                n,
+                token_index.len(),
+                tokens.len(),
+                sampling.len()
+            ));
+        }
+        for (row, &slot) in slots.iter().enumerate() {
+            if slot < 0 || slot as u64 >= self.slots.len() as u64 {
+                return Err(crate::index_err!(
+                    "slots[{row}] = {slot}: slot out of range (the batch has slots 0 to {})",
+                    self.slots.len() as i64 - 1
+                ));
+            }
+            if self.out_of_vocab == OutOfVocab::Raise {
+                if let Some(monitor) = &self.slots[slot as usize] {
+                    if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
+                        self.detector.check_token(tokens[row]).map_err(|e| crate::index_err!("tokens[{row}]: {e}"))?;
+                    }
+                }
+            }
+        }
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        for row in 0..n {
+            let Some(monitor) = self.slots[slots[row] as usize].as_mut() else { continue };
+            if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
+                Self::push(detector, out_of_vocab, monitor, tokens[row])?;
+            }
+            if sampling[row] && monitor.take_due() {
+                on_force(row);
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds, for each `(slot, start, end)` of `spans`, `tokens[start..end]` to the stream in
+    /// `slot` (the tokens generated since its last one; empty slots are skipped), then calls
+    /// `on_force(slot)` for every slot below `rows` whose stream has a calibration due. Ids must
+    /// have been checked (`OutOfVocab::Raise`) by the caller; an invalid one is an error
+    /// (streams fed before it keep their tokens).
+    pub fn feed_and_collect(
+        &mut self,
+        tokens: &[i64],
+        spans: &[(usize, usize, usize)],
+        rows: usize,
+        mut on_force: impl FnMut(usize),
+    ) -> Result<()> {
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        for &(slot, start, end) in spans {
+            let Some(part) = tokens.get(start..end) else {
+                return Err(crate::value_err!("spans: ({slot}, {start}, {end}) is outside the {} tokens", tokens.len()));
+            };
+            if let Some(Some(monitor)) = self.slots.get_mut(slot) {
+                for &token in part {
+                    Self::push(detector, out_of_vocab, monitor, token)?;
+                }
+            }
+        }
+        for (slot, monitor) in self.slots.iter_mut().enumerate().take(rows) {
+            if let Some(monitor) = monitor {
+                if monitor.take_due() {
+                    on_force(slot);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

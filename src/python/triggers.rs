@@ -91,6 +91,43 @@ fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
     })
 }
 
+/// A 1-D integer argument: read in place from a contiguous int64 NumPy array, else converted.
+enum Ints<'py> {
+    Borrowed(PyReadonlyArray1<'py, i64>),
+    Owned(Vec<i64>),
+}
+
+impl<'py> Ints<'py> {
+    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Ints<'py>> {
+        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Ints::Borrowed(readonly));
+            }
+        }
+        Ok(Ints::Owned(token_ids(obj, name)?))
+    }
+
+    fn as_slice(&self) -> &[i64] {
+        match self {
+            Ints::Borrowed(a) => a.as_slice().unwrap_or(&[]),
+            Ints::Owned(v) => v,
+        }
+    }
+}
+
+fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
+    if let Ok(array) = obj.cast::<PyArray1<bool>>() {
+        return Ok(array.readonly().as_array().to_vec());
+    }
+    obj.extract::<Vec<bool>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name}: expected a 1-D bool array or a list of bools, got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })
+}
+
 /// Finds self-reflection phrases ("wait", "hmm", "let me double-check", ...) in the text a
 /// token stream decodes to: where the case-insensitive regex `(?<!\w)phrase(?!\w)` matches.
 ///
@@ -467,6 +504,124 @@ impl StreamBatch {
         py.detach(|| inner.step(ids, |slot, c| last.push((slot, c))))?;
         let slots: Vec<i32> = self.last.iter().map(|(slot, _)| *slot as i32).collect();
         Ok(PyArray1::from_vec(py, slots))
+    }
+
+    /// One step of a serving engine whose rows name their stream (vLLM's V2 model runner):
+    /// row `i` is slot `slots[i]`, `tokens[i]` is token number `token_index[i]` of that stream
+    /// (fed when it is the next one the stream expects, ignored when already fed or negative),
+    /// `sampling[i]` whether the row samples a token. Returns the rows (int32, ascending) that
+    /// must emit the calibration token: their stream has a calibration due. A due calibration
+    /// stays due, and is returned again, until a token is fed after it was returned. Lengths,
+    /// slots and (out_of_vocab="raise") ids are checked before anything changes.
+    fn advance<'py>(
+        &mut self,
+        py: Python<'py>,
+        slots: &Bound<'py, PyAny>,
+        token_index: &Bound<'py, PyAny>,
+        tokens: &Bound<'py, PyAny>,
+        sampling: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let slots = Ints::new(slots, "slots")?;
+        let token_index = Ints::new(token_index, "token_index")?;
+        let tokens = Ints::new(tokens, "tokens")?;
+        let sampling = bools(sampling, "sampling")?;
+        let inner = &mut self.inner;
+        let (slots, token_index, tokens) = (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.advance(slots, token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        Ok(PyArray1::from_vec(py, forced))
+    }
+
+    /// One step of a serving engine that keeps each stream's generated tokens in a list
+    /// (vLLM's legacy model runner): `outputs[slot]` is the token list of the request in
+    /// `slot` (or None). Feeds every active stream the tokens its list gained since the last
+    /// call, then returns `(slots, blind)`: the slots below `rows` (int32, ascending) with a
+    /// calibration due (returned again until a token follows), and the slots whose new tokens
+    /// could not be read (a negative placeholder id, or a list shorter than what was fed);
+    /// those are not fed.
+    fn advance_lists<'py>(
+        &mut self,
+        py: Python<'py>,
+        outputs: &Bound<'py, PyList>,
+        rows: usize,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
+        if rows > self.inner.capacity() {
+            return Err(PyValueError::new_err(format!(
+                "rows = {rows}: more than the batch's {} slots",
+                self.inner.capacity()
+            )));
+        }
+        let mut tokens: Vec<i64> = Vec::new();
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (slot, start, end) in `tokens`
+        let mut blind: Vec<usize> = Vec::new();
+        let count = outputs.len().min(self.inner.capacity());
+        let list_ptr = outputs.as_ptr();
+        for slot in 0..count {
+            let Some(monitor) = self.inner.get(slot as i64)? else { continue };
+            // Raw list access: this runs for every request at every decoding step, and the
+            // safe accessors cost several times more per item.
+            // SAFETY: the GIL is held, `outputs` is a list and `slot` is below its length;
+            // PyList_GetItem returns a borrowed reference that stays valid while the list is
+            // not modified, and nothing below runs Python code that could modify it.
+            let item = unsafe { pyo3::ffi::PyList_GetItem(list_ptr, slot as pyo3::ffi::Py_ssize_t) };
+            if item.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            if item == unsafe { pyo3::ffi::Py_None() } {
+                continue;
+            }
+            // SAFETY: `item` is a valid borrowed reference (above).
+            if unsafe { pyo3::ffi::PyList_Check(item) } == 0 {
+                return Err(PyTypeError::new_err(format!("outputs[{slot}]: expected a list of token ids or None")));
+            }
+            let seen = monitor.state.tokens as usize;
+            // SAFETY: `item` is a list.
+            let len = unsafe { pyo3::ffi::PyList_Size(item) } as usize;
+            if len < seen {
+                blind.push(slot);
+                continue;
+            }
+            if len == seen {
+                continue;
+            }
+            let start = tokens.len();
+            let mut placeholder = false;
+            for k in seen..len {
+                // SAFETY: `item` is a list and `k` is below its length; the reference is borrowed.
+                let value = unsafe { pyo3::ffi::PyList_GetItem(item, k as pyo3::ffi::Py_ssize_t) };
+                if value.is_null() {
+                    return Err(PyErr::fetch(py));
+                }
+                // SAFETY: `value` is a valid borrowed reference; PyLong_AsLongLong sets an
+                // error (returning -1) for anything that is not an int.
+                let token = unsafe { pyo3::ffi::PyLong_AsLongLong(value) };
+                if token == -1 {
+                    if let Some(err) = PyErr::take(py) {
+                        return Err(PyTypeError::new_err(format!("outputs[{slot}][{k}]: expected an int token id ({err})")));
+                    }
+                }
+                placeholder |= token < 0;
+                tokens.push(token);
+            }
+            if placeholder {
+                tokens.truncate(start);
+                blind.push(slot);
+                continue;
+            }
+            if self.inner.out_of_vocab() == OutOfVocab::Raise {
+                for (k, &t) in tokens[start..].iter().enumerate() {
+                    self.inner
+                        .detector()
+                        .check_token(t)
+                        .map_err(|e| pyo3::exceptions::PyIndexError::new_err(format!("outputs[{slot}][{}]: {e}", seen + k)))?;
+                }
+            }
+            spans.push((slot, start, tokens.len()));
+        }
+        let inner = &mut self.inner;
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.feed_and_collect(&tokens, &spans, rows, |slot| forced.push(slot as i32)))?;
+        Ok((PyArray1::from_vec(py, forced), blind))
     }
 
     /// The calibrations of the latest `step`, as (slot, Calibration) pairs.
