@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
@@ -328,6 +329,36 @@ def test_bad_settings_are_refused_by_validate_params(extra, message):
         build_custom_logits_processors_params_validator([FQCN])(params)
     with pytest.raises(VLLMValidationError, match=message):
         validate_logits_processors_parameters([FQCN], params)
+
+
+FIELDS = {  # name: (minimum, None allowed)
+    "warmup": (0, False), "min_gap": (0, False), "max_calibrations": (0, True), "period": (1, True),
+    "calibrations_made": (0, False), "tokens_since_last": (0, True), "calibration_token": (0, True),
+}
+VALUES = st.one_of(st.integers(-3, 2**33), st.none(), st.booleans(), st.floats(-2, 2), st.text(max_size=3), st.just([1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(sorted(FIELDS)), VALUES, max_size=4), flat=st.booleans())
+def test_random_settings_are_accepted_exactly_when_valid(values, flat):
+    def valid(name, v):
+        minimum, nullable = FIELDS[name]
+        if v is None:
+            return nullable
+        limit = 2**32 - 1 if name in ("max_calibrations", "calibrations_made") else 2**63 - 1
+        return type(v) is int and minimum <= v <= limit
+
+    extra = {"tvc": 1, **{f"tvc_{k}": v for k, v in values.items()}} if flat else {"tvc": values}
+    stop = [values["calibration_token"]] if isinstance(values.get("calibration_token"), int) else []
+    params = SamplingParams(extra_args=extra, stop_token_ids=[t for t in stop if type(t) is int and 0 <= t < 2**63])
+    bad = [k for k, v in values.items() if not valid(k, v)]
+    if bad:
+        with pytest.raises(ValueError) as error:
+            TVCLogitsProcessor.validate_params(params)
+        assert any((f"tvc_{k}" if flat else f"['{k}']") in str(error.value) for k in bad), str(error.value)
+    else:
+        TVCLogitsProcessor.validate_params(params)
+        assert TVCSettings.from_extra_args(extra) == TVCSettings(**values)
 
 
 def test_calibration_token_must_stop_the_request_and_grammar_is_refused():
