@@ -1,7 +1,9 @@
-"""`StreamBatch` options a serving engine needs: token ids outside the tokenizer's vocabulary
+"""What a serving engine needs from `StreamBatch`: token ids outside the tokenizer's vocabulary
 (models whose logits are wider than their tokenizer, e.g. Qwen2-VL's 151936 rows for 151657
-tokens) and `feed` for several tokens of one slot. Checked against Python's `re` on the text
-`tokenizers` decodes, the way `tests/test_triggers.py` checks the detector itself."""
+tokens), `feed` for several tokens of one slot, and the per-step calls `advance` (rows that name
+their stream) and `advance_lists` (per-slot token lists). Checked against Python's `re` on the
+text `tokenizers` decodes, the way `tests/test_triggers.py` checks the detector itself, and
+against the plain per-token stream."""
 
 from __future__ import annotations
 
@@ -119,3 +121,81 @@ def test_feed_and_out_of_vocab_errors(detector):
     lenient.add(0)
     assert lenient.feed(0, [151700, 2**50]) == []
     assert lenient.state(0) == (2, 0, 2)
+
+
+def due_rows_model(calibrated_at: set[int], events):
+    """Rows a serving engine must force: a calibration decided at a fed token is due until a
+    token is fed after it was first reported."""
+    due = reported = False
+    seen = 0
+    out = []
+    for index, sampling in events:
+        if index == seen:
+            if reported:
+                due = reported = False
+            due |= seen in calibrated_at
+            seen += 1
+        if sampling and due:
+            reported = True
+            out.append(True)
+        else:
+            out.append(False)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(-1, 2), st.booleans()), max_size=150), min_gap=st.integers(0, 8))
+def test_advance_against_the_plain_stream(detector, events, min_gap):
+    ids = detector.encode(TEXT)
+    schedule = tvc_rs.PVCSchedule(min_gap=min_gap)
+    stream = detector.stream(schedule)
+    calibrated_at = {i for i, t in enumerate(ids) if stream.push(t) is not None}
+    batch = detector.batch(4)
+    batch.add(2, schedule)
+    lists = detector.batch(4)
+    lists.add(1, schedule)
+    outputs = [None, [], None, None]
+    seen = 0
+    steps = []
+    for delta, sampling in events:  # delta: 1 next token, 0 the same again, -1 none, 2 a skipped one
+        index = {1: seen, 0: seen - 1, -1: -1, 2: seen + 1}[delta] if seen < len(ids) else -1
+        steps.append((index, sampling))
+        token = ids[index] if 0 <= index < len(ids) else -1
+        rows = batch.advance(np.array([0, 2]), np.array([0, index]), np.array([ids[0], token]), np.array([True, sampling]))
+        if index == seen:
+            seen += 1
+            outputs[1].append(token)
+        slots, blind = lists.advance_lists(outputs, 2 if sampling else 1)
+        assert blind == []
+        assert rows.tolist() == ([1] if due_rows_model(calibrated_at, steps)[-1] else [])
+        assert slots.tolist() == ([1] if rows.size else [])
+    assert batch.state(2)[0] == lists.state(1)[0] == seen
+    assert batch.calibrations(2) == lists.calibrations(1) == [c for c in stream.calibrations if c.token_index < seen]
+
+
+def test_advance_errors(detector):
+    batch = detector.batch(3)
+    batch.add(0)
+    with pytest.raises(ValueError, match="one entry per row: got 2, 1, 2 and 2"):
+        batch.advance([0, 1], [0], [14190, 11], [True, True])
+    with pytest.raises(IndexError, match=r"slots\[1\] = 7: slot out of range"):
+        batch.advance([0, 7], [0, 0], [14190, 11], [True, True])
+    with pytest.raises(IndexError, match=r"tokens\[0\]: token id 151700"):
+        batch.advance([0], [0], [151700], [True])
+    with pytest.raises(TypeError, match="sampling"):
+        batch.advance([0], [0], [14190], "yes")
+    assert batch.state(0) == (0, 0, 0)
+    with pytest.raises(ValueError, match="rows = 4: more than the batch's 3 slots"):
+        batch.advance_lists([None, None, None], 4)
+    with pytest.raises(TypeError, match=r"outputs\[0\]: expected a list of token ids or None"):
+        batch.advance_lists([(1, 2)], 1)
+    with pytest.raises(TypeError, match=r"outputs\[0\]\[1\]: expected an int token id"):
+        batch.advance_lists([[14190, "x"]], 1)
+    with pytest.raises(IndexError, match=r"outputs\[0\]\[0\]: token id 151700"):
+        batch.advance_lists([[151700]], 1)
+    assert batch.state(0) == (0, 0, 0)
+    # Placeholders (-1) and lists that shrank are reported, not fed.
+    assert batch.advance_lists([[14190, -1]], 1)[1] == [0]
+    batch.advance_lists([[14190, 11]], 1)
+    assert batch.state(0)[0] == 2
+    assert batch.advance_lists([[14190]], 1)[1] == [0]
