@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write_results  # noqa: E402
+from _common import markdown_table, write_results  # noqa: E402
 from bench_triggers import PythonBaseline  # noqa: E402  (DecodeStream + regex per stream)
 
 from tokenizers import Tokenizer  # noqa: E402

@@ -35,13 +35,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; its tests run in .venv-vllm (.ci/vllm.sh)")
 
-from conftest import ASSETS, asset  # noqa: E402
+from conftest import asset  # noqa: E402
 
 import tvc_rs  # noqa: E402
 from tvc_rs.pvc import PVCConfig  # noqa: E402
 from tvc_rs.vllm import (  # noqa: E402
     DEFAULT_CALIBRATION_TOKEN_ID,
-    TVCCalibration,
     TVCLogitsProcessor,
     TVCRequest,
     TVCSettings,
@@ -61,7 +60,6 @@ from vllm.v1.sample.logits_processor import (  # noqa: E402
 )
 from vllm.v1.worker.gpu.sample.logits_processor import (  # noqa: E402
     LogitsContext,
-    LogitsProcRequestState,
     build_custom_logits_processors,
     build_custom_logits_processors_params_validator,
 )

@@ -29,9 +29,7 @@ session that keeps the request's KV cache (``append`` without any re-prefill).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 import torch
 
 import tvc_rs
-from tvc_rs.pvc import DEFAULT_BRIDGE, DEFAULT_CALIBRATION_TOKEN, PVCConfig
+from tvc_rs.pvc import DEFAULT_CALIBRATION_TOKEN, PVCConfig
 
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
@@ -755,7 +753,6 @@ class _Session:
     def __init__(self, driver: _Driver, request: TVCRequest, request_id: str) -> None:
         self.driver = driver
         self.request_id = request_id
-        pvc = driver.pvc
         tok = driver.tokenizer
         ids = tok.encode(request.prompt) if isinstance(request.prompt, str) else [int(t) for t in request.prompt]
         images = list(request.images)
@@ -829,8 +826,7 @@ class _Session:
 
     def _mm_data(self, originals: bool) -> dict:
         if self.features is not None:
-            merge = self.driver.image_settings.get("merge_size", 2)
-            items = [(f, (t, h, w)) for f, (t, h, w) in self.features] if originals else []
+            items = list(self.features) if originals else []
             items += self.injected
             return {
                 "image": {
@@ -853,14 +849,14 @@ class _Session:
     def streaming_chunk(self, bridge_and_images: list[int]) -> dict:
         """The next chunk of a streaming-input session: only the new tokens and images."""
         if self.features is not None:
-            f, g = self.injected_last_items()
+            f, g = self._last_injected()
             return {
                 "prompt_token_ids": bridge_and_images,
                 "multi_modal_data": {"image": {"image_embeds": torch.cat(f), "image_grid_thw": torch.tensor(g, dtype=torch.int64)}},
             }
         return {"prompt_token_ids": bridge_and_images, "multi_modal_data": {"image": list(self.injected[-self._count():])}}
 
-    def injected_last_items(self) -> tuple[list[Any], list[list[int]]]:
+    def _last_injected(self) -> tuple[list[Any], list[list[int]]]:
         items = self.injected[-self._count():]
         return [f for f, _ in items], [list(g) for _, g in items]
 
