@@ -412,6 +412,19 @@ def test_v2_loaders(vllm_config, cpu_runner_buffers):
 
     assert TVCLogitsProcessor in _load_v2_logitsprocs_plugins()
     assert _load_v2_logitsprocs_by_fqcns([FQCN, TVCLogitsProcessor]) == [TVCLogitsProcessor, TVCLogitsProcessor]
+
+    # A class implementing only the legacy interface is refused by the V2 loader: the reason
+    # TVCLogitsProcessor implements both.
+    from vllm.v1.sample.logits_processor import LogitsProcessor as LegacyOnly
+
+    class Legacy(LegacyOnly):
+        def __init__(self, vllm_config, device, is_pin_memory): ...
+        def apply(self, logits): return logits
+        def is_argmax_invariant(self): return True
+        def update_state(self, batch_update): ...
+
+    with pytest.raises(ValueError, match="is not a subclass of vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor"):
+        _load_v2_logitsprocs_by_fqcns([Legacy])
     states = RequestState(max_num_reqs=8, max_model_len=64, max_num_batched_tokens=64, num_speculative_steps=0,
                           vocab_size=VOCAB, device=torch.device("cpu"))
     built = build_custom_logits_processors(vllm_config, states, False, (FQCN,))
