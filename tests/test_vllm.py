@@ -916,7 +916,6 @@ def test_driver_prompts_through_vllms_qwen2_vl_processing(vllm_config, input_pro
         len(first.prompt_token_ids), len(second.prompt_token_ids), len(third.prompt_token_ids)]
 
 
-@pytest.mark.skipif(not hasattr(tvc_rs, "pool_visual_tokens"), reason="needs tvc_rs.pool_visual_tokens (the compress capability)")
 @pytest.mark.parametrize("mode", ["relocate", "append"])
 def test_driver_with_vision_features_sends_pooled_image_embeds(vllm_config, input_processor, tokenizer, mode):
     tok = input_processor.tokenizer
