@@ -199,3 +199,41 @@ def test_advance_errors(detector):
     batch.advance_lists([[14190, 11]], 1)
     assert batch.state(0)[0] == 2
     assert batch.advance_lists([[14190]], 1)[1] == [0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_advance_seq_is_advance_on_sequence_lengths(detector, data):
+    """Rows described by sequence length (vLLM's V2 runner) give what `advance` gives for
+    token_index = seq_len - 1 - prompt_len[slot] and sampling = seq_len >= prefill_len[slot]."""
+    ids = detector.encode(TEXT)
+    capacity = 6
+    prompt_len = np.array(data.draw(st.lists(st.integers(0, 20), min_size=capacity, max_size=capacity)), dtype=np.int32)
+    prefill_len = prompt_len + np.array(data.draw(st.lists(st.integers(0, 5), min_size=capacity, max_size=capacity)), dtype=np.int32)
+    by_seq, by_index = detector.batch(capacity), detector.batch(capacity)
+    for b in (by_seq, by_index):
+        for slot in range(0, capacity, 2):
+            b.add(slot, tvc_rs.PVCSchedule(min_gap=3))
+    for _ in range(data.draw(st.integers(1, 60))):
+        slots = np.array(data.draw(st.lists(st.integers(0, capacity - 1), min_size=1, max_size=capacity, unique=True)), dtype=np.int64)
+        seq = prompt_len[slots].astype(np.int64) + np.array(data.draw(st.lists(st.integers(0, 60), min_size=len(slots), max_size=len(slots))))
+        tokens = np.array([ids[(s + 7 * int(slot)) % len(ids)] for s, slot in zip(seq, slots)], dtype=np.int32)
+        padded = np.concatenate([seq, np.zeros(3, dtype=np.int64)]).astype(np.int32)  # as the runner pads
+        got = by_seq.advance_seq(slots, padded, tokens, prompt_len, prefill_len)
+        want = by_index.advance(slots, seq - 1 - prompt_len[slots], tokens, seq >= prefill_len[slots])
+        assert got.tolist() == want.tolist()
+    for slot in range(capacity):
+        assert by_seq.state(slot) == by_index.state(slot)
+
+
+def test_advance_seq_errors(detector):
+    batch = detector.batch(3)
+    batch.add(0)
+    table = np.zeros(3, dtype=np.int32)
+    with pytest.raises(IndexError, match=r"slots\[1\] = 3: outside prompt_len / prefill_len"):
+        batch.advance_seq([0, 3], [1, 1], [14190, 11], table, table)
+    with pytest.raises(ValueError, match="seq_lens: 1 entries for 2 rows of slots"):
+        batch.advance_seq([0, 1], [1], [14190, 11], table, table)
+    with pytest.raises(ValueError, match="one entry per row"):
+        batch.advance_seq([0, 1], [1, 1], [14190], table, table)
+    assert batch.state(0) == (0, 0, 0)

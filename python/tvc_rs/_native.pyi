@@ -122,6 +122,10 @@ class StreamBatch:
         ``tokens[i]`` is token number ``token_index[i]`` of that stream (fed if it is the next
         one); returns the rows with ``sampling[i]`` whose stream has a calibration due (returned
         again until a token follows). Everything is checked before anything changes."""
+    def advance_seq(self, slots: TokenIds, seq_lens: TokenIds, tokens: TokenIds, prompt_len: TokenIds, prefill_len: TokenIds) -> npt.NDArray[np.int32]:
+        """``advance`` for rows described by sequence length (vLLM's V2 runner): row i's input
+        token is token number ``seq_lens[i] - 1 - prompt_len[slots[i]]`` of its stream, and the
+        row samples when ``seq_lens[i] >= prefill_len[slots[i]]``."""
     def advance_lists(self, outputs: list[Optional[list[int]]], rows: int) -> tuple[npt.NDArray[np.int32], list[int]]:
         """An engine step that keeps each stream's tokens in a list (``outputs[slot]``): feeds
         what the lists gained; returns (slots below ``rows`` with a calibration due, slots whose

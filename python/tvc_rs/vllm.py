@@ -522,11 +522,10 @@ class TVCLogitsProcessor(V2LogitsProcessor, LegacyLogitsProcessor):
         if ctx.expanded_idx_mapping.shape[0] == num_reqs:
             # One logits row per request (no speculative decoding): row i is request i, whose
             # input position the host-side sequence lengths give exactly.
-            seq_lens = ctx.seq_lens_upper_bound_np[:num_reqs]
+            # Row i's input token is output number seq_len - 1 - prompt_len of its request; the
+            # row samples unless it is an intermediate chunk of a prefill (seq_len < prefill_len).
             input_ids = ctx.input_ids.cpu().numpy()  # the step's one device-to-host copy
-            index = seq_lens - 1 - self._prompt_len[slots]  # output index of the input token
-            sampling = seq_lens >= self._prefill_len[slots]  # not an intermediate prefill chunk
-            rows = self._streams.advance(slots, index, input_ids, sampling)
+            rows = self._streams.advance_seq(slots, ctx.seq_lens_upper_bound_np, input_ids, self._prompt_len, self._prefill_len)
             if rows.size:
                 self._force(logits, rows, slots[rows])
             return logits

@@ -116,6 +116,47 @@ impl<'py> Ints<'py> {
     }
 }
 
+/// A per-slot integer table, read in place when it is a contiguous int32 / int64 NumPy array.
+enum Table<'py> {
+    I64(PyReadonlyArray1<'py, i64>),
+    I32(PyReadonlyArray1<'py, i32>),
+    Owned(Vec<i64>),
+}
+
+impl<'py> Table<'py> {
+    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Table<'py>> {
+        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Table::I64(readonly));
+            }
+        }
+        if let Ok(array) = obj.cast::<PyArray1<i32>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Table::I32(readonly));
+            }
+        }
+        Ok(Table::Owned(token_ids(obj, name)?))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Table::I64(a) => a.as_slice().map_or(0, |s| s.len()),
+            Table::I32(a) => a.as_slice().map_or(0, |s| s.len()),
+            Table::Owned(v) => v.len(),
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<i64> {
+        match self {
+            Table::I64(a) => a.as_slice().ok()?.get(index).copied(),
+            Table::I32(a) => a.as_slice().ok()?.get(index).map(|&v| v as i64),
+            Table::Owned(v) => v.get(index).copied(),
+        }
+    }
+}
+
 fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
     if let Ok(array) = obj.cast::<PyArray1<bool>>() {
         return Ok(array.readonly().as_array().to_vec());
@@ -529,6 +570,55 @@ impl StreamBatch {
         let (slots, token_index, tokens) = (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
         let mut forced: Vec<i32> = Vec::new();
         py.detach(|| inner.advance(slots, token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        Ok(PyArray1::from_vec(py, forced))
+    }
+
+    /// `advance` for an engine that describes each row by its sequence length (vLLM's V2 model
+    /// runner): row `i` (slot `slots[i]`) has `seq_lens[i]` tokens up to and including its input
+    /// token `tokens[i]`; the slot's stream starts after `prompt_len[slot]` tokens, so the input
+    /// token is token number `seq_lens[i] - 1 - prompt_len[slot]` of the stream; the row samples
+    /// when `seq_lens[i] >= prefill_len[slot]` (earlier rows are chunks of a prefill). The
+    /// tables are indexed by slot. Returns the rows that must emit the calibration token.
+    fn advance_seq<'py>(
+        &mut self,
+        py: Python<'py>,
+        slots: &Bound<'py, PyAny>,
+        seq_lens: &Bound<'py, PyAny>,
+        tokens: &Bound<'py, PyAny>,
+        prompt_len: &Bound<'py, PyAny>,
+        prefill_len: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let slots = Ints::new(slots, "slots")?;
+        let seq_lens = Table::new(seq_lens, "seq_lens")?;
+        let tokens = Ints::new(tokens, "tokens")?;
+        let prompt_len = Table::new(prompt_len, "prompt_len")?;
+        let prefill_len = Table::new(prefill_len, "prefill_len")?;
+        let slots = slots.as_slice();
+        if seq_lens.len() < slots.len() {
+            return Err(PyValueError::new_err(format!(
+                "seq_lens: {} entries for {} rows of slots (one per row; padding after them is ignored)",
+                seq_lens.len(),
+                slots.len()
+            )));
+        }
+        let mut token_index = Vec::with_capacity(slots.len());
+        let mut sampling = Vec::with_capacity(slots.len());
+        for (row, &slot) in slots.iter().enumerate() {
+            let seq = seq_lens.get(row).unwrap_or(0);
+            let (Some(prompt), Some(prefill)) =
+                (usize::try_from(slot).ok().and_then(|s| prompt_len.get(s)), usize::try_from(slot).ok().and_then(|s| prefill_len.get(s)))
+            else {
+                return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                    "slots[{row}] = {slot}: outside prompt_len / prefill_len"
+                )));
+            };
+            token_index.push(seq - 1 - prompt);
+            sampling.push(seq >= prefill);
+        }
+        let inner = &mut self.inner;
+        let tokens = tokens.as_slice();
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.advance(slots, &token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
         Ok(PyArray1::from_vec(py, forced))
     }
 
