@@ -60,7 +60,10 @@ class ReflectionDetector:
         calibrations_made: int = 0,
         tokens_since_last: Optional[int] = None,
     ) -> ReflectionStream: ...
-    def batch(self, capacity: int) -> StreamBatch: ...
+    def batch(self, capacity: int, *, out_of_vocab: Literal["raise", "no_text"] = "raise") -> StreamBatch:
+        """``capacity`` slots. ``out_of_vocab``: a token id outside the vocabulary raises
+        IndexError ("raise") or counts as a generated token that decodes to no text
+        ("no_text": for models whose logits are wider than their tokenizer)."""
     def scan(self, texts: Sequence[str], schedule: Optional[PVCSchedule] = None) -> list[TextScan]:
         """Tokenize each text and watch it as if generated (in parallel)."""
 
@@ -105,10 +108,28 @@ class StreamBatch:
     def remove(self, slot: int) -> bool: ...
     def move(self, from_slot: int, to_slot: int) -> None: ...
     def swap(self, slot_a: int, slot_b: int) -> None: ...
+    @property
+    def out_of_vocab(self) -> Literal["raise", "no_text"]: ...
+    def feed(self, slot: int, tokens: TokenIds) -> list[Calibration]:
+        """Several tokens, in order, for the stream in ``slot``; the calibrations they make. Ids
+        are checked first; ValueError for an empty slot, IndexError for a bad id."""
     def is_active(self, slot: int) -> bool: ...
     def step(self, tokens: TokenIds) -> npt.NDArray[np.int32]:
         """``tokens[i]``: newest token of slot i (negative or empty slot: skipped). Returns the
         slots that calibrate at this step. All ids are checked before anything changes."""
+    def advance(self, slots: TokenIds, token_index: TokenIds, tokens: TokenIds, sampling: Any) -> npt.NDArray[np.int32]:
+        """An engine step whose rows name their stream: row i is slot ``slots[i]`` and
+        ``tokens[i]`` is token number ``token_index[i]`` of that stream (fed if it is the next
+        one); returns the rows with ``sampling[i]`` whose stream has a calibration due (returned
+        again until a token follows). Everything is checked before anything changes."""
+    def advance_seq(self, slots: TokenIds, seq_lens: TokenIds, tokens: TokenIds, prompt_len: TokenIds, prefill_len: TokenIds) -> npt.NDArray[np.int32]:
+        """``advance`` for rows described by sequence length (vLLM's V2 runner): row i's input
+        token is token number ``seq_lens[i] - 1 - prompt_len[slots[i]]`` of its stream, and the
+        row samples when ``seq_lens[i] >= prefill_len[slots[i]]``."""
+    def advance_lists(self, outputs: list[Optional[list[int]]], rows: int) -> tuple[npt.NDArray[np.int32], list[int]]:
+        """An engine step that keeps each stream's tokens in a list (``outputs[slot]``): feeds
+        what the lists gained; returns (slots below ``rows`` with a calibration due, slots whose
+        new tokens could not be read: negative placeholders or a list that shrank)."""
     @property
     def last_calibrations(self) -> list[tuple[int, Calibration]]: ...
     def hits(self, slot: int) -> list[Hit]: ...

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 from tvc_rs._native import Calibration, PVCSchedule
 
-__all__ = ["Calibration", "PVCSchedule", "PVCConfig", "PVC_MODES", "DEFAULT_BRIDGE"]
+__all__ = ["Calibration", "PVCSchedule", "PVCConfig", "PVC_MODES", "DEFAULT_BRIDGE", "DEFAULT_CALIBRATION_TOKEN"]
 
 PVC_MODES = ("relocate", "append", "kv")
 """``relocate``: the method as published (rebuild the sequence without the first image, put the
@@ -23,6 +23,12 @@ bridge + compressed image on top of the cache; ``kv``: evict the first image's c
 re-rotate every later key to the position ``relocate`` gives it, then prefill bridge + image."""
 
 DEFAULT_BRIDGE = "Let me see the image again:"
+"""The phrase put before a re-injected image (the TVC authors' wording)."""
+
+DEFAULT_CALIBRATION_TOKEN = "<|vision_pad|>"
+"""The token a serving engine is made to emit when a calibration is due, so that the request
+stops there: Qwen2-VL's ``<|vision_pad|>`` (id 151654 in the Qwen2-VL, Qwen2.5-VL and QVQ
+tokenizers), a special token those models never generate (images use ``<|image_pad|>``)."""
 
 _PRUNE_COUNTS = ("ratio", "mass", "keep")
 _PRUNE_OPTIONS = ("min_keep", "max_keep", "layer", "merge")
@@ -90,6 +96,8 @@ class PVCConfig:
         schedule: which reflection hits become calibrations (a ``PVCSchedule``, or a dict of
             its arguments); default: every hit.
         phrases: reflection phrases to watch for; ``None``: ``tvc_rs.DEFAULT_PHRASES``.
+        calibration_token: the token a serving engine (vLLM) forces when a calibration is due,
+            ending the request there; see ``DEFAULT_CALIBRATION_TOKEN``. Unused by transformers.
 
     Raises ValueError (an unknown mode, ``pool < 1``, a bad prune spec, a negative schedule
     value) or TypeError (a value of the wrong type) on construction.
@@ -101,6 +109,7 @@ class PVCConfig:
     bridge: str = DEFAULT_BRIDGE
     schedule: PVCSchedule = field(default_factory=PVCSchedule)
     phrases: Optional[Sequence[str]] = None
+    calibration_token: str = DEFAULT_CALIBRATION_TOKEN
 
     def __post_init__(self) -> None:
         if self.mode not in PVC_MODES:
@@ -122,6 +131,8 @@ class PVCConfig:
             if isinstance(self.phrases, str) or not all(isinstance(p, str) and p.strip() for p in self.phrases):
                 raise ValueError("phrases must be None or a list of non-empty strings")
             self.phrases = list(self.phrases)
+        if not isinstance(self.calibration_token, str) or not self.calibration_token:
+            raise ValueError(f"calibration_token = {self.calibration_token!r}: expected a token string such as '<|vision_pad|>'")
 
     @property
     def prune_spec(self) -> Optional[dict]:

@@ -114,6 +114,13 @@ pub struct Monitor {
     before_last: ScheduleState,
     pub hits: Vec<Hit>,
     pub calibrations: Vec<Calibration>,
+    /// A calibration is due: decided and not yet carried out. Set when a calibration is
+    /// decided; it stays set through later tokens until [`Monitor::take_due`] has reported it
+    /// and a token has been fed after that (a serving engine keeps forcing the calibration
+    /// until the next token shows that the forced sample was taken).
+    pub due: bool,
+    /// `take_due` reported the due calibration; the next token clears it.
+    reported: bool,
 }
 
 impl Monitor {
@@ -125,6 +132,24 @@ impl Monitor {
             before_last: state,
             hits: Vec::new(),
             calibrations: Vec::new(),
+            due: false,
+            reported: false,
+        }
+    }
+
+    /// Whether a calibration is due; reporting it lets the next token clear it.
+    #[inline]
+    pub fn take_due(&mut self) -> bool {
+        self.reported |= self.due;
+        self.due
+    }
+
+    /// A new token arrived: a reported calibration has been carried out.
+    #[inline]
+    fn on_new_token(&mut self) {
+        if self.reported {
+            self.due = false;
+            self.reported = false;
         }
     }
 
@@ -135,9 +160,21 @@ impl Monitor {
         let index = self.state.tokens;
         let before = self.hits.len();
         detector.push(&mut self.trigger, token, index, &mut self.hits)?;
+        self.on_new_token();
         let first_new_hit = self.hits.get(before).copied();
         self.before_last = self.state;
         Ok(self.decide(index, first_new_hit))
+    }
+
+    /// Feeds a token that decodes to no text (an id the tokenizer does not know, as a model
+    /// whose logits are wider than its tokenizer can sample): it counts as a generated token for
+    /// the schedule but leaves the decoded text, and so the trigger state, unchanged.
+    #[inline]
+    pub fn push_no_text(&mut self) -> Option<Calibration> {
+        let index = self.state.tokens;
+        self.on_new_token();
+        self.before_last = self.state;
+        self.decide(index, None)
     }
 
     /// Ends the text: a phrase at the very end becomes a hit (at the last token). Returns the
@@ -162,8 +199,20 @@ impl Monitor {
         let reason = self.state.on_token(&self.schedule, hit.is_some())?;
         let calibration = Calibration { token_index: index, reason, hit: if reason == Reason::Trigger { hit } else { None } };
         self.calibrations.push(calibration);
+        self.due = true;
         Some(calibration)
     }
+}
+
+/// What a batch does with a token id outside the tokenizer's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutOfVocab {
+    /// Refuse it (an index error, nothing changes).
+    #[default]
+    Raise,
+    /// Count it as a generated token that decodes to no text ([`Monitor::push_no_text`]), as
+    /// `tokenizers` drops ids it does not know when decoding.
+    NoText,
 }
 
 /// Monitors in numbered slots, fed one token per slot per decoding step.
@@ -171,11 +220,30 @@ impl Monitor {
 pub struct MonitorBatch {
     detector: Arc<Detector>,
     slots: Vec<Option<Monitor>>,
+    out_of_vocab: OutOfVocab,
 }
 
 impl MonitorBatch {
     pub fn new(detector: Arc<Detector>, capacity: usize) -> MonitorBatch {
-        MonitorBatch { detector, slots: vec![None; capacity] }
+        MonitorBatch::with_out_of_vocab(detector, capacity, OutOfVocab::Raise)
+    }
+
+    pub fn with_out_of_vocab(detector: Arc<Detector>, capacity: usize, out_of_vocab: OutOfVocab) -> MonitorBatch {
+        MonitorBatch { detector, slots: vec![None; capacity], out_of_vocab }
+    }
+
+    pub fn out_of_vocab(&self) -> OutOfVocab {
+        self.out_of_vocab
+    }
+
+    /// Feeds one token to `monitor`, following the batch's out-of-vocabulary rule (ids were
+    /// checked before when the rule is `Raise`).
+    #[inline]
+    fn push(detector: &Detector, out_of_vocab: OutOfVocab, monitor: &mut Monitor, token: i64) -> Result<Option<Calibration>> {
+        if out_of_vocab == OutOfVocab::NoText && detector.check_token(token).is_err() {
+            return Ok(monitor.push_no_text());
+        }
+        monitor.push(detector, token)
     }
 
     pub fn capacity(&self) -> usize {
@@ -248,21 +316,146 @@ impl MonitorBatch {
                 self.slots.len()
             ));
         }
-        for (slot, &token) in tokens.iter().enumerate() {
-            if token >= 0 && self.slots[slot].is_some() {
-                self.detector
-                    .check_token(token)
-                    .map_err(|e| crate::index_err!("tokens[{slot}]: {e}"))?;
+        if self.out_of_vocab == OutOfVocab::Raise {
+            for (slot, &token) in tokens.iter().enumerate() {
+                if token >= 0 && self.slots[slot].is_some() {
+                    self.detector
+                        .check_token(token)
+                        .map_err(|e| crate::index_err!("tokens[{slot}]: {e}"))?;
+                }
             }
         }
         let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
         for (slot, (&token, monitor)) in tokens.iter().zip(self.slots.iter_mut()).enumerate() {
             if token < 0 {
                 continue;
             }
             if let Some(monitor) = monitor {
-                if let Some(calibration) = monitor.push(detector, token)? {
+                if let Some(calibration) = Self::push(detector, out_of_vocab, monitor, token)? {
                     on_calibration(slot, calibration);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds several tokens, in order, to the stream in `slot` (a request that joins the batch
+    /// with tokens already generated, or tokens a step did not show). Returns the calibrations
+    /// they make. Ids are checked before anything changes (under `OutOfVocab::Raise`); a
+    /// negative id is refused; an empty slot is an error.
+    pub fn feed(&mut self, slot: i64, tokens: &[i64]) -> Result<Vec<Calibration>> {
+        let index = self.check_slot(slot, "slot")?;
+        if self.slots[index].is_none() {
+            return Err(crate::value_err!("slot = {slot}: the slot holds no stream"));
+        }
+        for (i, &token) in tokens.iter().enumerate() {
+            if token < 0 {
+                return Err(crate::index_err!("tokens[{i}] = {token}: token ids must be >= 0"));
+            }
+            if self.out_of_vocab == OutOfVocab::Raise {
+                self.detector.check_token(token).map_err(|e| crate::index_err!("tokens[{i}]: {e}"))?;
+            }
+        }
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        let Some(monitor) = self.slots[index].as_mut() else {
+            return Err(crate::value_err!("slot = {slot}: the slot holds no stream"));
+        };
+        let mut made = Vec::new();
+        for &token in tokens {
+            if let Some(calibration) = Self::push(detector, out_of_vocab, monitor, token)? {
+                made.push(calibration);
+            }
+        }
+        Ok(made)
+    }
+}
+
+impl MonitorBatch {
+    /// One step of a serving engine whose rows name their stream: row `i` belongs to slot
+    /// `slots[i]`, and `tokens[i]` is token number `token_index[i]` of that stream. A token is
+    /// fed when it is the one the stream expects next (`token_index == tokens seen`); rows
+    /// that repeat a token already fed, or show none (`token_index < 0` or `tokens[i] < 0`),
+    /// feed nothing. Then `on_force(i)` is called for every row with `sampling[i]` set whose
+    /// stream has a calibration due ([`Monitor::take_due`]). Empty slots are skipped. Lengths
+    /// and slots are checked, and (under `OutOfVocab::Raise`) the ids that would be fed, before
+    /// any stream changes.
+    pub fn advance(
+        &mut self,
+        slots: &[i64],
+        token_index: &[i64],
+        tokens: &[i64],
+        sampling: &[bool],
+        mut on_force: impl FnMut(usize),
+    ) -> Result<()> {
+        let n = slots.len();
+        if token_index.len() != n || tokens.len() != n || sampling.len() != n {
+            return Err(crate::value_err!(
+                "slots, token_index, tokens and sampling must have one entry per row: got {}, {}, {} and {}",
+                n,
+                token_index.len(),
+                tokens.len(),
+                sampling.len()
+            ));
+        }
+        for (row, &slot) in slots.iter().enumerate() {
+            if slot < 0 || slot as u64 >= self.slots.len() as u64 {
+                return Err(crate::index_err!(
+                    "slots[{row}] = {slot}: slot out of range (the batch has slots 0 to {})",
+                    self.slots.len() as i64 - 1
+                ));
+            }
+            if self.out_of_vocab == OutOfVocab::Raise {
+                if let Some(monitor) = &self.slots[slot as usize] {
+                    if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
+                        self.detector.check_token(tokens[row]).map_err(|e| crate::index_err!("tokens[{row}]: {e}"))?;
+                    }
+                }
+            }
+        }
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        for row in 0..n {
+            let Some(monitor) = self.slots[slots[row] as usize].as_mut() else { continue };
+            if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
+                Self::push(detector, out_of_vocab, monitor, tokens[row])?;
+            }
+            if sampling[row] && monitor.take_due() {
+                on_force(row);
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds, for each `(slot, start, end)` of `spans`, `tokens[start..end]` to the stream in
+    /// `slot` (the tokens generated since its last one; empty slots are skipped), then calls
+    /// `on_force(slot)` for every slot below `rows` whose stream has a calibration due. Ids must
+    /// have been checked (`OutOfVocab::Raise`) by the caller; an invalid one is an error
+    /// (streams fed before it keep their tokens).
+    pub fn feed_and_collect(
+        &mut self,
+        tokens: &[i64],
+        spans: &[(usize, usize, usize)],
+        rows: usize,
+        mut on_force: impl FnMut(usize),
+    ) -> Result<()> {
+        let detector = &*self.detector;
+        let out_of_vocab = self.out_of_vocab;
+        for &(slot, start, end) in spans {
+            let Some(part) = tokens.get(start..end) else {
+                return Err(crate::value_err!("spans: ({slot}, {start}, {end}) is outside the {} tokens", tokens.len()));
+            };
+            if let Some(Some(monitor)) = self.slots.get_mut(slot) {
+                for &token in part {
+                    Self::push(detector, out_of_vocab, monitor, token)?;
+                }
+            }
+        }
+        for (slot, monitor) in self.slots.iter_mut().enumerate().take(rows) {
+            if let Some(monitor) = monitor {
+                if monitor.take_due() {
+                    on_force(slot);
                 }
             }
         }

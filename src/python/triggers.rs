@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
-use crate::pvc::{Monitor, MonitorBatch, Schedule, ScheduleState};
+use crate::pvc::{Monitor, MonitorBatch, OutOfVocab, Schedule, ScheduleState};
 use crate::triggers::{Detector, Hit as CoreHit, DEFAULT_PHRASES};
 
 /// A reflection phrase found in decoded text: `phrase` (as configured) matched the characters
@@ -86,6 +86,84 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
     obj.extract::<Vec<i64>>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name}: expected a sequence of int token ids (list, NumPy array or tensor), got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })
+}
+
+/// A 1-D integer argument: read in place from a contiguous int64 NumPy array, else converted.
+enum Ints<'py> {
+    Borrowed(PyReadonlyArray1<'py, i64>),
+    Owned(Vec<i64>),
+}
+
+impl<'py> Ints<'py> {
+    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Ints<'py>> {
+        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Ints::Borrowed(readonly));
+            }
+        }
+        Ok(Ints::Owned(token_ids(obj, name)?))
+    }
+
+    fn as_slice(&self) -> &[i64] {
+        match self {
+            Ints::Borrowed(a) => a.as_slice().unwrap_or(&[]),
+            Ints::Owned(v) => v,
+        }
+    }
+}
+
+/// A per-slot integer table, read in place when it is a contiguous int32 / int64 NumPy array.
+enum Table<'py> {
+    I64(PyReadonlyArray1<'py, i64>),
+    I32(PyReadonlyArray1<'py, i32>),
+    Owned(Vec<i64>),
+}
+
+impl<'py> Table<'py> {
+    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Table<'py>> {
+        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Table::I64(readonly));
+            }
+        }
+        if let Ok(array) = obj.cast::<PyArray1<i32>>() {
+            let readonly = array.readonly();
+            if readonly.as_slice().is_ok() {
+                return Ok(Table::I32(readonly));
+            }
+        }
+        Ok(Table::Owned(token_ids(obj, name)?))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Table::I64(a) => a.as_slice().map_or(0, |s| s.len()),
+            Table::I32(a) => a.as_slice().map_or(0, |s| s.len()),
+            Table::Owned(v) => v.len(),
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<i64> {
+        match self {
+            Table::I64(a) => a.as_slice().ok()?.get(index).copied(),
+            Table::I32(a) => a.as_slice().ok()?.get(index).map(|&v| v as i64),
+            Table::Owned(v) => v.get(index).copied(),
+        }
+    }
+}
+
+fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
+    if let Ok(array) = obj.cast::<PyArray1<bool>>() {
+        return Ok(array.readonly().as_array().to_vec());
+    }
+    obj.extract::<Vec<bool>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name}: expected a 1-D bool array or a list of bools, got {}",
             obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
         ))
     })
@@ -208,11 +286,29 @@ impl ReflectionDetector {
     }
 
     /// Streams in `capacity` numbered slots, fed one token per slot per decoding step.
-    fn batch(&self, capacity: i64) -> PyResult<StreamBatch> {
+    ///
+    /// out_of_vocab: what a token id outside the tokenizer's vocabulary does: "raise" (an
+    /// IndexError, nothing changes) or "no_text" (it counts as a generated token that decodes to
+    /// no text, as `tokenizers` drops unknown ids; for models whose logits are wider than
+    /// their tokenizer).
+    #[pyo3(signature = (capacity, *, out_of_vocab="raise"))]
+    fn batch(&self, capacity: i64, out_of_vocab: &str) -> PyResult<StreamBatch> {
         if !(0..=1 << 24).contains(&capacity) {
             return Err(PyValueError::new_err(format!("capacity = {capacity}: must be between 0 and 16777216")));
         }
-        Ok(StreamBatch { inner: MonitorBatch::new(self.inner.clone(), capacity as usize), last: Vec::new() })
+        let out_of_vocab = match out_of_vocab {
+            "raise" => OutOfVocab::Raise,
+            "no_text" => OutOfVocab::NoText,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "out_of_vocab = {other:?}: expected \"raise\" or \"no_text\""
+                )))
+            }
+        };
+        Ok(StreamBatch {
+            inner: MonitorBatch::with_out_of_vocab(self.inner.clone(), capacity as usize, out_of_vocab),
+            last: Vec::new(),
+        })
     }
 
     /// Tokenizes each text and watches it as if it were generated, with `schedule`; returns a
@@ -397,6 +493,27 @@ impl StreamBatch {
         Ok(self.inner.swap(slot_a, slot_b)?)
     }
 
+    /// "raise" or "no_text": what a token id outside the vocabulary does (see
+    /// `ReflectionDetector.batch`).
+    #[getter]
+    fn out_of_vocab(&self) -> &'static str {
+        match self.inner.out_of_vocab() {
+            OutOfVocab::Raise => "raise",
+            OutOfVocab::NoText => "no_text",
+        }
+    }
+
+    /// Feeds several tokens, in order, to the stream in `slot` (a request that joins with
+    /// tokens already generated, or tokens that steps did not show); returns the calibrations
+    /// they make. Ids are checked before anything changes; an empty slot is a ValueError.
+    fn feed(&mut self, py: Python<'_>, slot: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+        let ids = token_ids(tokens, "tokens")?;
+        let inner = &mut self.inner;
+        let made = py.detach(|| inner.feed(slot, &ids))?;
+        let phrases = self.inner.detector().phrases();
+        Ok(made.iter().map(|c| Calibration::new(c, phrases)).collect())
+    }
+
     /// Whether `slot` holds a stream.
     fn is_active(&self, slot: i64) -> PyResult<bool> {
         Ok(self.inner.get(slot)?.is_some())
@@ -430,6 +547,173 @@ impl StreamBatch {
         Ok(PyArray1::from_vec(py, slots))
     }
 
+    /// One step of a serving engine whose rows name their stream (vLLM's V2 model runner):
+    /// row `i` is slot `slots[i]`, `tokens[i]` is token number `token_index[i]` of that stream
+    /// (fed when it is the next one the stream expects, ignored when already fed or negative),
+    /// `sampling[i]` whether the row samples a token. Returns the rows (int32, ascending) that
+    /// must emit the calibration token: their stream has a calibration due. A due calibration
+    /// stays due, and is returned again, until a token is fed after it was returned. Lengths,
+    /// slots and (out_of_vocab="raise") ids are checked before anything changes.
+    fn advance<'py>(
+        &mut self,
+        py: Python<'py>,
+        slots: &Bound<'py, PyAny>,
+        token_index: &Bound<'py, PyAny>,
+        tokens: &Bound<'py, PyAny>,
+        sampling: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let slots = Ints::new(slots, "slots")?;
+        let token_index = Ints::new(token_index, "token_index")?;
+        let tokens = Ints::new(tokens, "tokens")?;
+        let sampling = bools(sampling, "sampling")?;
+        let inner = &mut self.inner;
+        let (slots, token_index, tokens) = (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.advance(slots, token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        Ok(PyArray1::from_vec(py, forced))
+    }
+
+    /// `advance` for an engine that describes each row by its sequence length (vLLM's V2 model
+    /// runner): row `i` (slot `slots[i]`) has `seq_lens[i]` tokens up to and including its input
+    /// token `tokens[i]`; the slot's stream starts after `prompt_len[slot]` tokens, so the input
+    /// token is token number `seq_lens[i] - 1 - prompt_len[slot]` of the stream; the row samples
+    /// when `seq_lens[i] >= prefill_len[slot]` (earlier rows are chunks of a prefill). The
+    /// tables are indexed by slot. Returns the rows that must emit the calibration token.
+    fn advance_seq<'py>(
+        &mut self,
+        py: Python<'py>,
+        slots: &Bound<'py, PyAny>,
+        seq_lens: &Bound<'py, PyAny>,
+        tokens: &Bound<'py, PyAny>,
+        prompt_len: &Bound<'py, PyAny>,
+        prefill_len: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let slots = Ints::new(slots, "slots")?;
+        let seq_lens = Table::new(seq_lens, "seq_lens")?;
+        let tokens = Ints::new(tokens, "tokens")?;
+        let prompt_len = Table::new(prompt_len, "prompt_len")?;
+        let prefill_len = Table::new(prefill_len, "prefill_len")?;
+        let slots = slots.as_slice();
+        if seq_lens.len() < slots.len() {
+            return Err(PyValueError::new_err(format!(
+                "seq_lens: {} entries for {} rows of slots (one per row; padding after them is ignored)",
+                seq_lens.len(),
+                slots.len()
+            )));
+        }
+        let mut token_index = Vec::with_capacity(slots.len());
+        let mut sampling = Vec::with_capacity(slots.len());
+        for (row, &slot) in slots.iter().enumerate() {
+            let seq = seq_lens.get(row).unwrap_or(0);
+            let (Some(prompt), Some(prefill)) =
+                (usize::try_from(slot).ok().and_then(|s| prompt_len.get(s)), usize::try_from(slot).ok().and_then(|s| prefill_len.get(s)))
+            else {
+                return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                    "slots[{row}] = {slot}: outside prompt_len / prefill_len"
+                )));
+            };
+            token_index.push(seq - 1 - prompt);
+            sampling.push(seq >= prefill);
+        }
+        let inner = &mut self.inner;
+        let tokens = tokens.as_slice();
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.advance(slots, &token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        Ok(PyArray1::from_vec(py, forced))
+    }
+
+    /// One step of a serving engine that keeps each stream's generated tokens in a list
+    /// (vLLM's legacy model runner): `outputs[slot]` is the token list of the request in
+    /// `slot` (or None). Feeds every active stream the tokens its list gained since the last
+    /// call, then returns `(slots, blind)`: the slots below `rows` (int32, ascending) with a
+    /// calibration due (returned again until a token follows), and the slots whose new tokens
+    /// could not be read (a negative placeholder id, or a list shorter than what was fed);
+    /// those are not fed.
+    fn advance_lists<'py>(
+        &mut self,
+        py: Python<'py>,
+        outputs: &Bound<'py, PyList>,
+        rows: usize,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
+        if rows > self.inner.capacity() {
+            return Err(PyValueError::new_err(format!(
+                "rows = {rows}: more than the batch's {} slots",
+                self.inner.capacity()
+            )));
+        }
+        let mut tokens: Vec<i64> = Vec::new();
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (slot, start, end) in `tokens`
+        let mut blind: Vec<usize> = Vec::new();
+        let count = outputs.len().min(self.inner.capacity());
+        let list_ptr = outputs.as_ptr();
+        for slot in 0..count {
+            let Some(monitor) = self.inner.get(slot as i64)? else { continue };
+            // Raw list access: this runs for every request at every decoding step, and the
+            // safe accessors cost several times more per item.
+            // SAFETY: the GIL is held, `outputs` is a list and `slot` is below its length;
+            // PyList_GetItem returns a borrowed reference that stays valid while the list is
+            // not modified, and nothing below runs Python code that could modify it.
+            let item = unsafe { pyo3::ffi::PyList_GetItem(list_ptr, slot as pyo3::ffi::Py_ssize_t) };
+            if item.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            if item == unsafe { pyo3::ffi::Py_None() } {
+                continue;
+            }
+            // SAFETY: `item` is a valid borrowed reference (above).
+            if unsafe { pyo3::ffi::PyList_Check(item) } == 0 {
+                return Err(PyTypeError::new_err(format!("outputs[{slot}]: expected a list of token ids or None")));
+            }
+            let seen = monitor.state.tokens as usize;
+            // SAFETY: `item` is a list.
+            let len = unsafe { pyo3::ffi::PyList_Size(item) } as usize;
+            if len < seen {
+                blind.push(slot);
+                continue;
+            }
+            if len == seen {
+                continue;
+            }
+            let start = tokens.len();
+            let mut placeholder = false;
+            for k in seen..len {
+                // SAFETY: `item` is a list and `k` is below its length; the reference is borrowed.
+                let value = unsafe { pyo3::ffi::PyList_GetItem(item, k as pyo3::ffi::Py_ssize_t) };
+                if value.is_null() {
+                    return Err(PyErr::fetch(py));
+                }
+                // SAFETY: `value` is a valid borrowed reference; PyLong_AsLongLong sets an
+                // error (returning -1) for anything that is not an int.
+                let token = unsafe { pyo3::ffi::PyLong_AsLongLong(value) };
+                if token == -1 {
+                    if let Some(err) = PyErr::take(py) {
+                        return Err(PyTypeError::new_err(format!("outputs[{slot}][{k}]: expected an int token id ({err})")));
+                    }
+                }
+                placeholder |= token < 0;
+                tokens.push(token);
+            }
+            if placeholder {
+                tokens.truncate(start);
+                blind.push(slot);
+                continue;
+            }
+            if self.inner.out_of_vocab() == OutOfVocab::Raise {
+                for (k, &t) in tokens[start..].iter().enumerate() {
+                    self.inner
+                        .detector()
+                        .check_token(t)
+                        .map_err(|e| pyo3::exceptions::PyIndexError::new_err(format!("outputs[{slot}][{}]: {e}", seen + k)))?;
+                }
+            }
+            spans.push((slot, start, tokens.len()));
+        }
+        let inner = &mut self.inner;
+        let mut forced: Vec<i32> = Vec::new();
+        py.detach(|| inner.feed_and_collect(&tokens, &spans, rows, |slot| forced.push(slot as i32)))?;
+        Ok((PyArray1::from_vec(py, forced), blind))
+    }
+
     /// The calibrations of the latest `step`, as (slot, Calibration) pairs.
     #[getter]
     fn last_calibrations(&self) -> Vec<(usize, Calibration)> {
@@ -461,7 +745,7 @@ impl StreamBatch {
 
     fn __repr__(&self) -> String {
         let active = (0..self.inner.capacity()).filter(|&s| self.inner.is_active(s)).count();
-        format!("StreamBatch(capacity={}, active={active})", self.inner.capacity())
+        format!("StreamBatch(capacity={}, active={active}, out_of_vocab={:?})", self.inner.capacity(), self.out_of_vocab())
     }
 }
 
