@@ -204,6 +204,30 @@ def image_token_count(
 
 # --- compress (src/python/compress.rs) ---
 
+def pool_visual_tokens(x: object, grid_thw: object, factor: int | tuple[int, int]) -> tuple[Buffer, Buffer]: ...
+def visual_token_scores(query: object, keys: object, lse: object | None = None, scale: float | None = None) -> Buffer: ...
+def select_tokens(
+    scores: object,
+    keep: int | None = None,
+    ratio: float | None = None,
+    mass: float | None = None,
+    min_keep: int = 1,
+    max_keep: int | None = None,
+) -> Buffer: ...
+def prune_visual_tokens(
+    x: object,
+    indices: object | None = None,
+    *,
+    scores: object | None = None,
+    keep: int | None = None,
+    ratio: float | None = None,
+    mass: float | None = None,
+    min_keep: int = 1,
+    max_keep: int | None = None,
+    grid_thw: object | None = None,
+    merge: bool = False,
+) -> tuple[Buffer, Buffer, Buffer | None]: ...
+
 # --- end compress ---
 
 # --- tensor (src/python/tensor.rs) ---

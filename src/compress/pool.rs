@@ -1,0 +1,93 @@
+//! kh x kw average pooling of visual tokens within each frame of their (t, h, w) grids.
+
+use crate::compress::grid::{check_grid_list, Grid};
+use std::mem::MaybeUninit;
+
+use crate::compress::kernels::{mean_of_rows, par_rows_init};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::tensor::Strided;
+use crate::value_err;
+
+/// The grid after pooling: `t` x `ceil(h / kh)` x `ceil(w / kw)`.
+pub fn pooled_grid(grid: Grid, kh: usize, kw: usize) -> Grid {
+    Grid::new(grid.t, grid.h.div_ceil(kh), grid.w.div_ceil(kw))
+}
+
+/// One output token: the input window it averages.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Input token of the window's top-left cell.
+    start: usize,
+    rows: usize,
+    cols: usize,
+    /// Tokens per grid row of the input (the step from one window row to the next).
+    row_step: usize,
+}
+
+/// Average-pool `x` (`[tokens, dim]`, the tokens of `grids` one after the other, row-major on
+/// each grid) with `kh` x `kw` windows inside each frame. Windows at the bottom and right edges
+/// average only the cells they cover. Returns the pooled tokens (`[new_tokens, dim]`, row-major
+/// on the new grids) and the new grids ([`pooled_grid`]).
+pub fn pool_visual_tokens<T: Float>(x: &Strided<'_, T>, grids: &[Grid], kh: usize, kw: usize) -> Result<(Vec<T>, Vec<Grid>)> {
+    if x.ndim() != 2 {
+        return Err(value_err!("x: expected a 2-D tensor [tokens, dim], got {} dimensions", x.ndim()));
+    }
+    if kh == 0 || kw == 0 {
+        return Err(value_err!("factor: every pooling factor must be >= 1, got ({kh}, {kw})"));
+    }
+    let (tokens, dim) = (x.shape()[0], x.shape()[1]);
+    check_grid_list(grids, tokens, &format!("x has {tokens} rows"))?;
+
+    let mut windows = Vec::new();
+    let mut new_grids = Vec::with_capacity(grids.len());
+    let mut start = 0;
+    for &grid in grids {
+        let pooled = pooled_grid(grid, kh, kw);
+        for frame in 0..grid.t {
+            let frame_start = start + frame * grid.h * grid.w;
+            for oh in 0..pooled.h {
+                let r0 = oh * kh;
+                for ow in 0..pooled.w {
+                    let c0 = ow * kw;
+                    windows.push(Window {
+                        start: frame_start + r0 * grid.w + c0,
+                        rows: kh.min(grid.h - r0),
+                        cols: kw.min(grid.w - c0),
+                        row_step: grid.w,
+                    });
+                }
+            }
+        }
+        start += grid.tokens();
+        new_grids.push(pooled);
+    }
+
+    // Enough input per task that scheduling costs nothing next to the reads.
+    let min_rows = (1 << 15) / (dim * kh * kw).max(1);
+    let pooled = par_rows_init(
+        windows.len(),
+        dim,
+        min_rows,
+        || (vec![0f32; dim], vec![0f32; 4 * dim], Vec::with_capacity(kh * kw)),
+        |(acc, scratch, rows), o, out| pool_window(x, windows[o], acc, scratch, rows, out),
+    );
+    Ok((pooled, new_grids))
+}
+
+/// Average of one window into `out`.
+fn pool_window<'a, T: Float>(
+    x: &'a Strided<'_, T>,
+    window: Window,
+    acc: &mut [f32],
+    scratch: &mut [f32],
+    rows: &mut Vec<&'a [T]>,
+    out: &mut [MaybeUninit<T>],
+) {
+    rows.clear();
+    for r in 0..window.rows {
+        let row_start = window.start + r * window.row_step;
+        rows.extend((row_start..row_start + window.cols).map(|token| x.row(token)));
+    }
+    mean_of_rows(rows, 1.0 / (window.rows * window.cols) as f32, acc, scratch, out);
+}
