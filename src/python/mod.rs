@@ -5,6 +5,8 @@
 use pyo3::prelude::*;
 
 mod compress;
+mod cuda;
+mod cuda_compress;
 mod errors;
 mod kv;
 mod pvc;
@@ -21,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     compress::register(m)?;
     kv::register(m)?;
     tensor::register(m)?;
+    cuda::register(m)?;
     Ok(())
 }
