@@ -1,4 +1,4 @@
-//! The CUDA runtime without a GPU: NVRTC compiles every kernel for sm_80 and sm_90 (argument
+//! The CUDA runtime without a GPU: NVRTC compiles every kernel (argument
 //! struct layouts checked against the Rust mirrors at compile time), no kernel spills, the
 //! on-disk cache (keys, atomic concurrent writes), the architecture choice, and clear errors
 //! where there is no driver. NVRTC is looked for as the library does ($TVC_NVRTC, $CUDA_HOME,
@@ -33,13 +33,14 @@ fn configure_nvrtc() -> bool {
 }
 
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
+fn every_kernel_compiles_without_spills() {
     if !configure_nvrtc() {
         return;
     }
     for file in KernelFile::ALL {
-        for arch in [80, 90] {
-            let (cubin, log, ptx) = cuda::compile_for_check(file, arch, arch == 90).unwrap_or_else(|e| panic!("{e}"));
+        // sm_90 here; tests/test_cuda.py and `python -m tvc_rs.cuda --check` do sm_80 too.
+        for arch in [90] {
+            let (cubin, log, ptx) = cuda::compile_for_check(file, arch, true).unwrap_or_else(|e| panic!("{e}"));
             assert!(cubin.starts_with(b"\x7fELF"), "{} sm_{arch}: not an ELF CUBIN", file.file_name());
             if let Some(ptx) = ptx {
                 let ptx = String::from_utf8_lossy(&ptx).into_owned();

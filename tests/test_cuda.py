@@ -202,9 +202,13 @@ def test_select_bad_scores(device):
 def test_prune(device, dtype, merge, source):
     grids = [(1, 7, 9), (2, 4, 5), (1, 12, 12)]
     tokens = sum(t * h * w for t, h, w in grids)  # 247: several similarity tiles
-    x = tensor(rng(7).standard_normal((tokens, 48)), dtype, device)
     scores = torch.from_numpy(rng(8).random(tokens).astype(np.float32))
     want_idx = select_reference(scores.numpy(), ratio=0.4)
+    # The first seed whose rounded inputs have no near-tie a float32 rounding could flip.
+    for seed in range(100):
+        x = tensor(rng(seed).standard_normal((tokens, 48)), dtype, device)
+        if not merge or merge_reference(f64(x), want_idx)[1].min() > 1e-4:
+            break
     if source == "scores":
         result = prune_visual_tokens(x, scores=scores.to(device), ratio=0.4, grid_thw=grids, merge=merge)
     elif source == "indices":
@@ -217,7 +221,7 @@ def test_prune(device, dtype, merge, source):
     x64 = f64(x)
     if merge:
         want, gaps = merge_reference(x64, want_idx)
-        assert gaps.min() > 1e-4  # no near-ties that f32 rounding could flip (fixed seed)
+        assert gaps.min() > 1e-4
     else:
         want = x64[want_idx]
     assert_close(result.tokens, want, dtype, scale=2 if merge else 1)
