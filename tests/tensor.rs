@@ -50,7 +50,7 @@ fn cuda_and_other_devices_are_refused_on_cpu_paths() {
         TensorView::from_raw_parts("keys", data.as_ptr() as *mut u8, DType::F32, vec![4], vec![1], Device::Cuda(1), false, false)
     };
     let err = view.as_slice::<f32>().unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("keys: CUDA tensors are not supported yet") && m.contains("cuda:1")));
+    assert!(matches!(&err, Error::Value(m) if m.starts_with("keys: expected a CPU tensor like the other arguments, got one on cuda:1") && m.contains("cuda:1")));
     let cpu = TensorView::from_slice("query", &data, &[4]).unwrap();
     let err = view.expect_same_device(&cpu).unwrap_err();
     assert_eq!(err, Error::Value("keys: expected a tensor on the same device as query (cpu), got cuda:1".into()));

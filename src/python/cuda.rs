@@ -21,12 +21,15 @@ const DL_CUDA: i32 = 2;
 const DL_CUDA_MANAGED: i32 = 13;
 
 /// The device of a tensor-like argument without exporting it: `Some(Device)` for objects with
-/// `__dlpack_device__`, `None` for plain Python values (ints, lists).
+/// `__dlpack_device__`, `None` for plain Python values (ints, lists) and unknown devices.
 pub fn device_of(obj: &Bound<'_, PyAny>) -> PyResult<Option<Device>> {
     if !obj.hasattr("__dlpack_device__")? {
         return Ok(None);
     }
-    let (kind, id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
+    // Devices DLPack cannot express (torch's "meta") raise here; the import then reports them.
+    let Ok((kind, id)) = obj.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()) else {
+        return Ok(None);
+    };
     Ok(Some(match kind {
         DL_CUDA | DL_CUDA_MANAGED => Device::Cuda(id),
         1 | 3 => Device::Cpu,
