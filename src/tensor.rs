@@ -70,7 +70,10 @@ pub enum Device {
     /// A CUDA device with its ordinal.
     Cuda(i32),
     /// Any other DLPack device (ROCm, Metal, ...), kept for error messages.
-    Other { device_type: i32, id: i32 },
+    Other {
+        device_type: i32,
+        id: i32,
+    },
 }
 
 impl std::fmt::Display for Device {
@@ -78,7 +81,9 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(id) => write!(f, "cuda:{id}"),
-            Device::Other { device_type, id } => write!(f, "DLPack device type {device_type} (id {id})"),
+            Device::Other { device_type, id } => {
+                write!(f, "DLPack device type {device_type} (id {id})")
+            }
         }
     }
 }
@@ -118,7 +123,14 @@ impl_element!(i64, I64);
 pub fn tuple_str<T: std::fmt::Display>(values: &[T]) -> String {
     match values {
         [only] => format!("({only},)"),
-        _ => format!("({})", values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            values
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -201,7 +213,11 @@ impl<'a> TensorView<'a> {
     }
 
     /// A read-only row-major view of a slice (for Rust callers and tests).
-    pub fn from_slice<T: Element>(name: impl Into<String>, data: &'a [T], shape: &[usize]) -> Result<Self> {
+    pub fn from_slice<T: Element>(
+        name: impl Into<String>,
+        data: &'a [T],
+        shape: &[usize],
+    ) -> Result<Self> {
         let name = name.into();
         check_len(&name, data.len(), shape)?;
         // SAFETY: the slice holds exactly the row-major elements of `shape` and lives for 'a.
@@ -220,7 +236,11 @@ impl<'a> TensorView<'a> {
     }
 
     /// A writable row-major view of a mutable slice.
-    pub fn from_mut_slice<T: Element>(name: impl Into<String>, data: &'a mut [T], shape: &[usize]) -> Result<Self> {
+    pub fn from_mut_slice<T: Element>(
+        name: impl Into<String>,
+        data: &'a mut [T],
+        shape: &[usize],
+    ) -> Result<Self> {
         let name = name.into();
         check_len(&name, data.len(), shape)?;
         // SAFETY: exclusive borrow of exactly the row-major elements of `shape` for 'a.
@@ -312,8 +332,16 @@ impl<'a> TensorView<'a> {
         if self.ndim() == rank {
             return Ok(self);
         }
-        let layout = if layout.is_empty() { String::new() } else { format!(" {layout}") };
-        Err(value_err!("{}: expected a {rank}-D tensor{layout}, got shape {}", self.name, self.shape_str()))
+        let layout = if layout.is_empty() {
+            String::new()
+        } else {
+            format!(" {layout}")
+        };
+        Err(value_err!(
+            "{}: expected a {rank}-D tensor{layout}, got shape {}",
+            self.name,
+            self.shape_str()
+        ))
     }
 
     /// `x: expected dtype float32, got int64` (TypeError).
@@ -326,7 +354,12 @@ impl<'a> TensorView<'a> {
         if dtypes.contains(&self.dtype) {
             return Ok(self);
         }
-        Err(type_err!("{}: expected dtype {}, got {}", self.name, dtype_list(dtypes), self.dtype))
+        Err(type_err!(
+            "{}: expected dtype {}, got {}",
+            self.name,
+            dtype_list(dtypes),
+            self.dtype
+        ))
     }
 
     /// The view's memory is on the CPU (the CPU kernels' arguments: a CUDA tensor here is mixed
@@ -339,9 +372,11 @@ impl<'a> TensorView<'a> {
                 self.name,
                 self.device
             )),
-            Device::Other { .. } => {
-                Err(value_err!("{}: tensors on {} are not supported; pass a CPU tensor", self.name, self.device))
-            }
+            Device::Other { .. } => Err(value_err!(
+                "{}: tensors on {} are not supported; pass a CPU tensor",
+                self.name,
+                self.device
+            )),
         }
     }
 
@@ -443,7 +478,10 @@ impl<'a> TensorView<'a> {
             }
         }
         let base = self.ptr as isize;
-        Some(((base + low * size) as usize, (base + (high + 1) * size) as usize))
+        Some((
+            (base + low * size) as usize,
+            (base + (high + 1) * size) as usize,
+        ))
     }
 
     /// The two views may share memory (same device and intersecting byte ranges).
@@ -521,17 +559,66 @@ impl<'a> TensorView<'a> {
                 let span = if len == 0 {
                     0
                 } else {
-                    1 + self.shape.iter().zip(&strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>()
+                    1 + self
+                        .shape
+                        .iter()
+                        .zip(&strides)
+                        .map(|(&d, &s)| (d - 1) * s)
+                        .sum::<usize>()
                 };
-                let strides = if len == 0 { vec![0; strides.len()] } else { strides };
+                let strides = if len == 0 {
+                    vec![0; strides.len()]
+                } else {
+                    strides
+                };
                 let data: &[T] =
                     // SAFETY: CPU, dtype and alignment checked; non-negative strides, so the
                     // `span` elements from the first one hold every element of the view.
                     if span == 0 { &[] } else { unsafe { std::slice::from_raw_parts(self.ptr as *const T, span) } };
-                Ok(Strided { data: Cow::Borrowed(data), shape: self.shape.clone(), strides })
+                Ok(Strided {
+                    data: Cow::Borrowed(data),
+                    shape: self.shape.clone(),
+                    strides,
+                })
             }
             None => Ok(Strided::from_vec(self.packed::<T>(), &self.shape)),
         }
+    }
+
+    /// A writable view whose lanes (last axis) are slices, for writing in place (e.g. into a
+    /// KV cache slice): CPU, dtype `T`, writable, last axis contiguous, non-negative strides,
+    /// aligned, and no two elements sharing memory. Anything else is refused naming the
+    /// argument (writes cannot go through a copy).
+    pub fn strided_mut<T: Element>(&mut self) -> Result<StridedMut<'_, T>> {
+        self.check_element::<T>()?;
+        self.expect_writable()?;
+        let strides = self.borrowable_strides::<T>().ok_or_else(|| {
+            value_err!(
+                "{}: expected a tensor whose last axis is contiguous (stride 1) and whose strides are \
+                 non-negative to write into, got strides {} (in elements) for shape {}",
+                self.name,
+                tuple_str(&self.strides),
+                self.shape_str()
+            )
+        })?;
+        if !self.is_non_overlapping() {
+            return Err(value_err!(
+                "{}: cannot write into a tensor whose elements share memory (strides {} for shape {})",
+                self.name,
+                tuple_str(&self.strides),
+                self.shape_str()
+            ));
+        }
+        Ok(StridedMut {
+            ptr: self.ptr as *mut T,
+            shape: self.shape.clone(),
+            strides: if self.numel() == 0 {
+                vec![0; self.ndim()]
+            } else {
+                strides
+            },
+            _borrow: PhantomData,
+        })
     }
 
     /// Like [`TensorView::strided`], but refuses (naming the argument) instead of copying.
@@ -577,12 +664,23 @@ impl<'a> TensorView<'a> {
         let last = self.ndim().saturating_sub(1);
         let mut index = vec![0usize; self.ndim()];
         loop {
-            let base: isize = index.iter().zip(&self.strides).map(|(&i, &s)| i as isize * s).sum();
-            let (lane_len, lane_stride) =
-                if self.ndim() == 0 { (1, 0) } else { (self.shape[last], self.strides[last]) };
+            let base: isize = index
+                .iter()
+                .zip(&self.strides)
+                .map(|(&i, &s)| i as isize * s)
+                .sum();
+            let (lane_len, lane_stride) = if self.ndim() == 0 {
+                (1, 0)
+            } else {
+                (self.shape[last], self.strides[last])
+            };
             for j in 0..lane_len as isize {
                 // SAFETY: every index tuple within the shape addresses an element of the view.
-                let value = unsafe { (self.ptr as *const T).offset(base + j * lane_stride).read_unaligned() };
+                let value = unsafe {
+                    (self.ptr as *const T)
+                        .offset(base + j * lane_stride)
+                        .read_unaligned()
+                };
                 out.push(value);
             }
             // Advance the multi-index over every axis but the last.
@@ -619,9 +717,93 @@ impl std::fmt::Debug for TensorView<'_> {
 fn check_len(name: &str, len: usize, shape: &[usize]) -> Result<()> {
     let numel: usize = shape.iter().product();
     if numel != len {
-        return Err(value_err!("{name}: {len} elements cannot have shape {}", tuple_str(shape)));
+        return Err(value_err!(
+            "{name}: {len} elements cannot have shape {}",
+            tuple_str(shape)
+        ));
     }
     Ok(())
+}
+
+/// A writable CPU tensor of `T` whose lanes (last axis) are disjoint slices; made by
+/// [`TensorView::strided_mut`], which checked that no two elements share memory.
+pub struct StridedMut<'a, T> {
+    ptr: *mut T,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a StridedMut is an exclusive borrow of its elements, like `&mut [T]`.
+unsafe impl<T: Send> Send for StridedMut<'_, T> {}
+unsafe impl<T: Sync> Sync for StridedMut<'_, T> {}
+
+impl<T: Copy> StridedMut<'_, T> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    /// Number of lanes: the product of every dimension but the last.
+    pub fn lanes(&self) -> usize {
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
+    }
+
+    fn lane_offset(&self, mut lane: usize) -> usize {
+        let outer = self.shape.len().saturating_sub(1);
+        let mut offset = 0;
+        for axis in (0..outer).rev() {
+            offset += (lane % self.shape[axis]) * self.strides[axis];
+            lane /= self.shape[axis];
+        }
+        offset
+    }
+
+    fn lane_len(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    /// Lane number `lane` (row-major over the outer dimensions), for reading.
+    pub fn lane(&self, lane: usize) -> &[T] {
+        assert!(lane < self.lanes(), "lane {lane} out of range");
+        // SAFETY: in range; the elements are borrowed for the view's lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(self.lane_offset(lane)), self.lane_len()) }
+    }
+
+    /// Lane number `lane`, for writing.
+    pub fn lane_mut(&mut self, lane: usize) -> &mut [T] {
+        assert!(lane < self.lanes(), "lane {lane} out of range");
+        // SAFETY: as in `lane`, and `&mut self` is exclusive.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(self.lane_offset(lane)), self.lane_len())
+        }
+    }
+
+    /// `f(lane, slice)` for every lane, in parallel (rayon); lanes are disjoint.
+    pub fn par_for_each_lane<F>(&mut self, f: F)
+    where
+        T: Send + Sync,
+        F: Fn(usize, &mut [T]) + Sync + Send,
+    {
+        use rayon::prelude::*;
+        if self.lane_len() == 0 {
+            return;
+        }
+        let this = &*self;
+        (0..this.lanes()).into_par_iter().for_each(|lane| {
+            // SAFETY: lanes are disjoint (checked by `strided_mut`), so each task owns its slice.
+            let slice = unsafe {
+                std::slice::from_raw_parts_mut(
+                    this.ptr.add(this.lane_offset(lane)),
+                    this.lane_len(),
+                )
+            };
+            f(lane, slice)
+        });
+    }
 }
 
 /// A CPU tensor of `T` whose last axis is contiguous: each lane (all indices but the last
@@ -639,30 +821,53 @@ impl<'a, T: Copy> Strided<'a, T> {
     /// A row-major view of a slice.
     pub fn contiguous(data: &'a [T], shape: &[usize]) -> Result<Self> {
         check_len("data", data.len(), shape)?;
-        Ok(Strided { data: Cow::Borrowed(data), shape: shape.to_vec(), strides: unsigned_strides(shape) })
+        Ok(Strided {
+            data: Cow::Borrowed(data),
+            shape: shape.to_vec(),
+            strides: unsigned_strides(shape),
+        })
     }
 
     /// A row-major tensor owning its elements.
     pub fn from_vec(data: Vec<T>, shape: &[usize]) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Strided { data: Cow::Owned(data), shape: shape.to_vec(), strides: unsigned_strides(shape) }
+        Strided {
+            data: Cow::Owned(data),
+            shape: shape.to_vec(),
+            strides: unsigned_strides(shape),
+        }
     }
 
     /// A view of `data` with explicit strides (in elements); the last stride must be 1.
     pub fn new(data: &'a [T], shape: &[usize], strides: &[usize]) -> Result<Self> {
         if shape.len() != strides.len() {
-            return Err(value_err!("data: shape {} and strides {} differ in rank", tuple_str(shape), tuple_str(strides)));
+            return Err(value_err!(
+                "data: shape {} and strides {} differ in rank",
+                tuple_str(shape),
+                tuple_str(strides)
+            ));
         }
         let numel: usize = shape.iter().product();
         if numel == 0 {
-            return Ok(Strided { data: Cow::Borrowed(&[]), shape: shape.to_vec(), strides: vec![0; shape.len()] });
+            return Ok(Strided {
+                data: Cow::Borrowed(&[]),
+                shape: shape.to_vec(),
+                strides: vec![0; shape.len()],
+            });
         }
         if let (Some(&dim), Some(&stride)) = (shape.last(), strides.last()) {
             if dim > 1 && stride != 1 {
-                return Err(value_err!("data: the last stride must be 1, got strides {}", tuple_str(strides)));
+                return Err(value_err!(
+                    "data: the last stride must be 1, got strides {}",
+                    tuple_str(strides)
+                ));
             }
         }
-        let span = 1 + shape.iter().zip(strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>();
+        let span = 1 + shape
+            .iter()
+            .zip(strides)
+            .map(|(&d, &s)| (d - 1) * s)
+            .sum::<usize>();
         if span > data.len() {
             return Err(value_err!(
                 "data: shape {} with strides {} needs {span} elements, got {}",
@@ -671,7 +876,11 @@ impl<'a, T: Copy> Strided<'a, T> {
                 data.len()
             ));
         }
-        Ok(Strided { data: Cow::Borrowed(data), shape: shape.to_vec(), strides: strides.to_vec() })
+        Ok(Strided {
+            data: Cow::Borrowed(data),
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -764,7 +973,10 @@ fn unsigned_strides(shape: &[usize]) -> Vec<usize> {
     if numel == 0 {
         return vec![0; shape.len()];
     }
-    contiguous_strides(shape).into_iter().map(|s| s as usize).collect()
+    contiguous_strides(shape)
+        .into_iter()
+        .map(|s| s as usize)
+        .collect()
 }
 
 /// The elements of an [`OwnedTensor`], one variant per dtype.
@@ -795,7 +1007,10 @@ impl OwnedTensor {
                 tuple_str(&shape)
             )));
         }
-        Ok(OwnedTensor { data: T::into_data(data), shape })
+        Ok(OwnedTensor {
+            data: T::into_data(data),
+            shape,
+        })
     }
 
     pub fn dtype(&self) -> DType {

@@ -6,8 +6,8 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use tvc_rs::compress::{
-    check_grids, check_indices, pool_visual_tokens, pooled_grid, prune_visual_tokens, select_tokens, token_cells,
-    visual_token_scores, Budget, Grid,
+    check_grids, check_indices, pool_visual_tokens, pooled_grid, prune_visual_tokens,
+    select_tokens, token_cells, visual_token_scores, Budget, Grid,
 };
 use tvc_rs::dtype::Float;
 use tvc_rs::tensor::Strided;
@@ -48,7 +48,10 @@ fn tolerance<T: Float>() -> f64 {
 fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
     }
 }
 
@@ -95,7 +98,10 @@ fn check_pool<T: Float>(seed: u64, grids: &[Grid], dim: usize, kh: usize, kw: us
 }
 
 fn grids_strategy() -> impl Strategy<Value = Vec<Grid>> {
-    prop::collection::vec((1usize..3, 1usize..10, 1usize..10).prop_map(|(t, h, w)| Grid::new(t, h, w)), 0..4)
+    prop::collection::vec(
+        (1usize..3, 1usize..10, 1usize..10).prop_map(|(t, h, w)| Grid::new(t, h, w)),
+        0..4,
+    )
 }
 
 proptest! {
@@ -132,15 +138,28 @@ fn pooling_refuses_bad_arguments() {
     let x = vec![0f32; 12 * 2];
     let strided = Strided::contiguous(&x, &[12, 2]).unwrap();
     let err = pool_visual_tokens(&strided, &[Grid::new(1, 3, 4)], 0, 2).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("factor:")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("factor:")),
+        "{err:?}"
+    );
     let err = pool_visual_tokens(&strided, &[Grid::new(1, 3, 3)], 2, 2).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("grid_thw: the grids hold 9 tokens") && m.contains("x has 12 rows")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("grid_thw: the grids hold 9 tokens") && m.contains("x has 12 rows")),
+        "{err:?}"
+    );
     let err = pool_visual_tokens(&strided, &[Grid::new(1, 12, 0)], 2, 2).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m == "grid_thw[0] = (1, 12, 0): every grid dimension must be >= 1"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m == "grid_thw[0] = (1, 12, 0): every grid dimension must be >= 1"),
+        "{err:?}"
+    );
     let err = check_grids(&[[1, 2, 2], [1, -3, 4]], 4, "x has 4 rows").unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("grid_thw[1] = (1, -3, 4)")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("grid_thw[1] = (1, -3, 4)")),
+        "{err:?}"
+    );
     let empty: Vec<f32> = Vec::new();
-    let (pooled, grids) = pool_visual_tokens(&Strided::contiguous(&empty, &[0, 5]).unwrap(), &[], 2, 2).unwrap();
+    let (pooled, grids) =
+        pool_visual_tokens(&Strided::contiguous(&empty, &[0, 5]).unwrap(), &[], 2, 2).unwrap();
     assert!(pooled.is_empty() && grids.is_empty());
 }
 
@@ -164,10 +183,18 @@ fn scores_reference(
         for h in 0..q_heads {
             let g = h / group;
             let logits: Vec<f64> = (0..k_tokens)
-                .map(|ki| scale * (0..d).map(|e| q[(qi * q_heads + h) * d + e] * k[(ki * kv_heads + g) * d + e]).sum::<f64>())
+                .map(|ki| {
+                    scale
+                        * (0..d)
+                            .map(|e| q[(qi * q_heads + h) * d + e] * k[(ki * kv_heads + g) * d + e])
+                            .sum::<f64>()
+                })
                 .collect();
             let probs: Vec<f64> = match lse {
-                Some(lse) => logits.iter().map(|s| (s - lse[qi * q_heads + h]).exp()).collect(),
+                Some(lse) => logits
+                    .iter()
+                    .map(|s| (s - lse[qi * q_heads + h]).exp())
+                    .collect(),
                 None => {
                     let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let sum: f64 = logits.iter().map(|s| (s - max).exp()).sum();
@@ -179,13 +206,33 @@ fn scores_reference(
             }
         }
     }
-    out.iter().map(|o| o / (q_tokens * q_heads) as f64).collect()
+    out.iter()
+        .map(|o| o / (q_tokens * q_heads) as f64)
+        .collect()
 }
 
-fn check_scores<T: Float>(seed: u64, q_tokens: usize, kv_heads: usize, group: usize, k_tokens: usize, d: usize, with_lse: bool) {
+fn check_scores<T: Float>(
+    seed: u64,
+    q_tokens: usize,
+    kv_heads: usize,
+    group: usize,
+    k_tokens: usize,
+    d: usize,
+    with_lse: bool,
+) {
     let q_heads = kv_heads * group;
-    let q: Vec<T> = rounded(&random_values(seed, q_tokens * q_heads * d).iter().map(|v| v * 3.0).collect::<Vec<_>>());
-    let k: Vec<T> = rounded(&random_values(seed ^ 1, k_tokens * kv_heads * d).iter().map(|v| v * 3.0).collect::<Vec<_>>());
+    let q: Vec<T> = rounded(
+        &random_values(seed, q_tokens * q_heads * d)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect::<Vec<_>>(),
+    );
+    let k: Vec<T> = rounded(
+        &random_values(seed ^ 1, k_tokens * kv_heads * d)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect::<Vec<_>>(),
+    );
     // A full-row lse: the visual logits plus some other keys' mass.
     let scale = 1.0 / (d as f64).sqrt();
     let lse: Option<Vec<f32>> = with_lse.then(|| {
@@ -196,7 +243,13 @@ fn check_scores<T: Float>(seed: u64, q_tokens: usize, kv_heads: usize, group: us
                 let (qi, h) = (row / q_heads, row % q_heads);
                 let g = h / group;
                 let total: f64 = (0..k_tokens)
-                    .map(|ki| (scale * (0..d).map(|e| qf[row * d + e] * kf[(ki * kv_heads + g) * d + e]).sum::<f64>()).exp())
+                    .map(|ki| {
+                        (scale
+                            * (0..d)
+                                .map(|e| qf[row * d + e] * kf[(ki * kv_heads + g) * d + e])
+                                .sum::<f64>())
+                        .exp()
+                    })
                     .sum::<f64>();
                 let _ = qi;
                 (total + (2.0 + extra[row] as f64).exp()).ln() as f32
@@ -205,10 +258,22 @@ fn check_scores<T: Float>(seed: u64, q_tokens: usize, kv_heads: usize, group: us
     });
     let qs = Strided::contiguous(&q, &[q_tokens, q_heads, d]).unwrap();
     let ks = Strided::contiguous(&k, &[k_tokens, kv_heads, d]).unwrap();
-    let lse_strided = lse.as_ref().map(|l| Strided::contiguous(l, &[q_tokens, q_heads]).unwrap());
+    let lse_strided = lse
+        .as_ref()
+        .map(|l| Strided::contiguous(l, &[q_tokens, q_heads]).unwrap());
     let got = visual_token_scores(&qs, &ks, lse_strided.as_ref(), None).unwrap();
     let lse64: Option<Vec<f64>> = lse.as_ref().map(|l| l.iter().map(|&v| v as f64).collect());
-    let want = scores_reference(&as_f64(&q), &as_f64(&k), lse64.as_deref(), q_tokens, q_heads, k_tokens, kv_heads, d, scale);
+    let want = scores_reference(
+        &as_f64(&q),
+        &as_f64(&k),
+        lse64.as_deref(),
+        q_tokens,
+        q_heads,
+        k_tokens,
+        kv_heads,
+        d,
+        scale,
+    );
     let got: Vec<f64> = got.iter().map(|&v| v as f64).collect();
     assert_close(&got, &want, 2e-5, "scores");
     if !with_lse && k_tokens > 0 {
@@ -241,26 +306,45 @@ fn scores_refuse_bad_shapes() {
     let qs = Strided::contiguous(&q, &[2, 6, 4]).unwrap();
     let ks = Strided::contiguous(&k, &[5, 4, 4]).unwrap();
     let err = visual_token_scores::<f32, f32>(&qs, &ks, None, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.contains("multiple of kv_heads")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.contains("multiple of kv_heads")),
+        "{err:?}"
+    );
     let ks = Strided::contiguous(&k, &[5, 2, 8]).unwrap();
     let err = visual_token_scores::<f32, f32>(&qs, &ks, None, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("keys: head_dim 8")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("keys: head_dim 8")),
+        "{err:?}"
+    );
     let ks = Strided::contiguous(&k, &[10, 2, 4]).unwrap();
     let lse = vec![0f32; 6 * 2];
     let lse = Strided::contiguous(&lse, &[6, 2]).unwrap();
     let err = visual_token_scores(&qs, &ks, Some(&lse), None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("lse: expected shape [q_tokens, q_heads] = (2, 6)")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("lse: expected shape [q_tokens, q_heads] = (2, 6)")),
+        "{err:?}"
+    );
     let empty: Vec<f32> = Vec::new();
     let none = Strided::contiguous(&empty, &[0, 6, 4]).unwrap();
     let err = visual_token_scores::<f32, f32>(&none, &ks, None, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("query: expected at least one query token")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("query: expected at least one query token")),
+        "{err:?}"
+    );
     let no_keys = Strided::contiguous(&empty, &[0, 2, 4]).unwrap();
-    assert!(visual_token_scores::<f32, f32>(&qs, &no_keys, None, None).unwrap().is_empty());
+    assert!(visual_token_scores::<f32, f32>(&qs, &no_keys, None, None)
+        .unwrap()
+        .is_empty());
 }
 
 // ---------- selection ----------
 
-fn select_reference(scores: &[f32], budget: Budget, min_keep: usize, max_keep: Option<usize>) -> Vec<usize> {
+fn select_reference(
+    scores: &[f32],
+    budget: Budget,
+    min_keep: usize,
+    max_keep: Option<usize>,
+) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
     let n = match budget {
@@ -280,7 +364,10 @@ fn select_reference(scores: &[f32], budget: Budget, min_keep: usize, max_keep: O
             n
         }
     };
-    let n = n.max(min_keep).min(max_keep.unwrap_or(usize::MAX)).min(scores.len());
+    let n = n
+        .max(min_keep)
+        .min(max_keep.unwrap_or(usize::MAX))
+        .min(scores.len());
     let mut kept = order[..n].to_vec();
     kept.sort();
     kept
@@ -288,7 +375,10 @@ fn select_reference(scores: &[f32], budget: Budget, min_keep: usize, max_keep: O
 
 fn scores_strategy() -> impl Strategy<Value = Vec<f32>> {
     // Few distinct values so that ties are common.
-    prop::collection::vec(prop_oneof![(0u8..6).prop_map(|v| v as f32 / 4.0), 0f32..2.0], 0..60)
+    prop::collection::vec(
+        prop_oneof![(0u8..6).prop_map(|v| v as f32 / 4.0), 0f32..2.0],
+        0..60,
+    )
 }
 
 proptest! {
@@ -309,19 +399,41 @@ proptest! {
 #[test]
 fn selection_refuses_nan_and_bad_budgets() {
     let err = select_tokens(&[0.1, f32::NAN], Budget::Keep(1), 1, None).unwrap_err();
-    assert_eq!(err, Error::Value("scores[1] is NaN: scores must not contain NaN".into()));
+    assert_eq!(
+        err,
+        Error::Value("scores[1] is NaN: scores must not contain NaN".into())
+    );
     let err = select_tokens(&[0.1, -0.2], Budget::Mass(0.5), 1, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("scores[1] = -0.2: mass selection")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("scores[1] = -0.2: mass selection")),
+        "{err:?}"
+    );
     assert!(select_tokens(&[0.1, -0.2], Budget::Keep(1), 1, None).is_ok());
     let err = select_tokens(&[0.1], Budget::Ratio(1.5), 1, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("ratio:")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("ratio:")),
+        "{err:?}"
+    );
     let err = select_tokens(&[0.1], Budget::Keep(1), 3, Some(2)).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("min_keep (3)")), "{err:?}");
-    assert!(select_tokens(&[], Budget::Keep(3), 1, None).unwrap().is_empty());
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("min_keep (3)")),
+        "{err:?}"
+    );
+    assert!(select_tokens(&[], Budget::Keep(3), 1, None)
+        .unwrap()
+        .is_empty());
     // Ratio rounding: halves up, 0.1 * 30 = 3.0000000000000004 stays 3.
     let thirty = vec![1.0f32; 30];
-    assert_eq!(select_tokens(&thirty, Budget::Ratio(0.1), 0, None).unwrap().len(), 3);
-    assert_eq!(select_tokens(&[1.0, 1.0, 1.0], Budget::Ratio(0.5), 0, None).unwrap(), vec![0, 1]);
+    assert_eq!(
+        select_tokens(&thirty, Budget::Ratio(0.1), 0, None)
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        select_tokens(&[1.0, 1.0, 1.0], Budget::Ratio(0.5), 0, None).unwrap(),
+        vec![0, 1]
+    );
 }
 
 // ---------- pruning and merging ----------
@@ -337,7 +449,10 @@ fn merge_reference(x: &[f64], dim: usize, kept: &[usize]) -> Option<Vec<f64>> {
     for j in (0..tokens).filter(|j| !kept.contains(j)) {
         let sims: Vec<f64> = kept
             .iter()
-            .map(|&k| row(j).iter().zip(row(k)).map(|(a, b)| a * b).sum::<f64>() / (norm(row(j)) * norm(row(k))))
+            .map(|&k| {
+                row(j).iter().zip(row(k)).map(|(a, b)| a * b).sum::<f64>()
+                    / (norm(row(j)) * norm(row(k)))
+            })
             .collect();
         let best = (0..kept.len()).fold(0, |b, i| if sims[i] > sims[b] { i } else { b });
         if (0..kept.len()).any(|i| i != best && sims[best] - sims[i] < 1e-5) {
@@ -348,11 +463,22 @@ fn merge_reference(x: &[f64], dim: usize, kept: &[usize]) -> Option<Vec<f64>> {
         }
         sizes[best] += 1;
     }
-    Some(sums.iter().zip(&sizes).flat_map(|(s, &n)| s.iter().map(move |v| v / n as f64)).collect())
+    Some(
+        sums.iter()
+            .zip(&sizes)
+            .flat_map(|(s, &n)| s.iter().map(move |v| v / n as f64))
+            .collect(),
+    )
 }
 
 /// Returns false when the case was skipped (a near-tie in the similarities).
-fn check_prune<T: Float>(seed: u64, tokens: usize, dim: usize, keep_mask: &[bool], merge: bool) -> bool {
+fn check_prune<T: Float>(
+    seed: u64,
+    tokens: usize,
+    dim: usize,
+    keep_mask: &[bool],
+    merge: bool,
+) -> bool {
     let x: Vec<T> = rounded(&random_values(seed, tokens * dim));
     let kept: Vec<usize> = (0..tokens).filter(|&i| keep_mask[i]).collect();
     let strided = Strided::contiguous(&x, &[tokens, dim]).unwrap();
@@ -364,7 +490,9 @@ fn check_prune<T: Float>(seed: u64, tokens: usize, dim: usize, keep_mask: &[bool
             None => return false,
         }
     } else {
-        kept.iter().flat_map(|&k| xf[k * dim..(k + 1) * dim].to_vec()).collect()
+        kept.iter()
+            .flat_map(|&k| xf[k * dim..(k + 1) * dim].to_vec())
+            .collect()
     };
     assert_close(&as_f64(&got), &want, tolerance::<T>(), "pruned");
     true
@@ -397,23 +525,48 @@ fn merging_of_large_rows() {
 fn indices_are_checked() {
     assert_eq!(check_indices(&[0, 2, 5], 6).unwrap(), vec![0, 2, 5]);
     let err = check_indices(&[0, 6], 6).unwrap_err();
-    assert_eq!(err, Error::Index("indices[1] = 6 is out of range for 6 tokens".into()));
+    assert_eq!(
+        err,
+        Error::Index("indices[1] = 6 is out of range for 6 tokens".into())
+    );
     let err = check_indices(&[-1], 6).unwrap_err();
     assert!(matches!(err, Error::Index(_)));
     let err = check_indices(&[1, 1], 6).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.contains("repeats")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.contains("repeats")),
+        "{err:?}"
+    );
     let err = check_indices(&[3, 1], 6).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("indices must be sorted")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("indices must be sorted")),
+        "{err:?}"
+    );
     let x = vec![0f32; 12];
     let strided = Strided::contiguous(&x, &[6, 2]).unwrap();
-    assert!(matches!(prune_visual_tokens(&strided, &[2, 1], false), Err(Error::Value(_))));
-    assert!(matches!(prune_visual_tokens(&strided, &[7], true), Err(Error::Index(_))));
+    assert!(matches!(
+        prune_visual_tokens(&strided, &[2, 1], false),
+        Err(Error::Value(_))
+    ));
+    assert!(matches!(
+        prune_visual_tokens(&strided, &[7], true),
+        Err(Error::Index(_))
+    ));
 }
 
 #[test]
 fn cells_of_kept_tokens() {
     let grids = [Grid::new(1, 2, 3), Grid::new(2, 2, 2)];
     let cells = token_cells(&grids, &[0, 4, 5, 6, 11, 13]).unwrap();
-    assert_eq!(cells, vec![[0, 0, 0], [0, 1, 1], [0, 1, 2], [0, 0, 0], [1, 0, 1], [1, 1, 1]]);
+    assert_eq!(
+        cells,
+        vec![
+            [0, 0, 0],
+            [0, 1, 1],
+            [0, 1, 2],
+            [0, 0, 0],
+            [1, 0, 1],
+            [1, 1, 1]
+        ]
+    );
     assert!(matches!(token_cells(&grids, &[14]), Err(Error::Index(_))));
 }

@@ -4,9 +4,15 @@
 use proptest::prelude::*;
 use tvc_rs::dtype::DType;
 use tvc_rs::tensor::{Device, OwnedTensor, Strided, TensorView};
+
 use tvc_rs::Error;
 
-fn raw_view<'a>(data: &'a [f32], offset: isize, shape: &[usize], strides: &[isize]) -> TensorView<'a> {
+fn raw_view<'a>(
+    data: &'a [f32],
+    offset: isize,
+    shape: &[usize],
+    strides: &[isize],
+) -> TensorView<'a> {
     // SAFETY: every test below keeps the addressed elements inside `data`.
     unsafe {
         TensorView::from_raw_parts(
@@ -24,7 +30,12 @@ fn raw_view<'a>(data: &'a [f32], offset: isize, shape: &[usize], strides: &[isiz
 
 /// Element `index` of a strided tensor, read the obvious way.
 fn at(data: &[f32], offset: isize, strides: &[isize], index: &[usize]) -> f32 {
-    let pos: isize = offset + index.iter().zip(strides).map(|(&i, &s)| i as isize * s).sum::<isize>();
+    let pos: isize = offset
+        + index
+            .iter()
+            .zip(strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum::<isize>();
     data[pos as usize]
 }
 
@@ -33,11 +44,19 @@ fn checks_name_the_argument() {
     let data = vec![0f32; 60];
     let view = TensorView::from_slice("x", &data, &[3, 4, 5]).unwrap();
     let err = view.expect_rank(2, "[tokens, dim]").unwrap_err();
-    assert_eq!(err, Error::Value("x: expected a 2-D tensor [tokens, dim], got shape (3, 4, 5)".into()));
+    assert_eq!(
+        err,
+        Error::Value("x: expected a 2-D tensor [tokens, dim], got shape (3, 4, 5)".into())
+    );
     let err = view.expect_dtypes(&[DType::I32, DType::I64]).unwrap_err();
-    assert_eq!(err, Error::Type("x: expected dtype int32 or int64, got float32".into()));
+    assert_eq!(
+        err,
+        Error::Type("x: expected dtype int32 or int64, got float32".into())
+    );
     assert!(view.expect_rank(3, "").is_ok() && view.expect_cpu().is_ok() && view.is_contiguous());
-    assert!(matches!(view.as_slice::<i64>(), Err(Error::Type(msg)) if msg.starts_with("x: expected dtype int64")));
+    assert!(
+        matches!(view.as_slice::<i64>(), Err(Error::Type(msg)) if msg.starts_with("x: expected dtype int64"))
+    );
     assert_eq!(view.as_slice::<f32>().unwrap().len(), 60);
     assert!(TensorView::from_slice("y", &data, &[7, 9]).is_err());
 }
@@ -47,13 +66,27 @@ fn cuda_and_other_devices_are_refused_on_cpu_paths() {
     let data = vec![0f32; 4];
     // SAFETY: never dereferenced (device checks come first).
     let view = unsafe {
-        TensorView::from_raw_parts("keys", data.as_ptr() as *mut u8, DType::F32, vec![4], vec![1], Device::Cuda(1), false, false)
+        TensorView::from_raw_parts(
+            "keys",
+            data.as_ptr() as *mut u8,
+            DType::F32,
+            vec![4],
+            vec![1],
+            Device::Cuda(1),
+            false,
+            false,
+        )
     };
     let err = view.as_slice::<f32>().unwrap_err();
     assert!(matches!(&err, Error::Value(m) if m.starts_with("keys: expected a CPU tensor like the other arguments, got one on cuda:1") && m.contains("cuda:1")));
     let cpu = TensorView::from_slice("query", &data, &[4]).unwrap();
     let err = view.expect_same_device(&cpu).unwrap_err();
-    assert_eq!(err, Error::Value("keys: expected a tensor on the same device as query (cpu), got cuda:1".into()));
+    assert_eq!(
+        err,
+        Error::Value(
+            "keys: expected a tensor on the same device as query (cpu), got cuda:1".into()
+        )
+    );
 }
 
 #[test]
@@ -64,12 +97,24 @@ fn writes_need_a_mutable_writable_view() {
         view.as_mut_slice::<f32>().unwrap()[4] = 7.0;
         // A read-only reborrow cannot write.
         let mut shared = view.reborrow();
-        assert!(matches!(shared.as_mut_slice::<f32>(), Err(Error::Runtime(_))));
+        assert!(matches!(
+            shared.as_mut_slice::<f32>(),
+            Err(Error::Runtime(_))
+        ));
     }
     assert_eq!(data[4], 7.0);
     // SAFETY: in bounds; read-only owner.
     let mut readonly = unsafe {
-        TensorView::from_raw_parts("cache", data.as_mut_ptr() as *mut u8, DType::F32, vec![6], vec![1], Device::Cpu, true, true)
+        TensorView::from_raw_parts(
+            "cache",
+            data.as_mut_ptr() as *mut u8,
+            DType::F32,
+            vec![6],
+            vec![1],
+            Device::Cpu,
+            true,
+            true,
+        )
     };
     let err = readonly.as_mut_slice::<f32>().unwrap_err();
     assert!(matches!(&err, Error::Value(m) if m.starts_with("cache: the array is read-only")));
@@ -101,13 +146,17 @@ fn strided_borrows_lanes_and_packs_the_rest() {
     assert!(strided.is_borrowed());
     assert_eq!(strided.row(2), &[38.0, 39.0, 40.0, 41.0]);
     assert!(!view.is_contiguous());
-    assert!(matches!(view.expect_contiguous(), Err(Error::Value(m)) if m.contains("strides (12, 1)")));
+    assert!(
+        matches!(view.expect_contiguous(), Err(Error::Value(m)) if m.contains("strides (12, 1)"))
+    );
     // The transpose of a 10x12 matrix: packed.
     let view = raw_view(&data, 0, &[12, 10], &[1, 12]);
     let strided = view.strided::<f32>().unwrap();
     assert!(!strided.is_borrowed());
     assert_eq!(strided.row(1)[..3], [1.0, 13.0, 25.0]);
-    assert!(matches!(view.strided_no_copy::<f32>(), Err(Error::Value(m)) if m.starts_with("x: expected a tensor whose last axis is contiguous")));
+    assert!(
+        matches!(view.strided_no_copy::<f32>(), Err(Error::Value(m)) if m.starts_with("x: expected a tensor whose last axis is contiguous"))
+    );
     // Reversed rows (negative stride): packed.
     let view = raw_view(&data, 108, &[10, 12], &[-12, 1]);
     assert_eq!(view.strided::<f32>().unwrap().row(0)[0], 108.0);
@@ -120,9 +169,23 @@ fn shape_and_strides() -> impl Strategy<Value = (Vec<usize>, Vec<isize>, isize)>
     prop::collection::vec((0usize..5, -3isize..4), 1..4).prop_map(|axes| {
         let shape: Vec<usize> = axes.iter().map(|a| a.0).collect();
         // Scale strides so axes do not step on each other too often; any overlap is still legal.
-        let strides: Vec<isize> = axes.iter().enumerate().map(|(i, a)| a.1 * (1 + 4isize.pow(i as u32))).collect();
+        let strides: Vec<isize> = axes
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a.1 * (1 + 4isize.pow(i as u32)))
+            .collect();
         // Offset so that every index stays non-negative.
-        let low: isize = shape.iter().zip(&strides).map(|(&d, &s)| if s < 0 && d > 0 { (d as isize - 1) * s } else { 0 }).sum();
+        let low: isize = shape
+            .iter()
+            .zip(&strides)
+            .map(|(&d, &s)| {
+                if s < 0 && d > 0 {
+                    (d as isize - 1) * s
+                } else {
+                    0
+                }
+            })
+            .sum();
         (shape, strides, -low)
     })
 }
@@ -165,7 +228,75 @@ fn strided_constructors_check_their_span() {
 fn owned_tensors_view_their_elements() {
     let owned = OwnedTensor::new(vec![1i64, 2, 3, 4, 5, 6], vec![2, 3]).unwrap();
     assert_eq!(owned.dtype(), DType::I64);
-    assert_eq!(owned.view("out").as_slice::<i64>().unwrap(), &[1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        owned.view("out").as_slice::<i64>().unwrap(),
+        &[1, 2, 3, 4, 5, 6]
+    );
     assert!(owned.as_slice::<f32>().is_none());
     assert!(OwnedTensor::new(vec![1f32], vec![2]).is_err());
+}
+
+#[test]
+fn strided_mut_writes_lanes_in_place() {
+    // Write into x[:, 1:3, :] of a [2, 4, 3] tensor, in parallel and lane by lane.
+    let mut data = vec![0f32; 24];
+    {
+        // SAFETY: the view stays inside `data`, which it borrows mutably.
+        let mut view = unsafe {
+            TensorView::from_raw_parts(
+                "cache",
+                data.as_mut_ptr().add(3) as *mut u8,
+                DType::F32,
+                vec![2, 2, 3],
+                vec![12, 3, 1],
+                Device::Cpu,
+                false,
+                true,
+            )
+        };
+        let mut lanes = view.strided_mut::<f32>().unwrap();
+        assert_eq!(lanes.lanes(), 4);
+        lanes.par_for_each_lane(|lane, out| out.iter_mut().for_each(|v| *v = lane as f32 + 1.0));
+        lanes.lane_mut(3)[2] = 9.0;
+        assert_eq!(lanes.lane(3), &[4.0, 4.0, 9.0]);
+    }
+    let want = [
+        0., 0., 0., 1., 1., 1., 2., 2., 2., 0., 0., 0., 0., 0., 0., 3., 3., 3., 4., 4., 9., 0., 0.,
+        0.,
+    ];
+    assert_eq!(data, want);
+    // Read-only, overlapping and transposed views are refused.
+    let mut shared = TensorView::from_slice("cache", &data, &[24]).unwrap();
+    assert!(shared.strided_mut::<f32>().is_err());
+    // SAFETY: in bounds.
+    let mut overlapping = unsafe {
+        TensorView::from_raw_parts(
+            "cache",
+            data.as_mut_ptr() as *mut u8,
+            DType::F32,
+            vec![4, 4],
+            vec![1, 1],
+            Device::Cpu,
+            false,
+            true,
+        )
+    };
+    assert!(
+        matches!(overlapping.strided_mut::<f32>(), Err(Error::Value(m)) if m.contains("share memory"))
+    );
+    let mut transposed = unsafe {
+        TensorView::from_raw_parts(
+            "cache",
+            data.as_mut_ptr() as *mut u8,
+            DType::F32,
+            vec![4, 6],
+            vec![1, 4],
+            Device::Cpu,
+            false,
+            true,
+        )
+    };
+    assert!(
+        matches!(transposed.strided_mut::<f32>(), Err(Error::Value(m)) if m.starts_with("cache: expected a tensor whose last axis is contiguous"))
+    );
 }

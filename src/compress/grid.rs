@@ -29,7 +29,9 @@ pub fn check_grids(rows: &[[i64; 3]], tokens: usize, tokens_of: &str) -> Result<
     let mut total: usize = 0;
     for (i, &[t, h, w]) in rows.iter().enumerate() {
         if t < 1 || h < 1 || w < 1 {
-            return Err(value_err!("grid_thw[{i}] = ({t}, {h}, {w}): every grid dimension must be >= 1"));
+            return Err(value_err!(
+                "grid_thw[{i}] = ({t}, {h}, {w}): every grid dimension must be >= 1"
+            ));
         }
         let grid = Grid::new(t as usize, h as usize, w as usize);
         let count = grid
@@ -52,6 +54,9 @@ pub fn check_grids(rows: &[[i64; 3]], tokens: usize, tokens_of: &str) -> Result<
 
 /// [`check_grids`] for grids that are already [`Grid`]s (Rust callers).
 pub(crate) fn check_grid_list(grids: &[Grid], tokens: usize, tokens_of: &str) -> Result<()> {
-    let rows: Vec<[i64; 3]> = grids.iter().map(|g| [g.t as i64, g.h as i64, g.w as i64]).collect();
+    let rows: Vec<[i64; 3]> = grids
+        .iter()
+        .map(|g| [g.t as i64, g.h as i64, g.w as i64])
+        .collect();
     check_grids(&rows, tokens, tokens_of).map(|_| ())
 }

@@ -18,13 +18,17 @@ pub(crate) fn to_f32_slice<T: Float>(src: &[T], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     if TypeId::of::<T>() == TypeId::of::<f32>() {
         // SAFETY: T is f32.
-        dst.copy_from_slice(unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len()) });
+        dst.copy_from_slice(unsafe {
+            std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len())
+        });
     } else if TypeId::of::<T>() == TypeId::of::<f16>() {
         // SAFETY: T is f16.
-        unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f16, src.len()) }.convert_to_f32_slice(dst);
+        unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f16, src.len()) }
+            .convert_to_f32_slice(dst);
     } else if TypeId::of::<T>() == TypeId::of::<bf16>() {
         // SAFETY: T is bf16.
-        unsafe { std::slice::from_raw_parts(src.as_ptr() as *const bf16, src.len()) }.convert_to_f32_slice(dst);
+        unsafe { std::slice::from_raw_parts(src.as_ptr() as *const bf16, src.len()) }
+            .convert_to_f32_slice(dst);
     } else {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = s.to_f32();
@@ -48,10 +52,23 @@ pub(crate) fn has_avx2_fma() -> bool {
 }
 
 /// `out[i] = scale * sum over rows of rows[r][i]` (every row at least `out.len()` long).
-pub(crate) fn mean_of_rows<T: Float>(rows: &[&[T]], scale: f32, acc: &mut [f32], scratch: &mut [f32], out: &mut [MaybeUninit<T>]) {
+pub(crate) fn mean_of_rows<T: Float>(
+    rows: &[&[T]],
+    scale: f32,
+    acc: &mut [f32],
+    scratch: &mut [f32],
+    out: &mut [MaybeUninit<T>],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() && [TypeId::of::<f32>(), TypeId::of::<f16>(), TypeId::of::<bf16>()].contains(&TypeId::of::<T>()) {
+        if has_avx2_fma()
+            && [
+                TypeId::of::<f32>(),
+                TypeId::of::<f16>(),
+                TypeId::of::<bf16>(),
+            ]
+            .contains(&TypeId::of::<T>())
+        {
             // SAFETY: the CPU has AVX2, FMA and F16C; T is one of the types `load8` reads.
             return unsafe { avx2::mean_of_rows(rows, scale, out) };
         }
@@ -177,7 +194,13 @@ where
 }
 
 /// As [`par_rows`], with per-task scratch state made by `init` (e.g. an f32 accumulator).
-pub(crate) fn par_rows_init<T, S, I, F>(rows: usize, width: usize, min_rows: usize, init: I, fill: F) -> Vec<T>
+pub(crate) fn par_rows_init<T, S, I, F>(
+    rows: usize,
+    width: usize,
+    min_rows: usize,
+    init: I,
+    fill: F,
+) -> Vec<T>
 where
     T: Send,
     I: Fn() -> S + Sync + Send,
@@ -229,10 +252,16 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// `acc[k] += p[k]` for one attention row of raw dot products `logits` (overwritten):
 /// `p = softmax(scale * logits)`, or `p = exp(scale * logits - lse)` when `lse` is given.
-pub(crate) fn accumulate_probabilities(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+pub(crate) fn accumulate_probabilities(
+    logits: &mut [f32],
+    scale: f32,
+    lse: Option<f32>,
+    acc: &mut [f64],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { accumulate_probabilities_avx2(logits, scale, lse, acc) };
         }
@@ -242,13 +271,23 @@ pub(crate) fn accumulate_probabilities(logits: &mut [f32], scale: f32, lse: Opti
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_probabilities_avx2(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+unsafe fn accumulate_probabilities_avx2(
+    logits: &mut [f32],
+    scale: f32,
+    lse: Option<f32>,
+    acc: &mut [f64],
+) {
     accumulate_probabilities_impl(logits, scale, lse, acc)
 }
 
 /// Written as separate simple loops (map, max, sum) so that each vectorises.
 #[inline(always)]
-fn accumulate_probabilities_impl(logits: &mut [f32], scale: f32, lse: Option<f32>, acc: &mut [f64]) {
+fn accumulate_probabilities_impl(
+    logits: &mut [f32],
+    scale: f32,
+    lse: Option<f32>,
+    acc: &mut [f64],
+) {
     let acc = &mut acc[..logits.len()];
     match lse {
         Some(lse) => {
@@ -265,7 +304,10 @@ fn accumulate_probabilities_impl(logits: &mut [f32], scale: f32, lse: Option<f32
             }
             let mut lanes = [f32::NEG_INFINITY; LANES];
             let chunks = logits.chunks_exact(LANES);
-            let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let tail = chunks
+                .remainder()
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             for chunk in chunks {
                 for l in 0..LANES {
                     lanes[l] = lanes[l].max(chunk[l]);
@@ -308,7 +350,8 @@ pub(crate) fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out:
     assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA; the sizes were checked above.
             return unsafe { avx2::matmul_nt(a, b, m, n, k, out) };
         }
@@ -328,8 +371,14 @@ fn matmul_nt_portable(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &
                 for j in n0..n1 {
                     let b_row = &b[j * k + k0..j * k + k1];
                     let mut acc = [0f32; LANES];
-                    let (a_chunks, b_chunks) = (a_row.chunks_exact(LANES), b_row.chunks_exact(LANES));
-                    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+                    let (a_chunks, b_chunks) =
+                        (a_row.chunks_exact(LANES), b_row.chunks_exact(LANES));
+                    let tail: f32 = a_chunks
+                        .remainder()
+                        .iter()
+                        .zip(b_chunks.remainder())
+                        .map(|(x, y)| x * y)
+                        .sum();
                     for (x, y) in a_chunks.zip(b_chunks) {
                         for l in 0..LANES {
                             acc[l] += x[l] * y[l];
@@ -360,7 +409,14 @@ mod avx2 {
     const NR: usize = 3;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    pub(super) unsafe fn matmul_nt(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
         out[..m * n].fill(0.0);
         let (a, b, out) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
         for k0 in (0..k).step_by(K_BLOCK) {
@@ -453,7 +509,11 @@ mod avx2 {
     /// 64 columns at a time summed over all rows in eight registers, so nothing but the
     /// inputs and the output ever touches memory.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn mean_of_rows<T: Float>(rows: &[&[T]], scale: f32, out: &mut [MaybeUninit<T>]) {
+    pub(crate) unsafe fn mean_of_rows<T: Float>(
+        rows: &[&[T]],
+        scale: f32,
+        out: &mut [MaybeUninit<T>],
+    ) {
         let len = out.len();
         for row in rows {
             assert!(row.len() >= len);
@@ -487,7 +547,12 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn store_chunk<T: Float>(acc: &[__m256], scale: __m256, buffer: &mut [f32; 64], out: &mut [MaybeUninit<T>]) {
+    unsafe fn store_chunk<T: Float>(
+        acc: &[__m256],
+        scale: __m256,
+        buffer: &mut [f32; 64],
+        out: &mut [MaybeUninit<T>],
+    ) {
         if TypeId::of::<T>() == TypeId::of::<f32>() {
             let dst = out.as_mut_ptr() as *mut f32;
             for (j, a) in acc.iter().enumerate() {
@@ -537,7 +602,10 @@ mod tests {
             let want = (x as f64).exp();
             let got = exp_f32(x) as f64;
             if want > 1e-37 && want < 1e38 {
-                assert!((got - want).abs() <= 4e-7 * want, "exp({x}) = {got}, want {want}");
+                assert!(
+                    (got - want).abs() <= 4e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
             }
             x += 0.0137;
         }
@@ -552,9 +620,21 @@ mod tests {
     #[test]
     fn mean_of_rows_matches_f64() {
         fn check<T: Float>() {
-            for &(count, len) in &[(1, 1), (3, 7), (16, 64), (5, 71), (4, 200), (9, 3584 + 13), (2, 0)] {
+            for &(count, len) in &[
+                (1, 1),
+                (3, 7),
+                (16, 64),
+                (5, 71),
+                (4, 200),
+                (9, 3584 + 13),
+                (2, 0),
+            ] {
                 let rows: Vec<Vec<T>> = (0..count)
-                    .map(|r| (0..len).map(|i| T::from_f32(((i * 31 + r * 17) % 23) as f32 / 7.0 - 1.5)).collect())
+                    .map(|r| {
+                        (0..len)
+                            .map(|i| T::from_f32(((i * 31 + r * 17) % 23) as f32 / 7.0 - 1.5))
+                            .collect()
+                    })
                     .collect();
                 let views: Vec<&[T]> = rows.iter().map(|r| r.as_slice()).collect();
                 let scale = 1.0 / count as f32;
@@ -563,7 +643,8 @@ mod tests {
                     .collect();
                 let (mut acc, mut scratch) = (vec![0f32; len], vec![0f32; 4 * len]);
                 for portable in [false, true] {
-                    let mut out: Vec<MaybeUninit<T>> = (0..len).map(|_| MaybeUninit::uninit()).collect();
+                    let mut out: Vec<MaybeUninit<T>> =
+                        (0..len).map(|_| MaybeUninit::uninit()).collect();
                     if portable {
                         sum_rows(&mut acc, &views, true, &mut scratch);
                         write_scaled(&mut out, &acc, scale);
@@ -578,7 +659,11 @@ mod tests {
                             crate::dtype::DType::F16 => 2e-3,
                             _ => 1e-2,
                         };
-                        assert!((got - want[i]).abs() <= tol * (1.0 + want[i].abs()), "{i}: {got} vs {}", want[i]);
+                        assert!(
+                            (got - want[i]).abs() <= tol * (1.0 + want[i].abs()),
+                            "{i}: {got} vs {}",
+                            want[i]
+                        );
                     }
                 }
             }
@@ -590,9 +675,24 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive() {
-        for &(m, n, k) in &[(0, 3, 5), (1, 1, 1), (5, 7, 9), (9, 130, 1100), (4, 2, 8), (7, 5, 3), (13, 67, 515), (32, 17, 5), (5, 33, 20), (6, 4, 1)] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-            let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+        for &(m, n, k) in &[
+            (0, 3, 5),
+            (1, 1, 1),
+            (5, 7, 9),
+            (9, 130, 1100),
+            (4, 2, 8),
+            (7, 5, 3),
+            (13, 67, 515),
+            (32, 17, 5),
+            (5, 33, 20),
+            (6, 4, 1),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let b: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             for portable in [false, true] {
                 let mut out = vec![f32::NAN; m * n];
                 if portable {
@@ -602,7 +702,9 @@ mod tests {
                 }
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k).map(|t| a[i * k + t] as f64 * b[j * k + t] as f64).sum();
+                        let want: f64 = (0..k)
+                            .map(|t| a[i * k + t] as f64 * b[j * k + t] as f64)
+                            .sum();
                         assert!((out[i * n + j] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()));
                     }
                 }
@@ -610,4 +712,3 @@ mod tests {
         }
     }
 }
-

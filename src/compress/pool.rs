@@ -1,8 +1,8 @@
 //! kh x kw average pooling of visual tokens within each frame of their (t, h, w) grids.
 
-use crate::compress::grid::{check_grid_list, Grid};
 use std::mem::MaybeUninit;
 
+use crate::compress::grid::{check_grid_list, Grid};
 use crate::compress::kernels::{mean_of_rows, par_rows_init};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -29,12 +29,22 @@ struct Window {
 /// each grid) with `kh` x `kw` windows inside each frame. Windows at the bottom and right edges
 /// average only the cells they cover. Returns the pooled tokens (`[new_tokens, dim]`, row-major
 /// on the new grids) and the new grids ([`pooled_grid`]).
-pub fn pool_visual_tokens<T: Float>(x: &Strided<'_, T>, grids: &[Grid], kh: usize, kw: usize) -> Result<(Vec<T>, Vec<Grid>)> {
+pub fn pool_visual_tokens<T: Float>(
+    x: &Strided<'_, T>,
+    grids: &[Grid],
+    kh: usize,
+    kw: usize,
+) -> Result<(Vec<T>, Vec<Grid>)> {
     if x.ndim() != 2 {
-        return Err(value_err!("x: expected a 2-D tensor [tokens, dim], got {} dimensions", x.ndim()));
+        return Err(value_err!(
+            "x: expected a 2-D tensor [tokens, dim], got {} dimensions",
+            x.ndim()
+        ));
     }
     if kh == 0 || kw == 0 {
-        return Err(value_err!("factor: every pooling factor must be >= 1, got ({kh}, {kw})"));
+        return Err(value_err!(
+            "factor: every pooling factor must be >= 1, got ({kh}, {kw})"
+        ));
     }
     let (tokens, dim) = (x.shape()[0], x.shape()[1]);
     check_grid_list(grids, tokens, &format!("x has {tokens} rows"))?;
@@ -69,7 +79,13 @@ pub fn pool_visual_tokens<T: Float>(x: &Strided<'_, T>, grids: &[Grid], kh: usiz
         windows.len(),
         dim,
         min_rows,
-        || (vec![0f32; dim], vec![0f32; 4 * dim], Vec::with_capacity(kh * kw)),
+        || {
+            (
+                vec![0f32; dim],
+                vec![0f32; 4 * dim],
+                Vec::with_capacity(kh * kw),
+            )
+        },
         |(acc, scratch, rows), o, out| pool_window(x, windows[o], acc, scratch, rows, out),
     );
     Ok((pooled, new_grids))
@@ -89,5 +105,11 @@ fn pool_window<'a, T: Float>(
         let row_start = window.start + r * window.row_step;
         rows.extend((row_start..row_start + window.cols).map(|token| x.row(token)));
     }
-    mean_of_rows(rows, 1.0 / (window.rows * window.cols) as f32, acc, scratch, out);
+    mean_of_rows(
+        rows,
+        1.0 / (window.rows * window.cols) as f32,
+        acc,
+        scratch,
+        out,
+    );
 }

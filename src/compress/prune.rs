@@ -3,7 +3,9 @@
 use rayon::prelude::*;
 
 use crate::compress::grid::{check_grid_list, Grid};
-use crate::compress::kernels::{matmul_nt, par_rows, par_rows_init, squared_norm, to_f32_slice, write_copy, write_scaled};
+use crate::compress::kernels::{
+    matmul_nt, par_rows, par_rows_init, squared_norm, to_f32_slice, write_copy, write_scaled,
+};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::tensor::Strided;
@@ -20,7 +22,9 @@ pub fn check_indices(indices: &[i64], tokens: usize) -> Result<Vec<usize>> {
     let mut checked = Vec::with_capacity(indices.len());
     for (i, &index) in indices.iter().enumerate() {
         if index < 0 || index as u64 >= tokens as u64 {
-            return Err(index_err!("indices[{i}] = {index} is out of range for {tokens} tokens"));
+            return Err(index_err!(
+                "indices[{i}] = {index} is out of range for {tokens} tokens"
+            ));
         }
         if i > 0 {
             let previous = indices[i - 1];
@@ -43,7 +47,10 @@ pub fn check_indices(indices: &[i64], tokens: usize) -> Result<Vec<usize>> {
 }
 
 fn check_sorted_in_range(indices: &[usize], tokens: usize) -> Result<()> {
-    let as_i64: Vec<i64> = indices.iter().map(|&i| i64::try_from(i).unwrap_or(i64::MAX)).collect();
+    let as_i64: Vec<i64> = indices
+        .iter()
+        .map(|&i| i64::try_from(i).unwrap_or(i64::MAX))
+        .collect();
     check_indices(&as_i64, tokens).map(|_| ())
 }
 
@@ -53,9 +60,16 @@ fn check_sorted_in_range(indices: &[usize], tokens: usize) -> Result<()> {
 /// (cosine similarity; ties to the lower index), ToMe-style: every kept token starts with
 /// size 1 and each token merged into it adds 1, so a kept token becomes the mean of itself and
 /// the tokens merged into it. With no kept token, nothing can be merged and the result is empty.
-pub fn prune_visual_tokens<T: Float>(x: &Strided<'_, T>, indices: &[usize], merge: bool) -> Result<Vec<T>> {
+pub fn prune_visual_tokens<T: Float>(
+    x: &Strided<'_, T>,
+    indices: &[usize],
+    merge: bool,
+) -> Result<Vec<T>> {
     if x.ndim() != 2 {
-        return Err(value_err!("x: expected a 2-D tensor [tokens, dim], got {} dimensions", x.ndim()));
+        return Err(value_err!(
+            "x: expected a 2-D tensor [tokens, dim], got {} dimensions",
+            x.ndim()
+        ));
     }
     let (tokens, dim) = (x.shape()[0], x.shape()[1]);
     check_sorted_in_range(indices, tokens)?;
@@ -63,7 +77,9 @@ pub fn prune_visual_tokens<T: Float>(x: &Strided<'_, T>, indices: &[usize], merg
     if !merge || kept == tokens || kept == 0 || dim == 0 {
         // Enough bytes per task to amortise scheduling.
         let min_rows = (1 << 16) / (dim * std::mem::size_of::<T>()).max(1);
-        return Ok(par_rows(kept, dim, min_rows, |i, out| write_copy(out, x.row(indices[i]))));
+        return Ok(par_rows(kept, dim, min_rows, |i, out| {
+            write_copy(out, x.row(indices[i]))
+        }));
     }
 
     // f32 copies of the kept and dropped rows.
@@ -74,13 +90,18 @@ pub fn prune_visual_tokens<T: Float>(x: &Strided<'_, T>, indices: &[usize], merg
     let dropped: Vec<usize> = (0..tokens).filter(|&i| !is_kept[i]).collect();
     let pack = |rows: &[usize]| -> Vec<f32> {
         let mut packed = vec![0f32; rows.len() * dim];
-        packed.par_chunks_mut(dim).zip(rows).for_each(|(out, &row)| to_f32_slice(x.row(row), out));
+        packed
+            .par_chunks_mut(dim)
+            .zip(rows)
+            .for_each(|(out, &row)| to_f32_slice(x.row(row), out));
         packed
     };
     let kept_rows = pack(indices);
     let dropped_rows = pack(&dropped);
-    let inv_norms: Vec<f32> =
-        kept_rows.par_chunks(dim).map(|row| 1.0 / squared_norm(row).sqrt().max(NORM_EPS)).collect();
+    let inv_norms: Vec<f32> = kept_rows
+        .par_chunks(dim)
+        .map(|row| 1.0 / squared_norm(row).sqrt().max(NORM_EPS))
+        .collect();
 
     // Most similar kept token of each dropped token: argmax over kept k of (d · k) / |k|
     // (the dropped token's own norm is a positive factor common to the row).

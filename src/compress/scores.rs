@@ -53,7 +53,10 @@ pub fn visual_token_scores<T: Float, L: Float>(
         ));
     }
     if head_dim == 0 {
-        return Err(value_err!("query: head_dim must be >= 1, got shape {}", tuple_str(query.shape())));
+        return Err(value_err!(
+            "query: head_dim must be >= 1, got shape {}",
+            tuple_str(query.shape())
+        ));
     }
     if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
         return Err(value_err!(
@@ -87,18 +90,24 @@ pub fn visual_token_scores<T: Float, L: Float>(
     // [q_tokens * group, head_dim] (row = q * group + head within the group) as f32.
     let group = q_heads / kv_heads;
     let mut packed_keys = vec![0f32; kv_heads * k_tokens * head_dim];
-    packed_keys.par_chunks_mut(k_tokens * head_dim).enumerate().for_each(|(g, block)| {
-        for (k, row) in block.chunks_exact_mut(head_dim).enumerate() {
-            to_f32_slice(keys.lane2(k, g), row);
-        }
-    });
+    packed_keys
+        .par_chunks_mut(k_tokens * head_dim)
+        .enumerate()
+        .for_each(|(g, block)| {
+            for (k, row) in block.chunks_exact_mut(head_dim).enumerate() {
+                to_f32_slice(keys.lane2(k, g), row);
+            }
+        });
     let group_rows = q_tokens * group;
     let mut packed_query = vec![0f32; q_heads * q_tokens * head_dim];
-    packed_query.par_chunks_mut(group_rows * head_dim).enumerate().for_each(|(g, block)| {
-        for (row, out) in block.chunks_exact_mut(head_dim).enumerate() {
-            to_f32_slice(query.lane2(row / group, g * group + row % group), out);
-        }
-    });
+    packed_query
+        .par_chunks_mut(group_rows * head_dim)
+        .enumerate()
+        .for_each(|(g, block)| {
+            for (row, out) in block.chunks_exact_mut(head_dim).enumerate() {
+                to_f32_slice(query.lane2(row / group, g * group + row % group), out);
+            }
+        });
     let lse: Option<Vec<f32>> = lse.map(|lse| {
         let mut flat = vec![0f32; q_tokens * q_heads];
         for (q, out) in flat.chunks_exact_mut(q_heads).enumerate() {
@@ -111,7 +120,11 @@ pub fn visual_token_scores<T: Float, L: Float>(
     // whatever the thread count; their partial sums are added in task order (deterministic).
     let piece = ROWS.max((kv_heads * group_rows).div_ceil(CHUNKS));
     let tasks: Vec<(usize, usize, usize)> = (0..kv_heads)
-        .flat_map(|g| (0..group_rows).step_by(piece).map(move |r| (g, r, (r + piece).min(group_rows))))
+        .flat_map(|g| {
+            (0..group_rows)
+                .step_by(piece)
+                .map(move |r| (g, r, (r + piece).min(group_rows)))
+        })
         .collect();
     let partials: Vec<Vec<f64>> = tasks
         .into_par_iter()
@@ -119,7 +132,8 @@ pub fn visual_token_scores<T: Float, L: Float>(
             let mut acc = vec![0f64; k_tokens];
             let mut logits = vec![0f32; ROWS * k_tokens];
             let group_keys = &packed_keys[g * k_tokens * head_dim..(g + 1) * k_tokens * head_dim];
-            let group_query = &packed_query[g * group_rows * head_dim..(g + 1) * group_rows * head_dim];
+            let group_query =
+                &packed_query[g * group_rows * head_dim..(g + 1) * group_rows * head_dim];
             for block in (first..end).step_by(ROWS) {
                 let rows = ROWS.min(end - block);
                 matmul_nt(
@@ -130,10 +144,18 @@ pub fn visual_token_scores<T: Float, L: Float>(
                     head_dim,
                     &mut logits,
                 );
-                for (r, logit_row) in logits[..rows * k_tokens].chunks_exact_mut(k_tokens).enumerate() {
+                for (r, logit_row) in logits[..rows * k_tokens]
+                    .chunks_exact_mut(k_tokens)
+                    .enumerate()
+                {
                     // Row `q * group + h` of the group is query token q, head g * group + h.
                     let (q, head) = ((block + r) / group, g * group + (block + r) % group);
-                    accumulate_probabilities(logit_row, scale, lse.as_ref().map(|l| l[q * q_heads + head]), &mut acc);
+                    accumulate_probabilities(
+                        logit_row,
+                        scale,
+                        lse.as_ref().map(|l| l[q * q_heads + head]),
+                        &mut acc,
+                    );
                 }
             }
             acc

@@ -20,21 +20,37 @@ pub enum Budget {
 /// Indices (sorted increasingly) of the tokens to keep: the highest scores first, ties broken
 /// towards the lower index, so the result is deterministic. The count from `budget` is clamped
 /// to `[min_keep, max_keep]` and then to the number of scores.
-pub fn select_tokens(scores: &[f32], budget: Budget, min_keep: usize, max_keep: Option<usize>) -> Result<Vec<usize>> {
+pub fn select_tokens(
+    scores: &[f32],
+    budget: Budget,
+    min_keep: usize,
+    max_keep: Option<usize>,
+) -> Result<Vec<usize>> {
     if let Some(max_keep) = max_keep {
         if min_keep > max_keep {
-            return Err(value_err!("min_keep ({min_keep}) must not exceed max_keep ({max_keep})"));
+            return Err(value_err!(
+                "min_keep ({min_keep}) must not exceed max_keep ({max_keep})"
+            ));
         }
     }
     if let Some(i) = scores.iter().position(|s| s.is_nan()) {
-        return Err(value_err!("scores[{i}] is NaN: scores must not contain NaN"));
+        return Err(value_err!(
+            "scores[{i}] is NaN: scores must not contain NaN"
+        ));
     }
     let tokens = scores.len();
     // Highest score first, then lowest index; scores hold no NaN, so this is a total order.
     let by_rank = |&a: &usize, &b: &usize| -> Ordering {
-        scores[b].partial_cmp(&scores[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+        scores[b]
+            .partial_cmp(&scores[a])
+            .unwrap_or(Ordering::Equal)
+            .then(a.cmp(&b))
     };
-    let clamp = |n: usize| n.max(min_keep).min(max_keep.unwrap_or(usize::MAX)).min(tokens);
+    let clamp = |n: usize| {
+        n.max(min_keep)
+            .min(max_keep.unwrap_or(usize::MAX))
+            .min(tokens)
+    };
     let mut order: Vec<usize> = (0..tokens).collect();
     let count = match budget {
         Budget::Keep(n) => clamp(n),

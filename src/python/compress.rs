@@ -8,7 +8,9 @@ use crate::compress::{self, check_grids, check_indices, Budget, Grid};
 use crate::error::Result;
 use crate::python::cuda::cuda_ordinal;
 use crate::python::cuda_compress as gpu;
-use crate::python::tensor::{buffer, int_table_arg, int_vector_arg, Buffer, PyTensor, FLOAT_DTYPES};
+use crate::python::tensor::{
+    buffer, int_table_arg, int_vector_arg, Buffer, PyTensor, FLOAT_DTYPES,
+};
 use crate::tensor::{OwnedTensor, Strided};
 use crate::{dispatch_float, value_err};
 
@@ -21,7 +23,10 @@ pub(super) fn grid_arg(grid_thw: &Bound<'_, PyAny>, tokens: usize) -> PyResult<V
 }
 
 fn grid_buffer<'py>(py: Python<'py>, grids: &[Grid]) -> PyResult<Bound<'py, Buffer>> {
-    let flat: Vec<i64> = grids.iter().flat_map(|g| [g.t as i64, g.h as i64, g.w as i64]).collect();
+    let flat: Vec<i64> = grids
+        .iter()
+        .flat_map(|g| [g.t as i64, g.h as i64, g.w as i64])
+        .collect();
     buffer(py, OwnedTensor::new(flat, vec![grids.len(), 3])?)
 }
 
@@ -45,7 +50,10 @@ pub(super) fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> 
         Some((kh, kw)) if kh >= 1 && kw >= 1 => Ok((kh as usize, kw as usize)),
         _ => Err(value_err!(
             "factor: expected an int >= 1 or a pair (kh, kw) of ints >= 1, got {}",
-            factor.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+            factor
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| "?".into())
         )
         .into()),
     }
@@ -53,15 +61,24 @@ pub(super) fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> 
 
 /// The selection rule from exactly one of keep / ratio / mass.
 pub(super) fn budget_arg(keep: Option<i64>, ratio: Option<f64>, mass: Option<f64>) -> Result<Budget> {
-    let given: Vec<&str> =
-        [("keep", keep.is_some()), ("ratio", ratio.is_some()), ("mass", mass.is_some())]
-            .iter()
-            .filter(|(_, set)| *set)
-            .map(|(name, _)| *name)
-            .collect();
+    let given: Vec<&str> = [
+        ("keep", keep.is_some()),
+        ("ratio", ratio.is_some()),
+        ("mass", mass.is_some()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(name, _)| *name)
+    .collect();
     if given.len() != 1 {
-        let got = if given.is_empty() { "none".to_string() } else { given.join(" and ") };
-        return Err(value_err!("keep, ratio, mass: give exactly one of them, got {got}"));
+        let got = if given.is_empty() {
+            "none".to_string()
+        } else {
+            given.join(" and ")
+        };
+        return Err(value_err!(
+            "keep, ratio, mass: give exactly one of them, got {got}"
+        ));
     }
     Ok(match (keep, ratio, mass) {
         (Some(k), _, _) if k < 0 => return Err(value_err!("keep: expected an int >= 0, got {k}")),
@@ -132,12 +149,21 @@ fn visual_token_scores<'py>(
     }
     let query = PyTensor::extract(query, "query", FLOAT_DTYPES)?;
     let keys = PyTensor::extract(keys, "keys", FLOAT_DTYPES)?;
-    let lse = lse.map(|lse| PyTensor::extract(lse, "lse", FLOAT_DTYPES)).transpose()?;
+    let lse = lse
+        .map(|lse| PyTensor::extract(lse, "lse", FLOAT_DTYPES))
+        .transpose()?;
     let (qv, kv) = (query.view(), keys.view());
-    qv.expect_cpu()?.expect_rank(3, "[q_tokens, q_heads, head_dim]")?;
-    kv.expect_cpu()?.expect_rank(3, "[k_tokens, kv_heads, head_dim]")?;
+    qv.expect_cpu()?
+        .expect_rank(3, "[q_tokens, q_heads, head_dim]")?;
+    kv.expect_cpu()?
+        .expect_rank(3, "[k_tokens, kv_heads, head_dim]")?;
     if kv.dtype() != qv.dtype() {
-        return Err(crate::type_err!("keys: expected dtype {} (the dtype of query), got {}", qv.dtype(), kv.dtype()).into());
+        return Err(crate::type_err!(
+            "keys: expected dtype {} (the dtype of query), got {}",
+            qv.dtype(),
+            kv.dtype()
+        )
+        .into());
     }
     let lse_f32: Option<Strided<'static, f32>> = match &lse {
         Some(lse) => {
@@ -209,10 +235,16 @@ fn prune_visual_tokens<'py>(
     let (tokens, dim) = (view.dim(0), view.dim(1));
     let indices: Vec<usize> = match (indices, scores) {
         (Some(_), Some(_)) => {
-            return Err(value_err!("indices, scores: give indices or scores to select from, not both").into())
+            return Err(value_err!(
+                "indices, scores: give indices or scores to select from, not both"
+            )
+            .into())
         }
         (None, None) => {
-            return Err(value_err!("indices, scores: give the indices to keep or scores to select them from").into())
+            return Err(value_err!(
+                "indices, scores: give the indices to keep or scores to select them from"
+            )
+            .into())
         }
         (Some(indices), None) => {
             if keep.is_some() || ratio.is_some() || mass.is_some() {
@@ -223,7 +255,11 @@ fn prune_visual_tokens<'py>(
         (None, Some(scores)) => {
             let scores = scores_arg(scores)?;
             if scores.len() != tokens {
-                return Err(value_err!("scores: expected {tokens} scores (one per row of x), got {}", scores.len()).into());
+                return Err(value_err!(
+                    "scores: expected {tokens} scores (one per row of x), got {}",
+                    scores.len()
+                )
+                .into());
             }
             let budget = budget_arg(keep, ratio, mass)?;
             let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;

@@ -140,7 +140,11 @@ fn dl_dtype(dtype: DType) -> DLDataType {
         DType::I32 => (DL_INT, 32),
         DType::I64 => (DL_INT, 64),
     };
-    DLDataType { code, bits, lanes: 1 }
+    DLDataType {
+        code,
+        bits,
+        lanes: 1,
+    }
 }
 
 fn device_from_dl(device: DLDevice) -> Device {
@@ -148,7 +152,10 @@ fn device_from_dl(device: DLDevice) -> Device {
         // Pinned host memory is ordinary CPU memory for reading and writing.
         DL_CPU | DL_CUDA_HOST => Device::Cpu,
         DL_CUDA | DL_CUDA_MANAGED => Device::Cuda(device.device_id),
-        other => Device::Other { device_type: other, id: device.device_id },
+        other => Device::Other {
+            device_type: other,
+            id: device.device_id,
+        },
     }
 }
 
@@ -228,15 +235,23 @@ impl PyTensor {
             // Producers older than DLPack 1.0 do not know `max_version`.
             Err(err) if err.is_instance_of::<PyTypeError>(py) => {
                 kwargs.del_item("max_version")?;
-                obj.call_method("__dlpack__", (), Some(&kwargs)).map_err(export_failed)?
+                obj.call_method("__dlpack__", (), Some(&kwargs))
+                    .map_err(export_failed)?
             }
             Err(err) => return Err(export_failed(err)),
         };
         // SAFETY: the capsule checks below make sure of the pointer's type before use.
-        let managed = unsafe { consume_capsule(&capsule) }
-            .ok_or_else(|| type_err!("{name}: __dlpack__ returned {}, not a DLPack capsule", type_name(&capsule)))?;
+        let managed = unsafe { consume_capsule(&capsule) }.ok_or_else(|| {
+            type_err!(
+                "{name}: __dlpack__ returned {}, not a DLPack capsule",
+                type_name(&capsule)
+            )
+        })?;
         // From here on, dropping `guard` calls the producer's deleter.
-        let mut guard = PyTensor { managed, view: TensorView::from_slice::<f32>("", &[], &[0]).expect("empty") };
+        let mut guard = PyTensor {
+            managed,
+            view: TensorView::from_slice::<f32>("", &[], &[0]).expect("empty"),
+        };
         let (tensor, readonly) = match guard.managed {
             // SAFETY: valid until the deleter runs (when `guard` drops).
             Managed::Legacy(ptr) => unsafe { (&(*ptr).dl_tensor, false) },
@@ -256,27 +271,42 @@ impl PyTensor {
             .ok()
             .filter(|dtype| dtypes.contains(dtype))
             .ok_or_else(|| {
-                let got = dtype_from_dl(tensor.dtype).map(|d| d.name().to_string()).unwrap_or_else(|name| name);
+                let got = dtype_from_dl(tensor.dtype)
+                    .map(|d| d.name().to_string())
+                    .unwrap_or_else(|name| name);
                 type_err!("{name}: expected dtype {}, got {got}", dtype_list(dtypes))
             })?;
-        let ndim = usize::try_from(tensor.ndim).map_err(|_| value_err!("{name}: negative DLPack ndim"))?;
+        let ndim =
+            usize::try_from(tensor.ndim).map_err(|_| value_err!("{name}: negative DLPack ndim"))?;
         // SAFETY: DLPack gives `ndim` shape entries and, when not null, `ndim` strides.
-        let shape_i64: &[i64] = if ndim == 0 { &[] } else { unsafe { std::slice::from_raw_parts(tensor.shape, ndim) } };
+        let shape_i64: &[i64] = if ndim == 0 {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }
+        };
         let shape: Vec<usize> = shape_i64
             .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| value_err!("{name}: negative dimension in DLPack shape")))
+            .map(|&d| {
+                usize::try_from(d)
+                    .map_err(|_| value_err!("{name}: negative dimension in DLPack shape"))
+            })
             .collect::<Result<_, _>>()?;
         let strides: Vec<isize> = if tensor.strides.is_null() || ndim == 0 {
             contiguous_strides(&shape)
         } else {
             // SAFETY: see above.
-            unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }.iter().map(|&s| s as isize).collect()
+            unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
+                .iter()
+                .map(|&s| s as isize)
+                .collect()
         };
         let ptr = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
         let device = device_from_dl(tensor.device);
         // SAFETY: the producer's memory stays valid until the deleter runs in `Drop`; the view
         // is only handed out borrowed from the PyTensor.
-        guard.view = unsafe { TensorView::from_raw_parts(name, ptr, dtype, shape, strides, device, readonly, true) };
+        guard.view = unsafe {
+            TensorView::from_raw_parts(name, ptr, dtype, shape, strides, device, readonly, true)
+        };
         Ok(guard)
     }
 
@@ -296,7 +326,8 @@ impl PyTensor {
 unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
     let raw = capsule.as_ptr();
     if ffi::PyCapsule_IsValid(raw, NAME_VERSIONED.as_ptr()) == 1 {
-        let ptr = ffi::PyCapsule_GetPointer(raw, NAME_VERSIONED.as_ptr()) as *mut DLManagedTensorVersioned;
+        let ptr = ffi::PyCapsule_GetPointer(raw, NAME_VERSIONED.as_ptr())
+            as *mut DLManagedTensorVersioned;
         if ptr.is_null() || ffi::PyCapsule_SetName(raw, NAME_USED_VERSIONED.as_ptr()) != 0 {
             ffi::PyErr_Clear();
             return None;
@@ -315,7 +346,10 @@ unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into())
 }
 
 /// An integer argument given as an int32/int64 array or a Python sequence of ints, as `i64`s:
@@ -327,29 +361,50 @@ pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> 
         view.expect_cpu()?;
         view.expect_rank(1, "")?;
         return Ok(match view.dtype() {
-            DType::I32 => view.strided::<i32>()?.to_contiguous().iter().map(|&v| v as i64).collect(),
+            DType::I32 => view
+                .strided::<i32>()?
+                .to_contiguous()
+                .iter()
+                .map(|&v| v as i64)
+                .collect(),
             _ => view.strided::<i64>()?.to_contiguous().into_owned(),
         });
     }
     obj.extract::<Vec<i64>>().map_err(|_| {
-        type_err!("{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}", type_name(obj)).into()
+        type_err!(
+            "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
+            type_name(obj)
+        )
+        .into()
     })
 }
 
 /// A table of integers with `cols` columns (e.g. `grid_thw`, `[n, 3]`) given as an int32/int64
 /// array `[n, cols]` or a sequence of `cols`-sequences of ints; `layout` names the columns in
 /// errors (`"[n, 3] of (t, h, w)"`).
-pub fn int_table_arg(obj: &Bound<'_, PyAny>, name: &str, cols: usize, layout: &str) -> PyResult<Vec<Vec<i64>>> {
+pub fn int_table_arg(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    cols: usize,
+    layout: &str,
+) -> PyResult<Vec<Vec<i64>>> {
     if obj.hasattr("__dlpack__")? {
         let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
         let view = tensor.view();
         view.expect_cpu()?;
         view.expect_rank(2, layout)?;
         if view.dim(1) != cols {
-            return Err(value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into());
+            return Err(
+                value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into(),
+            );
         }
         let flat: Vec<i64> = match view.dtype() {
-            DType::I32 => view.strided::<i32>()?.to_contiguous().iter().map(|&v| v as i64).collect(),
+            DType::I32 => view
+                .strided::<i32>()?
+                .to_contiguous()
+                .iter()
+                .map(|&v| v as i64)
+                .collect(),
             _ => view.strided::<i64>()?.to_contiguous().into_owned(),
         };
         return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
@@ -361,7 +416,11 @@ pub fn int_table_arg(obj: &Bound<'_, PyAny>, name: &str, cols: usize, layout: &s
         ))
     })?;
     if let Some((i, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != cols) {
-        return Err(value_err!("{name}[{i}] has {} entries, expected {cols} ({layout})", row.len()).into());
+        return Err(value_err!(
+            "{name}[{i}] has {} entries, expected {cols} ({layout})",
+            row.len()
+        )
+        .into());
     }
     Ok(rows)
 }
@@ -380,7 +439,9 @@ pub struct Buffer {
 
 impl Buffer {
     pub fn new(tensor: OwnedTensor) -> Self {
-        Buffer { tensor: Arc::new(tensor) }
+        Buffer {
+            tensor: Arc::new(tensor),
+        }
     }
 
     pub fn tensor(&self) -> &OwnedTensor {
@@ -426,7 +487,8 @@ unsafe extern "C" fn delete_versioned(managed: *mut DLManagedTensorVersioned) {
 /// Frees a capsule nobody consumed (its name is still `dltensor`).
 unsafe extern "C" fn legacy_capsule_destructor(capsule: *mut ffi::PyObject) {
     if ffi::PyCapsule_IsValid(capsule, NAME_LEGACY.as_ptr()) == 1 {
-        let managed = ffi::PyCapsule_GetPointer(capsule, NAME_LEGACY.as_ptr()) as *mut DLManagedTensor;
+        let managed =
+            ffi::PyCapsule_GetPointer(capsule, NAME_LEGACY.as_ptr()) as *mut DLManagedTensor;
         if let Some(deleter) = (*managed).deleter {
             deleter(managed);
         }
@@ -435,7 +497,8 @@ unsafe extern "C" fn legacy_capsule_destructor(capsule: *mut ffi::PyObject) {
 
 unsafe extern "C" fn versioned_capsule_destructor(capsule: *mut ffi::PyObject) {
     if ffi::PyCapsule_IsValid(capsule, NAME_VERSIONED.as_ptr()) == 1 {
-        let managed = ffi::PyCapsule_GetPointer(capsule, NAME_VERSIONED.as_ptr()) as *mut DLManagedTensorVersioned;
+        let managed = ffi::PyCapsule_GetPointer(capsule, NAME_VERSIONED.as_ptr())
+            as *mut DLManagedTensorVersioned;
         if let Some(deleter) = (*managed).deleter {
             deleter(managed);
         }
@@ -463,50 +526,77 @@ impl Buffer {
                 )));
             }
         }
-        let tensor = if copy == Some(true) { Arc::new((*self.tensor).clone()) } else { Arc::clone(&self.tensor) };
+        let tensor = if copy == Some(true) {
+            Arc::new((*self.tensor).clone())
+        } else {
+            Arc::clone(&self.tensor)
+        };
         let shape: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
-        let strides: Vec<i64> = contiguous_strides(tensor.shape()).iter().map(|&s| s as i64).collect();
+        let strides: Vec<i64> = contiguous_strides(tensor.shape())
+            .iter()
+            .map(|&s| s as i64)
+            .collect();
         let dl_tensor = DLTensor {
             data: tensor.as_ptr() as *mut c_void,
-            device: DLDevice { device_type: DL_CPU, device_id: 0 },
+            device: DLDevice {
+                device_type: DL_CPU,
+                device_id: 0,
+            },
             ndim: shape.len() as i32,
             dtype: dl_dtype(tensor.dtype()),
             shape: std::ptr::null_mut(),
             strides: std::ptr::null_mut(),
             byte_offset: 0,
         };
-        let context = ExportContext { _tensor: tensor, shape, strides };
+        let context = ExportContext {
+            _tensor: tensor,
+            shape,
+            strides,
+        };
         let versioned = matches!(max_version, Some((major, _)) if major >= 1);
         // The Vecs' heap buffers do not move when the box is made, so the pointers stay valid.
-        let (pointer, name, destructor): (*mut c_void, &CStr, ffi::PyCapsule_Destructor) = if versioned {
-            let mut export = Box::new(VersionedExport {
-                managed: DLManagedTensorVersioned {
-                    version: DLPackVersion { major: 1, minor: 0 },
-                    manager_ctx: std::ptr::null_mut(),
-                    deleter: Some(delete_versioned),
-                    flags: if copy == Some(true) { FLAG_IS_COPIED } else { 0 },
-                    dl_tensor,
-                },
-                context,
-            });
-            export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
-            export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
-            let raw = Box::into_raw(export);
-            // SAFETY: just allocated.
-            unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
-            (raw as *mut c_void, NAME_VERSIONED, versioned_capsule_destructor)
-        } else {
-            let mut export = Box::new(LegacyExport {
-                managed: DLManagedTensor { dl_tensor, manager_ctx: std::ptr::null_mut(), deleter: Some(delete_legacy) },
-                context,
-            });
-            export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
-            export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
-            let raw = Box::into_raw(export);
-            // SAFETY: just allocated.
-            unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
-            (raw as *mut c_void, NAME_LEGACY, legacy_capsule_destructor)
-        };
+        let (pointer, name, destructor): (*mut c_void, &CStr, ffi::PyCapsule_Destructor) =
+            if versioned {
+                let mut export = Box::new(VersionedExport {
+                    managed: DLManagedTensorVersioned {
+                        version: DLPackVersion { major: 1, minor: 0 },
+                        manager_ctx: std::ptr::null_mut(),
+                        deleter: Some(delete_versioned),
+                        flags: if copy == Some(true) {
+                            FLAG_IS_COPIED
+                        } else {
+                            0
+                        },
+                        dl_tensor,
+                    },
+                    context,
+                });
+                export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
+                export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
+                let raw = Box::into_raw(export);
+                // SAFETY: just allocated.
+                unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
+                (
+                    raw as *mut c_void,
+                    NAME_VERSIONED,
+                    versioned_capsule_destructor,
+                )
+            } else {
+                let mut export = Box::new(LegacyExport {
+                    managed: DLManagedTensor {
+                        dl_tensor,
+                        manager_ctx: std::ptr::null_mut(),
+                        deleter: Some(delete_legacy),
+                    },
+                    context,
+                });
+                export.managed.dl_tensor.shape = export.context.shape.as_mut_ptr();
+                export.managed.dl_tensor.strides = export.context.strides.as_mut_ptr();
+                let raw = Box::into_raw(export);
+                // SAFETY: just allocated.
+                unsafe { (*raw).managed.manager_ctx = raw as *mut c_void };
+                (raw as *mut c_void, NAME_LEGACY, legacy_capsule_destructor)
+            };
         // SAFETY: `pointer` is a boxed export whose first field is the managed tensor; the
         // destructor frees it unless a consumer renamed the capsule (and then owns it).
         unsafe {
@@ -555,7 +645,11 @@ pub fn buffer<'py>(py: Python<'py>, tensor: OwnedTensor) -> PyResult<Bound<'py, 
 /// `_tensor_info(x, name="x")`: what the interop reads from an array (for tests and debugging).
 #[pyfunction]
 #[pyo3(signature = (x, name = "x"))]
-fn _tensor_info<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+fn _tensor_info<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<Bound<'py, PyDict>> {
     let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
     let tensor = PyTensor::extract(x, name, &all)?;
     let view = tensor.view();
