@@ -40,17 +40,32 @@ fn every_kernel_compiles_without_spills() {
     for file in KernelFile::ALL {
         // sm_90 here; tests/test_cuda.py and `python -m tvc_rs.cuda --check` do sm_80 too.
         for arch in [90] {
-            let (cubin, log, ptx) = cuda::compile_for_check(file, arch, true).unwrap_or_else(|e| panic!("{e}"));
-            assert!(cubin.starts_with(b"\x7fELF"), "{} sm_{arch}: not an ELF CUBIN", file.file_name());
+            let (cubin, log, ptx) =
+                cuda::compile_for_check(file, arch, true).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                cubin.starts_with(b"\x7fELF"),
+                "{} sm_{arch}: not an ELF CUBIN",
+                file.file_name()
+            );
             if let Some(ptx) = ptx {
                 let ptx = String::from_utf8_lossy(&ptx).into_owned();
                 assert!(ptx.contains(&format!(".target sm_{arch}")), "{ptx:.200}");
             }
             let report = cuda::parse_ptxas_report(&log);
-            assert!(report.len() >= 10, "{} sm_{arch}: {} kernels in the report:\n{log}", file.file_name(), report.len());
+            assert!(
+                report.len() >= 10,
+                "{} sm_{arch}: {} kernels in the report:\n{log}",
+                file.file_name(),
+                report.len()
+            );
             for k in &report {
                 assert!(k.registers > 0 && k.registers <= 255, "{k:?}");
-                assert_eq!((k.spill_store_bytes, k.spill_load_bytes), (0, 0), "{} sm_{arch} spills: {k:?}", file.file_name());
+                assert_eq!(
+                    (k.spill_store_bytes, k.spill_load_bytes),
+                    (0, 0),
+                    "{} sm_{arch} spills: {k:?}",
+                    file.file_name()
+                );
             }
         }
     }
@@ -68,7 +83,16 @@ fn a_layout_mismatch_is_a_compile_error() {
             *o = "-DTVC_SIZEOF_PagedArgs=8".into();
         }
     }
-    let err = nvrtc.compile(KernelFile::Kv.source(), "kv.cu", &[tvc_rs::cuda::sources::HEADER], &options, true).err().expect("must fail");
+    let err = nvrtc
+        .compile(
+            KernelFile::Kv.source(),
+            "kv.cu",
+            &[tvc_rs::cuda::sources::HEADER],
+            &options,
+            true,
+        )
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("PagedArgs differs"), "{err}");
 }
 
@@ -80,8 +104,21 @@ fn ptxas_report_parsing() {
                ptxas info    : Compiling entry function 'gather_f16_s' for 'sm_90'\nptxas info    : Used 14 registers, used 0 barriers, 960 bytes cmem[0]\n";
     let r = cuda::parse_ptxas_report(log);
     assert_eq!(r.len(), 2);
-    assert_eq!((r[0].name.as_str(), r[0].registers, r[0].shared_bytes, r[0].stack_bytes, r[0].spill_store_bytes, r[0].spill_load_bytes), ("pool_f32_v", 40, 2064, 16, 8, 4));
-    assert_eq!((r[1].name.as_str(), r[1].registers, r[1].shared_bytes), ("gather_f16_s", 14, 0));
+    assert_eq!(
+        (
+            r[0].name.as_str(),
+            r[0].registers,
+            r[0].shared_bytes,
+            r[0].stack_bytes,
+            r[0].spill_store_bytes,
+            r[0].spill_load_bytes
+        ),
+        ("pool_f32_v", 40, 2064, 16, 8, 4)
+    );
+    assert_eq!(
+        (r[1].name.as_str(), r[1].registers, r[1].shared_bytes),
+        ("gather_f16_s", 14, 0)
+    );
 }
 
 #[test]
@@ -97,10 +134,16 @@ fn architecture_choice() {
 fn cache_keys_differ_by_source_arch_and_version() {
     let root = PathBuf::from("/cache");
     let a = cache::cubin_path(&root, KernelFile::Kv, 90, (13, 0));
-    assert!(a.starts_with("/cache/kernels") && a.to_string_lossy().contains("kv-sm90-nvrtc13.0-"), "{a:?}");
+    assert!(
+        a.starts_with("/cache/kernels") && a.to_string_lossy().contains("kv-sm90-nvrtc13.0-"),
+        "{a:?}"
+    );
     assert_ne!(a, cache::cubin_path(&root, KernelFile::Kv, 80, (13, 0)));
     assert_ne!(a, cache::cubin_path(&root, KernelFile::Kv, 90, (13, 1)));
-    assert_ne!(a, cache::cubin_path(&root, KernelFile::Compress, 90, (13, 0)));
+    assert_ne!(
+        a,
+        cache::cubin_path(&root, KernelFile::Compress, 90, (13, 0))
+    );
     assert_eq!(a, cache::cubin_path(&root, KernelFile::Kv, 90, (13, 0)));
 }
 
@@ -124,8 +167,16 @@ fn cache_writes_are_atomic_under_concurrency() {
             });
         }
     });
-    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("x.cubin")], "temporary files left behind");
+    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("x.cubin")],
+        "temporary files left behind"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

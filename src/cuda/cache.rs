@@ -29,13 +29,22 @@ pub fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("tvc-rs"));
     }
-    std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|home| PathBuf::from(home).join(".cache").join("tvc-rs"))
+    std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .map(|home| PathBuf::from(home).join(".cache").join("tvc-rs"))
 }
 
 /// Hex SHA-256 of the inputs of one compile.
 pub fn key(file: KernelFile, options: &[String], nvrtc_version: (i32, i32)) -> String {
     let mut hash = Sha256::new();
-    for part in [FORMAT, env!("CARGO_PKG_VERSION"), file.file_name(), file.source(), HEADER.0, HEADER.1] {
+    for part in [
+        FORMAT,
+        env!("CARGO_PKG_VERSION"),
+        file.file_name(),
+        file.source(),
+        HEADER.0,
+        HEADER.1,
+    ] {
         hash.update((part.len() as u64).to_le_bytes());
         hash.update(part.as_bytes());
     }
@@ -53,17 +62,27 @@ pub fn cubin_path(root: &Path, file: KernelFile, arch: u32, nvrtc_version: (i32,
     let options = options(file, arch, "sm", &[]);
     let key = key(file, &options, nvrtc_version);
     let stem = file.file_name().trim_end_matches(".cu");
-    root.join("kernels").join(format!("{stem}-sm{arch}-nvrtc{}.{}-{}.cubin", nvrtc_version.0, nvrtc_version.1, &key[..24]))
+    root.join("kernels").join(format!(
+        "{stem}-sm{arch}-nvrtc{}.{}-{}.cubin",
+        nvrtc_version.0,
+        nvrtc_version.1,
+        &key[..24]
+    ))
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn store(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let tmp = dir.join(format!(
         ".{}.{}-{:?}-{nanos}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("kernel"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("kernel"),
         std::process::id(),
         std::thread::current().id()
     ));
@@ -88,7 +107,11 @@ pub enum Origin {
 
 /// The CUBIN of `file` for `sm_<arch>`: from the cache, else compiled (and cached). With
 /// `skip_cache`, a cached file is ignored (it failed to load) and overwritten.
-pub fn cubin(file: KernelFile, arch: u32, skip_cache: bool) -> Result<(Vec<u8>, Origin, Option<PathBuf>)> {
+pub fn cubin(
+    file: KernelFile,
+    arch: u32,
+    skip_cache: bool,
+) -> Result<(Vec<u8>, Origin, Option<PathBuf>)> {
     let nvrtc = nvrtc()?;
     let path = cache_dir().map(|root| cubin_path(&root, file, arch, nvrtc.version));
     if let (Some(path), false) = (&path, skip_cache) {
@@ -98,7 +121,13 @@ pub fn cubin(file: KernelFile, arch: u32, skip_cache: bool) -> Result<(Vec<u8>, 
             }
         }
     }
-    let compiled = nvrtc.compile(file.source(), file.file_name(), &[HEADER], &options(file, arch, "sm", &[]), true)?;
+    let compiled = nvrtc.compile(
+        file.source(),
+        file.file_name(),
+        &[HEADER],
+        &options(file, arch, "sm", &[]),
+        true,
+    )?;
     let stored = path.filter(|p| store(p, &compiled.image).is_ok());
     Ok((compiled.image, Origin::Compiled, stored))
 }

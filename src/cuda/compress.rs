@@ -181,7 +181,10 @@ pub(crate) fn arg_sizes() -> Vec<(&'static str, usize)> {
 fn ordinal(view: &TensorView<'_>) -> Result<i32> {
     match view.device() {
         Device::Cuda(id) => Ok(id),
-        other => Err(value_err!("{}: expected a CUDA tensor, got one on {other}", view.name())),
+        other => Err(value_err!(
+            "{}: expected a CUDA tensor, got one on {other}",
+            view.name()
+        )),
     }
 }
 
@@ -209,11 +212,19 @@ fn ptr(view: &TensorView<'_>) -> u64 {
 fn rows_packed(x: &TensorView<'_>, out_ptr: u64) -> bool {
     let w = (16 / x.dtype().size_bytes()) as isize;
     let (dim, strides) = (x.dim(1) as isize, x.strides());
-    (strides[1] == 1 || dim <= 1) && dim % w == 0 && strides[0].rem_euclid(w) == 0 && ptr(x) % 16 == 0 && out_ptr % 16 == 0
+    (strides[1] == 1 || dim <= 1)
+        && dim % w == 0
+        && strides[0].rem_euclid(w) == 0
+        && ptr(x) % 16 == 0
+        && out_ptr % 16 == 0
 }
 
 fn expect_output(out: &TensorView<'_>, dtype: DType, shape: &[usize], device: i32) -> Result<()> {
-    if out.dtype() != dtype || out.shape() != shape || !out.is_contiguous() || out.device() != Device::Cuda(device) {
+    if out.dtype() != dtype
+        || out.shape() != shape
+        || !out.is_contiguous()
+        || out.device() != Device::Cuda(device)
+    {
         return Err(Error::Runtime(format!(
             "internal error: output {} is {} {} on {}, expected a contiguous {dtype} {} on cuda:{device}",
             out.name(),
@@ -233,7 +244,14 @@ pub fn pool_shape(grids: &[Grid], kh: usize, kw: usize) -> (usize, Vec<Grid>) {
 }
 
 /// Average-pools `x` `[tokens, dim]` (checked grids) into `out` `[pool_shape().0, dim]`.
-pub fn pool_visual_tokens(stream: Stream, x: &TensorView<'_>, grids: &[Grid], kh: usize, kw: usize, out: &TensorView<'_>) -> Result<()> {
+pub fn pool_visual_tokens(
+    stream: Stream,
+    x: &TensorView<'_>,
+    grids: &[Grid],
+    kh: usize,
+    kw: usize,
+    out: &TensorView<'_>,
+) -> Result<()> {
     let ordinal = ordinal(x)?;
     let (count, new) = pool_shape(grids, kh, kw);
     let dim = x.dim(1);
@@ -243,8 +261,15 @@ pub fn pool_visual_tokens(stream: Stream, x: &TensorView<'_>, grids: &[Grid], kh
     }
     let dev = device(ordinal)?;
     let packed = rows_packed(x, ptr(out));
-    let w = if packed { 16 / x.dtype().size_bytes() } else { 1 };
-    let f = dev.function(KernelFile::Compress, &format!("pool_{}_{}", tag(x.dtype()), if packed { "v" } else { "s" }))?;
+    let w = if packed {
+        16 / x.dtype().size_bytes()
+    } else {
+        1
+    };
+    let f = dev.function(
+        KernelFile::Compress,
+        &format!("pool_{}_{}", tag(x.dtype()), if packed { "v" } else { "s" }),
+    )?;
     let (mut in_start, mut out_start) = (0i64, 0i64);
     for (chunk, pooled) in grids.chunks(MAX_GRIDS).zip(new.chunks(MAX_GRIDS)) {
         let mut args = PoolArgs {
@@ -273,7 +298,11 @@ pub fn pool_visual_tokens(stream: Stream, x: &TensorView<'_>, grids: &[Grid], kh
         }
         args.out_start[chunk.len()] = out_start;
         let packs = dim.div_ceil(w);
-        let grid = ((out_start - first_out) as u32, packs.div_ceil(128) as u32, 1);
+        let grid = (
+            (out_start - first_out) as u32,
+            packs.div_ceil(128) as u32,
+            1,
+        );
         // SAFETY: the views are live device memory of this device; shapes checked.
         unsafe { dev.launch(f, grid, 128, 0, stream, &args)? };
     }
@@ -286,7 +315,12 @@ pub fn scores_workspace_len(query: &TensorView<'_>, keys: &TensorView<'_>) -> us
 }
 
 /// Checks of `visual_token_scores` (the CPU path's messages); returns the scale.
-pub fn check_scores(query: &TensorView<'_>, keys: &TensorView<'_>, lse: Option<&TensorView<'_>>, scale: Option<f32>) -> Result<f32> {
+pub fn check_scores(
+    query: &TensorView<'_>,
+    keys: &TensorView<'_>,
+    lse: Option<&TensorView<'_>>,
+    scale: Option<f32>,
+) -> Result<f32> {
     let (q_tokens, q_heads, head_dim) = (query.dim(0), query.dim(1), query.dim(2));
     let (kv_heads, key_dim) = (keys.dim(1), keys.dim(2));
     if key_dim != head_dim {
@@ -297,7 +331,10 @@ pub fn check_scores(query: &TensorView<'_>, keys: &TensorView<'_>, lse: Option<&
         ));
     }
     if head_dim == 0 {
-        return Err(value_err!("query: head_dim must be >= 1, got shape {}", query.shape_str()));
+        return Err(value_err!(
+            "query: head_dim must be >= 1, got shape {}",
+            query.shape_str()
+        ));
     }
     if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
         return Err(value_err!(
@@ -305,7 +342,10 @@ pub fn check_scores(query: &TensorView<'_>, keys: &TensorView<'_>, lse: Option<&
         ));
     }
     if q_tokens == 0 {
-        return Err(value_err!("query: expected at least one query token to average over, got shape {}", query.shape_str()));
+        return Err(value_err!(
+            "query: expected at least one query token to average over, got shape {}",
+            query.shape_str()
+        ));
     }
     if let Some(lse) = lse {
         if lse.shape() != [q_tokens, q_heads] {
@@ -325,16 +365,34 @@ pub fn check_scores(query: &TensorView<'_>, keys: &TensorView<'_>, lse: Option<&
 
 /// Scores of the keys into `out` (`[scores_workspace_len]` float32; the first k_tokens are the
 /// result).
-pub fn visual_token_scores(stream: Stream, query: &TensorView<'_>, keys: &TensorView<'_>, lse: Option<&TensorView<'_>>, scale: f32, out: &TensorView<'_>) -> Result<()> {
+pub fn visual_token_scores(
+    stream: Stream,
+    query: &TensorView<'_>,
+    keys: &TensorView<'_>,
+    lse: Option<&TensorView<'_>>,
+    scale: f32,
+    out: &TensorView<'_>,
+) -> Result<()> {
     let ordinal = ordinal(query)?;
-    expect_output(out, DType::F32, &[scores_workspace_len(query, keys)], ordinal)?;
+    expect_output(
+        out,
+        DType::F32,
+        &[scores_workspace_len(query, keys)],
+        ordinal,
+    )?;
     let k_tokens = keys.dim(0);
     if k_tokens == 0 {
         return Ok(());
     }
     let dev = device(ordinal)?;
     let rows = query.dim(0) * query.dim(1);
-    let s3 = |v: &TensorView<'_>| [v.strides()[0] as i64, v.strides()[1] as i64, v.strides()[2] as i64];
+    let s3 = |v: &TensorView<'_>| {
+        [
+            v.strides()[0] as i64,
+            v.strides()[1] as i64,
+            v.strides()[2] as i64,
+        ]
+    };
     let args = ScoresArgs {
         query: ptr(query),
         keys: ptr(keys),
@@ -361,20 +419,38 @@ pub fn visual_token_scores(stream: Stream, query: &TensorView<'_>, keys: &Tensor
             dev.launch(f, (rows as u32, 1, 1), 256, 0, stream, &args)?;
         }
         let f = dev.function(KernelFile::Compress, &format!("scores_keys_{t}"))?;
-        dev.launch(f, (k_tokens.div_ceil(8) as u32, 1, 1), 256, 0, stream, &args)?;
+        dev.launch(
+            f,
+            (k_tokens.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            stream,
+            &args,
+        )?;
     }
     Ok(())
 }
 
 /// How many tokens `keep` / `ratio` keep (as the CPU path: clamped to `[min_keep, max_keep]`,
 /// then to `tokens`); `None` for `mass` (data-dependent).
-pub fn budget_count(tokens: usize, budget: Budget, min_keep: usize, max_keep: Option<usize>) -> Result<Option<usize>> {
+pub fn budget_count(
+    tokens: usize,
+    budget: Budget,
+    min_keep: usize,
+    max_keep: Option<usize>,
+) -> Result<Option<usize>> {
     if let Some(max_keep) = max_keep {
         if min_keep > max_keep {
-            return Err(value_err!("min_keep ({min_keep}) must not exceed max_keep ({max_keep})"));
+            return Err(value_err!(
+                "min_keep ({min_keep}) must not exceed max_keep ({max_keep})"
+            ));
         }
     }
-    let clamp = |n: usize| n.max(min_keep).min(max_keep.unwrap_or(usize::MAX)).min(tokens);
+    let clamp = |n: usize| {
+        n.max(min_keep)
+            .min(max_keep.unwrap_or(usize::MAX))
+            .min(tokens)
+    };
     match budget {
         Budget::Keep(n) => Ok(Some(clamp(n))),
         Budget::Ratio(ratio) => {
@@ -394,7 +470,12 @@ pub fn budget_count(tokens: usize, budget: Budget, min_keep: usize, max_keep: Op
 
 /// The `count` highest scores' indices, increasing, into `out` (int64 device memory of `count`
 /// entries at `out_ptr`). No NaN check (it would need a copy to the host): NaN ranks lowest.
-pub fn select_topk(stream: Stream, scores: &TensorView<'_>, count: usize, out_ptr: u64) -> Result<()> {
+pub fn select_topk(
+    stream: Stream,
+    scores: &TensorView<'_>,
+    count: usize,
+    out_ptr: u64,
+) -> Result<()> {
     let n = scores.dim(0);
     if count == 0 || n == 0 {
         return Ok(());
@@ -427,7 +508,14 @@ pub fn mass_workspace_len(n: usize) -> usize {
 ///
 /// # Safety
 /// `ws_ptr` must be device memory of `mass_workspace_len(n)` int64 words on the scores' device.
-pub unsafe fn select_mass(stream: Stream, scores: &TensorView<'_>, mass: f64, min_keep: usize, max_keep: Option<usize>, ws_ptr: u64) -> Result<usize> {
+pub unsafe fn select_mass(
+    stream: Stream,
+    scores: &TensorView<'_>,
+    mass: f64,
+    min_keep: usize,
+    max_keep: Option<usize>,
+    ws_ptr: u64,
+) -> Result<usize> {
     let n = scores.dim(0);
     budget_count(n, Budget::Mass(mass), min_keep, max_keep)?;
     let dev = device(ordinal(scores)?)?;
@@ -449,15 +537,22 @@ pub unsafe fn select_mass(stream: Stream, scores: &TensorView<'_>, mass: f64, mi
         dev.launch(f, (1, 1, 1), 1024, (pow2 * 8) as u32, stream, &args)?;
         let mut header = [0u8; 32];
         dev.copy_to_host(&mut header, ws_ptr + 8 * n as u64, stream)?;
-        let word = |i: usize| i64::from_ne_bytes(header[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let word =
+            |i: usize| i64::from_ne_bytes(header[8 * i..8 * i + 8].try_into().expect("8 bytes"));
         if word(0) >= 0 {
             return Ok(word(0) as usize);
         }
         if word(1) >= 0 {
-            return Err(value_err!("scores[{}] is NaN: scores must not contain NaN", word(1)));
+            return Err(value_err!(
+                "scores[{}] is NaN: scores must not contain NaN",
+                word(1)
+            ));
         }
         let value = f32::from_bits(word(3) as u32);
-        return Err(value_err!("scores[{}] = {value}: mass selection needs finite, non-negative scores", word(2)));
+        return Err(value_err!(
+            "scores[{}] = {value}: mass selection needs finite, non-negative scores",
+            word(2)
+        ));
     }
     // Too many scores for one block's shared memory: select on the host.
     let values = read_scores(&dev, stream, scores)?;
@@ -469,7 +564,11 @@ pub unsafe fn select_mass(stream: Stream, scores: &TensorView<'_>, mass: f64, mi
 }
 
 /// The scores as f32 on the host (a synchronising copy).
-fn read_scores(dev: &super::driver::Device, stream: Stream, scores: &TensorView<'_>) -> Result<Vec<f32>> {
+fn read_scores(
+    dev: &super::driver::Device,
+    stream: Stream,
+    scores: &TensorView<'_>,
+) -> Result<Vec<f32>> {
     let n = scores.dim(0);
     if n == 0 {
         return Ok(Vec::new());
@@ -477,7 +576,11 @@ fn read_scores(dev: &super::driver::Device, stream: Stream, scores: &TensorView<
     let stride = scores.strides()[0];
     let size = scores.dtype().size_bytes();
     // The whole span from the lowest to the highest element (strides may be negative).
-    let (low, high) = if stride >= 0 { (0, stride * (n as isize - 1)) } else { (stride * (n as isize - 1), 0) };
+    let (low, high) = if stride >= 0 {
+        (0, stride * (n as isize - 1))
+    } else {
+        (stride * (n as isize - 1), 0)
+    };
     let mut raw = vec![0u8; (high - low + 1) as usize * size];
     let start = (ptr(scores) as i64 + low as i64 * size as i64) as u64;
     // SAFETY: the span lies inside the view's memory.
@@ -488,8 +591,12 @@ fn read_scores(dev: &super::driver::Device, stream: Stream, scores: &TensorView<
             let b = &raw[at..at + size];
             match scores.dtype() {
                 DType::F32 => f32::from_ne_bytes(b.try_into().expect("4 bytes")),
-                DType::F16 => half::f16::from_bits(u16::from_ne_bytes(b.try_into().expect("2 bytes"))).to_f32(),
-                _ => half::bf16::from_bits(u16::from_ne_bytes(b.try_into().expect("2 bytes"))).to_f32(),
+                DType::F16 => {
+                    half::f16::from_bits(u16::from_ne_bytes(b.try_into().expect("2 bytes")))
+                        .to_f32()
+                }
+                _ => half::bf16::from_bits(u16::from_ne_bytes(b.try_into().expect("2 bytes")))
+                    .to_f32(),
             }
         })
         .collect())
@@ -500,11 +607,19 @@ fn read_scores(dev: &super::driver::Device, stream: Stream, scores: &TensorView<
 ///
 /// # Safety
 /// `src` must be device memory of the device `ordinal` holding `count` int64 values.
-pub unsafe fn read_indices(ordinal: i32, stream: Stream, src: u64, count: usize) -> Result<Vec<i64>> {
+pub unsafe fn read_indices(
+    ordinal: i32,
+    stream: Stream,
+    src: u64,
+    count: usize,
+) -> Result<Vec<i64>> {
     let dev = device(ordinal)?;
     let mut raw = vec![0u8; 8 * count];
     dev.copy_to_host(&mut raw, src, stream)?;
-    Ok(raw.chunks_exact(8).map(|b| i64::from_ne_bytes(b.try_into().expect("8 bytes"))).collect())
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| i64::from_ne_bytes(b.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// Copies host int64 values to device memory at `dst` on `stream`.
@@ -518,7 +633,13 @@ pub unsafe fn write_indices(ordinal: i32, stream: Stream, dst: u64, values: &[i6
 }
 
 /// Rows `indices` (int64 device memory, `count` of them, checked) of `x` into `out` `[count, dim]`.
-pub fn gather(stream: Stream, x: &TensorView<'_>, indices: u64, count: usize, out: &TensorView<'_>) -> Result<()> {
+pub fn gather(
+    stream: Stream,
+    x: &TensorView<'_>,
+    indices: u64,
+    count: usize,
+    out: &TensorView<'_>,
+) -> Result<()> {
     let ordinal = ordinal(x)?;
     let dim = x.dim(1);
     expect_output(out, x.dtype(), &[count, dim], ordinal)?;
@@ -527,7 +648,11 @@ pub fn gather(stream: Stream, x: &TensorView<'_>, indices: u64, count: usize, ou
     }
     let dev = device(ordinal)?;
     let packed = rows_packed(x, ptr(out));
-    let w = if packed { 16 / x.dtype().size_bytes() } else { 1 };
+    let w = if packed {
+        16 / x.dtype().size_bytes()
+    } else {
+        1
+    };
     let args = GatherArgs {
         x: ptr(x),
         out: ptr(out),
@@ -537,13 +662,36 @@ pub fn gather(stream: Stream, x: &TensorView<'_>, indices: u64, count: usize, ou
         row_stride: x.strides()[0] as i64,
         col_stride: x.strides()[1] as i64,
     };
-    let f = dev.function(KernelFile::Compress, &format!("gather_{}_{}", tag(x.dtype()), if packed { "v" } else { "s" }))?;
+    let f = dev.function(
+        KernelFile::Compress,
+        &format!(
+            "gather_{}_{}",
+            tag(x.dtype()),
+            if packed { "v" } else { "s" }
+        ),
+    )?;
     // SAFETY: live device views; indices checked in range.
-    unsafe { dev.launch(f, (count as u32, dim.div_ceil(w).div_ceil(128) as u32, 1), 128, 0, stream, &args) }
+    unsafe {
+        dev.launch(
+            f,
+            (count as u32, dim.div_ceil(w).div_ceil(128) as u32, 1),
+            128,
+            0,
+            stream,
+            &args,
+        )
+    }
 }
 
 /// Each index's (t, h, w) cell within its own grid into `out` (`[count, 3]` int64).
-pub fn token_cells(stream: Stream, ordinal: i32, indices: u64, count: usize, grids: &[Grid], out: &TensorView<'_>) -> Result<()> {
+pub fn token_cells(
+    stream: Stream,
+    ordinal: i32,
+    indices: u64,
+    count: usize,
+    grids: &[Grid],
+    out: &TensorView<'_>,
+) -> Result<()> {
     expect_output(out, DType::I64, &[count, 3], ordinal)?;
     if count == 0 {
         return Ok(());
@@ -588,7 +736,14 @@ pub fn merge_workspace_len(tokens: usize, kept: usize) -> usize {
 /// # Safety
 /// `kept` and `ws` must be device memory of the device of `x` (`n_kept` int64 and
 /// `merge_workspace_len` int64 words).
-pub unsafe fn merge(stream: Stream, x: &TensorView<'_>, kept: u64, n_kept: usize, ws: u64, out: &TensorView<'_>) -> Result<()> {
+pub unsafe fn merge(
+    stream: Stream,
+    x: &TensorView<'_>,
+    kept: u64,
+    n_kept: usize,
+    ws: u64,
+    out: &TensorView<'_>,
+) -> Result<()> {
     let ordinal = ordinal(x)?;
     let (tokens, dim) = (x.dim(0), x.dim(1));
     expect_output(out, x.dtype(), &[n_kept, dim], ordinal)?;
@@ -606,9 +761,29 @@ pub unsafe fn merge(stream: Stream, x: &TensorView<'_>, kept: u64, n_kept: usize
     let (rs, cs) = (x.strides()[0] as i64, x.strides()[1] as i64);
     let t = tag(x.dtype());
     let f = dev.function(KernelFile::Compress, "complement")?;
-    dev.launch(f, (1, 1, 1), 1024, 0, stream, &ComplementArgs { kept, dropped, n: tokens as i64, count: n_kept as i64 })?;
+    dev.launch(
+        f,
+        (1, 1, 1),
+        1024,
+        0,
+        stream,
+        &ComplementArgs {
+            kept,
+            dropped,
+            n: tokens as i64,
+            count: n_kept as i64,
+        },
+    )?;
     let f = dev.function(KernelFile::Compress, &format!("inv_norms_{t}"))?;
-    let norms = NormArgs { x: ptr(x), out: inv_norms, rows: kept, count: n_kept as i64, dim: dim as i64, row_stride: rs, col_stride: cs };
+    let norms = NormArgs {
+        x: ptr(x),
+        out: inv_norms,
+        rows: kept,
+        count: n_kept as i64,
+        dim: dim as i64,
+        row_stride: rs,
+        col_stride: cs,
+    };
     dev.launch(f, (n_kept.div_ceil(8) as u32, 1, 1), 256, 0, stream, &norms)?;
     let f = dev.function(KernelFile::Compress, &format!("similarity_{t}"))?;
     let sim = SimilarityArgs {
@@ -623,10 +798,24 @@ pub unsafe fn merge(stream: Stream, x: &TensorView<'_>, kept: u64, n_kept: usize
         row_stride: rs,
         col_stride: cs,
     };
-    dev.launch(f, (n_dropped.div_ceil(32) as u32, 1, 1), 256, 0, stream, &sim)?;
+    dev.launch(
+        f,
+        (n_dropped.div_ceil(32) as u32, 1, 1),
+        256,
+        0,
+        stream,
+        &sim,
+    )?;
     let packed = rows_packed(x, ptr(out));
-    let w = if packed { 16 / x.dtype().size_bytes() } else { 1 };
-    let f = dev.function(KernelFile::Compress, &format!("merge_{t}_{}", if packed { "v" } else { "s" }))?;
+    let w = if packed {
+        16 / x.dtype().size_bytes()
+    } else {
+        1
+    };
+    let f = dev.function(
+        KernelFile::Compress,
+        &format!("merge_{t}_{}", if packed { "v" } else { "s" }),
+    )?;
     let args = MergeArgs {
         x: ptr(x),
         out: ptr(out),
@@ -639,5 +828,12 @@ pub unsafe fn merge(stream: Stream, x: &TensorView<'_>, kept: u64, n_kept: usize
         row_stride: rs,
         col_stride: cs,
     };
-    dev.launch(f, (n_kept as u32, dim.div_ceil(w).div_ceil(128) as u32, 1), 128, 0, stream, &args)
+    dev.launch(
+        f,
+        (n_kept as u32, dim.div_ceil(w).div_ceil(128) as u32, 1),
+        128,
+        0,
+        stream,
+        &args,
+    )
 }

@@ -30,8 +30,14 @@ impl Stream {
 }
 
 fn driver_error(what: &str, err: cu::DriverError) -> Error {
-    let name = err.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", err.0));
-    let text = err.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = err
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", err.0));
+    let text = err
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Error::Runtime(format!("CUDA error in {what}: {name} ({text})"))
 }
 
@@ -45,7 +51,9 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::Runtime(format!("CUDA driver failure in {what}: {msg}")))
+            Err(Error::Runtime(format!(
+                "CUDA driver failure in {what}: {msg}"
+            )))
         }
     }
 }
@@ -79,7 +87,11 @@ pub fn driver_version() -> Result<i32> {
 /// Number of CUDA devices (0 without a driver).
 pub fn device_count() -> usize {
     driver_version()
-        .and_then(|_| guarded("cuDeviceGetCount", || cu::device::get_count().map_err(|e| driver_error("cuDeviceGetCount", e))))
+        .and_then(|_| {
+            guarded("cuDeviceGetCount", || {
+                cu::device::get_count().map_err(|e| driver_error("cuDeviceGetCount", e))
+            })
+        })
         .map(|n| n.max(0) as usize)
         .unwrap_or(0)
 }
@@ -126,18 +138,27 @@ pub fn device(ordinal: i32) -> Result<Arc<Device>> {
     }
     let count = device_count();
     if ordinal < 0 || ordinal as usize >= count {
-        return Err(Error::Runtime(format!("cuda:{ordinal} does not exist: the driver sees {count} CUDA device(s)")));
+        return Err(Error::Runtime(format!(
+            "cuda:{ordinal} does not exist: the driver sees {count} CUDA device(s)"
+        )));
     }
     let device = guarded("device setup", || {
         let cu_device = cu::device::get(ordinal).map_err(|e| driver_error("cuDeviceGet", e))?;
         // SAFETY: a valid device; the primary context is retained for the process's lifetime.
-        let ctx = unsafe { cu::primary_ctx::retain(cu_device) }.map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
-        let attr = |a| unsafe { cu::device::get_attribute(cu_device, a) }.map_err(|e| driver_error("cuDeviceGetAttribute", e));
+        let ctx = unsafe { cu::primary_ctx::retain(cu_device) }
+            .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
+        let attr = |a| {
+            unsafe { cu::device::get_attribute(cu_device, a) }
+                .map_err(|e| driver_error("cuDeviceGetAttribute", e))
+        };
         use sys::CUdevice_attribute_enum as A;
         Ok(Device {
             ordinal,
             ctx,
-            capability: (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?),
+            capability: (
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
             name: cu::device::get_name(cu_device).unwrap_or_else(|_| "CUDA device".into()),
             multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             max_shared_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
@@ -192,7 +213,8 @@ impl Device {
         let arch = pick_arch(self.capability, &super::nvrtc::nvrtc()?.archs)?;
         let load = |image: &[u8]| -> Result<sys::CUmodule> {
             // SAFETY: a CUBIN image; the driver validates it.
-            unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| driver_error("cuModuleLoadData", e))
+            unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| driver_error("cuModuleLoadData", e))
         };
         let (image, origin, _) = cache::cubin(file, arch, false)?;
         let module = match load(&image) {
@@ -201,7 +223,10 @@ impl Device {
             Err(_) if origin == Origin::Cache => load(&cache::cubin(file, arch, true)?.0)?,
             Err(err) => return Err(err),
         };
-        let module = Arc::new(Module { module, functions: Mutex::new(HashMap::new()) });
+        let module = Arc::new(Module {
+            module,
+            functions: Mutex::new(HashMap::new()),
+        });
         modules.insert(file, module.clone());
         Ok(module)
     }
@@ -213,9 +238,11 @@ impl Device {
         if let Some(f) = functions.get(name) {
             return Ok(*f);
         }
-        let c_name = CString::new(name).map_err(|_| Error::Runtime(format!("bad kernel name {name}")))?;
+        let c_name =
+            CString::new(name).map_err(|_| Error::Runtime(format!("bad kernel name {name}")))?;
         // SAFETY: a loaded module.
-        let f = unsafe { cu::module::get_function(module.module, c_name) }.map_err(|e| driver_error(&format!("cuModuleGetFunction({name})"), e))?;
+        let f = unsafe { cu::module::get_function(module.module, c_name) }
+            .map_err(|e| driver_error(&format!("cuModuleGetFunction({name})"), e))?;
         functions.insert(name.to_string(), Function(f));
         Ok(Function(f))
     }
@@ -225,7 +252,15 @@ impl Device {
     /// # Safety
     /// `args` must be the kernel's argument struct (the same layout as in the .cu file) and
     /// every device pointer in it valid for what the kernel does with it until the kernel ends.
-    pub unsafe fn launch<A>(&self, f: Function, grid: (u32, u32, u32), block: u32, shared: u32, stream: Stream, args: &A) -> Result<()> {
+    pub unsafe fn launch<A>(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        stream: Stream,
+        args: &A,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -239,7 +274,8 @@ impl Device {
             .map_err(|e| driver_error("cuFuncSetAttribute", e))?;
         }
         let mut params = [args as *const A as *mut c_void];
-        cu::launch_kernel(f.0, grid, (block, 1, 1), shared, stream.raw(), &mut params).map_err(|e| driver_error("cuLaunchKernel", e))
+        cu::launch_kernel(f.0, grid, (block, 1, 1), shared, stream.raw(), &mut params)
+            .map_err(|e| driver_error("cuLaunchKernel", e))
     }
 
     /// Copies host bytes to device memory, ordered on `stream`. From pageable memory the
@@ -252,7 +288,8 @@ impl Device {
             return Ok(());
         }
         self.bind()?;
-        cu::memcpy_htod_async(dst, src, stream.raw()).map_err(|e| driver_error("cuMemcpyHtoDAsync", e))
+        cu::memcpy_htod_async(dst, src, stream.raw())
+            .map_err(|e| driver_error("cuMemcpyHtoDAsync", e))
     }
 
     /// Copies device bytes to the host and waits for them: a synchronisation of `stream`.
@@ -264,7 +301,8 @@ impl Device {
             return Ok(());
         }
         self.bind()?;
-        cu::memcpy_dtoh_async(dst, src, stream.raw()).map_err(|e| driver_error("cuMemcpyDtoHAsync", e))?;
+        cu::memcpy_dtoh_async(dst, src, stream.raw())
+            .map_err(|e| driver_error("cuMemcpyDtoHAsync", e))?;
         cu::stream::synchronize(stream.raw()).map_err(|e| driver_error("cuStreamSynchronize", e))
     }
 
@@ -272,11 +310,18 @@ impl Device {
     ///
     /// # Safety
     /// Both ranges must be device memory of `bytes` bytes.
-    pub unsafe fn copy_device(&self, dst: u64, src: u64, bytes: usize, stream: Stream) -> Result<()> {
+    pub unsafe fn copy_device(
+        &self,
+        dst: u64,
+        src: u64,
+        bytes: usize,
+        stream: Stream,
+    ) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
         self.bind()?;
-        cu::memcpy_dtod_async(dst, src, bytes, stream.raw()).map_err(|e| driver_error("cuMemcpyDtoDAsync", e))
+        cu::memcpy_dtod_async(dst, src, bytes, stream.raw())
+            .map_err(|e| driver_error("cuMemcpyDtoDAsync", e))
     }
 }

@@ -14,7 +14,10 @@ use super::driver::{device, Device, Stream};
 use super::sources::KernelFile;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
-use crate::kv::{check_append, check_delta_shape, check_paged, check_relocate, check_rerotate, Deltas, LayerKv, LayerKvRef, PagedCache, Rope, StridedMut};
+use crate::kv::{
+    check_append, check_delta_shape, check_paged, check_relocate, check_rerotate, Deltas, LayerKv,
+    LayerKvRef, PagedCache, Rope, StridedMut,
+};
 use crate::value_err;
 
 pub const MAX_LAYERS: usize = 32;
@@ -202,11 +205,28 @@ impl DeltaSource<'_> {
     /// The deltas as the kernel reads them, per token; host arrays are added to `up`.
     fn direct(&self, tokens: usize, up: &mut Uploads) -> (DeltaArgs, Option<usize>) {
         match *self {
-            DeltaSource::Host(Deltas::Same(d)) => (DeltaArgs { same: [d; 3], ..Default::default() }, None),
+            DeltaSource::Host(Deltas::Same(d)) => (
+                DeltaArgs {
+                    same: [d; 3],
+                    ..Default::default()
+                },
+                None,
+            ),
             DeltaSource::Host(deltas) => {
-                let rows: Vec<i64> = (0..tokens).flat_map(|t| Rope::delta_of(&deltas, t)).collect();
+                let rows: Vec<i64> = (0..tokens)
+                    .flat_map(|t| Rope::delta_of(&deltas, t))
+                    .collect();
                 let offset = up.push_i64(&rows);
-                (DeltaArgs { kind: 2, is_i64: 1, token_stride: 3, comp_stride: 1, ..Default::default() }, Some(offset))
+                (
+                    DeltaArgs {
+                        kind: 2,
+                        is_i64: 1,
+                        token_stride: 3,
+                        comp_stride: 1,
+                        ..Default::default()
+                    },
+                    Some(offset),
+                )
             }
             DeltaSource::Device(d) => (
                 DeltaArgs {
@@ -225,9 +245,25 @@ impl DeltaSource<'_> {
     /// For kernels that walk tokens in many blocks (relocate, paged): the distinct deltas as a
     /// table of at most [`MAX_TABLE`] rows plus a per-token row map when the deltas are on the
     /// host and few, else per token.
-    fn tabled(&self, tokens: usize, up: &mut Uploads) -> (DeltaArgs, AngleSource, Option<usize>, Option<usize>) {
+    fn tabled(
+        &self,
+        tokens: usize,
+        up: &mut Uploads,
+    ) -> (DeltaArgs, AngleSource, Option<usize>, Option<usize>) {
         if let DeltaSource::Host(Deltas::Same(d)) = *self {
-            return (DeltaArgs { same: [d; 3], ..Default::default() }, AngleSource { map: 0, table_rows: 1, pad: 0 }, None, None);
+            return (
+                DeltaArgs {
+                    same: [d; 3],
+                    ..Default::default()
+                },
+                AngleSource {
+                    map: 0,
+                    table_rows: 1,
+                    pad: 0,
+                },
+                None,
+                None,
+            );
         }
         if let DeltaSource::Host(deltas) = *self {
             let mut rows: Vec<[i64; 3]> = Vec::new();
@@ -251,8 +287,23 @@ impl DeltaSource<'_> {
             if !too_many {
                 let table = up.push_i64(&rows.concat());
                 let map_offset = up.push_i32(&map);
-                let delta = DeltaArgs { kind: 2, is_i64: 1, token_stride: 3, comp_stride: 1, ..Default::default() };
-                return (delta, AngleSource { map: 0, table_rows: rows.len().max(1) as i32, pad: 0 }, Some(table), Some(map_offset));
+                let delta = DeltaArgs {
+                    kind: 2,
+                    is_i64: 1,
+                    token_stride: 3,
+                    comp_stride: 1,
+                    ..Default::default()
+                };
+                return (
+                    delta,
+                    AngleSource {
+                        map: 0,
+                        table_rows: rows.len().max(1) as i32,
+                        pad: 0,
+                    },
+                    Some(table),
+                    Some(map_offset),
+                );
             }
         }
         let (delta, offset) = self.direct(tokens, up);
@@ -275,12 +326,16 @@ impl Uploads {
     }
     fn push_i64(&mut self, values: &[i64]) -> usize {
         let offset = self.align();
-        values.iter().for_each(|v| self.bytes.extend_from_slice(&v.to_ne_bytes()));
+        values
+            .iter()
+            .for_each(|v| self.bytes.extend_from_slice(&v.to_ne_bytes()));
         offset
     }
     fn push_i32(&mut self, values: &[i32]) -> usize {
         let offset = self.align();
-        values.iter().for_each(|v| self.bytes.extend_from_slice(&v.to_ne_bytes()));
+        values
+            .iter()
+            .for_each(|v| self.bytes.extend_from_slice(&v.to_ne_bytes()));
         offset
     }
 }
@@ -304,7 +359,15 @@ fn aligned(ptr: u64) -> bool {
 
 /// Packed access needs a contiguous last axis and every row start and split on a 16-byte
 /// boundary.
-fn packed_ok(w: usize, half: usize, interleaved: bool, dims: &[usize], strides: &[isize], dim_strides: &[isize], ptrs: &[u64]) -> bool {
+fn packed_ok(
+    w: usize,
+    half: usize,
+    interleaved: bool,
+    dims: &[usize],
+    strides: &[isize],
+    dim_strides: &[isize],
+    ptrs: &[u64],
+) -> bool {
     let split = if interleaved { 2 * half } else { half };
     dim_strides.iter().all(|&s| s == 1)
         && split % w == 0
@@ -314,7 +377,12 @@ fn packed_ok(w: usize, half: usize, interleaved: bool, dims: &[usize], strides: 
 }
 
 fn kernel_name(op: &str, dtype: DType, packed: bool, interleaved: bool) -> String {
-    format!("{op}_{}_{}_{}", dtype_tag(dtype), if packed { "v" } else { "s" }, if interleaved { "gptj" } else { "neox" })
+    format!(
+        "{op}_{}_{}_{}",
+        dtype_tag(dtype),
+        if packed { "v" } else { "s" },
+        if interleaved { "gptj" } else { "neox" }
+    )
 }
 
 /// One kernel launch of a prepared operation; device pointers to uploads are resolved at launch.
@@ -359,7 +427,8 @@ impl Prepared {
         }
         let dev = device(self.ordinal)?;
         dev.copy_to_device(upload, &self.uploads.bytes, stream)?;
-        let at = |offset: Option<usize>, fallback: u64| offset.map_or(fallback, |o| upload + o as u64);
+        let at =
+            |offset: Option<usize>, fallback: u64| offset.map_or(fallback, |o| upload + o as u64);
         for (name, grid, block, launch) in &self.launches {
             let f = dev.function(KernelFile::Kv, name)?;
             match launch {
@@ -424,10 +493,23 @@ fn device_of(ordinal: i32) -> Result<std::sync::Arc<Device>> {
 
 /// Rotates every layer's keys `[tokens, heads, head_dim]` in place by their deltas (the CUDA
 /// `rerotate_keys`).
-pub fn rerotate_keys<T: Float>(ordinal: i32, keys: &[StridedMut<'_, T, 3>], deltas: DeltaSource<'_>, rope: &Rope) -> Result<Prepared> {
+pub fn rerotate_keys<T: Float>(
+    ordinal: i32,
+    keys: &[StridedMut<'_, T, 3>],
+    deltas: DeltaSource<'_>,
+    rope: &Rope,
+) -> Result<Prepared> {
     let tokens = check_rerotate(keys, &deltas_for_check(&deltas), rope)?;
     if let DeltaSource::Device(_) = deltas {
-        deltas.check(tokens, rope, if keys.len() == 1 { "keys' first dimension (tokens)" } else { "each layer's first dimension (tokens)" })?;
+        deltas.check(
+            tokens,
+            rope,
+            if keys.len() == 1 {
+                "keys' first dimension (tokens)"
+            } else {
+                "each layer's first dimension (tokens)"
+            },
+        )?;
     }
     let args_rope = rope_args(rope)?;
     let mut uploads = Uploads::default();
@@ -437,11 +519,21 @@ pub fn rerotate_keys<T: Float>(ordinal: i32, keys: &[StridedMut<'_, T, 3>], delt
         let config = rope.config();
         let w = pack::<T>();
         let indices: Vec<usize> = (0..keys.len()).collect();
-        for group in groups(&indices, MAX_LAYERS, |i| (keys[i].shape(), keys[i].strides())) {
+        for group in groups(&indices, MAX_LAYERS, |i| {
+            (keys[i].shape(), keys[i].strides())
+        }) {
             let [_, heads, dim] = keys[group[0]].shape();
             let [ts, hs, ds] = keys[group[0]].strides();
             let ptrs: Vec<u64> = group.iter().map(|&i| keys[i].ptr() as u64).collect();
-            let packed = packed_ok(w, args_rope.half as usize, config.interleaved, &[dim], &[ts, hs], &[ds], &ptrs);
+            let packed = packed_ok(
+                w,
+                args_rope.half as usize,
+                config.interleaved,
+                &[dim],
+                &[ts, hs],
+                &[ds],
+                &ptrs,
+            );
             let args = RerotateArgs {
                 layers: ptr_array(ptrs.into_iter()),
                 tokens: tokens as i64,
@@ -456,10 +548,21 @@ pub fn rerotate_keys<T: Float>(ordinal: i32, keys: &[StridedMut<'_, T, 3>], delt
             if heads == 0 {
                 continue;
             }
-            launches.push((kernel_name("rerotate", T::DTYPE, packed, config.interleaved), (tokens as u32, 1, 1), 128, Launch::Rerotate(args, offset)));
+            launches.push((
+                kernel_name("rerotate", T::DTYPE, packed, config.interleaved),
+                (tokens as u32, 1, 1),
+                128,
+                Launch::Rerotate(args, offset),
+            ));
         }
     }
-    Ok(Prepared { ordinal, uploads, launches, staging_elements: 0, result: tokens })
+    Ok(Prepared {
+        ordinal,
+        uploads,
+        launches,
+        staging_elements: 0,
+        result: tokens,
+    })
 }
 
 /// Host-side stand-in used only for the shape checks shared with the CPU path (device deltas
@@ -476,7 +579,9 @@ fn grid_rows(moved: usize, lanes: usize, multiprocessors: i32, overlap: bool) ->
         return (moved.max(1) as i64, 1);
     }
     // Enough blocks to fill the GPU a few times over, at least 64 rows each.
-    let target = (4 * multiprocessors.max(1) as usize).div_ceil(lanes.max(1)).max(1);
+    let target = (4 * multiprocessors.max(1) as usize)
+        .div_ceil(lanes.max(1))
+        .max(1);
     let rows = moved.div_ceil(target).max(64).max(moved.div_ceil(65_535));
     (rows as i64, moved.div_ceil(rows) as u32)
 }
@@ -491,7 +596,8 @@ pub fn relocate_span<T: Float>(
     deltas: DeltaSource<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let (length, moved) = check_relocate(layers, start, end, length, &deltas_for_check(&deltas), rope)?;
+    let (length, moved) =
+        check_relocate(layers, start, end, length, &deltas_for_check(&deltas), rope)?;
     deltas.check(moved, rope, "the span's followers (length - end)")?;
     let args_rope = rope_args(rope)?;
     let dev = device_of(ordinal)?;
@@ -504,13 +610,23 @@ pub fn relocate_span<T: Float>(
         let shared = (angles.table_rows.max(0) as usize * args_rope.half as usize * 8) as u32;
         let w = pack::<T>();
         let indices: Vec<usize> = (0..layers.len()).collect();
-        let key = |i: usize| (layers[i].keys.shape(), layers[i].keys.strides(), layers[i].values.shape(), layers[i].values.strides());
+        let key = |i: usize| {
+            (
+                layers[i].keys.shape(),
+                layers[i].keys.strides(),
+                layers[i].values.shape(),
+                layers[i].values.strides(),
+            )
+        };
         for group in groups(&indices, MAX_LAYERS, key) {
             let (ks, kst, vs, vst) = key(group[0]);
             let [batch, heads, _, key_dim] = ks;
             let value_dim = vs[3];
             let kp: Vec<u64> = group.iter().map(|&i| layers[i].keys.ptr() as u64).collect();
-            let vp: Vec<u64> = group.iter().map(|&i| layers[i].values.ptr() as u64).collect();
+            let vp: Vec<u64> = group
+                .iter()
+                .map(|&i| layers[i].values.ptr() as u64)
+                .collect();
             let all: Vec<u64> = kp.iter().chain(&vp).copied().collect();
             let packed = packed_ok(
                 w,
@@ -554,7 +670,13 @@ pub fn relocate_span<T: Float>(
             ));
         }
     }
-    Ok(Prepared { ordinal, uploads, launches, staging_elements: 0, result: new_length })
+    Ok(Prepared {
+        ordinal,
+        uploads,
+        launches,
+        staging_elements: 0,
+        result: new_length,
+    })
 }
 
 /// Writes new entries into every layer of a contiguous cache (the CUDA `append_entries`).
@@ -566,7 +688,14 @@ pub fn append_entries<T: Float>(
     rotate: Option<(DeltaSource<'_>, &Rope)>,
 ) -> Result<Prepared> {
     let host = rotate.as_ref().map(|(d, _)| deltas_for_check(d));
-    check_append(layers, new, positions, rotate.as_ref().map(|(_, r)| (host.as_ref().expect("set with rotate"), *r)))?;
+    check_append(
+        layers,
+        new,
+        positions,
+        rotate
+            .as_ref()
+            .map(|(_, r)| (host.as_ref().expect("set with rotate"), *r)),
+    )?;
     let n = positions.len();
     if let Some((d, rope)) = &rotate {
         d.check(n, rope, "positions")?;
@@ -575,11 +704,22 @@ pub fn append_entries<T: Float>(
     let mut launches = Vec::new();
     if n > 0 && !layers.is_empty() {
         let rope_parts = match &rotate {
-            Some((d, rope)) => Some((rope_args(rope)?, d.direct(n, &mut uploads), rope.config().interleaved)),
+            Some((d, rope)) => Some((
+                rope_args(rope)?,
+                d.direct(n, &mut uploads),
+                rope.config().interleaved,
+            )),
             None => None,
         };
-        let contiguous = positions.iter().enumerate().all(|(j, &p)| p == positions[0] + j as i64);
-        let positions_offset = if contiguous { None } else { Some(uploads.push_i64(positions)) };
+        let contiguous = positions
+            .iter()
+            .enumerate()
+            .all(|(j, &p)| p == positions[0] + j as i64);
+        let positions_offset = if contiguous {
+            None
+        } else {
+            Some(uploads.push_i64(positions))
+        };
         let w = pack::<T>();
         let interleaved = rope_parts.as_ref().is_some_and(|p| p.2);
         let half = rope_parts.as_ref().map_or(0, |p| p.0.half as usize);
@@ -597,18 +737,28 @@ pub fn append_entries<T: Float>(
         for group in groups(&indices, MAX_APPEND_LAYERS, key) {
             let (ks, kst, vs, vst, nkst, nvst) = key(group[0]);
             let [batch, heads, _, key_dim] = ks;
-            let ptrs = |f: &dyn Fn(usize) -> u64| -> Vec<u64> { group.iter().map(|&i| f(i)).collect() };
+            let ptrs =
+                |f: &dyn Fn(usize) -> u64| -> Vec<u64> { group.iter().map(|&i| f(i)).collect() };
             let kp = ptrs(&|i| layers[i].keys.ptr() as u64);
             let vp = ptrs(&|i| layers[i].values.ptr() as u64);
             let nkp = ptrs(&|i| new[i].keys.ptr() as u64);
             let nvp = ptrs(&|i| new[i].values.ptr() as u64);
-            let all: Vec<u64> = kp.iter().chain(&vp).chain(&nkp).chain(&nvp).copied().collect();
+            let all: Vec<u64> = kp
+                .iter()
+                .chain(&vp)
+                .chain(&nkp)
+                .chain(&nvp)
+                .copied()
+                .collect();
             let packed = packed_ok(
                 w,
                 half,
                 interleaved,
                 &[key_dim, vs[3]],
-                &[kst[0], kst[1], kst[2], vst[0], vst[1], vst[2], nkst[0], nkst[1], nkst[2], nvst[0], nvst[1], nvst[2]],
+                &[
+                    kst[0], kst[1], kst[2], vst[0], vst[1], vst[2], nkst[0], nkst[1], nkst[2],
+                    nvst[0], nvst[1], nvst[2],
+                ],
                 &[kst[3], vst[3], nkst[3], nvst[3]],
                 &all,
             );
@@ -617,7 +767,17 @@ pub fn append_entries<T: Float>(
             }
             let (rope, (delta, delta_offset)) = match &rope_parts {
                 Some((r, d, _)) => (*r, *d),
-                None => (RopeArgs { inv_freq: [0.0; MAX_HALF], comp: [0; MAX_HALF], half: 0, head_dim: key_dim as i32, interleaved: 0, pad: 0 }, (DeltaArgs::default(), None)),
+                None => (
+                    RopeArgs {
+                        inv_freq: [0.0; MAX_HALF],
+                        comp: [0; MAX_HALF],
+                        half: 0,
+                        head_dim: key_dim as i32,
+                        interleaved: 0,
+                        pad: 0,
+                    },
+                    (DeltaArgs::default(), None),
+                ),
             };
             let args = AppendArgs {
                 keys: ptr_array(kp.into_iter()),
@@ -648,14 +808,23 @@ pub fn append_entries<T: Float>(
             ));
         }
     }
-    Ok(Prepared { ordinal, uploads, launches, staging_elements: 0, result: n })
+    Ok(Prepared {
+        ordinal,
+        uploads,
+        launches,
+        staging_elements: 0,
+        result: n,
+    })
 }
 
 /// A safe order for the moves on a GPU: entry `e` reads `src(e)`, which the entry writing that
 /// slot must not overwrite before. Kahn's algorithm gives a topological order (readers before
 /// the entry that overwrites what they read); entries left over lie on cycles and are staged.
 /// Returns (order, staged, whether any entry depends on another).
-fn move_order(entries: &[(usize, usize, usize)], writer_of: impl Fn(usize) -> Option<usize>) -> (Vec<usize>, Vec<usize>, bool) {
+fn move_order(
+    entries: &[(usize, usize, usize)],
+    writer_of: impl Fn(usize) -> Option<usize>,
+) -> (Vec<usize>, Vec<usize>, bool) {
     let m = entries.len();
     let mut overwriter = vec![usize::MAX; m];
     let mut waiting = vec![0u32; m];
@@ -696,7 +865,13 @@ pub fn paged_reinject<T: Float>(
     deltas: DeltaSource<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let (entries, dst_seen) = check_paged(caches, src_slots, dst_slots, &deltas_for_check(&deltas), rope)?;
+    let (entries, dst_seen) = check_paged(
+        caches,
+        src_slots,
+        dst_slots,
+        &deltas_for_check(&deltas),
+        rope,
+    )?;
     deltas.check(src_slots.len(), rope, "src_slots")?;
     let args_rope = rope_args(rope)?;
     let dev = device_of(ordinal)?;
@@ -707,17 +882,32 @@ pub fn paged_reinject<T: Float>(
     if !entries.is_empty() && first.kv_heads > 0 {
         let config = rope.config();
         let (order, staged, dependent) = move_order(&entries, |slot| dst_seen.get(slot));
-        let triples = |list: &[usize]| -> Vec<i64> { list.iter().flat_map(|&e| [entries[e].0 as i64, entries[e].1 as i64, entries[e].2 as i64]).collect() };
+        let triples = |list: &[usize]| -> Vec<i64> {
+            list.iter()
+                .flat_map(|&e| {
+                    [
+                        entries[e].0 as i64,
+                        entries[e].1 as i64,
+                        entries[e].2 as i64,
+                    ]
+                })
+                .collect()
+        };
         let order_offset = uploads.push_i64(&triples(&order));
         let staged_offset = uploads.push_i64(&triples(&staged));
-        let (delta, angles, delta_offset, map_offset) = deltas.tabled(src_slots.len(), &mut uploads);
+        let (delta, angles, delta_offset, map_offset) =
+            deltas.tabled(src_slots.len(), &mut uploads);
         let shared = (angles.table_rows.max(0) as usize * args_rope.half as usize * 8) as u32;
         staging_elements = staged.len() * caches.len() * first.kv_heads * 2 * first.head_dim;
         let w = pack::<T>();
         let indices: Vec<usize> = (0..caches.len()).collect();
         let layer_groups = groups(&indices, MAX_LAYERS, |i| caches[i].layout());
         let lanes_of = |n: usize| n * first.kv_heads * 2;
-        for (mode, list_offset, count) in [(0, order_offset, order.len()), (1, staged_offset, staged.len()), (2, staged_offset, staged.len())] {
+        for (mode, list_offset, count) in [
+            (0, order_offset, order.len()),
+            (1, staged_offset, staged.len()),
+            (2, staged_offset, staged.len()),
+        ] {
             if count == 0 {
                 continue;
             }
@@ -769,12 +959,25 @@ pub fn paged_reinject<T: Float>(
                     kernel_name("paged", T::DTYPE, packed, config.interleaved),
                     (lanes as u32, segments, 1),
                     256,
-                    Launch::Paged(args, delta_offset, map_offset, list_offset, mode != 0, shared),
+                    Launch::Paged(
+                        args,
+                        delta_offset,
+                        map_offset,
+                        list_offset,
+                        mode != 0,
+                        shared,
+                    ),
                 ));
             }
         }
     }
-    Ok(Prepared { ordinal, uploads, launches, staging_elements, result: entries.len() })
+    Ok(Prepared {
+        ordinal,
+        uploads,
+        launches,
+        staging_elements,
+        result: entries.len(),
+    })
 }
 
 /// The error for an operation that needs a GPU on a build or machine without one.

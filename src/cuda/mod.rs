@@ -37,12 +37,32 @@ pub struct KernelResources {
 
 /// Compiles `file` for `sm_<arch>` (CUBIN, with `ptxas -v` through NVRTC) and, with `ptx`, also
 /// its PTX for `compute_<arch>` (for a standalone ptxas). Needs NVRTC, not a GPU.
-pub fn compile_for_check(file: KernelFile, arch: u32, ptx: bool) -> Result<(Vec<u8>, String, Option<Vec<u8>>)> {
+pub fn compile_for_check(
+    file: KernelFile,
+    arch: u32,
+    ptx: bool,
+) -> Result<(Vec<u8>, String, Option<Vec<u8>>)> {
     let nvrtc = nvrtc::nvrtc()?;
     let header = [sources::HEADER];
-    let cubin = nvrtc.compile(file.source(), file.file_name(), &header, &sources::options(file, arch, "sm", &["--ptxas-options=-v"]), true)?;
+    let cubin = nvrtc.compile(
+        file.source(),
+        file.file_name(),
+        &header,
+        &sources::options(file, arch, "sm", &["--ptxas-options=-v"]),
+        true,
+    )?;
     let ptx = if ptx {
-        Some(nvrtc.compile(file.source(), file.file_name(), &header, &sources::options(file, arch, "compute", &[]), false)?.image)
+        Some(
+            nvrtc
+                .compile(
+                    file.source(),
+                    file.file_name(),
+                    &header,
+                    &sources::options(file, arch, "compute", &[]),
+                    false,
+                )?
+                .image,
+        )
     } else {
         None
     };
@@ -59,10 +79,15 @@ pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("").to_string();
-            out.push(KernelResources { name, ..Default::default() });
+            out.push(KernelResources {
+                name,
+                ..Default::default()
+            });
             continue;
         }
-        let Some(current) = out.last_mut() else { continue };
+        let Some(current) = out.last_mut() else {
+            continue;
+        };
         if line.contains("bytes stack frame") {
             current.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
             current.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
@@ -71,7 +96,10 @@ pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
         if line.contains("Used") && line.contains("registers") {
             current.registers = number_before(line, "registers").unwrap_or(0);
             // "..., used 1 barriers, 2064 bytes smem, ..."
-            current.shared_bytes = line.split(',').find_map(|part| number_before(part, "bytes smem")).unwrap_or(0);
+            current.shared_bytes = line
+                .split(',')
+                .find_map(|part| number_before(part, "bytes smem"))
+                .unwrap_or(0);
         }
     }
     out
@@ -91,7 +119,10 @@ pub struct RuntimeInfo {
 }
 
 pub fn runtime_info() -> RuntimeInfo {
-    let mut info = RuntimeInfo { cache_dir: cache::cache_dir().map(|d| d.display().to_string()), ..Default::default() };
+    let mut info = RuntimeInfo {
+        cache_dir: cache::cache_dir().map(|d| d.display().to_string()),
+        ..Default::default()
+    };
     match driver_version() {
         Ok(v) => {
             info.driver_version = Some(v);

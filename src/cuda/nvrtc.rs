@@ -30,7 +30,14 @@ type Program = *mut c_void;
 struct Api {
     version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult,
     error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
-    create: unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> NvrtcResult,
+    create: unsafe extern "C" fn(
+        *mut Program,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> NvrtcResult,
     destroy: unsafe extern "C" fn(*mut Program) -> NvrtcResult,
     compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> NvrtcResult,
     log_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
@@ -89,7 +96,11 @@ fn lib_files_in(dir: &Path) -> Vec<PathBuf> {
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
             let rest = name.strip_prefix("libnvrtc.so")?;
-            let major = if rest.is_empty() { 0 } else { rest.strip_prefix('.')?.parse::<u32>().ok()? };
+            let major = if rest.is_empty() {
+                0
+            } else {
+                rest.strip_prefix('.')?.parse::<u32>().ok()?
+            };
             Some((major, entry.path()))
         })
         .collect();
@@ -103,31 +114,52 @@ pub fn candidates() -> Vec<(PathBuf, String)> {
     if let Some(value) = std::env::var_os("TVC_NVRTC") {
         let path = PathBuf::from(value);
         if path.is_dir() {
-            out.extend(lib_files_in(&path).into_iter().map(|p| (p, "$TVC_NVRTC".to_string())));
+            out.extend(
+                lib_files_in(&path)
+                    .into_iter()
+                    .map(|p| (p, "$TVC_NVRTC".to_string())),
+            );
         } else {
             out.push((path, "$TVC_NVRTC".to_string()));
         }
     }
     for dir in SEARCH_DIRS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        out.extend(lib_files_in(dir).into_iter().map(|p| (p, "Python site-packages".to_string())));
+        out.extend(
+            lib_files_in(dir)
+                .into_iter()
+                .map(|p| (p, "Python site-packages".to_string())),
+        );
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(root) = std::env::var_os(var) {
             for sub in ["lib64", "lib"] {
                 let dir = PathBuf::from(&root).join(sub);
-                out.extend(lib_files_in(&dir).into_iter().map(|p| (p, format!("${var}"))));
+                out.extend(
+                    lib_files_in(&dir)
+                        .into_iter()
+                        .map(|p| (p, format!("${var}"))),
+                );
             }
         }
     }
-    out.extend(lib_files_in(Path::new("/usr/local/cuda/lib64")).into_iter().map(|p| (p, "/usr/local/cuda".to_string())));
+    out.extend(
+        lib_files_in(Path::new("/usr/local/cuda/lib64"))
+            .into_iter()
+            .map(|p| (p, "/usr/local/cuda".to_string())),
+    );
     for soname in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
-        out.push((PathBuf::from(soname), "the dynamic loader's search path".to_string()));
+        out.push((
+            PathBuf::from(soname),
+            "the dynamic loader's search path".to_string(),
+        ));
     }
     out
 }
 
 unsafe fn symbol<T: Copy>(lib: &Library, name: &str) -> std::result::Result<T, String> {
-    lib.get::<T>(name.as_bytes()).map(|s| *s).map_err(|e| format!("symbol {name} missing: {e}"))
+    lib.get::<T>(name.as_bytes())
+        .map(|s| *s)
+        .map_err(|e| format!("symbol {name} missing: {e}"))
 }
 
 impl Nvrtc {
@@ -168,18 +200,36 @@ impl Nvrtc {
         }
         // The builtins library next to NVRTC (a wheel's directory is on no search path).
         let builtins_name = format!("libnvrtc-builtins.so.{major}.{minor}");
-        let beside = path.parent().map(|dir| dir.join(&builtins_name)).filter(|p| p.exists());
+        let beside = path
+            .parent()
+            .map(|dir| dir.join(&builtins_name))
+            .filter(|p| p.exists());
         // SAFETY: as for NVRTC itself.
         let builtins = match beside {
-            Some(file) => Some(unsafe { Library::new(&file) }.map_err(|e| format!("{}: {e}", file.display()))?),
+            Some(file) => Some(
+                unsafe { Library::new(&file) }.map_err(|e| format!("{}: {e}", file.display()))?,
+            ),
             None => unsafe { Library::new(&builtins_name) }.ok(),
         };
         if builtins.is_none() {
-            return Err(format!("{builtins_name} is neither next to it nor on the loader's search path"));
+            return Err(format!(
+                "{builtins_name} is neither next to it nor on the loader's search path"
+            ));
         }
         // Report the real file for a soname found on the search path.
-        let resolved = if path.is_absolute() { path.to_path_buf() } else { resolve_loaded(path).unwrap_or_else(|| path.to_path_buf()) };
-        Ok(Nvrtc { api, path: resolved, version: (major, minor), archs, _builtins: builtins, _lib: lib })
+        let resolved = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            resolve_loaded(path).unwrap_or_else(|| path.to_path_buf())
+        };
+        Ok(Nvrtc {
+            api,
+            path: resolved,
+            version: (major, minor),
+            archs,
+            _builtins: builtins,
+            _lib: lib,
+        })
     }
 
     fn error(&self, code: NvrtcResult) -> String {
@@ -189,17 +239,30 @@ impl Nvrtc {
             return format!("NVRTC error {code}");
         }
         // SAFETY: non-null static C string.
-        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(text) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Compiles `source` (named `name` in messages) with the in-memory `headers` (name, text)
     /// and `options`; `cubin` picks the CUBIN (for `-arch=sm_XX`) or the PTX.
-    pub fn compile(&self, source: &str, name: &str, headers: &[(&str, &str)], options: &[String], cubin: bool) -> Result<Compiled> {
-        let c = |s: &str| CString::new(s).map_err(|_| Error::Runtime(format!("NUL byte in NVRTC input {name}")));
+    pub fn compile(
+        &self,
+        source: &str,
+        name: &str,
+        headers: &[(&str, &str)],
+        options: &[String],
+        cubin: bool,
+    ) -> Result<Compiled> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| Error::Runtime(format!("NUL byte in NVRTC input {name}")))
+        };
         let source_c = c(source)?;
         let name_c = c(name)?;
-        let header_texts: Vec<CString> = headers.iter().map(|(_, t)| c(t)).collect::<Result<_>>()?;
-        let header_names: Vec<CString> = headers.iter().map(|(n, _)| c(n)).collect::<Result<_>>()?;
+        let header_texts: Vec<CString> =
+            headers.iter().map(|(_, t)| c(t)).collect::<Result<_>>()?;
+        let header_names: Vec<CString> =
+            headers.iter().map(|(n, _)| c(n)).collect::<Result<_>>()?;
         let text_ptrs: Vec<*const c_char> = header_texts.iter().map(|s| s.as_ptr()).collect();
         let name_ptrs: Vec<*const c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
         let option_c: Vec<CString> = options.iter().map(|o| c(o)).collect::<Result<_>>()?;
@@ -217,7 +280,10 @@ impl Nvrtc {
             )
         };
         if created != 0 {
-            return Err(Error::Runtime(format!("NVRTC could not create program {name}: {}", self.error(created))));
+            return Err(Error::Runtime(format!(
+                "NVRTC could not create program {name}: {}",
+                self.error(created)
+            )));
         }
         struct Guard<'a>(&'a Api, Program);
         impl Drop for Guard<'_> {
@@ -228,9 +294,15 @@ impl Nvrtc {
         }
         let guard = Guard(&self.api, program);
         // SAFETY: live program and option strings.
-        let status = unsafe { (self.api.compile)(guard.1, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
-        let log = self.read(guard.1, self.api.log_size, self.api.log).unwrap_or_default();
-        let log = String::from_utf8_lossy(&log).trim_end_matches('\0').to_string();
+        let status = unsafe {
+            (self.api.compile)(guard.1, option_ptrs.len() as c_int, option_ptrs.as_ptr())
+        };
+        let log = self
+            .read(guard.1, self.api.log_size, self.api.log)
+            .unwrap_or_default();
+        let log = String::from_utf8_lossy(&log)
+            .trim_end_matches('\0')
+            .to_string();
         if status != 0 {
             return Err(Error::Runtime(format!(
                 "NVRTC {}.{} failed to compile {name} ({}): {}\n{log}",
@@ -279,7 +351,12 @@ fn resolve_loaded(soname: &Path) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
-        .find(|path| Path::new(path).file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with(name)))
+        .find(|path| {
+            Path::new(path)
+                .file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(name))
+        })
         .map(PathBuf::from)
 }
 

@@ -4,7 +4,10 @@ use super::compress::arg_sizes as compress_arg_sizes;
 use super::kv::arg_sizes as kv_arg_sizes;
 
 /// The shared header every kernel file includes.
-pub const HEADER: (&str, &str) = ("tvc_common.cuh", include_str!("../../kernels/tvc_common.cuh"));
+pub const HEADER: (&str, &str) = (
+    "tvc_common.cuh",
+    include_str!("../../kernels/tvc_common.cuh"),
+);
 
 /// One kernel file (one capability).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,8 +47,16 @@ impl KernelFile {
 /// NVRTC options for `arch` (e.g. 90); `target` "sm" gives a CUBIN, "compute" PTX.
 /// No fast math: probabilities and rotations must match the CPU path to f32 rounding.
 pub fn options(file: KernelFile, arch: u32, target: &str, extra: &[&str]) -> Vec<String> {
-    let mut options = vec![format!("--gpu-architecture={target}_{arch}"), "--std=c++17".to_string(), "--generate-line-info".to_string()];
-    options.extend(file.arg_sizes().into_iter().map(|(name, size)| format!("-DTVC_SIZEOF_{name}={size}")));
+    let mut options = vec![
+        format!("--gpu-architecture={target}_{arch}"),
+        "--std=c++17".to_string(),
+        "--generate-line-info".to_string(),
+    ];
+    options.extend(
+        file.arg_sizes()
+            .into_iter()
+            .map(|(name, size)| format!("-DTVC_SIZEOF_{name}={size}")),
+    );
     options.extend(extra.iter().map(|s| s.to_string()));
     options
 }

@@ -27,13 +27,19 @@ pub fn device_of(obj: &Bound<'_, PyAny>) -> PyResult<Option<Device>> {
         return Ok(None);
     }
     // Devices DLPack cannot express (torch's "meta") raise here; the import then reports them.
-    let Ok((kind, id)) = obj.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()) else {
+    let Ok((kind, id)) = obj
+        .call_method0("__dlpack_device__")
+        .and_then(|d| d.extract::<(i32, i32)>())
+    else {
         return Ok(None);
     };
     Ok(Some(match kind {
         DL_CUDA | DL_CUDA_MANAGED => Device::Cuda(id),
         1 | 3 => Device::Cpu,
-        other => Device::Other { device_type: other, id },
+        other => Device::Other {
+            device_type: other,
+            id,
+        },
     }))
 }
 
@@ -73,18 +79,39 @@ impl<'py> CudaCall<'py> {
         })?;
         // Fail early, with the reason, where the runtime cannot work (no driver, no NVRTC).
         cuda::device(ordinal)?;
-        let guard = torch.getattr("cuda")?.getattr("device")?.call1((ordinal,))?;
+        let guard = torch
+            .getattr("cuda")?
+            .getattr("device")?
+            .call1((ordinal,))?;
         guard.call_method0("__enter__")?;
-        let handle: usize = torch.getattr("cuda")?.call_method1("current_stream", (ordinal,))?.getattr("cuda_stream")?.extract()?;
-        Ok(CudaCall { py, ordinal, stream: Stream(handle), torch, guard, primary: primary.to_string() })
+        let handle: usize = torch
+            .getattr("cuda")?
+            .call_method1("current_stream", (ordinal,))?
+            .getattr("cuda_stream")?
+            .extract()?;
+        Ok(CudaCall {
+            py,
+            ordinal,
+            stream: Stream(handle),
+            torch,
+            guard,
+            primary: primary.to_string(),
+        })
     }
 
     /// Runs `f` on the device, leaving the device context whatever happens.
-    pub fn run<T>(py: Python<'py>, ordinal: i32, primary: &str, f: impl FnOnce(&CudaCall<'py>) -> PyResult<T>) -> PyResult<T> {
+    pub fn run<T>(
+        py: Python<'py>,
+        ordinal: i32,
+        primary: &str,
+        f: impl FnOnce(&CudaCall<'py>) -> PyResult<T>,
+    ) -> PyResult<T> {
         let call = Self::enter(py, ordinal, primary)?;
         let result = f(&call);
         let none = py.None();
-        let exited = call.guard.call_method1("__exit__", (none.clone_ref(py), none.clone_ref(py), none));
+        let exited = call
+            .guard
+            .call_method1("__exit__", (none.clone_ref(py), none.clone_ref(py), none));
         let value = result?;
         exited?;
         Ok(value)
@@ -114,18 +141,35 @@ impl<'py> CudaCall<'py> {
     }
 
     /// Imports a CUDA tensor argument (after checking its device), synchronised with our stream.
-    pub fn tensor(&self, obj: &Bound<'py, PyAny>, name: &str, dtypes: &[DType]) -> PyResult<PyTensor> {
+    pub fn tensor(
+        &self,
+        obj: &Bound<'py, PyAny>,
+        name: &str,
+        dtypes: &[DType],
+    ) -> PyResult<PyTensor> {
         if !obj.hasattr("__dlpack__")? {
-            return Err(type_err!("{name}: expected a torch tensor, got {}", obj.get_type().name()?).into());
+            return Err(type_err!(
+                "{name}: expected a torch tensor, got {}",
+                obj.get_type().name()?
+            )
+            .into());
         }
         self.expect_here(obj, name)?;
         PyTensor::extract_with_stream(obj, name, dtypes, Some(self.dlpack_stream()))
     }
 
     /// Like [`CudaCall::tensor`] for a tensor or a list / tuple of them (`name[i]`).
-    pub fn tensors(&self, obj: &Bound<'py, PyAny>, name: &str, dtypes: &[DType]) -> PyResult<Vec<PyTensor>> {
+    pub fn tensors(
+        &self,
+        obj: &Bound<'py, PyAny>,
+        name: &str,
+        dtypes: &[DType],
+    ) -> PyResult<Vec<PyTensor>> {
         if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
-            obj.try_iter()?.enumerate().map(|(i, item)| self.tensor(&item?, &format!("{name}[{i}]"), dtypes)).collect()
+            obj.try_iter()?
+                .enumerate()
+                .map(|(i, item)| self.tensor(&item?, &format!("{name}[{i}]"), dtypes))
+                .collect()
         } else {
             Ok(vec![self.tensor(obj, name, dtypes)?])
         }
@@ -137,8 +181,11 @@ impl<'py> CudaCall<'py> {
         let kwargs = PyDict::new(self.py);
         kwargs.set_item("dtype", torch_dtype)?;
         kwargs.set_item("device", format!("cuda:{}", self.ordinal))?;
-        let tensor = self.torch.call_method("empty", (PyTuple::new(self.py, shape)?,), Some(&kwargs))?;
-        let view = PyTensor::extract_with_stream(&tensor, "output", &[dtype], Some(self.dlpack_stream()))?;
+        let tensor =
+            self.torch
+                .call_method("empty", (PyTuple::new(self.py, shape)?,), Some(&kwargs))?;
+        let view =
+            PyTensor::extract_with_stream(&tensor, "output", &[dtype], Some(self.dlpack_stream()))?;
         Ok((tensor, view))
     }
 
@@ -172,7 +219,13 @@ fn _cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("nvrtc_archs", info.nvrtc_archs)?;
     d.set_item("nvrtc_error", info.nvrtc_error)?;
     d.set_item("cache_dir", info.cache_dir)?;
-    d.set_item("kernel_files", KernelFile::ALL.iter().map(|f| f.file_name()).collect::<Vec<_>>())?;
+    d.set_item(
+        "kernel_files",
+        KernelFile::ALL
+            .iter()
+            .map(|f| f.file_name())
+            .collect::<Vec<_>>(),
+    )?;
     let devices = PyList::empty(py);
     for ordinal in 0..info.device_count as i32 {
         if let Ok(dev) = cuda::device(ordinal) {
@@ -198,11 +251,23 @@ fn kernel_file(name: &str) -> PyResult<KernelFile> {
 /// kernel file for sm_<arch> with ptxas' verbose report in the log (no GPU needed).
 #[pyfunction]
 #[pyo3(signature = (file, arch, ptx = false))]
-fn _cuda_compile<'py>(py: Python<'py>, file: &str, arch: u32, ptx: bool) -> PyResult<Bound<'py, PyTuple>> {
+fn _cuda_compile<'py>(
+    py: Python<'py>,
+    file: &str,
+    arch: u32,
+    ptx: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
     let file = kernel_file(file)?;
     let (cubin, log, ptx) = py.detach(|| cuda::compile_for_check(file, arch, ptx))?;
     let ptx = ptx.map(|p| PyBytes::new(py, &p).into_any());
-    PyTuple::new(py, [PyBytes::new(py, &cubin).into_any(), log.into_pyobject(py)?.into_any(), ptx.unwrap_or_else(|| py.None().into_bound(py))])
+    PyTuple::new(
+        py,
+        [
+            PyBytes::new(py, &cubin).into_any(),
+            log.into_pyobject(py)?.into_any(),
+            ptx.unwrap_or_else(|| py.None().into_bound(py)),
+        ],
+    )
 }
 
 /// `_cuda_parse_ptxas(log) -> [dict]`: registers, shared memory, stack and spills per kernel.
@@ -228,16 +293,27 @@ fn _cuda_parse_ptxas<'py>(py: Python<'py>, log: &str) -> PyResult<Bound<'py, PyL
 fn _cuda_cache_path(py: Python<'_>, file: &str, arch: u32) -> PyResult<Option<String>> {
     let file = kernel_file(file)?;
     let nvrtc = py.detach(cuda::nvrtc::nvrtc)?;
-    Ok(cuda::cache::cache_dir().map(|root| cuda::cache::cubin_path(&root, file, arch, nvrtc.version).display().to_string()))
+    Ok(cuda::cache::cache_dir().map(|root| {
+        cuda::cache::cubin_path(&root, file, arch, nvrtc.version)
+            .display()
+            .to_string()
+    }))
 }
 
 /// `_cuda_cached_cubin(file, arch) -> (bytes, bool)`: the CUBIN from the cache, compiling and
 /// storing it if needed (True when it came from the cache). No GPU needed.
 #[pyfunction]
-fn _cuda_cached_cubin<'py>(py: Python<'py>, file: &str, arch: u32) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+fn _cuda_cached_cubin<'py>(
+    py: Python<'py>,
+    file: &str,
+    arch: u32,
+) -> PyResult<(Bound<'py, PyBytes>, bool)> {
     let file = kernel_file(file)?;
     let (image, origin, _) = py.detach(|| cuda::cache::cubin(file, arch, false))?;
-    Ok((PyBytes::new(py, &image), origin == cuda::cache::Origin::Cache))
+    Ok((
+        PyBytes::new(py, &image),
+        origin == cuda::cache::Origin::Cache,
+    ))
 }
 
 /// `_cuda_warmup(device)`: compiles (or loads from the cache) and loads every kernel file on
@@ -263,4 +339,3 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_cuda_warmup, m)?)?;
     Ok(())
 }
-

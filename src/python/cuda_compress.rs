@@ -23,7 +23,10 @@ fn host<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
 }
 
 fn grids_tensor<'py>(call: &CudaCall<'py>, grids: &[Grid]) -> PyResult<Bound<'py, PyAny>> {
-    let flat: Vec<i64> = grids.iter().flat_map(|g| [g.t as i64, g.h as i64, g.w as i64]).collect();
+    let flat: Vec<i64> = grids
+        .iter()
+        .flat_map(|g| [g.t as i64, g.h as i64, g.w as i64])
+        .collect();
     let (tensor, _) = call.upload_i64(&flat)?;
     tensor.call_method1("view", (grids.len(), 3))
 }
@@ -63,12 +66,19 @@ pub fn visual_token_scores<'py>(
     CudaCall::run(py, ordinal, "query", |call| {
         let query = call.tensor(query, "query", FLOAT_DTYPES)?;
         let keys = call.tensor(keys, "keys", FLOAT_DTYPES)?;
-        let lse = lse.map(|l| call.tensor(l, "lse", FLOAT_DTYPES)).transpose()?;
+        let lse = lse
+            .map(|l| call.tensor(l, "lse", FLOAT_DTYPES))
+            .transpose()?;
         let (qv, kv) = (query.view(), keys.view());
         qv.expect_rank(3, "[q_tokens, q_heads, head_dim]")?;
         kv.expect_rank(3, "[k_tokens, kv_heads, head_dim]")?;
         if kv.dtype() != qv.dtype() {
-            return Err(crate::type_err!("keys: expected dtype {} (the dtype of query), got {}", qv.dtype(), kv.dtype()).into());
+            return Err(crate::type_err!(
+                "keys: expected dtype {} (the dtype of query), got {}",
+                qv.dtype(),
+                kv.dtype()
+            )
+            .into());
         }
         let lv = lse.as_ref().map(|l| l.view());
         if let Some(l) = &lv {
@@ -96,7 +106,9 @@ fn select_on_device<'py>(
     let n = view.dim(0);
     if let Some(tokens) = tokens {
         if n != tokens {
-            return Err(value_err!("scores: expected {tokens} scores (one per row of x), got {n}").into());
+            return Err(
+                value_err!("scores: expected {tokens} scores (one per row of x), got {n}").into(),
+            );
         }
     }
     match gpu::budget_count(n, budget, min_keep, max_keep)? {
@@ -107,11 +119,14 @@ fn select_on_device<'py>(
             Ok((out, ptr, count))
         }
         None => {
-            let Budget::Mass(mass) = budget else { unreachable!("budget_count gives None for mass only") };
+            let Budget::Mass(mass) = budget else {
+                unreachable!("budget_count gives None for mass only")
+            };
             let (ws, ws_view) = call.empty(&[gpu::mass_workspace_len(n)], DType::I64)?;
             let ptr = ws_view.view().data_ptr() as u64;
             // SAFETY: ws holds mass_workspace_len(n) int64 on this device.
-            let count = unsafe { gpu::select_mass(call.stream, &view, mass, min_keep, max_keep, ptr)? };
+            let count =
+                unsafe { gpu::select_mass(call.stream, &view, mass, min_keep, max_keep, ptr)? };
             Ok((narrow(&ws, count)?, ptr, count))
         }
     }
@@ -148,15 +163,29 @@ pub fn prune_visual_tokens<'py>(
     max_keep: Option<i64>,
     grid_thw: Option<&Bound<'py, PyAny>>,
     merge: bool,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+) -> PyResult<(
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+)> {
     CudaCall::run(py, ordinal, "x", |call| {
         let x = call.tensor(x, "x", FLOAT_DTYPES)?;
         let view = x.view();
         view.expect_rank(2, "[tokens, dim]")?;
         let (tokens, dim) = (view.dim(0), view.dim(1));
         let (kept, kept_ptr, count) = match (indices, scores) {
-            (Some(_), Some(_)) => return Err(value_err!("indices, scores: give indices or scores to select from, not both").into()),
-            (None, None) => return Err(value_err!("indices, scores: give the indices to keep or scores to select them from").into()),
+            (Some(_), Some(_)) => {
+                return Err(value_err!(
+                    "indices, scores: give indices or scores to select from, not both"
+                )
+                .into())
+            }
+            (None, None) => {
+                return Err(value_err!(
+                    "indices, scores: give the indices to keep or scores to select them from"
+                )
+                .into())
+            }
             (Some(indices), None) => {
                 if keep.is_some() || ratio.is_some() || mass.is_some() {
                     return Err(value_err!("keep, ratio, mass: these select from scores; with indices given, leave them out").into());
@@ -171,33 +200,63 @@ pub fn prune_visual_tokens<'py>(
                 let budget = budget_arg(keep, ratio, mass)?;
                 let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;
                 match device_of(scores)? {
-                    Some(Device::Cuda(_)) => select_on_device(call, scores, budget, min_keep, max_keep, Some(tokens))?,
+                    Some(Device::Cuda(_)) => {
+                        select_on_device(call, scores, budget, min_keep, max_keep, Some(tokens))?
+                    }
                     _ => {
                         // Scores on the host: select there, upload the indices.
                         let values = super::compress::scores_arg(scores)?;
                         if values.len() != tokens {
-                            return Err(value_err!("scores: expected {tokens} scores (one per row of x), got {}", values.len()).into());
+                            return Err(value_err!(
+                                "scores: expected {tokens} scores (one per row of x), got {}",
+                                values.len()
+                            )
+                            .into());
                         }
-                        let kept: Vec<i64> = cpu_select(&values, budget, min_keep, max_keep)?.into_iter().map(|i| i as i64).collect();
+                        let kept: Vec<i64> = cpu_select(&values, budget, min_keep, max_keep)?
+                            .into_iter()
+                            .map(|i| i as i64)
+                            .collect();
                         let (tensor, ptr) = call.upload_i64(&kept)?;
                         (tensor, ptr, kept.len())
                     }
                 }
             }
         };
-        let grids = grid_thw.map(|g| host(g).and_then(|g| grid_arg(&g, tokens))).transpose()?;
+        let grids = grid_thw
+            .map(|g| host(g).and_then(|g| grid_arg(&g, tokens)))
+            .transpose()?;
         let (out, out_view) = call.empty(&[count, dim], view.dtype())?;
         if merge && count > 0 && count < tokens && dim > 0 {
-            let (_ws, ws_view) = call.empty(&[gpu::merge_workspace_len(tokens, count).max(1)], DType::I64)?;
+            let (_ws, ws_view) = call.empty(
+                &[gpu::merge_workspace_len(tokens, count).max(1)],
+                DType::I64,
+            )?;
             // SAFETY: kept holds count sorted int64 indices, ws the merge workspace, on this device.
-            unsafe { gpu::merge(call.stream, &view, kept_ptr, count, ws_view.view().data_ptr() as u64, &out_view.view())? };
+            unsafe {
+                gpu::merge(
+                    call.stream,
+                    &view,
+                    kept_ptr,
+                    count,
+                    ws_view.view().data_ptr() as u64,
+                    &out_view.view(),
+                )?
+            };
         } else {
             gpu::gather(call.stream, &view, kept_ptr, count, &out_view.view())?;
         }
         let positions = match grids {
             Some(grids) => {
                 let (cells, cells_view) = call.empty(&[count, 3], DType::I64)?;
-                gpu::token_cells(call.stream, call.ordinal, kept_ptr, count, &grids, &cells_view.view())?;
+                gpu::token_cells(
+                    call.stream,
+                    call.ordinal,
+                    kept_ptr,
+                    count,
+                    &grids,
+                    &cells_view.view(),
+                )?;
                 Some(cells)
             }
             None => None,
