@@ -651,3 +651,6 @@ def test_info_and_exports():
     assert set(RUNTIME) >= {"driver_version", "device_count", "nvrtc_path", "nvrtc_version", "nvrtc_archs", "cache_dir", "kernel_files"}
     assert RUNTIME["kernel_files"] == ["compress.cu", "kv.cu"]
     assert tvc_rs.cuda is tvc_cuda and callable(tvc_cuda.check)
+    from tvc_rs._cuda_paths import nvrtc_dirs
+
+    assert all(Path(d).name == "lib" and Path(d).parent.parent.name == "nvidia" for d in nvrtc_dirs())

@@ -13,6 +13,7 @@ from tvc_rs.rope import *  # noqa: F401,F403
 from tvc_rs.compress import *  # noqa: F401,F403
 from tvc_rs.kv import *  # noqa: F401,F403
 
-from tvc_rs import compress, cuda, kv, pvc, rope, triggers  # cuda: NVRTC search paths, runtime info
+from tvc_rs import _cuda_paths  # noqa: F401 (where PyPI's NVRTC is, for the CUDA backend)
+from tvc_rs import compress, kv, pvc, rope, triggers
 
 __all__ = ["__version__", *triggers.__all__, *pvc.__all__, *rope.__all__, *compress.__all__, *kv.__all__]

@@ -31,24 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tvc_rs import _native
+from tvc_rs import _cuda_paths, _native  # noqa: F401 (_cuda_paths: NVRTC search directories)
 
 __all__ = ["is_available", "info", "warmup", "check"]
-
-
-def _nvrtc_dirs() -> list[str]:
-    """``nvidia/*/lib`` of every ``sys.path`` entry, CUDA 13 layouts first."""
-    found: list[str] = []
-    for entry in sys.path:
-        nvidia = Path(entry or ".") / "nvidia"
-        if not nvidia.is_dir():
-            continue
-        subdirs = sorted((p for p in nvidia.iterdir() if (p / "lib").is_dir()), key=lambda p: (p.name != "cu13", p.name))
-        found.extend(str(p / "lib") for p in subdirs)
-    return found
-
-
-_native._cuda_set_search_dirs(_nvrtc_dirs())
 
 
 def info() -> dict[str, Any]:
