@@ -6,7 +6,7 @@
 #   bash benches/gpu_run.sh           # there: install, GPU tests, compute-sanitizer, benchmark
 #
 # "prepare" builds the tvc-rs wheel (manylinux2014, zig) and downloads what the run installs
-# offline: pytest, hypothesis (the tests), and compute-sanitizer 13.0 (the
+# offline: pytest, hypothesis, numpy (the tests), and compute-sanitizer 13.0 (the
 # nvidia-cuda-sanitizer-api wheel ships the binary). The run writes everything to $OUT
 # (default ./gpu-out): pytest logs and JUnit XML, the sanitizer reports, the benchmark table
 # and benches/results/cuda-<device>.json. It goes on after a failing step and exits non-zero
@@ -23,7 +23,7 @@ if [ "${1:-}" = "prepare" ]; then
   python3 -m pip install -q ziglang maturin
   maturin build --release --zig --compatibility manylinux2014 --out "$wheels"
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_28_x86_64 -d "$wheels" pytest hypothesis "nvidia-cuda-sanitizer-api==13.0.*"
+    --platform manylinux_2_25_x86_64 --platform manylinux_2_28_x86_64 -d "$wheels" pytest hypothesis numpy "nvidia-cuda-sanitizer-api==13.0.*"
   ls -l "$wheels"
   exit 0
 fi
@@ -40,8 +40,8 @@ step "environment"
 cat "$OUT/environment.txt"
 
 step "install (offline, from .gpu/wheels)"
-python -m pip install -q --no-index --find-links "$wheels" --force-reinstall --no-deps tvc_rs
-python -m pip install -q --no-index --find-links "$wheels" pytest hypothesis "nvidia-cuda-sanitizer-api==13.0.*" 2>&1 | tail -3
+python -m pip install -q --no-index --find-links "$wheels" --force-reinstall --no-deps tvc_rs &&
+  python -m pip install -q --no-index --find-links "$wheels" pytest hypothesis numpy "nvidia-cuda-sanitizer-api==13.0.*"
 record $? "install"
 python -m tvc_rs.cuda --info | tee "$OUT/cuda-info.json"
 
@@ -51,8 +51,9 @@ python -c "import tvc_rs.cuda as c; c.warmup(0)"
 record $? "warm-up (NVRTC compile for this GPU)"
 
 step "GPU tests"
-# tests/ holds the CPU reference tests these import; assets are optional (tests skip without).
-python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compress.py tests/test_kv.py \
+# test_cuda.py imports the float64 references of test_compress.py / test_kv.py (numpy, torch,
+# hypothesis only); each case runs on the CPU and on the GPU.
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   --junitxml="$OUT/pytest-gpu.xml" -ra 2>&1 | tee "$OUT/pytest-gpu.log"
 record "${PIPESTATUS[0]}" "pytest (GPU)"
 
