@@ -4,6 +4,7 @@
 //! `python/` behind the `python` cargo feature and only convert, check and call in.
 
 pub mod compress;
+pub mod cuda;
 pub mod dtype;
 pub mod dvr;
 pub mod error;

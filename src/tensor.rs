@@ -362,12 +362,13 @@ impl<'a> TensorView<'a> {
         ))
     }
 
-    /// The view's memory is on the CPU; CUDA tensors get "not supported yet".
+    /// The view's memory is on the CPU (the CPU kernels' arguments: a CUDA tensor here is mixed
+    /// with CPU ones, since calls whose main tensor is on a GPU go to the CUDA backend).
     pub fn expect_cpu(&self) -> Result<&Self> {
         match self.device {
             Device::Cpu => Ok(self),
             Device::Cuda(_) => Err(value_err!(
-                "{}: CUDA tensors are not supported yet (got a tensor on {}); pass a CPU tensor",
+                "{}: expected a CPU tensor like the other arguments, got one on {}; pass every tensor on the same device",
                 self.name,
                 self.device
             )),

@@ -557,12 +557,12 @@ def test_device_errors():
         prune_visual_tokens(torch.randn(4, 3, requires_grad=True), [1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the meta-device test covers the error path)")
-def test_cuda_tensors_are_not_supported_yet():
-    with pytest.raises(ValueError, match=r"^x: CUDA tensors are not supported yet"):
-        pool_visual_tokens(torch.randn(4, 8, device="cuda"), [(1, 2, 2)], 2)
-    with pytest.raises(ValueError, match=r"^scores: CUDA tensors are not supported yet"):
-        select_tokens(torch.rand(8, device="cuda"), keep=2)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (tests/test_cuda.py covers the CUDA path)")
+def test_cpu_and_cuda_tensors_are_not_mixed():
+    with pytest.raises(ValueError, match=r"^keys: expected a CPU tensor like the other arguments, got one on cuda:0"):
+        visual_token_scores(torch.randn(1, 2, 4), torch.randn(3, 2, 4, device="cuda"))
+    with pytest.raises(ValueError, match=r"^keys: expected a tensor on cuda:0 \(the device of query\), got one on cpu"):
+        visual_token_scores(torch.randn(1, 2, 4, device="cuda"), torch.randn(3, 2, 4))
 
 
 def test_public_api():

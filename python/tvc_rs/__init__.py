@@ -14,6 +14,7 @@ from tvc_rs.compress import *  # noqa: F401,F403
 from tvc_rs.kv import *  # noqa: F401,F403
 from tvc_rs.dvr import *  # noqa: F401,F403
 
+from tvc_rs import _cuda_paths  # noqa: F401 (where PyPI's NVRTC is, for the CUDA backend)
 from tvc_rs import compress, dvr, kv, pvc, rope, triggers
 from tvc_rs import hf  # transformers driver; imports torch / transformers only when used
 

@@ -495,3 +495,34 @@ def qwen2_vl_patches(
     processor's: float32 ``(sum of patch rows, C * temporal_patch_size * patch_size**2)``."""
 
 # --- end dvr ---
+
+# --- cuda (src/python/cuda.rs, src/python/cuda_compress.rs; src/cuda) ---
+#
+# The compress and kv functions above dispatch on their main tensor's device: for a torch CUDA
+# tensor they run the kernels of kernels/*.cu on torch.cuda.current_stream() of that device and
+# return torch CUDA tensors (allocated with torch.empty) where the CPU path returns Buffers.
+
+def _cuda_set_search_dirs(dirs: list[str | PathLike[str]]) -> None:
+    """Directories to look for libnvrtc.so* in after $TVC_NVRTC (tvc_rs.cuda passes sys.path's nvidia/*/lib)."""
+
+def _cuda_info() -> dict[str, object]:
+    """driver_version, driver_error, device_count, devices, nvrtc_path, nvrtc_version, nvrtc_archs,
+    nvrtc_error, cache_dir, kernel_files. Loads the driver and NVRTC if present."""
+
+def _cuda_compile(file: str, arch: int, ptx: bool = False) -> tuple[bytes, str, bytes | None]:
+    """NVRTC compile of "compress.cu" / "kv.cu" for sm_<arch>: (CUBIN, log with ptxas -v, PTX for
+    compute_<arch> if asked). RuntimeError on a compile error or without NVRTC; no GPU needed."""
+
+def _cuda_parse_ptxas(log: str) -> list[dict[str, object]]:
+    """Per kernel: kernel, registers, shared_bytes, stack_bytes, spill_store_bytes, spill_load_bytes."""
+
+def _cuda_cache_path(file: str, arch: int) -> str | None:
+    """Where the CUBIN of file for sm_<arch> is cached (key: source, options, NVRTC version)."""
+
+def _cuda_cached_cubin(file: str, arch: int) -> tuple[bytes, bool]:
+    """The CUBIN from the disk cache, compiled and stored first if absent; True if it was cached."""
+
+def _cuda_warmup(device: int) -> None:
+    """Compile (or load from the cache) and load every kernel file on cuda:<device>."""
+
+# --- end cuda ---

@@ -4,6 +4,7 @@ The native functions take NumPy arrays and torch tensors through DLPack (no copy
 ``tvc_rs._native.Buffer`` objects (Rust-owned memory exported through DLPack). ``like`` turns a
 Buffer into a torch tensor when the reference argument is a torch tensor and into a NumPy array
 otherwise, again without a copy. NumPy has no bfloat16, so bfloat16 results need torch inputs.
+CUDA inputs give torch CUDA tensors, allocated by PyTorch on the input's device.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ def is_torch(obj: Any) -> bool:
 
 
 def like(buffer: Any, reference: Any) -> Any:
-    """``buffer`` as a torch tensor if ``reference`` is one, else as a NumPy array (zero copy)."""
+    """``buffer`` as a torch tensor if ``reference`` is one, else as a NumPy array (zero copy).
+    Results of the CUDA backend are torch tensors already and come back as they are."""
+    if is_torch(buffer):
+        return buffer
     if is_torch(reference):
         import torch
 

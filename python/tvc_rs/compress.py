@@ -10,8 +10,12 @@ after the other, each laid out row-major on its ``(t, h, w)`` grid. These are th
 tokens in ``x``, i.e. in Qwen2-VL terms ``image_grid_thw`` with ``h`` and ``w`` divided by the
 2x2 spatial merge (``spatial_merge_size``): a 36 x 36 merged grid for a 1008 x 1008 image.
 
-CUDA tensors are not supported yet (a clear ``ValueError``). Tensors that require grad must be
-detached first (DLPack cannot export them).
+torch CUDA tensors run on the GPU (kernels/compress.cu, see ``tvc_rs.cuda``) with the same
+arguments and results, as torch tensors on the input's device, queued on the current stream.
+Grids and given indices are host data (copied to the host first when passed as CUDA tensors).
+Mass selection waits for the GPU once (its output size depends on the scores); top-k does not,
+and so does not check the scores for NaN on the GPU (NaN ranks lowest there). Tensors that
+require grad must be detached first (DLPack cannot export them).
 """
 
 from __future__ import annotations

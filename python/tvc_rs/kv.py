@@ -3,6 +3,9 @@
 Every function writes the caller's tensors in place (NumPy arrays or PyTorch CPU tensors,
 float32 / float16 / bfloat16, read through DLPack without copies), checks every argument before
 writing anything, and runs with the GIL released (rayon over layers, heads and tokens).
+PyTorch CUDA tensors are rotated and moved by the kernels of kernels/kv.cu (see ``tvc_rs.cuda``)
+on the current stream, with the same checks, without waiting for the GPU; deltas may be CUDA
+tensors (read in place), slots and positions are host data.
 
 RoPE is described by the same keywords everywhere:
 

@@ -30,7 +30,7 @@ fn dims(shape: [usize; 4]) -> String {
 }
 
 /// Checks every layer's shapes against `head_dim` and each other; returns the common `seq`.
-fn check_layers<T: Float>(layers: &[LayerKv<'_, T>], head_dim: usize) -> Result<usize> {
+pub(crate) fn check_layers<T: Float>(layers: &[LayerKv<'_, T>], head_dim: usize) -> Result<usize> {
     let mut seq = None;
     for (i, layer) in layers.iter().enumerate() {
         let k = layer.keys.shape();
@@ -138,6 +138,36 @@ pub fn relocate_span<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
+    let (length, moved) = check_relocate(layers, start, end, length, &deltas, rope)?;
+    let config = rope.config();
+    if moved == 0 || layers.is_empty() {
+        return Ok(length - (end - start));
+    }
+    let table = rope.table(deltas, moved);
+    let interleaved = config.interleaved;
+    let lanes = lanes(layers);
+    lanes
+        .par_iter()
+        .with_min_len(1)
+        .for_each_init(Vec::new, |scratch, lane| {
+            // SAFETY: lanes are disjoint (views non-overlapping and pairwise disjoint); within a
+            // lane, going up, row start+t is written only after row end+t' <= ... was read:
+            // every row read later (end+t', t' > t) lies above every row written so far.
+            unsafe { shift_lane(lane, start, end, moved, &table, interleaved, scratch) }
+        });
+    Ok(length - (end - start))
+}
+
+/// The checks of [`relocate_span`] (shapes, span, deltas; nothing is touched): returns the
+/// valid length and the number of entries that move. Shared with the CUDA backend.
+pub(crate) fn check_relocate<T: Float>(
+    layers: &[LayerKv<'_, T>],
+    start: usize,
+    end: usize,
+    length: Option<usize>,
+    deltas: &Deltas<'_>,
+    rope: &Rope,
+) -> Result<(usize, usize)> {
     let config = rope.config();
     let seq = check_layers(layers, config.head_dim)?;
     let length = length.unwrap_or(seq);
@@ -158,22 +188,7 @@ pub fn relocate_span<T: Float>(
     }
     let moved = length - end;
     deltas.check(moved, config, "the span's followers (length - end)")?;
-    if moved == 0 || layers.is_empty() {
-        return Ok(length - (end - start));
-    }
-    let table = rope.table(deltas, moved);
-    let interleaved = config.interleaved;
-    let lanes = lanes(layers);
-    lanes
-        .par_iter()
-        .with_min_len(1)
-        .for_each_init(Vec::new, |scratch, lane| {
-            // SAFETY: lanes are disjoint (views non-overlapping and pairwise disjoint); within a
-            // lane, going up, row start+t is written only after row end+t' <= ... was read:
-            // every row read later (end+t', t' > t) lies above every row written so far.
-            unsafe { shift_lane(lane, start, end, moved, &table, interleaved, scratch) }
-        });
-    Ok(length - (end - start))
+    Ok((length, moved))
 }
 
 unsafe fn shift_lane<T: Float>(
@@ -219,6 +234,51 @@ pub fn append_entries<T: Float>(
     new: &[LayerKvRef<'_, T>],
     positions: &[i64],
     rotate: Option<(Deltas<'_>, &Rope)>,
+) -> Result<()> {
+    check_append(layers, new, positions, rotate.as_ref().map(|(d, r)| (d, *r)))?;
+    let n = positions.len();
+    let table = match rotate {
+        Some((deltas, rope)) => Some((rope.table(deltas, n), rope.config().interleaved)),
+        None => None,
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let mut work = Vec::new();
+    for (dst_lane, src_lane) in lanes(layers).into_iter().zip(source_lanes(new)) {
+        work.push((dst_lane, src_lane));
+    }
+    work.par_iter()
+        .with_min_len(1)
+        .for_each_init(Vec::new, |scratch, (dst, src)| {
+            for (j, &p) in positions.iter().enumerate() {
+                // SAFETY: sources and destinations are disjoint memory; positions are distinct
+                // and in range, and each lane belongs to one task.
+                unsafe {
+                    let (s, d) = (src.row(j), dst.row(p as usize));
+                    match (&table, dst.is_key) {
+                        (Some((table, interleaved)), true) => {
+                            let (cos, sin, identity) = table.row(j);
+                            if identity {
+                                copy_row(s, d);
+                            } else {
+                                rotate_row_into(s, d, cos, sin, *interleaved, scratch);
+                            }
+                        }
+                        _ => copy_row(s, d),
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// The checks of [`append_entries`] (nothing is touched). Shared with the CUDA backend.
+pub(crate) fn check_append<T: Float>(
+    layers: &[LayerKv<'_, T>],
+    new: &[LayerKvRef<'_, T>],
+    positions: &[i64],
+    rotate: Option<(&Deltas<'_>, &Rope)>,
 ) -> Result<()> {
     if new.len() != layers.len() {
         return Err(value_err!(
@@ -292,42 +352,9 @@ pub fn append_entries<T: Float>(
             }
         }
     }
-    let table = match rotate {
-        Some((deltas, rope)) => {
-            deltas.check(n, rope.config(), "positions")?;
-            Some((rope.table(deltas, n), rope.config().interleaved))
-        }
-        None => None,
-    };
-    if n == 0 {
-        return Ok(());
+    if let Some((deltas, rope)) = rotate {
+        deltas.check(n, rope.config(), "positions")?;
     }
-    let mut work = Vec::new();
-    for (dst_lane, src_lane) in lanes(layers).into_iter().zip(source_lanes(new)) {
-        work.push((dst_lane, src_lane));
-    }
-    work.par_iter()
-        .with_min_len(1)
-        .for_each_init(Vec::new, |scratch, (dst, src)| {
-            for (j, &p) in positions.iter().enumerate() {
-                // SAFETY: sources and destinations are disjoint memory; positions are distinct
-                // and in range, and each lane belongs to one task.
-                unsafe {
-                    let (s, d) = (src.row(j), dst.row(p as usize));
-                    match (&table, dst.is_key) {
-                        (Some((table, interleaved)), true) => {
-                            let (cos, sin, identity) = table.row(j);
-                            if identity {
-                                copy_row(s, d);
-                            } else {
-                                rotate_row_into(s, d, cos, sin, *interleaved, scratch);
-                            }
-                        }
-                        _ => copy_row(s, d),
-                    }
-                }
-            }
-        });
     Ok(())
 }
 

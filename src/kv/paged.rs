@@ -178,6 +178,13 @@ pub struct PagedCache<'a, T> {
 unsafe impl<T: Send> Send for PagedCache<'_, T> {}
 unsafe impl<T: Sync> Sync for PagedCache<'_, T> {}
 
+impl<T> PagedCache<'_, T> {
+    /// Address of key element (block 0, slot 0, head 0, dim 0) (for the CUDA backend).
+    pub(crate) fn ptr(&self) -> *mut T {
+        self.ptr
+    }
+}
+
 impl<'a, T: Float> PagedCache<'a, T> {
     /// The cache in `data`, its element (block 0, slot 0, head 0, dim 0) of the keys at `offset`.
     pub fn new(data: &'a mut [T], offset: usize, layout: PagedLayout, name: &str) -> Result<Self> {
@@ -227,6 +234,25 @@ pub fn paged_reinject<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
+    let (entries, dst_seen) = check_paged(caches, src_slots, dst_slots, &deltas, rope)?;
+    let config = rope.config();
+    let first = caches[0].layout;
+    if entries.is_empty() || first.kv_heads == 0 {
+        return Ok(entries.len());
+    }
+    paged_moves(caches, &entries, &dst_seen, deltas, rope, config.interleaved)
+}
+
+/// The checks of [`paged_reinject`] (nothing is touched): the entries that move, as
+/// (source slot, destination slot, index in the request), pairs with a negative slot left out,
+/// and which entry writes each destination slot. Shared with the CUDA backend.
+pub(crate) fn check_paged<T>(
+    caches: &[PagedCache<'_, T>],
+    src_slots: &[i64],
+    dst_slots: &[i64],
+    deltas: &Deltas<'_>,
+    rope: &Rope,
+) -> Result<(Vec<(usize, usize, usize)>, SlotIndex)> {
     let config = rope.config();
     let Some(first) = caches.first().map(|c| c.layout) else {
         return Err(value_err!(
@@ -289,12 +315,20 @@ pub fn paged_reinject<T: Float>(
         }
         entries.push((s as usize, d as usize, i));
     }
-    if entries.is_empty() || first.kv_heads == 0 {
-        return Ok(entries.len());
-    }
-    let plan = Plan::new(&entries, &dst_seen);
-    let table = rope.table(deltas, src_slots.len());
-    let interleaved = config.interleaved;
+    Ok((entries, dst_seen))
+}
+
+fn paged_moves<T: Float>(
+    caches: &mut [PagedCache<'_, T>],
+    entries: &[(usize, usize, usize)],
+    dst_seen: &SlotIndex,
+    deltas: Deltas<'_>,
+    rope: &Rope,
+    interleaved: bool,
+) -> Result<usize> {
+    let first = caches[0].layout;
+    let plan = Plan::new(entries, dst_seen);
+    let table = rope.table(deltas, entries.iter().map(|e| e.2 + 1).max().unwrap_or(0));
     let (heads, dim) = (first.kv_heads, first.head_dim);
     let min_entries = (64 / heads).max(1);
     let mut buffer: Vec<T> = Vec::new();
@@ -473,7 +507,7 @@ impl Plan {
 
 /// Which entry writes each destination slot: a dense array when the cache is not much larger
 /// than the request, a hash map otherwise (a vLLM cache can hold millions of slots).
-enum SlotIndex {
+pub(crate) enum SlotIndex {
     Dense(Vec<usize>),
     Sparse(std::collections::HashMap<usize, usize>),
 }
@@ -506,7 +540,7 @@ impl SlotIndex {
     }
 
     /// The entry writing `slot`, if any.
-    fn get(&self, slot: usize) -> Option<usize> {
+    pub(crate) fn get(&self, slot: usize) -> Option<usize> {
         match self {
             SlotIndex::Dense(v) => Some(v[slot]).filter(|&e| e != usize::MAX),
             SlotIndex::Sparse(m) => m.get(&slot).copied(),

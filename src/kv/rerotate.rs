@@ -19,50 +19,12 @@ pub fn rerotate_keys<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<()> {
-    let config = rope.config();
-    let Some(first) = keys.first().map(|k| k.shape()) else {
-        return Ok(());
-    };
-    for (l, view) in keys.iter().enumerate() {
-        let [tokens, heads, dim] = view.shape();
-        let name = if keys.len() == 1 {
-            "keys".to_string()
-        } else {
-            format!("keys[{l}]")
-        };
-        if dim != config.head_dim {
-            return Err(value_err!(
-                "{name} has shape ({tokens}, {heads}, {dim}): expected [tokens, heads, head_dim] with head_dim = {}",
-                config.head_dim
-            ));
-        }
-        if tokens != first[0] {
-            return Err(value_err!(
-                "{name} has {tokens} tokens but keys[0] has {}: every layer must hold the same tokens",
-                first[0]
-            ));
-        }
-    }
-    let name = if keys.len() == 1 {
-        "keys' first dimension (tokens)"
-    } else {
-        "each layer's first dimension (tokens)"
-    };
-    let tokens = first[0];
-    deltas.check(tokens, config, name)?;
-    if keys.len() > 1 {
-        let ranges: Vec<_> = keys
-            .iter()
-            .enumerate()
-            .map(|(l, k)| (k.address_range(), format!("keys[{l}]")))
-            .collect();
-        check_disjoint(&ranges)?;
-    }
-    if tokens == 0 {
+    let tokens = check_rerotate(keys, &deltas, rope)?;
+    if tokens == 0 || keys.is_empty() {
         return Ok(());
     }
     let table = rope.table(deltas, tokens);
-    let interleaved = config.interleaved;
+    let interleaved = rope.config().interleaved;
     let views: Vec<(SendPtr<T>, [usize; 3], [isize; 3])> = keys
         .iter()
         .map(|k| (SendPtr(k.ptr()), k.shape(), k.strides()))
@@ -99,4 +61,49 @@ pub fn rerotate_keys<T: Float>(
             }
         });
     Ok(())
+}
+
+/// The checks of [`rerotate_keys`] (nothing is touched); returns the number of tokens.
+/// Shared with the CUDA backend.
+pub(crate) fn check_rerotate<T: Float>(keys: &[StridedMut<'_, T, 3>], deltas: &Deltas<'_>, rope: &Rope) -> Result<usize> {
+    let config = rope.config();
+    let Some(first) = keys.first().map(|k| k.shape()) else {
+        return Ok(0);
+    };
+    for (l, view) in keys.iter().enumerate() {
+        let [tokens, heads, dim] = view.shape();
+        let name = if keys.len() == 1 {
+            "keys".to_string()
+        } else {
+            format!("keys[{l}]")
+        };
+        if dim != config.head_dim {
+            return Err(value_err!(
+                "{name} has shape ({tokens}, {heads}, {dim}): expected [tokens, heads, head_dim] with head_dim = {}",
+                config.head_dim
+            ));
+        }
+        if tokens != first[0] {
+            return Err(value_err!(
+                "{name} has {tokens} tokens but keys[0] has {}: every layer must hold the same tokens",
+                first[0]
+            ));
+        }
+    }
+    let name = if keys.len() == 1 {
+        "keys' first dimension (tokens)"
+    } else {
+        "each layer's first dimension (tokens)"
+    };
+    let tokens = first[0];
+    deltas.check(tokens, config, name)?;
+    if keys.len() > 1 {
+        let ranges: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(l, k)| (k.address_range(), format!("keys[{l}]")))
+            .collect();
+        check_disjoint(&ranges)?;
+    }
+    Ok(tokens)
 }

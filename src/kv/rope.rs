@@ -96,25 +96,11 @@ pub enum Deltas<'a> {
 impl Deltas<'_> {
     /// Checks the count against `tokens` and the kind against the configuration.
     pub(crate) fn check(&self, tokens: usize, config: &RopeConfig, what: &str) -> Result<()> {
-        let len = match self {
-            Deltas::Same(_) => return Ok(()),
-            Deltas::PerToken(d) => d.len(),
-            Deltas::PerTokenThw(d) => {
-                if !config.is_mrope() {
-                    return Err(value_err!(
-                        "delta has shape ({}, 3) (t, h, w deltas) but mrope_section is None: plain RoPE takes one delta per token, shape ({tokens},)",
-                        d.len()
-                    ));
-                }
-                d.len()
-            }
-        };
-        if len != tokens {
-            return Err(value_err!(
-                "delta has {len} entries but {what} has {tokens}"
-            ));
+        match self {
+            Deltas::Same(_) => Ok(()),
+            Deltas::PerToken(d) => check_delta_shape(d.len(), false, tokens, config, what),
+            Deltas::PerTokenThw(d) => check_delta_shape(d.len(), true, tokens, config, what),
         }
-        Ok(())
     }
 
     fn get(&self, token: usize) -> [i64; 3] {
@@ -124,6 +110,20 @@ impl Deltas<'_> {
             Deltas::PerTokenThw(d) => d[token],
         }
     }
+}
+
+/// [`Deltas::check`] for deltas held elsewhere (e.g. on a GPU): `len` per-token deltas, with
+/// (t, h, w) components when `thw`.
+pub(crate) fn check_delta_shape(len: usize, thw: bool, tokens: usize, config: &RopeConfig, what: &str) -> Result<()> {
+    if thw && !config.is_mrope() {
+        return Err(value_err!(
+            "delta has shape ({len}, 3) (t, h, w deltas) but mrope_section is None: plain RoPE takes one delta per token, shape ({tokens},)"
+        ));
+    }
+    if len != tokens {
+        return Err(value_err!("delta has {len} entries but {what} has {tokens}"));
+    }
+    Ok(())
 }
 
 /// A checked [`RopeConfig`] with its inverse frequencies (f64) and, per frequency pair, the
@@ -164,6 +164,21 @@ impl Rope {
 
     pub fn config(&self) -> &RopeConfig {
         &self.config
+    }
+
+    /// `rope_theta ** (-2 i / rotary_dim)` of each frequency pair, in f64.
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
+    /// The delta component (0 = t, 1 = h, 2 = w) that turns each frequency pair.
+    pub fn components(&self) -> &[u8] {
+        &self.component
+    }
+
+    /// The (t, h, w) delta of `token`.
+    pub(crate) fn delta_of(deltas: &Deltas<'_>, token: usize) -> [i64; 3] {
+        deltas.get(token)
     }
 
     /// cos and sin of `delta[component[i]] * inv_freq[i]` for each pair `i`, computed in f64.

@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 use crate::compress::{self, check_grids, check_indices, Budget, Grid};
 use crate::error::Result;
+use crate::python::cuda::cuda_ordinal;
+use crate::python::cuda_compress as gpu;
 use crate::python::tensor::{
     buffer, int_table_arg, int_vector_arg, Buffer, PyTensor, FLOAT_DTYPES,
 };
@@ -14,7 +16,7 @@ use crate::{dispatch_float, value_err};
 
 const GRID_LAYOUT: &str = "[n, 3] of (t, h, w)";
 
-fn grid_arg(grid_thw: &Bound<'_, PyAny>, tokens: usize) -> PyResult<Vec<Grid>> {
+pub(super) fn grid_arg(grid_thw: &Bound<'_, PyAny>, tokens: usize) -> PyResult<Vec<Grid>> {
     let rows = int_table_arg(grid_thw, "grid_thw", 3, GRID_LAYOUT)?;
     let rows: Vec<[i64; 3]> = rows.iter().map(|r| [r[0], r[1], r[2]]).collect();
     Ok(check_grids(&rows, tokens, &format!("x has {tokens} rows"))?)
@@ -39,7 +41,7 @@ fn tokens_arg(x: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
     Ok(tensor)
 }
 
-fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+pub(super) fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
     let pair: Option<(i64, i64)> = match factor.extract::<i64>() {
         Ok(k) => Some((k, k)),
         Err(_) => factor.extract::<(i64, i64)>().ok(),
@@ -58,7 +60,7 @@ fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
 }
 
 /// The selection rule from exactly one of keep / ratio / mass.
-fn budget_arg(keep: Option<i64>, ratio: Option<f64>, mass: Option<f64>) -> Result<Budget> {
+pub(super) fn budget_arg(keep: Option<i64>, ratio: Option<f64>, mass: Option<f64>) -> Result<Budget> {
     let given: Vec<&str> = [
         ("keep", keep.is_some()),
         ("ratio", ratio.is_some()),
@@ -87,7 +89,7 @@ fn budget_arg(keep: Option<i64>, ratio: Option<f64>, mass: Option<f64>) -> Resul
     })
 }
 
-fn keep_bounds(min_keep: i64, max_keep: Option<i64>) -> Result<(usize, Option<usize>)> {
+pub(super) fn keep_bounds(min_keep: i64, max_keep: Option<i64>) -> Result<(usize, Option<usize>)> {
     if min_keep < 0 {
         return Err(value_err!("min_keep: expected an int >= 0, got {min_keep}"));
     }
@@ -98,7 +100,7 @@ fn keep_bounds(min_keep: i64, max_keep: Option<i64>) -> Result<(usize, Option<us
 }
 
 /// `scores` as f32 (any float dtype, any strides), one per token.
-fn scores_arg(scores: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+pub(super) fn scores_arg(scores: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
     let tensor = PyTensor::extract(scores, "scores", FLOAT_DTYPES)?;
     let view = tensor.view();
     view.expect_cpu()?;
@@ -115,7 +117,10 @@ fn pool_visual_tokens<'py>(
     x: &Bound<'py, PyAny>,
     grid_thw: &Bound<'py, PyAny>,
     factor: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, Buffer>, Bound<'py, Buffer>)> {
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    if let Some(ordinal) = cuda_ordinal(x)? {
+        return gpu::pool_visual_tokens(py, ordinal, x, grid_thw, factor);
+    }
     let x = tokens_arg(x)?;
     let view = x.view();
     let grids = grid_arg(grid_thw, view.dim(0))?;
@@ -127,7 +132,7 @@ fn pool_visual_tokens<'py>(
         let count = new_grids.iter().map(Grid::tokens).sum();
         (OwnedTensor::new(pooled, vec![count, dim])?, new_grids)
     });
-    Ok((buffer(py, pooled)?, grid_buffer(py, &new_grids)?))
+    Ok((buffer(py, pooled)?.into_any(), grid_buffer(py, &new_grids)?.into_any()))
 }
 
 #[pyfunction]
@@ -138,7 +143,10 @@ fn visual_token_scores<'py>(
     keys: &Bound<'py, PyAny>,
     lse: Option<&Bound<'py, PyAny>>,
     scale: Option<f64>,
-) -> PyResult<Bound<'py, Buffer>> {
+) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(ordinal) = cuda_ordinal(query)? {
+        return gpu::visual_token_scores(py, ordinal, query, keys, lse, scale);
+    }
     let query = PyTensor::extract(query, "query", FLOAT_DTYPES)?;
     let keys = PyTensor::extract(keys, "keys", FLOAT_DTYPES)?;
     let lse = lse
@@ -174,7 +182,7 @@ fn visual_token_scores<'py>(
         py.detach(|| compress::visual_token_scores(&q, &k, lse_f32.as_ref(), scale))?
     });
     let count = scores.len();
-    buffer(py, OwnedTensor::new(scores, vec![count])?)
+    Ok(buffer(py, OwnedTensor::new(scores, vec![count])?)?.into_any())
 }
 
 #[pyfunction]
@@ -187,21 +195,20 @@ fn select_tokens<'py>(
     mass: Option<f64>,
     min_keep: i64,
     max_keep: Option<i64>,
-) -> PyResult<Bound<'py, Buffer>> {
+) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(ordinal) = cuda_ordinal(scores)? {
+        return gpu::select_tokens(py, ordinal, scores, keep, ratio, mass, min_keep, max_keep);
+    }
     let scores = scores_arg(scores)?;
     let budget = budget_arg(keep, ratio, mass)?;
     let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;
     let kept = py.detach(|| compress::select_tokens(&scores, budget, min_keep, max_keep))?;
     let kept: Vec<i64> = kept.into_iter().map(|i| i as i64).collect();
     let count = kept.len();
-    buffer(py, OwnedTensor::new(kept, vec![count])?)
+    Ok(buffer(py, OwnedTensor::new(kept, vec![count])?)?.into_any())
 }
 
-type Pruned<'py> = (
-    Bound<'py, Buffer>,
-    Bound<'py, Buffer>,
-    Option<Bound<'py, Buffer>>,
-);
+type Pruned<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
 
 #[pyfunction]
 #[pyo3(signature = (x, indices = None, *, scores = None, keep = None, ratio = None, mass = None,
@@ -220,6 +227,9 @@ fn prune_visual_tokens<'py>(
     grid_thw: Option<&Bound<'py, PyAny>>,
     merge: bool,
 ) -> PyResult<Pruned<'py>> {
+    if let Some(ordinal) = cuda_ordinal(x)? {
+        return gpu::prune_visual_tokens(py, ordinal, x, indices, scores, keep, ratio, mass, min_keep, max_keep, grid_thw, merge);
+    }
     let x = tokens_arg(x)?;
     let view = x.view();
     let (tokens, dim) = (view.dim(0), view.dim(1));
@@ -266,17 +276,13 @@ fn prune_visual_tokens<'py>(
         Some(grids) => {
             let cells = compress::token_cells(&grids, &indices)?;
             let flat: Vec<i64> = cells.iter().flatten().copied().collect();
-            Some(buffer(py, OwnedTensor::new(flat, vec![indices.len(), 3])?)?)
+            Some(buffer(py, OwnedTensor::new(flat, vec![indices.len(), 3])?)?.into_any())
         }
         None => None,
     };
     let count = indices.len();
     let indices: Vec<i64> = indices.into_iter().map(|i| i as i64).collect();
-    Ok((
-        buffer(py, kept)?,
-        buffer(py, OwnedTensor::new(indices, vec![count])?)?,
-        positions,
-    ))
+    Ok((buffer(py, kept)?.into_any(), buffer(py, OwnedTensor::new(indices, vec![count])?)?.into_any(), positions))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -12,7 +12,10 @@ use crate::kv::{
     rerotate_keys as core_rerotate, Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope,
     RopeConfig, Strided, StridedMut,
 };
+use crate::cuda::kv::{self as gpu_kv, DeltaSource, DeviceDeltas, Prepared};
+use crate::python::cuda::{cuda_ordinal, device_of, CudaCall};
 use crate::python::tensor::{int_vector_arg, PyTensor, FLOAT_DTYPES, INDEX_DTYPES};
+use crate::tensor::Device;
 use crate::tensor::{tuple_str, TensorView};
 use crate::{type_err, value_err};
 
@@ -150,11 +153,16 @@ fn tensor_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<PyTensor>> {
     }
 }
 
+/// Shape and strides of a rank-N view; on the CPU path (`gpu` false) the view must be a CPU
+/// tensor (the CUDA path checked every tensor's device when importing it).
 fn fixed<const N: usize>(
     view: &TensorView<'_>,
     layout: &str,
+    gpu: bool,
 ) -> PyResult<([usize; N], [isize; N])> {
-    view.expect_cpu()?;
+    if !gpu {
+        view.expect_cpu()?;
+    }
     view.expect_rank(N, layout)?;
     let shape: [usize; N] = view.shape().try_into().expect("rank checked");
     let strides: [isize; N] = view.strides().try_into().expect("rank checked");
@@ -177,9 +185,10 @@ fn check_aligned<T>(view: &TensorView<'_>) -> PyResult<()> {
 fn writable<'t, T: Float, const N: usize>(
     tensor: &'t mut PyTensor,
     layout: &str,
+    gpu: bool,
 ) -> PyResult<StridedMut<'t, T, N>> {
     let view = tensor.view_mut();
-    let (shape, strides) = fixed::<N>(&view, layout)?;
+    let (shape, strides) = fixed::<N>(&view, layout, gpu)?;
     view.expect_dtype(T::DTYPE)?;
     view.expect_writable()?;
     check_aligned::<T>(&view)?;
@@ -192,9 +201,10 @@ fn writable<'t, T: Float, const N: usize>(
 fn readable<'t, T: Float, const N: usize>(
     tensor: &'t PyTensor,
     layout: &str,
+    gpu: bool,
 ) -> PyResult<Strided<'t, T, N>> {
     let view = tensor.view();
-    let (shape, strides) = fixed::<N>(&view, layout)?;
+    let (shape, strides) = fixed::<N>(&view, layout, gpu)?;
     view.expect_dtype(T::DTYPE)?;
     check_aligned::<T>(&view)?;
     // SAFETY: as in `writable`, read only.
@@ -222,12 +232,15 @@ fn rerotate_keys(
     mrope_section: Option<Vec<i64>>,
 ) -> PyResult<()> {
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    if let Some(ordinal) = cuda_ordinal(keys)? {
+        return cuda_rerotate_keys(py, ordinal, keys, delta, &rope);
+    }
     let mut tensors = tensor_list(keys, "keys")?;
     let delta = delta_arg(delta)?;
     crate::dispatch_float!(first_dtype(&tensors), T => {
         let mut views: Vec<StridedMut<T, 3>> = tensors
             .iter_mut()
-            .map(|t| writable::<T, 3>(t, "[tokens, heads, head_dim]"))
+            .map(|t| writable::<T, 3>(t, "[tokens, heads, head_dim]", false))
             .collect::<PyResult<_>>()?;
         let deltas = delta.deltas();
         py.detach(|| core_rerotate(&mut views, deltas, &rope))?;
@@ -238,6 +251,7 @@ fn rerotate_keys(
 fn layer_views<'t, T: Float>(
     keys: &'t mut [PyTensor],
     values: &'t mut [PyTensor],
+    gpu: bool,
 ) -> PyResult<Vec<LayerKv<'t, T>>> {
     if keys.len() != values.len() {
         return Err(value_err!(
@@ -251,8 +265,8 @@ fn layer_views<'t, T: Float>(
         .zip(values.iter_mut())
         .map(|(k, v)| {
             Ok(LayerKv {
-                keys: writable::<T, 4>(k, "[batch, kv_heads, seq, head_dim]")?,
-                values: writable::<T, 4>(v, "[batch, kv_heads, seq, head_dim]")?,
+                keys: writable::<T, 4>(k, "[batch, kv_heads, seq, head_dim]", gpu)?,
+                values: writable::<T, 4>(v, "[batch, kv_heads, seq, head_dim]", gpu)?,
             })
         })
         .collect()
@@ -344,10 +358,13 @@ fn relocate_span(
         }
     }
     let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
+    if let Some(ordinal) = cuda_ordinal(keys)? {
+        return cuda_relocate_span(py, ordinal, keys, values, start, end, length, delta, old_positions, new_positions, &rope);
+    }
     let mut k = tensor_list(keys, "keys")?;
     let mut v = tensor_list(values, "values")?;
     let new_len = crate::dispatch_float!(first_dtype(&k), T => {
-        let mut layers = layer_views::<T>(&mut k, &mut v)?;
+        let mut layers = layer_views::<T>(&mut k, &mut v, false)?;
         let seq = layers.first().map_or(0, |l| l.keys.shape()[2]);
         let valid = length.unwrap_or(seq);
         let delta = if start <= end && end <= valid {
@@ -397,6 +414,9 @@ fn append_entries(
         }
         (None, _, _) => None,
     };
+    if let Some(ordinal) = cuda_ordinal(keys)? {
+        return cuda_append_entries(py, ordinal, keys, values, new_keys, new_values, positions, delta, rope.as_ref());
+    }
     let delta = delta.map(delta_arg).transpose()?;
     let mut k = tensor_list(keys, "keys")?;
     let mut v = tensor_list(values, "values")?;
@@ -422,14 +442,14 @@ fn append_entries(
         _ => int_vector_arg(positions, "positions")?,
     };
     crate::dispatch_float!(first_dtype(&k), T => {
-        let mut layers = layer_views::<T>(&mut k, &mut v)?;
+        let mut layers = layer_views::<T>(&mut k, &mut v, false)?;
         let new: Vec<LayerKvRef<T>> = nk
             .iter()
             .zip(&nv)
             .map(|(a, b)| {
                 Ok(LayerKvRef {
-                    keys: readable::<T, 4>(a, "[batch, kv_heads, n, head_dim]")?,
-                    values: readable::<T, 4>(b, "[batch, kv_heads, n, head_dim]")?,
+                    keys: readable::<T, 4>(a, "[batch, kv_heads, n, head_dim]", false)?,
+                    values: readable::<T, 4>(b, "[batch, kv_heads, n, head_dim]", false)?,
                 })
             })
             .collect::<PyResult<_>>()?;
@@ -442,13 +462,14 @@ fn append_entries(
     Ok(())
 }
 
-fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize) -> PyResult<PagedLayout> {
+fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize, gpu: bool) -> PyResult<PagedLayout> {
     let name = view.name().to_string();
     Ok(match layout {
         "vllm" => {
             let (shape, strides) = fixed::<4>(
                 view,
                 "[num_blocks, kv_heads, block_size, 2 * head_dim] (layout \"vllm\")",
+                gpu,
             )?;
             PagedLayout::vllm(shape, strides, head_dim, &name)?
         }
@@ -456,6 +477,7 @@ fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize) -> PyResul
             let (shape, strides) = fixed::<5>(
                 view,
                 "[2, num_blocks, block_size, kv_heads, head_dim] (layout \"kv_blocks\")",
+                gpu,
             )?;
             PagedLayout::kv_blocks(shape, strides, head_dim, &name)?
         }
@@ -463,6 +485,7 @@ fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize) -> PyResul
             let (shape, strides) = fixed::<5>(
                 view,
                 "[num_blocks, 2, block_size, kv_heads, head_dim] (layout \"blocks_kv\")",
+                gpu,
             )?;
             PagedLayout::blocks_kv(shape, strides, head_dim, &name)?
         }
@@ -494,6 +517,9 @@ fn paged_reinject(
     mrope_section: Option<Vec<i64>>,
 ) -> PyResult<usize> {
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    if let Some(ordinal) = cuda_ordinal(kv_caches)? {
+        return cuda_paged_reinject(py, ordinal, kv_caches, src_slots, dst_slots, delta, layout, head_dim as usize, &rope);
+    }
     let mut tensors = tensor_list(kv_caches, "kv_caches")?;
     let src = int_vector_arg(src_slots, "src_slots")?;
     let dst = int_vector_arg(dst_slots, "dst_slots")?;
@@ -503,7 +529,7 @@ fn paged_reinject(
             .iter_mut()
             .map(|t| {
                 let view = t.view_mut();
-                let layout = paged_layout(&view, layout, head_dim as usize)?;
+                let layout = paged_layout(&view, layout, head_dim as usize, false)?;
                 view.expect_dtype(T::DTYPE)?;
                 view.expect_writable()?;
                 check_aligned::<T>(&view)?;
@@ -526,4 +552,236 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(append_entries, m)?)?;
     m.add_function(wrap_pyfunction!(paged_reinject, m)?)?;
     Ok(())
+}
+
+// ---- CUDA ----
+//
+// The same functions for CUDA tensors: the same argument checks (the CPU path's own), then the
+// kernels of kernels/kv.cu on the current stream (see src/cuda/kv.rs). Deltas may be CUDA
+// tensors (read in place); slots and positions are host data (the checks and the move order
+// need them), copied to the host first when given as CUDA tensors.
+
+fn device_delta(call: &CudaCall<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(PyTensor, DeviceDeltas)>> {
+    if !matches!(device_of(obj)?, Some(Device::Cuda(_))) {
+        return Ok(None);
+    }
+    let tensor = call.tensor(obj, "delta", INDEX_DTYPES)?;
+    let deltas = {
+        let view = tensor.view();
+        let (len, thw, token_stride, comp_stride) = match *view.shape() {
+            [n] => (n, false, view.strides()[0], 0),
+            [n, 3] => (n, true, view.strides()[0], view.strides()[1]),
+            _ => {
+                return Err(value_err!(
+                    "delta: expected an int, an int array [n] or, for M-RoPE, [n, 3] (t, h, w deltas), got shape {}",
+                    view.shape_str()
+                )
+                .into())
+            }
+        };
+        DeviceDeltas {
+            ptr: view.data_ptr() as u64,
+            is_i64: view.dtype() == DType::I64,
+            len,
+            thw,
+            token_stride: token_stride as i64,
+            comp_stride: comp_stride as i64,
+        }
+    };
+    Ok(Some((tensor, deltas)))
+}
+
+/// `obj`, or its `.cpu()` copy when it is a CUDA tensor (host data such as slots).
+fn on_host<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    match device_of(obj)? {
+        Some(Device::Cuda(_)) => obj.call_method0("cpu"),
+        _ => Ok(obj.clone()),
+    }
+}
+
+/// Allocates the upload (and staging) buffers of a prepared operation and launches it.
+fn run_prepared(call: &CudaCall<'_>, prepared: &Prepared, dtype: DType) -> PyResult<()> {
+    let words = prepared.upload_words();
+    let upload = if words > 0 { Some(call.empty(&[words], DType::I64)?) } else { None };
+    let staging = if prepared.staging_elements() > 0 { Some(call.empty(&[prepared.staging_elements()], dtype)?) } else { None };
+    let ptr = |b: &Option<(Bound<'_, PyAny>, PyTensor)>| b.as_ref().map_or(0, |(_, t)| t.view().data_ptr() as u64);
+    // SAFETY: the views the operation was prepared from are alive (borrowed by the caller), the
+    // buffers have the sizes asked for, all on this call's device; the buffers go back to
+    // PyTorch's allocator on this stream, after the kernels in stream order.
+    unsafe { prepared.launch(call.stream, ptr(&upload), ptr(&staging))? };
+    Ok(())
+}
+
+fn cuda_rerotate_keys(py: Python<'_>, ordinal: i32, keys: &Bound<'_, PyAny>, delta: &Bound<'_, PyAny>, rope: &Rope) -> PyResult<()> {
+    CudaCall::run(py, ordinal, "keys", |call| {
+        let mut tensors = call.tensors(keys, "keys", FLOAT_DTYPES)?;
+        let device = device_delta(call, delta)?;
+        let host = if device.is_none() { Some(delta_arg(delta)?) } else { None };
+        crate::dispatch_float!(first_dtype(&tensors), T => {
+            let views: Vec<StridedMut<T, 3>> = tensors
+                .iter_mut()
+                .map(|t| writable::<T, 3>(t, "[tokens, heads, head_dim]", true))
+                .collect::<PyResult<_>>()?;
+            let source = match (&device, &host) {
+                (Some((_, d)), _) => DeltaSource::Device(*d),
+                (None, Some(h)) => DeltaSource::Host(h.deltas()),
+                (None, None) => unreachable!("one of them is set"),
+            };
+            let prepared = gpu_kv::rerotate_keys(ordinal, &views, source, rope)?;
+            run_prepared(call, &prepared, T::DTYPE)?;
+        });
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_relocate_span(
+    py: Python<'_>,
+    ordinal: i32,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    start: usize,
+    end: usize,
+    length: Option<usize>,
+    delta: Option<&Bound<'_, PyAny>>,
+    old_positions: Option<&Bound<'_, PyAny>>,
+    new_positions: Option<&Bound<'_, PyAny>>,
+    rope: &Rope,
+) -> PyResult<usize> {
+    CudaCall::run(py, ordinal, "keys", |call| {
+        let mut k = call.tensors(keys, "keys", FLOAT_DTYPES)?;
+        let mut v = call.tensors(values, "values", FLOAT_DTYPES)?;
+        let device = match delta {
+            Some(d) if old_positions.is_none() && new_positions.is_none() => device_delta(call, d)?,
+            _ => None,
+        };
+        let old = old_positions.map(on_host).transpose()?;
+        let new = new_positions.map(on_host).transpose()?;
+        crate::dispatch_float!(first_dtype(&k), T => {
+            let layers = layer_views::<T>(&mut k, &mut v, true)?;
+            let seq = layers.first().map_or(0, |l| l.keys.shape()[2]);
+            let valid = length.unwrap_or(seq);
+            let host = match &device {
+                Some(_) => None,
+                None if start <= end && end <= valid => {
+                    Some(relocate_deltas(delta, old.as_ref(), new.as_ref(), valid - end, start, end, rope)?)
+                }
+                // The shared checks refuse the span, naming start / end / length.
+                None => Some(DeltaArg::Same(0)),
+            };
+            let source = match (&device, &host) {
+                (Some((_, d)), _) => DeltaSource::Device(*d),
+                (None, Some(h)) => DeltaSource::Host(h.deltas()),
+                (None, None) => unreachable!("one of them is set"),
+            };
+            let prepared = gpu_kv::relocate_span(ordinal, &layers, start, end, length, source, rope)?;
+            run_prepared(call, &prepared, T::DTYPE)?;
+            Ok(prepared.result)
+        })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_append_entries(
+    py: Python<'_>,
+    ordinal: i32,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    new_keys: &Bound<'_, PyAny>,
+    new_values: &Bound<'_, PyAny>,
+    positions: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+    rope: Option<&Rope>,
+) -> PyResult<()> {
+    CudaCall::run(py, ordinal, "keys", |call| {
+        let mut k = call.tensors(keys, "keys", FLOAT_DTYPES)?;
+        let mut v = call.tensors(values, "values", FLOAT_DTYPES)?;
+        let nk = call.tensors(new_keys, "new_keys", FLOAT_DTYPES)?;
+        let nv = call.tensors(new_values, "new_values", FLOAT_DTYPES)?;
+        if nk.len() != nv.len() {
+            return Err(value_err!("new_values has {} layers but new_keys has {}: one of each per layer", nv.len(), nk.len()).into());
+        }
+        let device = delta.map(|d| device_delta(call, d)).transpose()?.flatten();
+        let host = match (delta, &device) {
+            (Some(d), None) => Some(delta_arg(d)?),
+            _ => None,
+        };
+        let positions = on_host(positions)?;
+        let positions: Vec<i64> = match positions.extract::<i64>() {
+            Ok(start) if !positions.hasattr("__len__")? => {
+                let n = nk.first().and_then(|t| t.view().shape().get(2).copied()).unwrap_or(0) as i64;
+                (start..start + n).collect()
+            }
+            _ => int_vector_arg(&positions, "positions")?,
+        };
+        crate::dispatch_float!(first_dtype(&k), T => {
+            let layers = layer_views::<T>(&mut k, &mut v, true)?;
+            let new: Vec<LayerKvRef<T>> = nk
+                .iter()
+                .zip(&nv)
+                .map(|(a, b)| {
+                    Ok(LayerKvRef {
+                        keys: readable::<T, 4>(a, "[batch, kv_heads, n, head_dim]", true)?,
+                        values: readable::<T, 4>(b, "[batch, kv_heads, n, head_dim]", true)?,
+                    })
+                })
+                .collect::<PyResult<_>>()?;
+            let rotate = match (rope, &device, &host) {
+                (Some(r), Some((_, d)), _) => Some((DeltaSource::Device(*d), r)),
+                (Some(r), None, Some(h)) => Some((DeltaSource::Host(h.deltas()), r)),
+                _ => None,
+            };
+            let prepared = gpu_kv::append_entries(ordinal, &layers, &new, &positions, rotate)?;
+            run_prepared(call, &prepared, T::DTYPE)?;
+        });
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_paged_reinject(
+    py: Python<'_>,
+    ordinal: i32,
+    kv_caches: &Bound<'_, PyAny>,
+    src_slots: &Bound<'_, PyAny>,
+    dst_slots: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    layout: &str,
+    head_dim: usize,
+    rope: &Rope,
+) -> PyResult<usize> {
+    CudaCall::run(py, ordinal, "kv_caches", |call| {
+        let mut tensors = call.tensors(kv_caches, "kv_caches", FLOAT_DTYPES)?;
+        let src = int_vector_arg(&on_host(src_slots)?, "src_slots")?;
+        let dst = int_vector_arg(&on_host(dst_slots)?, "dst_slots")?;
+        let device = device_delta(call, delta)?;
+        let host = if device.is_none() { Some(delta_arg(delta)?) } else { None };
+        crate::dispatch_float!(first_dtype(&tensors), T => {
+            let caches: Vec<PagedCache<T>> = tensors
+                .iter_mut()
+                .map(|t| {
+                    let view = t.view_mut();
+                    let layout = paged_layout(&view, layout, head_dim, true)?;
+                    view.expect_dtype(T::DTYPE)?;
+                    view.expect_writable()?;
+                    check_aligned::<T>(&view)?;
+                    let name = view.name().to_string();
+                    // SAFETY: device memory kept alive by the PyTensor and never dereferenced
+                    // on the host; `from_raw` only checks the layout.
+                    Ok(unsafe { PagedCache::from_raw(view.data_ptr() as *mut T, layout, &name)? })
+                })
+                .collect::<PyResult<_>>()?;
+            if caches.is_empty() {
+                return Err(value_err!("kv_caches is empty: pass one cache tensor per layer").into());
+            }
+            let source = match (&device, &host) {
+                (Some((_, d)), _) => DeltaSource::Device(*d),
+                (None, Some(h)) => DeltaSource::Host(h.deltas()),
+                (None, None) => unreachable!("one of them is set"),
+            };
+            let prepared = gpu_kv::paged_reinject(ordinal, &caches, &src, &dst, source, rope)?;
+            run_prepared(call, &prepared, T::DTYPE)?;
+            Ok(prepared.result)
+        })
+    })
 }

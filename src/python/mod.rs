@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 mod compress;
 mod dvr;
+mod cuda;
+mod cuda_compress;
 mod errors;
 mod kv;
 mod pvc;
@@ -23,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kv::register(m)?;
     tensor::register(m)?;
     dvr::register(m)?;
+    cuda::register(m)?;
     Ok(())
 }

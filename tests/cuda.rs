@@ -1,0 +1,194 @@
+//! The CUDA runtime without a GPU: NVRTC compiles every kernel (argument
+//! struct layouts checked against the Rust mirrors at compile time), no kernel spills, the
+//! on-disk cache (keys, atomic concurrent writes), the architecture choice, and clear errors
+//! where there is no driver. NVRTC is looked for as the library does ($TVC_NVRTC, $CUDA_HOME,
+//! ...) plus the repository's .venv (PyTorch's CUDA wheels bring it); tests that need it say so
+//! and pass vacuously only when it is absent (the Python tests run the same compile).
+
+use std::path::PathBuf;
+
+use tvc_rs::cuda::{self, cache, driver, nvrtc, KernelFile};
+
+fn configure_nvrtc() -> bool {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = Vec::new();
+    for lib in ["lib", "lib64"] {
+        if let Ok(pythons) = std::fs::read_dir(root.join(".venv").join(lib)) {
+            for python in pythons.flatten() {
+                let nvidia = python.path().join("site-packages").join("nvidia");
+                if let Ok(entries) = std::fs::read_dir(&nvidia) {
+                    dirs.extend(entries.flatten().map(|e| e.path().join("lib")));
+                }
+            }
+        }
+    }
+    nvrtc::set_search_dirs(dirs);
+    match nvrtc::nvrtc() {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_without_spills() {
+    if !configure_nvrtc() {
+        return;
+    }
+    for file in KernelFile::ALL {
+        // sm_90 here; tests/test_cuda.py and `python -m tvc_rs.cuda --check` do sm_80 too.
+        for arch in [90] {
+            let (cubin, log, ptx) =
+                cuda::compile_for_check(file, arch, true).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                cubin.starts_with(b"\x7fELF"),
+                "{} sm_{arch}: not an ELF CUBIN",
+                file.file_name()
+            );
+            if let Some(ptx) = ptx {
+                let ptx = String::from_utf8_lossy(&ptx).into_owned();
+                assert!(ptx.contains(&format!(".target sm_{arch}")), "{ptx:.200}");
+            }
+            let report = cuda::parse_ptxas_report(&log);
+            assert!(
+                report.len() >= 10,
+                "{} sm_{arch}: {} kernels in the report:\n{log}",
+                file.file_name(),
+                report.len()
+            );
+            for k in &report {
+                assert!(k.registers > 0 && k.registers <= 255, "{k:?}");
+                assert_eq!(
+                    (k.spill_store_bytes, k.spill_load_bytes),
+                    (0, 0),
+                    "{} sm_{arch} spills: {k:?}",
+                    file.file_name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_layout_mismatch_is_a_compile_error() {
+    if !configure_nvrtc() {
+        return;
+    }
+    let nvrtc = nvrtc::nvrtc().unwrap();
+    let mut options = tvc_rs::cuda::sources::options(KernelFile::Kv, 80, "sm", &[]);
+    for o in options.iter_mut() {
+        if o.starts_with("-DTVC_SIZEOF_PagedArgs=") {
+            *o = "-DTVC_SIZEOF_PagedArgs=8".into();
+        }
+    }
+    let err = nvrtc
+        .compile(
+            KernelFile::Kv.source(),
+            "kv.cu",
+            &[tvc_rs::cuda::sources::HEADER],
+            &options,
+            true,
+        )
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("PagedArgs differs"), "{err}");
+}
+
+#[test]
+fn ptxas_report_parsing() {
+    let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'pool_f32_v' for 'sm_90'\n\
+               ptxas info    : Function properties for pool_f32_v\nptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+               ptxas info    : Used 40 registers, used 1 barriers, 2064 bytes smem, 2176 bytes cmem[0]\n\
+               ptxas info    : Compiling entry function 'gather_f16_s' for 'sm_90'\nptxas info    : Used 14 registers, used 0 barriers, 960 bytes cmem[0]\n";
+    let r = cuda::parse_ptxas_report(log);
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        (
+            r[0].name.as_str(),
+            r[0].registers,
+            r[0].shared_bytes,
+            r[0].stack_bytes,
+            r[0].spill_store_bytes,
+            r[0].spill_load_bytes
+        ),
+        ("pool_f32_v", 40, 2064, 16, 8, 4)
+    );
+    assert_eq!(
+        (r[1].name.as_str(), r[1].registers, r[1].shared_bytes),
+        ("gather_f16_s", 14, 0)
+    );
+}
+
+#[test]
+fn architecture_choice() {
+    let nvrtc13 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+    assert_eq!(driver::pick_arch((9, 0), &nvrtc13).unwrap(), 90);
+    assert_eq!(driver::pick_arch((8, 6), &[75, 80, 90]).unwrap(), 80);
+    let err = driver::pick_arch((7, 0), &nvrtc13).unwrap_err();
+    assert!(err.to_string().contains("compute capability 7.0"), "{err}");
+}
+
+#[test]
+fn cache_keys_differ_by_source_arch_and_version() {
+    let root = PathBuf::from("/cache");
+    let a = cache::cubin_path(&root, KernelFile::Kv, 90, (13, 0));
+    assert!(
+        a.starts_with("/cache/kernels") && a.to_string_lossy().contains("kv-sm90-nvrtc13.0-"),
+        "{a:?}"
+    );
+    assert_ne!(a, cache::cubin_path(&root, KernelFile::Kv, 80, (13, 0)));
+    assert_ne!(a, cache::cubin_path(&root, KernelFile::Kv, 90, (13, 1)));
+    assert_ne!(
+        a,
+        cache::cubin_path(&root, KernelFile::Compress, 90, (13, 0))
+    );
+    assert_eq!(a, cache::cubin_path(&root, KernelFile::Kv, 90, (13, 0)));
+}
+
+#[test]
+fn cache_writes_are_atomic_under_concurrency() {
+    let dir = std::env::temp_dir().join(format!("tvc-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("kernels").join("x.cubin");
+    let payloads: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1 << 20]).collect();
+    std::thread::scope(|s| {
+        for p in &payloads {
+            let path = path.clone();
+            s.spawn(move || {
+                for _ in 0..5 {
+                    cache::store(&path, p).unwrap();
+                    // Whatever a reader sees is one writer's whole file.
+                    let seen = std::fs::read(&path).unwrap();
+                    assert_eq!(seen.len(), 1 << 20);
+                    assert!(seen.iter().all(|&b| b == seen[0]));
+                }
+            });
+        }
+    });
+    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("x.cubin")],
+        "temporary files left behind"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn no_driver_is_an_error_not_a_panic() {
+    if driver::driver_version().is_ok() {
+        eprintln!("a CUDA driver is present: nothing to check here");
+        return;
+    }
+    let err = cuda::device(0).err().expect("no driver");
+    assert!(err.to_string().contains("no CUDA driver"), "{err}");
+    assert_eq!(cuda::device_count(), 0);
+    let info = cuda::runtime_info();
+    assert!(info.driver_error.is_some() && info.driver_version.is_none());
+}
