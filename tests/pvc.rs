@@ -48,7 +48,10 @@ proptest! {
 
 #[test]
 fn period_zero_is_refused() {
-    assert!(Schedule::new(0, 0, None, Some(0)).unwrap_err().to_string().contains("period"));
+    assert!(Schedule::new(0, 0, None, Some(0))
+        .unwrap_err()
+        .to_string()
+        .contains("period"));
 }
 
 mod common;
@@ -63,7 +66,9 @@ fn detector() -> Option<Arc<Detector>> {
     DETECTOR
         .get_or_init(|| {
             let path = common::assets()?.join("qwen2-vl/tokenizer.json");
-            Some(Arc::new(Detector::from_path(&path, None).expect("the real tokenizer loads")))
+            Some(Arc::new(
+                Detector::from_path(&path, None).expect("the real tokenizer loads"),
+            ))
         })
         .clone()
 }
@@ -77,7 +82,10 @@ fn with_unknown(ids: &[i64], insert_before: &[usize], unknown: i64) -> (Vec<i64>
     let mut out = Vec::new();
     let mut new_index = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
-        out.extend(std::iter::repeat_n(unknown, insert_before.iter().filter(|&&b| b == i).count()));
+        out.extend(std::iter::repeat_n(
+            unknown,
+            insert_before.iter().filter(|&&b| b == i).count(),
+        ));
         new_index.push(out.len() as u64);
         out.push(id);
     }
@@ -154,20 +162,41 @@ fn out_of_vocab_ids_are_refused_by_default_and_feed_checks_first() {
     let Some(detector) = detector() else { return };
     let mut batch = MonitorBatch::new(detector.clone(), 3);
     assert_eq!(batch.out_of_vocab(), OutOfVocab::Raise);
-    batch.add(0, Schedule::default(), ScheduleState::default()).unwrap();
-    let err = batch.step(&[151700, -1, -1], |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("tokens[0]") && err.contains("outside the vocabulary"), "{err}");
+    batch
+        .add(0, Schedule::default(), ScheduleState::default())
+        .unwrap();
+    let err = batch
+        .step(&[151700, -1, -1], |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokens[0]") && err.contains("outside the vocabulary"),
+        "{err}"
+    );
     let err = batch.feed(0, &[14190, 11, 151700]).unwrap_err().to_string();
     assert!(err.contains("tokens[2]"), "{err}");
-    assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0, "nothing was fed");
+    assert_eq!(
+        batch.get(0).unwrap().unwrap().state.tokens,
+        0,
+        "nothing was fed"
+    );
     let err = batch.feed(0, &[14190, -3]).unwrap_err().to_string();
     assert!(err.contains("tokens[1] = -3"), "{err}");
     let err = batch.feed(1, &[14190]).unwrap_err().to_string();
-    assert!(err.contains("slot = 1") && err.contains("no stream"), "{err}");
-    assert!(batch.feed(3, &[14190]).unwrap_err().to_string().contains("slot = 3"));
+    assert!(
+        err.contains("slot = 1") && err.contains("no stream"),
+        "{err}"
+    );
+    assert!(batch
+        .feed(3, &[14190])
+        .unwrap_err()
+        .to_string()
+        .contains("slot = 3"));
     // Under NoText such ids are fed as tokens without text.
     let mut lenient = MonitorBatch::with_out_of_vocab(detector, 1, OutOfVocab::NoText);
-    lenient.add(0, Schedule::default(), ScheduleState::default()).unwrap();
+    lenient
+        .add(0, Schedule::default(), ScheduleState::default())
+        .unwrap();
     assert!(lenient.feed(0, &[151700, 1 << 50]).unwrap().is_empty());
     assert_eq!(lenient.get(0).unwrap().unwrap().state.tokens, 2);
 }
@@ -238,15 +267,38 @@ proptest! {
 fn advance_checks_before_it_changes_anything() {
     let Some(detector) = detector() else { return };
     let mut batch = MonitorBatch::new(detector.clone(), 2);
-    batch.add(0, Schedule::default(), ScheduleState::default()).unwrap();
-    let err = batch.advance(&[0, 1], &[0], &[14190, 11], &[true, true], |_| {}).unwrap_err().to_string();
-    assert!(err.contains("one entry per row") && err.contains("got 2, 1, 2 and 2"), "{err}");
-    let err = batch.advance(&[0, 5], &[0, 0], &[14190, 11], &[true, true], |_| {}).unwrap_err().to_string();
+    batch
+        .add(0, Schedule::default(), ScheduleState::default())
+        .unwrap();
+    let err = batch
+        .advance(&[0, 1], &[0], &[14190, 11], &[true, true], |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("one entry per row") && err.contains("got 2, 1, 2 and 2"),
+        "{err}"
+    );
+    let err = batch
+        .advance(&[0, 5], &[0, 0], &[14190, 11], &[true, true], |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("slots[1] = 5: slot out of range"), "{err}");
-    let err = batch.advance(&[1, 0], &[0, 0], &[14190, 151700], &[true, true], |_| {}).unwrap_err().to_string();
-    assert!(err.contains("tokens[1]") && err.contains("outside the vocabulary"), "{err}");
-    assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0, "nothing was fed");
+    let err = batch
+        .advance(&[1, 0], &[0, 0], &[14190, 151700], &[true, true], |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokens[1]") && err.contains("outside the vocabulary"),
+        "{err}"
+    );
+    assert_eq!(
+        batch.get(0).unwrap().unwrap().state.tokens,
+        0,
+        "nothing was fed"
+    );
     // Only the token the stream expects is checked: a repeated or skipped one is ignored.
-    batch.advance(&[0], &[3], &[151700], &[true], |_| {}).unwrap();
+    batch
+        .advance(&[0], &[3], &[151700], &[true], |_| {})
+        .unwrap();
     assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0);
 }

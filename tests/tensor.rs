@@ -78,7 +78,9 @@ fn cuda_and_other_devices_are_refused_on_cpu_paths() {
         )
     };
     let err = view.as_slice::<f32>().unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("keys: expected a CPU tensor like the other arguments, got one on cuda:1") && m.contains("cuda:1")));
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("keys: expected a CPU tensor like the other arguments, got one on cuda:1") && m.contains("cuda:1"))
+    );
     let cpu = TensorView::from_slice("query", &data, &[4]).unwrap();
     let err = view.expect_same_device(&cpu).unwrap_err();
     assert_eq!(

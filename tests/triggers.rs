@@ -24,7 +24,11 @@ fn detector() -> Option<&'static Detector> {
 fn reference(text: &str, phrases: &[String]) -> Vec<(u32, u64, u64)> {
     let mut out = Vec::new();
     for (i, phrase) in phrases.iter().enumerate() {
-        let re = fancy_regex::Regex::new(&format!(r"(?i)(?<!\w){}(?!\w)", fancy_regex::escape(phrase))).unwrap();
+        let re = fancy_regex::Regex::new(&format!(
+            r"(?i)(?<!\w){}(?!\w)",
+            fancy_regex::escape(phrase)
+        ))
+        .unwrap();
         for m in re.find_iter(text) {
             let m = m.unwrap();
             let start = text[..m.start()].chars().count() as u64;
@@ -37,15 +41,24 @@ fn reference(text: &str, phrases: &[String]) -> Vec<(u32, u64, u64)> {
 }
 
 fn key(hits: &[Hit]) -> Vec<(u32, u64, u64)> {
-    let mut out: Vec<_> = hits.iter().map(|h| (h.phrase, h.char_start, h.char_end)).collect();
+    let mut out: Vec<_> = hits
+        .iter()
+        .map(|h| (h.phrase, h.char_start, h.char_end))
+        .collect();
     out.sort_by_key(|&(p, _, e)| (e, p));
     out
 }
 
 fn traces() -> Vec<String> {
-    let Some(assets) = common::assets() else { return Vec::new() };
+    let Some(assets) = common::assets() else {
+        return Vec::new();
+    };
     let mut texts = Vec::new();
-    for name in ["qwen_blog_qvq72b_qwq32b_official.jsonl", "marco_o1_cot_demo.jsonl", "emma_gemini2_flash_thinking_exp_1219.jsonl"] {
+    for name in [
+        "qwen_blog_qvq72b_qwq32b_official.jsonl",
+        "marco_o1_cot_demo.jsonl",
+        "emma_gemini2_flash_thinking_exp_1219.jsonl",
+    ] {
         let content = std::fs::read_to_string(assets.join("traces").join(name)).unwrap();
         for line in content.lines().filter(|l| !l.trim().is_empty()) {
             let record: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -63,7 +76,13 @@ fn real_traces_match_the_reference_as_text_and_as_tokens() {
     for text in traces().iter().step_by(3) {
         let expected = reference(text, &phrases);
         assert_eq!(key(&detector.find_text(text)), expected);
-        let ids: Vec<i64> = detector.vocab().encode(text).unwrap().iter().map(|&i| i as i64).collect();
+        let ids: Vec<i64> = detector
+            .vocab()
+            .encode(text)
+            .unwrap()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
         let hits = detector.find_tokens(&ids).unwrap();
         assert_eq!(key(&hits), expected);
         total += expected.len();
@@ -77,13 +96,19 @@ fn hit_is_reported_at_the_token_that_confirms_the_boundary() {
     // "Wait" = 14190, "," = 11; "Wait" alone is only confirmed by the end of the text.
     let hits = detector.find_tokens(&[14190, 11, 1077, 752]).unwrap();
     assert_eq!(hits.len(), 1);
-    assert_eq!((hits[0].token_index, hits[0].char_start, hits[0].char_end), (Some(1), 0, 4));
+    assert_eq!(
+        (hits[0].token_index, hits[0].char_start, hits[0].char_end),
+        (Some(1), 0, 4)
+    );
     let hits = detector.find_tokens(&[14190]).unwrap();
     assert_eq!(hits[0].token_index, Some(0));
     let mut state = detector.new_state();
     let mut streamed = Vec::new();
     detector.push(&mut state, 14190, 0, &mut streamed).unwrap();
-    assert!(streamed.is_empty(), "not confirmed before the next character");
+    assert!(
+        streamed.is_empty(),
+        "not confirmed before the next character"
+    );
     // A special token (<|im_end|>) confirms it.
     detector.push(&mut state, 151645, 1, &mut streamed).unwrap();
     assert_eq!(streamed[0].token_index, Some(1));
@@ -95,19 +120,46 @@ fn bad_phrases_and_ids_are_refused() {
     let vocab: Vocab = detector.vocab().clone();
     let bad = |phrases: &[&str]| {
         let phrases: Vec<String> = phrases.iter().map(|s| s.to_string()).collect();
-        Detector::new(vocab.clone(), Some(&phrases)).unwrap_err().to_string()
+        Detector::new(vocab.clone(), Some(&phrases))
+            .unwrap_err()
+            .to_string()
     };
     assert!(bad(&[]).contains("at least one phrase"));
     assert!(bad(&["wait", " "]).contains("phrases[1]"));
     assert!(bad(&["Hmm", "hMM"]).contains("repeats phrases[0]"));
-    assert!(detector.find_tokens(&[1, 151_657]).unwrap_err().to_string().contains("151657"));
+    assert!(detector
+        .find_tokens(&[1, 151_657])
+        .unwrap_err()
+        .to_string()
+        .contains("151657"));
     assert!(detector.find_tokens(&[-4]).is_err());
 }
 
 fn texts() -> impl Strategy<Value = String> {
     let pieces = prop::sample::select(vec![
-        "wait", "Wait", " WAIT", "hmm", "double-check", "let me check", "waiting", "await", "_", " ", ",", ".", "\n",
-        "é", "İ", "ı", "ſ", "你好", "😀", "x", "9", "re-examine", "hold on",
+        "wait",
+        "Wait",
+        " WAIT",
+        "hmm",
+        "double-check",
+        "let me check",
+        "waiting",
+        "await",
+        "_",
+        " ",
+        ",",
+        ".",
+        "\n",
+        "é",
+        "İ",
+        "ı",
+        "ſ",
+        "你好",
+        "😀",
+        "x",
+        "9",
+        "re-examine",
+        "hold on",
     ]);
     prop::collection::vec(pieces, 0..40).prop_map(|v| v.concat())
 }

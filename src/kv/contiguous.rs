@@ -235,7 +235,12 @@ pub fn append_entries<T: Float>(
     positions: &[i64],
     rotate: Option<(Deltas<'_>, &Rope)>,
 ) -> Result<()> {
-    check_append(layers, new, positions, rotate.as_ref().map(|(d, r)| (d, *r)))?;
+    check_append(
+        layers,
+        new,
+        positions,
+        rotate.as_ref().map(|(d, r)| (d, *r)),
+    )?;
     let n = positions.len();
     let table = match rotate {
         Some((deltas, rope)) => Some((rope.table(deltas, n), rope.config().interleaved)),

@@ -13,10 +13,10 @@ mod strided;
 
 pub use contiguous::{append_entries, relocate_span, LayerKv, LayerKvRef};
 pub(crate) use contiguous::{check_append, check_relocate};
-pub use paged::{paged_reinject, PagedCache, PagedLayout};
 pub(crate) use paged::check_paged;
-pub use rerotate::rerotate_keys;
+pub use paged::{paged_reinject, PagedCache, PagedLayout};
 pub(crate) use rerotate::check_rerotate;
+pub use rerotate::rerotate_keys;
 pub(crate) use rope::check_delta_shape;
 pub use rope::{Deltas, Rope, RopeConfig};
 pub use strided::{Strided, StridedMut};

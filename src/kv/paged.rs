@@ -240,7 +240,14 @@ pub fn paged_reinject<T: Float>(
     if entries.is_empty() || first.kv_heads == 0 {
         return Ok(entries.len());
     }
-    paged_moves(caches, &entries, &dst_seen, deltas, rope, config.interleaved)
+    paged_moves(
+        caches,
+        &entries,
+        &dst_seen,
+        deltas,
+        rope,
+        config.interleaved,
+    )
 }
 
 /// The checks of [`paged_reinject`] (nothing is touched): the entries that move, as

@@ -65,7 +65,11 @@ pub fn rerotate_keys<T: Float>(
 
 /// The checks of [`rerotate_keys`] (nothing is touched); returns the number of tokens.
 /// Shared with the CUDA backend.
-pub(crate) fn check_rerotate<T: Float>(keys: &[StridedMut<'_, T, 3>], deltas: &Deltas<'_>, rope: &Rope) -> Result<usize> {
+pub(crate) fn check_rerotate<T: Float>(
+    keys: &[StridedMut<'_, T, 3>],
+    deltas: &Deltas<'_>,
+    rope: &Rope,
+) -> Result<usize> {
     let config = rope.config();
     let Some(first) = keys.first().map(|k| k.shape()) else {
         return Ok(0);

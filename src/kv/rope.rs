@@ -114,14 +114,22 @@ impl Deltas<'_> {
 
 /// [`Deltas::check`] for deltas held elsewhere (e.g. on a GPU): `len` per-token deltas, with
 /// (t, h, w) components when `thw`.
-pub(crate) fn check_delta_shape(len: usize, thw: bool, tokens: usize, config: &RopeConfig, what: &str) -> Result<()> {
+pub(crate) fn check_delta_shape(
+    len: usize,
+    thw: bool,
+    tokens: usize,
+    config: &RopeConfig,
+    what: &str,
+) -> Result<()> {
     if thw && !config.is_mrope() {
         return Err(value_err!(
             "delta has shape ({len}, 3) (t, h, w deltas) but mrope_section is None: plain RoPE takes one delta per token, shape ({tokens},)"
         ));
     }
     if len != tokens {
-        return Err(value_err!("delta has {len} entries but {what} has {tokens}"));
+        return Err(value_err!(
+            "delta has {len} entries but {what} has {tokens}"
+        ));
     }
     Ok(())
 }

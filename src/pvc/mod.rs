@@ -27,16 +27,33 @@ pub struct Schedule {
 impl Default for Schedule {
     /// Every hit calibrates.
     fn default() -> Self {
-        Schedule { warmup: 0, min_gap: 0, max_calibrations: None, period: None }
+        Schedule {
+            warmup: 0,
+            min_gap: 0,
+            max_calibrations: None,
+            period: None,
+        }
     }
 }
 
 impl Schedule {
-    pub fn new(warmup: u64, min_gap: u64, max_calibrations: Option<u32>, period: Option<u64>) -> Result<Schedule> {
+    pub fn new(
+        warmup: u64,
+        min_gap: u64,
+        max_calibrations: Option<u32>,
+        period: Option<u64>,
+    ) -> Result<Schedule> {
         if period == Some(0) {
-            return Err(crate::value_err!("period: must be at least 1 token, or None for no periodic calibration"));
+            return Err(crate::value_err!(
+                "period: must be at least 1 token, or None for no periodic calibration"
+            ));
         }
-        Ok(Schedule { warmup, min_gap, max_calibrations, period })
+        Ok(Schedule {
+            warmup,
+            min_gap,
+            max_calibrations,
+            period,
+        })
     }
 }
 
@@ -73,7 +90,11 @@ impl ScheduleState {
     /// A state that continues a stream: `calibrations` already made, `since_last` tokens since
     /// the last of them (or since the start).
     pub fn resume(calibrations: u32, since_last: u64) -> ScheduleState {
-        ScheduleState { tokens: 0, calibrations, since_last }
+        ScheduleState {
+            tokens: 0,
+            calibrations,
+            since_last,
+        }
     }
 
     /// Advances by one token; `hit` says whether a phrase was confirmed at it. Returns the
@@ -83,7 +104,9 @@ impl ScheduleState {
         let index = self.tokens;
         self.tokens += 1;
         self.since_last += 1;
-        let allowed = schedule.max_calibrations.is_none_or(|max| self.calibrations < max)
+        let allowed = schedule
+            .max_calibrations
+            .is_none_or(|max| self.calibrations < max)
             && (self.calibrations > 0 || index >= schedule.warmup)
             && (self.calibrations == 0 || self.since_last >= schedule.min_gap);
         let reason = if !allowed {
@@ -187,7 +210,11 @@ impl Monitor {
         let last = last?;
         // The last token was decided without this hit: decide it again with the hit, unless
         // it calibrated already.
-        if self.calibrations.last().is_some_and(|c| c.token_index == last) {
+        if self
+            .calibrations
+            .last()
+            .is_some_and(|c| c.token_index == last)
+        {
             return None;
         }
         self.state = self.before_last;
@@ -197,7 +224,11 @@ impl Monitor {
     #[inline]
     fn decide(&mut self, index: u64, hit: Option<Hit>) -> Option<Calibration> {
         let reason = self.state.on_token(&self.schedule, hit.is_some())?;
-        let calibration = Calibration { token_index: index, reason, hit: if reason == Reason::Trigger { hit } else { None } };
+        let calibration = Calibration {
+            token_index: index,
+            reason,
+            hit: if reason == Reason::Trigger { hit } else { None },
+        };
         self.calibrations.push(calibration);
         self.due = true;
         Some(calibration)
@@ -228,8 +259,16 @@ impl MonitorBatch {
         MonitorBatch::with_out_of_vocab(detector, capacity, OutOfVocab::Raise)
     }
 
-    pub fn with_out_of_vocab(detector: Arc<Detector>, capacity: usize, out_of_vocab: OutOfVocab) -> MonitorBatch {
-        MonitorBatch { detector, slots: vec![None; capacity], out_of_vocab }
+    pub fn with_out_of_vocab(
+        detector: Arc<Detector>,
+        capacity: usize,
+        out_of_vocab: OutOfVocab,
+    ) -> MonitorBatch {
+        MonitorBatch {
+            detector,
+            slots: vec![None; capacity],
+            out_of_vocab,
+        }
     }
 
     pub fn out_of_vocab(&self) -> OutOfVocab {
@@ -239,7 +278,12 @@ impl MonitorBatch {
     /// Feeds one token to `monitor`, following the batch's out-of-vocabulary rule (ids were
     /// checked before when the rule is `Raise`).
     #[inline]
-    fn push(detector: &Detector, out_of_vocab: OutOfVocab, monitor: &mut Monitor, token: i64) -> Result<Option<Calibration>> {
+    fn push(
+        detector: &Detector,
+        out_of_vocab: OutOfVocab,
+        monitor: &mut Monitor,
+        token: i64,
+    ) -> Result<Option<Calibration>> {
         if out_of_vocab == OutOfVocab::NoText && detector.check_token(token).is_err() {
             return Ok(monitor.push_no_text());
         }
@@ -308,7 +352,11 @@ impl MonitorBatch {
     /// One decoding step: `tokens[i]` is the newest token of slot `i`; negative values and
     /// empty slots are skipped. Calls `on_calibration(slot, calibration)` for every slot that
     /// calibrates at this step. All token ids are checked before any stream changes.
-    pub fn step(&mut self, tokens: &[i64], mut on_calibration: impl FnMut(usize, Calibration)) -> Result<()> {
+    pub fn step(
+        &mut self,
+        tokens: &[i64],
+        mut on_calibration: impl FnMut(usize, Calibration),
+    ) -> Result<()> {
         if tokens.len() > self.slots.len() {
             return Err(crate::value_err!(
                 "tokens: {} entries for a batch of {} slots",
@@ -351,10 +399,14 @@ impl MonitorBatch {
         }
         for (i, &token) in tokens.iter().enumerate() {
             if token < 0 {
-                return Err(crate::index_err!("tokens[{i}] = {token}: token ids must be >= 0"));
+                return Err(crate::index_err!(
+                    "tokens[{i}] = {token}: token ids must be >= 0"
+                ));
             }
             if self.out_of_vocab == OutOfVocab::Raise {
-                self.detector.check_token(token).map_err(|e| crate::index_err!("tokens[{i}]: {e}"))?;
+                self.detector
+                    .check_token(token)
+                    .map_err(|e| crate::index_err!("tokens[{i}]: {e}"))?;
             }
         }
         let detector = &*self.detector;
@@ -408,8 +460,13 @@ impl MonitorBatch {
             }
             if self.out_of_vocab == OutOfVocab::Raise {
                 if let Some(monitor) = &self.slots[slot as usize] {
-                    if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
-                        self.detector.check_token(tokens[row]).map_err(|e| crate::index_err!("tokens[{row}]: {e}"))?;
+                    if token_index[row] >= 0
+                        && token_index[row] as u64 == monitor.state.tokens
+                        && tokens[row] >= 0
+                    {
+                        self.detector
+                            .check_token(tokens[row])
+                            .map_err(|e| crate::index_err!("tokens[{row}]: {e}"))?;
                     }
                 }
             }
@@ -417,8 +474,13 @@ impl MonitorBatch {
         let detector = &*self.detector;
         let out_of_vocab = self.out_of_vocab;
         for row in 0..n {
-            let Some(monitor) = self.slots[slots[row] as usize].as_mut() else { continue };
-            if token_index[row] >= 0 && token_index[row] as u64 == monitor.state.tokens && tokens[row] >= 0 {
+            let Some(monitor) = self.slots[slots[row] as usize].as_mut() else {
+                continue;
+            };
+            if token_index[row] >= 0
+                && token_index[row] as u64 == monitor.state.tokens
+                && tokens[row] >= 0
+            {
                 Self::push(detector, out_of_vocab, monitor, tokens[row])?;
             }
             if sampling[row] && monitor.take_due() {
@@ -444,7 +506,10 @@ impl MonitorBatch {
         let out_of_vocab = self.out_of_vocab;
         for &(slot, start, end) in spans {
             let Some(part) = tokens.get(start..end) else {
-                return Err(crate::value_err!("spans: ({slot}, {start}, {end}) is outside the {} tokens", tokens.len()));
+                return Err(crate::value_err!(
+                    "spans: ({slot}, {start}, {end}) is outside the {} tokens",
+                    tokens.len()
+                ));
             };
             if let Some(Some(monitor)) = self.slots.get_mut(slot) {
                 for &token in part {
@@ -479,11 +544,22 @@ pub fn scan_text(detector: &Detector, text: &str, schedule: Schedule) -> Result<
         monitor.push(detector, id as i64)?;
     }
     monitor.finish(detector);
-    Ok(TextScan { tokens: ids.len(), hits: monitor.hits, calibrations: monitor.calibrations })
+    Ok(TextScan {
+        tokens: ids.len(),
+        hits: monitor.hits,
+        calibrations: monitor.calibrations,
+    })
 }
 
 /// [`scan_text`] over many texts, in parallel.
-pub fn scan_texts(detector: &Detector, texts: &[String], schedule: Schedule) -> Vec<Result<TextScan>> {
+pub fn scan_texts(
+    detector: &Detector,
+    texts: &[String],
+    schedule: Schedule,
+) -> Vec<Result<TextScan>> {
     use rayon::prelude::*;
-    texts.par_iter().map(|text| scan_text(detector, text, schedule)).collect()
+    texts
+        .par_iter()
+        .map(|text| scan_text(detector, text, schedule))
+        .collect()
 }

@@ -60,7 +60,11 @@ pub(super) fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> 
 }
 
 /// The selection rule from exactly one of keep / ratio / mass.
-pub(super) fn budget_arg(keep: Option<i64>, ratio: Option<f64>, mass: Option<f64>) -> Result<Budget> {
+pub(super) fn budget_arg(
+    keep: Option<i64>,
+    ratio: Option<f64>,
+    mass: Option<f64>,
+) -> Result<Budget> {
     let given: Vec<&str> = [
         ("keep", keep.is_some()),
         ("ratio", ratio.is_some()),
@@ -132,7 +136,10 @@ fn pool_visual_tokens<'py>(
         let count = new_grids.iter().map(Grid::tokens).sum();
         (OwnedTensor::new(pooled, vec![count, dim])?, new_grids)
     });
-    Ok((buffer(py, pooled)?.into_any(), grid_buffer(py, &new_grids)?.into_any()))
+    Ok((
+        buffer(py, pooled)?.into_any(),
+        grid_buffer(py, &new_grids)?.into_any(),
+    ))
 }
 
 #[pyfunction]
@@ -208,7 +215,11 @@ fn select_tokens<'py>(
     Ok(buffer(py, OwnedTensor::new(kept, vec![count])?)?.into_any())
 }
 
-type Pruned<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+type Pruned<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
 
 #[pyfunction]
 #[pyo3(signature = (x, indices = None, *, scores = None, keep = None, ratio = None, mass = None,
@@ -228,7 +239,9 @@ fn prune_visual_tokens<'py>(
     merge: bool,
 ) -> PyResult<Pruned<'py>> {
     if let Some(ordinal) = cuda_ordinal(x)? {
-        return gpu::prune_visual_tokens(py, ordinal, x, indices, scores, keep, ratio, mass, min_keep, max_keep, grid_thw, merge);
+        return gpu::prune_visual_tokens(
+            py, ordinal, x, indices, scores, keep, ratio, mass, min_keep, max_keep, grid_thw, merge,
+        );
     }
     let x = tokens_arg(x)?;
     let view = x.view();
@@ -282,7 +295,11 @@ fn prune_visual_tokens<'py>(
     };
     let count = indices.len();
     let indices: Vec<i64> = indices.into_iter().map(|i| i as i64).collect();
-    Ok((buffer(py, kept)?.into_any(), buffer(py, OwnedTensor::new(indices, vec![count])?)?.into_any(), positions))
+    Ok((
+        buffer(py, kept)?.into_any(),
+        buffer(py, OwnedTensor::new(indices, vec![count])?)?.into_any(),
+        positions,
+    ))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

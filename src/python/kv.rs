@@ -6,13 +6,13 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use crate::cuda::kv::{self as gpu_kv, DeltaSource, DeviceDeltas, Prepared};
 use crate::dtype::{DType, Float};
 use crate::kv::{
     append_entries as core_append, paged_reinject as core_paged, relocate_span as core_relocate,
     rerotate_keys as core_rerotate, Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope,
     RopeConfig, Strided, StridedMut,
 };
-use crate::cuda::kv::{self as gpu_kv, DeltaSource, DeviceDeltas, Prepared};
 use crate::python::cuda::{cuda_ordinal, device_of, CudaCall};
 use crate::python::tensor::{int_vector_arg, PyTensor, FLOAT_DTYPES, INDEX_DTYPES};
 use crate::tensor::Device;
@@ -359,7 +359,19 @@ fn relocate_span(
     }
     let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
     if let Some(ordinal) = cuda_ordinal(keys)? {
-        return cuda_relocate_span(py, ordinal, keys, values, start, end, length, delta, old_positions, new_positions, &rope);
+        return cuda_relocate_span(
+            py,
+            ordinal,
+            keys,
+            values,
+            start,
+            end,
+            length,
+            delta,
+            old_positions,
+            new_positions,
+            &rope,
+        );
     }
     let mut k = tensor_list(keys, "keys")?;
     let mut v = tensor_list(values, "values")?;
@@ -415,7 +427,17 @@ fn append_entries(
         (None, _, _) => None,
     };
     if let Some(ordinal) = cuda_ordinal(keys)? {
-        return cuda_append_entries(py, ordinal, keys, values, new_keys, new_values, positions, delta, rope.as_ref());
+        return cuda_append_entries(
+            py,
+            ordinal,
+            keys,
+            values,
+            new_keys,
+            new_values,
+            positions,
+            delta,
+            rope.as_ref(),
+        );
     }
     let delta = delta.map(delta_arg).transpose()?;
     let mut k = tensor_list(keys, "keys")?;
@@ -462,7 +484,12 @@ fn append_entries(
     Ok(())
 }
 
-fn paged_layout(view: &TensorView<'_>, layout: &str, head_dim: usize, gpu: bool) -> PyResult<PagedLayout> {
+fn paged_layout(
+    view: &TensorView<'_>,
+    layout: &str,
+    head_dim: usize,
+    gpu: bool,
+) -> PyResult<PagedLayout> {
     let name = view.name().to_string();
     Ok(match layout {
         "vllm" => {
@@ -518,7 +545,17 @@ fn paged_reinject(
 ) -> PyResult<usize> {
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
     if let Some(ordinal) = cuda_ordinal(kv_caches)? {
-        return cuda_paged_reinject(py, ordinal, kv_caches, src_slots, dst_slots, delta, layout, head_dim as usize, &rope);
+        return cuda_paged_reinject(
+            py,
+            ordinal,
+            kv_caches,
+            src_slots,
+            dst_slots,
+            delta,
+            layout,
+            head_dim as usize,
+            &rope,
+        );
     }
     let mut tensors = tensor_list(kv_caches, "kv_caches")?;
     let src = int_vector_arg(src_slots, "src_slots")?;
@@ -561,7 +598,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 // tensors (read in place); slots and positions are host data (the checks and the move order
 // need them), copied to the host first when given as CUDA tensors.
 
-fn device_delta(call: &CudaCall<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(PyTensor, DeviceDeltas)>> {
+fn device_delta(
+    call: &CudaCall<'_>,
+    obj: &Bound<'_, PyAny>,
+) -> PyResult<Option<(PyTensor, DeviceDeltas)>> {
     if !matches!(device_of(obj)?, Some(Device::Cuda(_))) {
         return Ok(None);
     }
@@ -602,9 +642,19 @@ fn on_host<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
 /// Allocates the upload (and staging) buffers of a prepared operation and launches it.
 fn run_prepared(call: &CudaCall<'_>, prepared: &Prepared, dtype: DType) -> PyResult<()> {
     let words = prepared.upload_words();
-    let upload = if words > 0 { Some(call.empty(&[words], DType::I64)?) } else { None };
-    let staging = if prepared.staging_elements() > 0 { Some(call.empty(&[prepared.staging_elements()], dtype)?) } else { None };
-    let ptr = |b: &Option<(Bound<'_, PyAny>, PyTensor)>| b.as_ref().map_or(0, |(_, t)| t.view().data_ptr() as u64);
+    let upload = if words > 0 {
+        Some(call.empty(&[words], DType::I64)?)
+    } else {
+        None
+    };
+    let staging = if prepared.staging_elements() > 0 {
+        Some(call.empty(&[prepared.staging_elements()], dtype)?)
+    } else {
+        None
+    };
+    let ptr = |b: &Option<(Bound<'_, PyAny>, PyTensor)>| {
+        b.as_ref().map_or(0, |(_, t)| t.view().data_ptr() as u64)
+    };
     // SAFETY: the views the operation was prepared from are alive (borrowed by the caller), the
     // buffers have the sizes asked for, all on this call's device; the buffers go back to
     // PyTorch's allocator on this stream, after the kernels in stream order.
@@ -612,11 +662,21 @@ fn run_prepared(call: &CudaCall<'_>, prepared: &Prepared, dtype: DType) -> PyRes
     Ok(())
 }
 
-fn cuda_rerotate_keys(py: Python<'_>, ordinal: i32, keys: &Bound<'_, PyAny>, delta: &Bound<'_, PyAny>, rope: &Rope) -> PyResult<()> {
+fn cuda_rerotate_keys(
+    py: Python<'_>,
+    ordinal: i32,
+    keys: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    rope: &Rope,
+) -> PyResult<()> {
     CudaCall::run(py, ordinal, "keys", |call| {
         let mut tensors = call.tensors(keys, "keys", FLOAT_DTYPES)?;
         let device = device_delta(call, delta)?;
-        let host = if device.is_none() { Some(delta_arg(delta)?) } else { None };
+        let host = if device.is_none() {
+            Some(delta_arg(delta)?)
+        } else {
+            None
+        };
         crate::dispatch_float!(first_dtype(&tensors), T => {
             let views: Vec<StridedMut<T, 3>> = tensors
                 .iter_mut()
@@ -699,7 +759,12 @@ fn cuda_append_entries(
         let nk = call.tensors(new_keys, "new_keys", FLOAT_DTYPES)?;
         let nv = call.tensors(new_values, "new_values", FLOAT_DTYPES)?;
         if nk.len() != nv.len() {
-            return Err(value_err!("new_values has {} layers but new_keys has {}: one of each per layer", nv.len(), nk.len()).into());
+            return Err(value_err!(
+                "new_values has {} layers but new_keys has {}: one of each per layer",
+                nv.len(),
+                nk.len()
+            )
+            .into());
         }
         let device = delta.map(|d| device_delta(call, d)).transpose()?.flatten();
         let host = match (delta, &device) {
@@ -709,7 +774,10 @@ fn cuda_append_entries(
         let positions = on_host(positions)?;
         let positions: Vec<i64> = match positions.extract::<i64>() {
             Ok(start) if !positions.hasattr("__len__")? => {
-                let n = nk.first().and_then(|t| t.view().shape().get(2).copied()).unwrap_or(0) as i64;
+                let n = nk
+                    .first()
+                    .and_then(|t| t.view().shape().get(2).copied())
+                    .unwrap_or(0) as i64;
                 (start..start + n).collect()
             }
             _ => int_vector_arg(&positions, "positions")?,
@@ -755,7 +823,11 @@ fn cuda_paged_reinject(
         let src = int_vector_arg(&on_host(src_slots)?, "src_slots")?;
         let dst = int_vector_arg(&on_host(dst_slots)?, "dst_slots")?;
         let device = device_delta(call, delta)?;
-        let host = if device.is_none() { Some(delta_arg(delta)?) } else { None };
+        let host = if device.is_none() {
+            Some(delta_arg(delta)?)
+        } else {
+            None
+        };
         crate::dispatch_float!(first_dtype(&tensors), T => {
             let caches: Vec<PagedCache<T>> = tensors
                 .iter_mut()

@@ -5,9 +5,9 @@
 use pyo3::prelude::*;
 
 mod compress;
-mod dvr;
 mod cuda;
 mod cuda_compress;
+mod dvr;
 mod errors;
 mod kv;
 mod pvc;

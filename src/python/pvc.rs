@@ -22,7 +22,9 @@ pub struct PVCSchedule {
 
 fn non_negative(name: &str, value: i64) -> PyResult<u64> {
     if value < 0 {
-        return Err(PyValueError::new_err(format!("{name} = {value}: must be >= 0")));
+        return Err(PyValueError::new_err(format!(
+            "{name} = {value}: must be >= 0"
+        )));
     }
     Ok(value as u64)
 }
@@ -31,7 +33,12 @@ fn non_negative(name: &str, value: i64) -> PyResult<u64> {
 impl PVCSchedule {
     #[new]
     #[pyo3(signature = (warmup=0, min_gap=0, max_calibrations=None, period=None))]
-    fn new(warmup: i64, min_gap: i64, max_calibrations: Option<i64>, period: Option<i64>) -> PyResult<Self> {
+    fn new(
+        warmup: i64,
+        min_gap: i64,
+        max_calibrations: Option<i64>,
+        period: Option<i64>,
+    ) -> PyResult<Self> {
         let warmup = non_negative("warmup", warmup)?;
         let min_gap = non_negative("min_gap", min_gap)?;
         let max_calibrations = match max_calibrations {
@@ -52,7 +59,9 @@ impl PVCSchedule {
                 )))
             }
         };
-        Ok(PVCSchedule { inner: Schedule::new(warmup, min_gap, max_calibrations, period)? })
+        Ok(PVCSchedule {
+            inner: Schedule::new(warmup, min_gap, max_calibrations, period)?,
+        })
     }
 
     #[getter]
@@ -120,8 +129,14 @@ impl Calibration {
 
     fn __repr__(&self) -> String {
         match &self.hit {
-            Some(hit) => format!("Calibration(token_index={}, reason='trigger', phrase={:?})", self.token_index, hit.phrase),
-            None => format!("Calibration(token_index={}, reason='period')", self.token_index),
+            Some(hit) => format!(
+                "Calibration(token_index={}, reason='trigger', phrase={:?})",
+                self.token_index, hit.phrase
+            ),
+            None => format!(
+                "Calibration(token_index={}, reason='period')",
+                self.token_index
+            ),
         }
     }
 }

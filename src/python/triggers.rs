@@ -47,7 +47,9 @@ impl Hit {
 #[pymethods]
 impl Hit {
     fn __repr__(&self) -> String {
-        let token = self.token_index.map_or("None".to_string(), |t| t.to_string());
+        let token = self
+            .token_index
+            .map_or("None".to_string(), |t| t.to_string());
         format!(
             "Hit(token_index={token}, phrase={:?}, char_start={}, char_end={})",
             self.phrase, self.char_start, self.char_end
@@ -61,7 +63,12 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
         return Ok(array.readonly().as_array().to_vec());
     }
     if let Ok(array) = obj.cast::<PyArray1<i32>>() {
-        return Ok(array.readonly().as_array().iter().map(|&v| v as i64).collect());
+        return Ok(array
+            .readonly()
+            .as_array()
+            .iter()
+            .map(|&v| v as i64)
+            .collect());
     }
     if obj.hasattr("__array__")? && !obj.is_instance_of::<PyList>() {
         // Other array-likes (torch tensors, other integer dtypes) through NumPy, which refuses
@@ -77,7 +84,9 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
         }
         let ndim: usize = array.getattr("ndim")?.extract()?;
         if ndim != 1 {
-            return Err(PyValueError::new_err(format!("{name}: expected a 1-D array of token ids, got {ndim} dimensions")));
+            return Err(PyValueError::new_err(format!(
+                "{name}: expected a 1-D array of token ids, got {ndim} dimensions"
+            )));
         }
         let array = array.call_method1("astype", ("int64",))?;
         let array: PyReadonlyArray1<i64> = array.extract()?;
@@ -86,7 +95,10 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
     obj.extract::<Vec<i64>>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name}: expected a sequence of int token ids (list, NumPy array or tensor), got {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })
 }
@@ -164,7 +176,10 @@ fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
     obj.extract::<Vec<bool>>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name}: expected a 1-D bool array or a list of bools, got {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })
 }
@@ -180,7 +195,11 @@ pub struct ReflectionDetector {
     pub(crate) inner: Arc<Detector>,
 }
 
-pub(crate) fn detector_from(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<Vec<String>>) -> PyResult<Detector> {
+pub(crate) fn detector_from(
+    py: Python<'_>,
+    tokenizer: &Bound<'_, PyAny>,
+    phrases: Option<Vec<String>>,
+) -> PyResult<Detector> {
     let phrases = phrases.as_deref();
     if let Ok(path) = tokenizer.extract::<PathBuf>() {
         return Ok(py.detach(|| Detector::from_path(&path, phrases))?);
@@ -206,14 +225,23 @@ fn hits_to_py(hits: &[CoreHit], phrases: &[String]) -> Vec<Hit> {
     hits.iter().map(|h| Hit::new(h, phrases)).collect()
 }
 
-fn schedule_state(calibrations_made: i64, tokens_since_last: Option<i64>) -> PyResult<ScheduleState> {
+fn schedule_state(
+    calibrations_made: i64,
+    tokens_since_last: Option<i64>,
+) -> PyResult<ScheduleState> {
     if !(0..=u32::MAX as i64).contains(&calibrations_made) {
-        return Err(PyValueError::new_err(format!("calibrations_made = {calibrations_made}: must be >= 0")));
+        return Err(PyValueError::new_err(format!(
+            "calibrations_made = {calibrations_made}: must be >= 0"
+        )));
     }
     let since = match tokens_since_last {
         None => 0,
         Some(s) if s >= 0 => s as u64,
-        Some(s) => return Err(PyValueError::new_err(format!("tokens_since_last = {s}: must be >= 0"))),
+        Some(s) => {
+            return Err(PyValueError::new_err(format!(
+                "tokens_since_last = {s}: must be >= 0"
+            )))
+        }
     };
     Ok(ScheduleState::resume(calibrations_made as u32, since))
 }
@@ -222,18 +250,26 @@ fn schedule_state(calibrations_made: i64, tokens_since_last: Option<i64>) -> PyR
 impl ReflectionDetector {
     #[new]
     #[pyo3(signature = (tokenizer, phrases=None))]
-    fn new(py: Python<'_>, tokenizer: &Bound<'_, PyAny>, phrases: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        tokenizer: &Bound<'_, PyAny>,
+        phrases: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let phrases = match phrases {
             None => None,
             Some(p) if p.is_instance_of::<PyString>() => {
-                return Err(PyTypeError::new_err("phrases: expected a list of strings, got a single string"))
+                return Err(PyTypeError::new_err(
+                    "phrases: expected a list of strings, got a single string",
+                ))
             }
             Some(p) => Some(
                 p.extract::<Vec<String>>()
                     .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings"))?,
             ),
         };
-        Ok(ReflectionDetector { inner: Arc::new(detector_from(py, tokenizer, phrases)?) })
+        Ok(ReflectionDetector {
+            inner: Arc::new(detector_from(py, tokenizer, phrases)?),
+        })
     }
 
     /// The phrases this detector finds, in the order of `Hit.phrase_index`.
@@ -294,7 +330,9 @@ impl ReflectionDetector {
     #[pyo3(signature = (capacity, *, out_of_vocab="raise"))]
     fn batch(&self, capacity: i64, out_of_vocab: &str) -> PyResult<StreamBatch> {
         if !(0..=1 << 24).contains(&capacity) {
-            return Err(PyValueError::new_err(format!("capacity = {capacity}: must be between 0 and 16777216")));
+            return Err(PyValueError::new_err(format!(
+                "capacity = {capacity}: must be between 0 and 16777216"
+            )));
         }
         let out_of_vocab = match out_of_vocab {
             "raise" => OutOfVocab::Raise,
@@ -306,7 +344,11 @@ impl ReflectionDetector {
             }
         };
         Ok(StreamBatch {
-            inner: MonitorBatch::with_out_of_vocab(self.inner.clone(), capacity as usize, out_of_vocab),
+            inner: MonitorBatch::with_out_of_vocab(
+                self.inner.clone(),
+                capacity as usize,
+                out_of_vocab,
+            ),
             last: Vec::new(),
         })
     }
@@ -314,7 +356,12 @@ impl ReflectionDetector {
     /// Tokenizes each text and watches it as if it were generated, with `schedule`; returns a
     /// `TextScan` per text (with `error` set for a text that cannot be tokenized). In parallel.
     #[pyo3(signature = (texts, schedule=None))]
-    fn scan(&self, py: Python<'_>, texts: Vec<String>, schedule: Option<PVCSchedule>) -> Vec<TextScan> {
+    fn scan(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        schedule: Option<PVCSchedule>,
+    ) -> Vec<TextScan> {
         let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
         let results = py.detach(|| crate::pvc::scan_texts(&self.inner, &texts, schedule));
         let phrases = self.inner.phrases();
@@ -324,16 +371,29 @@ impl ReflectionDetector {
                 Ok(scan) => TextScan {
                     tokens: scan.tokens,
                     hits: hits_to_py(&scan.hits, phrases),
-                    calibrations: scan.calibrations.iter().map(|c| Calibration::new(c, phrases)).collect(),
+                    calibrations: scan
+                        .calibrations
+                        .iter()
+                        .map(|c| Calibration::new(c, phrases))
+                        .collect(),
                     error: None,
                 },
-                Err(e) => TextScan { tokens: 0, hits: Vec::new(), calibrations: Vec::new(), error: Some(e.to_string()) },
+                Err(e) => TextScan {
+                    tokens: 0,
+                    hits: Vec::new(),
+                    calibrations: Vec::new(),
+                    error: Some(e.to_string()),
+                },
             })
             .collect()
     }
 
     fn __repr__(&self) -> String {
-        format!("ReflectionDetector(vocab_size={}, phrases={:?})", self.inner.vocab_size(), self.inner.phrases())
+        format!(
+            "ReflectionDetector(vocab_size={}, phrases={:?})",
+            self.inner.vocab_size(),
+            self.inner.phrases()
+        )
     }
 }
 
@@ -355,7 +415,12 @@ pub struct TextScan {
 #[pymethods]
 impl TextScan {
     fn __repr__(&self) -> String {
-        format!("TextScan(tokens={}, hits={}, calibrations={})", self.tokens, self.hits.len(), self.calibrations.len())
+        format!(
+            "TextScan(tokens={}, hits={}, calibrations={})",
+            self.tokens,
+            self.hits.len(),
+            self.calibrations.len()
+        )
     }
 }
 
@@ -376,10 +441,16 @@ impl ReflectionStream {
     }
 
     /// Feeds several tokens; returns the calibrations they make. All ids are checked first.
-    fn push_many(&mut self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+    fn push_many(
+        &mut self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Calibration>> {
         let ids = token_ids(tokens, "tokens")?;
         for (i, &id) in ids.iter().enumerate() {
-            self.detector.check_token(id).map_err(|e| pyo3::exceptions::PyIndexError::new_err(format!("tokens[{i}]: {e}")))?;
+            self.detector.check_token(id).map_err(|e| {
+                pyo3::exceptions::PyIndexError::new_err(format!("tokens[{i}]: {e}"))
+            })?;
         }
         let detector = &self.detector;
         let monitor = &mut self.monitor;
@@ -392,13 +463,18 @@ impl ReflectionStream {
             }
             crate::Result::Ok(made)
         })?;
-        Ok(made.iter().map(|c| Calibration::new(c, self.detector.phrases())).collect())
+        Ok(made
+            .iter()
+            .map(|c| Calibration::new(c, self.detector.phrases()))
+            .collect())
     }
 
     /// Ends the text: a phrase right at the end becomes a hit (at the last token); returns the
     /// calibration that makes, if any. Tokens fed afterwards start a new text.
     fn finish(&mut self) -> Option<Calibration> {
-        self.monitor.finish(&self.detector).map(|c| Calibration::new(&c, self.detector.phrases()))
+        self.monitor
+            .finish(&self.detector)
+            .map(|c| Calibration::new(&c, self.detector.phrases()))
     }
 
     /// Every hit so far.
@@ -410,7 +486,11 @@ impl ReflectionStream {
     /// Every calibration so far.
     #[getter]
     fn calibrations(&self) -> Vec<Calibration> {
-        self.monitor.calibrations.iter().map(|c| Calibration::new(c, self.detector.phrases())).collect()
+        self.monitor
+            .calibrations
+            .iter()
+            .map(|c| Calibration::new(c, self.detector.phrases()))
+            .collect()
     }
 
     /// Tokens fed so far.
@@ -439,7 +519,9 @@ impl ReflectionStream {
 
     #[getter]
     fn schedule(&self) -> PVCSchedule {
-        PVCSchedule { inner: self.monitor.schedule }
+        PVCSchedule {
+            inner: self.monitor.schedule,
+        }
     }
 
     fn __repr__(&self) -> String {
@@ -470,7 +552,13 @@ impl StreamBatch {
 
     /// Starts watching a new stream in `slot` (replacing what was there).
     #[pyo3(signature = (slot, schedule=None, *, calibrations_made=0, tokens_since_last=None))]
-    fn add(&mut self, slot: i64, schedule: Option<PVCSchedule>, calibrations_made: i64, tokens_since_last: Option<i64>) -> PyResult<()> {
+    fn add(
+        &mut self,
+        slot: i64,
+        schedule: Option<PVCSchedule>,
+        calibrations_made: i64,
+        tokens_since_last: Option<i64>,
+    ) -> PyResult<()> {
         let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
         let state = schedule_state(calibrations_made, tokens_since_last)?;
         Ok(self.inner.add(slot, schedule, state)?)
@@ -506,7 +594,12 @@ impl StreamBatch {
     /// Feeds several tokens, in order, to the stream in `slot` (a request that joins with
     /// tokens already generated, or tokens that steps did not show); returns the calibrations
     /// they make. Ids are checked before anything changes; an empty slot is a ValueError.
-    fn feed(&mut self, py: Python<'_>, slot: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+    fn feed(
+        &mut self,
+        py: Python<'_>,
+        slot: i64,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Calibration>> {
         let ids = token_ids(tokens, "tokens")?;
         let inner = &mut self.inner;
         let made = py.detach(|| inner.feed(slot, &ids))?;
@@ -523,7 +616,11 @@ impl StreamBatch {
     /// list, at most `capacity` long); negative entries and empty slots are skipped. Returns
     /// the slots that calibrate at this step (int32 array, ascending). All ids are checked
     /// before any stream changes.
-    fn step<'py>(&mut self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
         let owned;
         let readonly;
         let ids: &[i64] = if let Ok(array) = tokens.cast::<PyArray1<i64>>() {
@@ -567,9 +664,14 @@ impl StreamBatch {
         let tokens = Ints::new(tokens, "tokens")?;
         let sampling = bools(sampling, "sampling")?;
         let inner = &mut self.inner;
-        let (slots, token_index, tokens) = (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
+        let (slots, token_index, tokens) =
+            (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
         let mut forced: Vec<i32> = Vec::new();
-        py.detach(|| inner.advance(slots, token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        py.detach(|| {
+            inner.advance(slots, token_index, tokens, &sampling, |row| {
+                forced.push(row as i32)
+            })
+        })?;
         Ok(PyArray1::from_vec(py, forced))
     }
 
@@ -605,9 +707,10 @@ impl StreamBatch {
         let mut sampling = Vec::with_capacity(slots.len());
         for (row, &slot) in slots.iter().enumerate() {
             let seq = seq_lens.get(row).unwrap_or(0);
-            let (Some(prompt), Some(prefill)) =
-                (usize::try_from(slot).ok().and_then(|s| prompt_len.get(s)), usize::try_from(slot).ok().and_then(|s| prefill_len.get(s)))
-            else {
+            let (Some(prompt), Some(prefill)) = (
+                usize::try_from(slot).ok().and_then(|s| prompt_len.get(s)),
+                usize::try_from(slot).ok().and_then(|s| prefill_len.get(s)),
+            ) else {
                 return Err(pyo3::exceptions::PyIndexError::new_err(format!(
                     "slots[{row}] = {slot}: outside prompt_len / prefill_len"
                 )));
@@ -618,7 +721,11 @@ impl StreamBatch {
         let inner = &mut self.inner;
         let tokens = tokens.as_slice();
         let mut forced: Vec<i32> = Vec::new();
-        py.detach(|| inner.advance(slots, &token_index, tokens, &sampling, |row| forced.push(row as i32)))?;
+        py.detach(|| {
+            inner.advance(slots, &token_index, tokens, &sampling, |row| {
+                forced.push(row as i32)
+            })
+        })?;
         Ok(PyArray1::from_vec(py, forced))
     }
 
@@ -647,13 +754,16 @@ impl StreamBatch {
         let count = outputs.len().min(self.inner.capacity());
         let list_ptr = outputs.as_ptr();
         for slot in 0..count {
-            let Some(monitor) = self.inner.get(slot as i64)? else { continue };
+            let Some(monitor) = self.inner.get(slot as i64)? else {
+                continue;
+            };
             // Raw list access: this runs for every request at every decoding step, and the
             // safe accessors cost several times more per item.
             // SAFETY: the GIL is held, `outputs` is a list and `slot` is below its length;
             // PyList_GetItem returns a borrowed reference that stays valid while the list is
             // not modified, and nothing below runs Python code that could modify it.
-            let item = unsafe { pyo3::ffi::PyList_GetItem(list_ptr, slot as pyo3::ffi::Py_ssize_t) };
+            let item =
+                unsafe { pyo3::ffi::PyList_GetItem(list_ptr, slot as pyo3::ffi::Py_ssize_t) };
             if item.is_null() {
                 return Err(PyErr::fetch(py));
             }
@@ -662,7 +772,9 @@ impl StreamBatch {
             }
             // SAFETY: `item` is a valid borrowed reference (above).
             if unsafe { pyo3::ffi::PyList_Check(item) } == 0 {
-                return Err(PyTypeError::new_err(format!("outputs[{slot}]: expected a list of token ids or None")));
+                return Err(PyTypeError::new_err(format!(
+                    "outputs[{slot}]: expected a list of token ids or None"
+                )));
             }
             let seen = monitor.state.tokens as usize;
             // SAFETY: `item` is a list.
@@ -687,7 +799,9 @@ impl StreamBatch {
                 let token = unsafe { pyo3::ffi::PyLong_AsLongLong(value) };
                 if token == -1 {
                     if let Some(err) = PyErr::take(py) {
-                        return Err(PyTypeError::new_err(format!("outputs[{slot}][{k}]: expected an int token id ({err})")));
+                        return Err(PyTypeError::new_err(format!(
+                            "outputs[{slot}][{k}]: expected an int token id ({err})"
+                        )));
                     }
                 }
                 placeholder |= token < 0;
@@ -700,17 +814,21 @@ impl StreamBatch {
             }
             if self.inner.out_of_vocab() == OutOfVocab::Raise {
                 for (k, &t) in tokens[start..].iter().enumerate() {
-                    self.inner
-                        .detector()
-                        .check_token(t)
-                        .map_err(|e| pyo3::exceptions::PyIndexError::new_err(format!("outputs[{slot}][{}]: {e}", seen + k)))?;
+                    self.inner.detector().check_token(t).map_err(|e| {
+                        pyo3::exceptions::PyIndexError::new_err(format!(
+                            "outputs[{slot}][{}]: {e}",
+                            seen + k
+                        ))
+                    })?;
                 }
             }
             spans.push((slot, start, tokens.len()));
         }
         let inner = &mut self.inner;
         let mut forced: Vec<i32> = Vec::new();
-        py.detach(|| inner.feed_and_collect(&tokens, &spans, rows, |slot| forced.push(slot as i32)))?;
+        py.detach(|| {
+            inner.feed_and_collect(&tokens, &spans, rows, |slot| forced.push(slot as i32))
+        })?;
         Ok((PyArray1::from_vec(py, forced), blind))
     }
 
@@ -718,13 +836,20 @@ impl StreamBatch {
     #[getter]
     fn last_calibrations(&self) -> Vec<(usize, Calibration)> {
         let phrases = self.inner.detector().phrases();
-        self.last.iter().map(|(slot, c)| (*slot, Calibration::new(c, phrases))).collect()
+        self.last
+            .iter()
+            .map(|(slot, c)| (*slot, Calibration::new(c, phrases)))
+            .collect()
     }
 
     /// Every hit of the stream in `slot`.
     fn hits(&self, slot: i64) -> PyResult<Vec<Hit>> {
         let phrases = self.inner.detector().phrases();
-        Ok(self.inner.get(slot)?.map(|m| hits_to_py(&m.hits, phrases)).unwrap_or_default())
+        Ok(self
+            .inner
+            .get(slot)?
+            .map(|m| hits_to_py(&m.hits, phrases))
+            .unwrap_or_default())
     }
 
     /// Every calibration of the stream in `slot`.
@@ -733,19 +858,33 @@ impl StreamBatch {
         Ok(self
             .inner
             .get(slot)?
-            .map(|m| m.calibrations.iter().map(|c| Calibration::new(c, phrases)).collect())
+            .map(|m| {
+                m.calibrations
+                    .iter()
+                    .map(|c| Calibration::new(c, phrases))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
     /// (tokens_seen, calibrations_made, tokens_since_last) of the stream in `slot`, or None
     /// for an empty slot: what a continued request passes back to `add`.
     fn state(&self, slot: i64) -> PyResult<Option<(u64, u32, u64)>> {
-        Ok(self.inner.get(slot)?.map(|m| (m.state.tokens, m.state.calibrations, m.state.since_last)))
+        Ok(self
+            .inner
+            .get(slot)?
+            .map(|m| (m.state.tokens, m.state.calibrations, m.state.since_last)))
     }
 
     fn __repr__(&self) -> String {
-        let active = (0..self.inner.capacity()).filter(|&s| self.inner.is_active(s)).count();
-        format!("StreamBatch(capacity={}, active={active}, out_of_vocab={:?})", self.inner.capacity(), self.out_of_vocab())
+        let active = (0..self.inner.capacity())
+            .filter(|&s| self.inner.is_active(s))
+            .count();
+        format!(
+            "StreamBatch(capacity={}, active={active}, out_of_vocab={:?})",
+            self.inner.capacity(),
+            self.out_of_vocab()
+        )
     }
 }
 

@@ -68,7 +68,10 @@ impl Automaton {
                 }
                 state = goto[state][class] as usize;
             }
-            ends[state].push(Output { phrase: index as u32, chars: phrase.len() as u32 });
+            ends[state].push(Output {
+                phrase: index as u32,
+                chars: phrase.len() as u32,
+            });
         }
 
         // Failure links in breadth-first order, turning the trie into a full DFA; each state
@@ -111,7 +114,14 @@ impl Automaton {
             outputs.extend(ending);
         }
         output_start.push(outputs.len() as u32);
-        Automaton { ascii_class, other_class, classes, next, output_start, outputs }
+        Automaton {
+            ascii_class,
+            other_class,
+            classes,
+            next,
+            output_start,
+            outputs,
+        }
     }
 
     /// The class of a character (0 when no phrase contains it, up to case).
@@ -121,7 +131,10 @@ impl Automaton {
         if folded < 128 {
             self.ascii_class[folded as usize]
         } else {
-            match self.other_class.binary_search_by_key(&folded, |&(cp, _)| cp) {
+            match self
+                .other_class
+                .binary_search_by_key(&folded, |&(cp, _)| cp)
+            {
                 Ok(i) => self.other_class[i].1,
                 Err(_) => 0,
             }
@@ -142,7 +155,11 @@ impl Automaton {
 
     /// The largest number of phrases that end at one state.
     pub fn max_outputs_per_state(&self) -> usize {
-        self.output_start.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+        self.output_start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn class_count(&self) -> usize {

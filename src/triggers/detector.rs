@@ -103,10 +103,14 @@ impl Detector {
         let chars = check_phrases(&phrases)?;
         let automaton = Automaton::new(&chars);
         if automaton.class_count() > (WORD_BIT as usize) {
-            return Err(crate::value_err!("phrases: more than 32767 distinct characters"));
+            return Err(crate::value_err!(
+                "phrases: more than 32767 distinct characters"
+            ));
         }
         if automaton.max_outputs_per_state() > 64 {
-            return Err(crate::value_err!("phrases: more than 64 phrases end with the same text"));
+            return Err(crate::value_err!(
+                "phrases: more than 64 phrases end with the same text"
+            ));
         }
 
         let mut overlap_slot = vec![u32::MAX; chars.len()];
@@ -171,7 +175,10 @@ impl Detector {
 
     /// A fresh stream state for this detector.
     pub fn new_state(&self) -> StreamState {
-        StreamState { last_end: vec![0; self.overlapping], ..StreamState::default() }
+        StreamState {
+            last_end: vec![0; self.overlapping],
+            ..StreamState::default()
+        }
     }
 
     /// Checks that `token` can be fed, without feeding it.
@@ -184,7 +191,9 @@ impl Detector {
             ));
         }
         if self.kind[token as usize] == UNUSED {
-            return Err(crate::index_err!("token id {token} is not a token of this tokenizer's vocabulary"));
+            return Err(crate::index_err!(
+                "token id {token} is not a token of this tokenizer's vocabulary"
+            ));
         }
         Ok(token as u32)
     }
@@ -192,7 +201,13 @@ impl Detector {
     /// Feeds token `token` (the `token_index`-th of the stream); hits it confirms are appended
     /// to `hits`. An invalid id is refused before anything changes.
     #[inline]
-    pub fn push(&self, state: &mut StreamState, token: i64, token_index: u64, hits: &mut Vec<Hit>) -> Result<()> {
+    pub fn push(
+        &self,
+        state: &mut StreamState,
+        token: i64,
+        token_index: u64,
+        hits: &mut Vec<Hit>,
+    ) -> Result<()> {
         let id = self.check_token(token)? as usize;
         let at = Some(token_index);
         match self.kind[id] {
@@ -222,7 +237,12 @@ impl Detector {
 
     /// Ends the text: a phrase at the very end is confirmed (at `last_token_index`). Feeding
     /// more afterwards starts a new text, as after a special token.
-    pub fn finish(&self, state: &mut StreamState, last_token_index: Option<u64>, hits: &mut Vec<Hit>) {
+    pub fn finish(
+        &self,
+        state: &mut StreamState,
+        last_token_index: Option<u64>,
+        hits: &mut Vec<Hit>,
+    ) {
         self.boundary(state, last_token_index, hits);
     }
 
@@ -301,7 +321,12 @@ impl Detector {
                 }
                 state.last_end[slot as usize] = end;
             }
-            hits.push(Hit { phrase: out.phrase, token_index: at, char_start: start, char_end: end });
+            hits.push(Hit {
+                phrase: out.phrase,
+                token_index: at,
+                char_start: start,
+                char_end: end,
+            });
         }
     }
 
@@ -323,13 +348,17 @@ impl Detector {
 /// Checks the phrase list; returns each phrase's characters.
 fn check_phrases(phrases: &[String]) -> Result<Vec<Vec<char>>> {
     if phrases.is_empty() {
-        return Err(crate::value_err!("phrases: expected at least one phrase, got an empty list"));
+        return Err(crate::value_err!(
+            "phrases: expected at least one phrase, got an empty list"
+        ));
     }
     let mut chars = Vec::with_capacity(phrases.len());
     let mut folded_seen: std::collections::HashMap<Vec<char>, usize> = Default::default();
     for (i, phrase) in phrases.iter().enumerate() {
         if phrase.trim().is_empty() {
-            return Err(crate::value_err!("phrases[{i}] = {phrase:?}: a phrase must contain a non-space character"));
+            return Err(crate::value_err!(
+                "phrases[{i}] = {phrase:?}: a phrase must contain a non-space character"
+            ));
         }
         let c: Vec<char> = phrase.chars().collect();
         if c.len() > MAX_PHRASE_CHARS {
@@ -339,7 +368,9 @@ fn check_phrases(phrases: &[String]) -> Result<Vec<Vec<char>>> {
             ));
         }
         if c.contains(&REPLACEMENT) {
-            return Err(crate::value_err!("phrases[{i}] = {phrase:?}: contains U+FFFD, the replacement character"));
+            return Err(crate::value_err!(
+                "phrases[{i}] = {phrase:?}: contains U+FFFD, the replacement character"
+            ));
         }
         let folded: Vec<char> = c.iter().map(|&ch| fold(ch)).collect();
         if let Some(&j) = folded_seen.get(&folded) {
@@ -360,5 +391,7 @@ fn check_phrases(phrases: &[String]) -> Result<Vec<Vec<char>>> {
 fn can_overlap_itself(phrase: &[char]) -> bool {
     let folded: Vec<char> = phrase.iter().map(|&c| fold(c)).collect();
     let n = folded.len();
-    (1..n).any(|k| folded[k..] == folded[..n - k] && !is_word(phrase[k - 1]) && !is_word(phrase[n - k]))
+    (1..n).any(|k| {
+        folded[k..] == folded[..n - k] && !is_word(phrase[k - 1]) && !is_word(phrase[n - k])
+    })
 }

@@ -71,7 +71,10 @@ impl Utf8Decoder {
                 if self.len == self.need {
                     let s = &self.buf[..self.len as usize];
                     // A complete sequence built only from valid continuations is valid UTF-8.
-                    let c = std::str::from_utf8(s).ok().and_then(|s| s.chars().next()).unwrap_or(REPLACEMENT);
+                    let c = std::str::from_utf8(s)
+                        .ok()
+                        .and_then(|s| s.chars().next())
+                        .unwrap_or(REPLACEMENT);
                     self.len = 0;
                     emit(c);
                 }
@@ -152,13 +155,23 @@ mod tests {
             b"\xc2",
         ];
         for bytes in cases {
-            assert_eq!(decode_bytes(bytes), String::from_utf8_lossy(bytes), "{bytes:?}");
+            assert_eq!(
+                decode_bytes(bytes),
+                String::from_utf8_lossy(bytes),
+                "{bytes:?}"
+            );
         }
     }
 
     #[test]
     fn word_and_fold_follow_python() {
-        assert!(is_word('a') && is_word('_') && is_word('9') && is_word('\u{4f60}') && is_word('\u{e9}'));
+        assert!(
+            is_word('a')
+                && is_word('_')
+                && is_word('9')
+                && is_word('\u{4f60}')
+                && is_word('\u{e9}')
+        );
         assert!(!is_word(' ') && !is_word('-') && !is_word('\'') && !is_word(REPLACEMENT));
         assert_eq!(fold('W'), 'w');
         assert_eq!(fold('\u{130}'), 'i'); // İ

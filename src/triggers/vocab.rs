@@ -32,23 +32,36 @@ pub struct Vocab {
 
 impl std::fmt::Debug for Vocab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vocab").field("len", &self.kind.len()).finish_non_exhaustive()
+        f.debug_struct("Vocab")
+            .field("len", &self.kind.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl Vocab {
     /// Loads `tokenizer.json`, or the `tokenizer.json` inside a model folder.
     pub fn from_path(path: &Path) -> Result<Vocab> {
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
         if !file.is_file() {
             return Err(if path.is_dir() {
-                crate::io_err!("tokenizer: the folder {} holds no tokenizer.json", path.display())
+                crate::io_err!(
+                    "tokenizer: the folder {} holds no tokenizer.json",
+                    path.display()
+                )
             } else {
                 crate::io_err!("tokenizer: no such file or folder: {}", path.display())
             });
         }
-        let tokenizer = Tokenizer::from_file(&file)
-            .map_err(|e| crate::value_err!("tokenizer: cannot read {} as a tokenizer.json: {e}", file.display()))?;
+        let tokenizer = Tokenizer::from_file(&file).map_err(|e| {
+            crate::value_err!(
+                "tokenizer: cannot read {} as a tokenizer.json: {e}",
+                file.display()
+            )
+        })?;
         Vocab::from_tokenizer(tokenizer)
     }
 
@@ -103,7 +116,12 @@ impl Vocab {
             }
         }
         start.push(bytes.len() as u32);
-        Ok(Vocab { bytes, start, kind, tokenizer: Arc::new(tokenizer) })
+        Ok(Vocab {
+            bytes,
+            start,
+            kind,
+            tokenizer: Arc::new(tokenizer),
+        })
     }
 
     /// Token ids of `text`, without added special tokens (chat templates add their own).
@@ -163,7 +181,8 @@ fn byte_level_char_to_byte() -> impl Fn(char) -> Option<u8> {
     let mut table = [None; 324];
     let mut shifted = 0u32;
     for b in 0u32..256 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let cp = if printable {
             b
         } else {
