@@ -986,7 +986,7 @@ def test_driver_refuses_bad_requests(vllm_config, input_processor):
         _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(1), sampling_params=SamplingParams(n=2)), "x")
     with pytest.raises(ValueError, match="pvc.phrases differ"):
         _Driver(config_with(vllm_config, additional={"tvc": {"phrases": ["wait"]}}), tok, PVCConfig(phrases=("hmm",)))
-    with pytest.raises(ValueError, match=r"pool = 0: expected an integer >= 1"):
+    with pytest.raises(ValueError, match=r"pool = 0: must be >= 1"):
         PVCConfig(pool=0)
     with pytest.raises(ValueError, match=r"mode = 'shift'"):
         PVCConfig(mode="shift")
