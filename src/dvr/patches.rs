@@ -4,9 +4,7 @@
 //! `to(float32)`, `sub`, `div_`, `repeat`, `cat`, `view`, `permute` and `reshape`.
 //!
 //! The float operations are the processor's, in the same order, in f32: `(x - mean) / std` with
-//! the fused mean and std (`mean / rescale_factor`), so the values are bit for bit the same. A
-//! `uint8` channel has 256 values, so each is normalized once into a table and the patches are
-//! gathered from it.
+//! the fused mean and std (`mean / rescale_factor`), so the values are bit for bit the same.
 
 use rayon::prelude::*;
 
@@ -130,13 +128,10 @@ pub fn write_patches(
     let (p, m, t) = (s.patch_size, s.merge_size, s.temporal_patch_size);
     let merged_w = image.width / (p * m);
     let frame = p * p;
-    // A uint8 input has 256 values per channel: normalize each once (the same f32 operations),
-    // then the patches are a gather.
-    let lut: Vec<[f32; 256]> = (0..c)
-        .map(|ch| std::array::from_fn(|v| (v as f32 - mean[ch]) / std[ch]))
-        .collect();
     let [s0, s1, s2] = image.strides;
+    // Enough rows per task to amortise scheduling (a row is a few KB).
     out.par_chunks_mut(row_len)
+        .with_min_len(64)
         .enumerate()
         .for_each(|(r, row)| {
             // Row order of the processor's permute: (block row, block column, row in block, column in block).
@@ -146,19 +141,26 @@ pub fn write_patches(
             let (bh, bw) = (block / merged_w, block % merged_w);
             let y0 = (bh * m + mh) * p;
             let x0 = (bw * m + mw) * p;
-            for (ch, table) in lut.iter().enumerate() {
+            for ch in 0..c {
+                // The processor's f32 operations, in its order: (x - mean) / std.
+                let (mean, std) = (mean[ch], std[ch]);
                 let base = ch * t * frame;
                 let first = &mut row[base..base + frame];
                 for py in 0..p {
                     let start = ch * s0 + (y0 + py) * s1 + x0 * s2;
                     let dst = &mut first[py * p..(py + 1) * p];
-                    if s2 == 0 {
-                        dst.fill(table[image.data[start] as usize]); // a broadcast axis
-                        continue;
-                    }
-                    let line = &image.data[start..start + (p - 1) * s2 + 1];
-                    for (d, &v) in dst.iter_mut().zip(line.iter().step_by(s2)) {
-                        *d = table[v as usize];
+                    if s2 == 1 {
+                        // Contiguous pixels: a loop the compiler vectorises.
+                        for (d, &v) in dst.iter_mut().zip(&image.data[start..start + p]) {
+                            *d = (v as f32 - mean) / std;
+                        }
+                    } else if s2 == 0 {
+                        dst.fill((image.data[start] as f32 - mean) / std); // a broadcast axis
+                    } else {
+                        let line = &image.data[start..start + (p - 1) * s2 + 1];
+                        for (d, &v) in dst.iter_mut().zip(line.iter().step_by(s2)) {
+                            *d = (v as f32 - mean) / std;
+                        }
                     }
                 }
                 // An image is one frame repeated to the temporal patch size.
