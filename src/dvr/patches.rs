@@ -128,6 +128,12 @@ pub fn write_patches(
     let (p, m, t) = (s.patch_size, s.merge_size, s.temporal_patch_size);
     let merged_w = image.width / (p * m);
     let frame = p * p;
+    // A uint8 channel has 256 values: normalize each once, with the processor's f32 operations
+    // in its order ((x - mean) / std), and gather (bit for bit its values, without a division
+    // per pixel).
+    let lut: Vec<[f32; 256]> = (0..c)
+        .map(|ch| std::array::from_fn(|v| (v as f32 - mean[ch]) / std[ch]))
+        .collect();
     let [s0, s1, s2] = image.strides;
     // Enough rows per task to amortise scheduling (a row is a few KB).
     out.par_chunks_mut(row_len)
@@ -141,25 +147,22 @@ pub fn write_patches(
             let (bh, bw) = (block / merged_w, block % merged_w);
             let y0 = (bh * m + mh) * p;
             let x0 = (bw * m + mw) * p;
-            for ch in 0..c {
-                // The processor's f32 operations, in its order: (x - mean) / std.
-                let (mean, std) = (mean[ch], std[ch]);
+            for (ch, table) in lut.iter().enumerate() {
                 let base = ch * t * frame;
                 let first = &mut row[base..base + frame];
                 for py in 0..p {
                     let start = ch * s0 + (y0 + py) * s1 + x0 * s2;
                     let dst = &mut first[py * p..(py + 1) * p];
                     if s2 == 1 {
-                        // Contiguous pixels: a loop the compiler vectorises.
                         for (d, &v) in dst.iter_mut().zip(&image.data[start..start + p]) {
-                            *d = (v as f32 - mean) / std;
+                            *d = table[v as usize];
                         }
                     } else if s2 == 0 {
-                        dst.fill((image.data[start] as f32 - mean) / std); // a broadcast axis
+                        dst.fill(table[image.data[start] as usize]); // a broadcast axis
                     } else {
                         let line = &image.data[start..start + (p - 1) * s2 + 1];
                         for (d, &v) in dst.iter_mut().zip(line.iter().step_by(s2)) {
-                            *d = (v as f32 - mean) / std;
+                            *d = table[v as usize];
                         }
                     }
                 }
