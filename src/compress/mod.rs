@@ -26,4 +26,4 @@ pub use grid::{check_grids, Grid};
 pub use pool::{pool_visual_tokens, pooled_grid};
 pub use prune::{check_indices, prune_visual_tokens, token_cells};
 pub use scores::visual_token_scores;
-pub use select::{select_tokens, Budget};
+pub use select::{check_score_count, keep_from, select_tokens, Budget, KeepFrom};

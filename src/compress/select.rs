@@ -17,6 +17,47 @@ pub enum Budget {
     Mass(f64),
 }
 
+/// Where the kept tokens of a prune come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepFrom<I, S> {
+    /// The caller's indices.
+    Indices(I),
+    /// A selection from scores, with a budget.
+    Scores(S),
+}
+
+/// Checks the arguments of a prune: exactly one of `indices` and `scores`, and a budget
+/// (`keep`, `ratio`, `mass`) only with scores.
+pub fn keep_from<I, S>(
+    indices: Option<I>,
+    scores: Option<S>,
+    budget: bool,
+) -> Result<KeepFrom<I, S>> {
+    match (indices, scores) {
+        (Some(_), Some(_)) => Err(value_err!(
+            "indices, scores: give indices or scores to select from, not both"
+        )),
+        (None, None) => Err(value_err!(
+            "indices, scores: give the indices to keep or scores to select them from"
+        )),
+        (Some(_), None) if budget => Err(value_err!(
+            "keep, ratio, mass: these select from scores; with indices given, leave them out"
+        )),
+        (Some(indices), None) => Ok(KeepFrom::Indices(indices)),
+        (None, Some(scores)) => Ok(KeepFrom::Scores(scores)),
+    }
+}
+
+/// Checks that there is one score per token.
+pub fn check_score_count(scores: usize, tokens: usize) -> Result<()> {
+    if scores != tokens {
+        return Err(value_err!(
+            "scores: expected {tokens} scores (one per row of x), got {scores}"
+        ));
+    }
+    Ok(())
+}
+
 /// Indices (sorted increasingly) of the tokens to keep: the highest scores first, ties broken
 /// towards the lower index, so the result is deterministic. The count from `budget` is clamped
 /// to `[min_keep, max_keep]` and then to the number of scores.

@@ -246,34 +246,14 @@ fn prune_visual_tokens<'py>(
     let x = tokens_arg(x)?;
     let view = x.view();
     let (tokens, dim) = (view.dim(0), view.dim(1));
-    let indices: Vec<usize> = match (indices, scores) {
-        (Some(_), Some(_)) => {
-            return Err(value_err!(
-                "indices, scores: give indices or scores to select from, not both"
-            )
-            .into())
-        }
-        (None, None) => {
-            return Err(value_err!(
-                "indices, scores: give the indices to keep or scores to select them from"
-            )
-            .into())
-        }
-        (Some(indices), None) => {
-            if keep.is_some() || ratio.is_some() || mass.is_some() {
-                return Err(value_err!("keep, ratio, mass: these select from scores; with indices given, leave them out").into());
-            }
+    let budget_given = keep.is_some() || ratio.is_some() || mass.is_some();
+    let indices: Vec<usize> = match compress::keep_from(indices, scores, budget_given)? {
+        compress::KeepFrom::Indices(indices) => {
             check_indices(&int_vector_arg(indices, "indices")?, tokens)?
         }
-        (None, Some(scores)) => {
+        compress::KeepFrom::Scores(scores) => {
             let scores = scores_arg(scores)?;
-            if scores.len() != tokens {
-                return Err(value_err!(
-                    "scores: expected {tokens} scores (one per row of x), got {}",
-                    scores.len()
-                )
-                .into());
-            }
+            compress::check_score_count(scores.len(), tokens)?;
             let budget = budget_arg(keep, ratio, mass)?;
             let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;
             compress::select_tokens(&scores, budget, min_keep, max_keep)?

@@ -8,7 +8,10 @@ use pyo3::prelude::*;
 use super::compress::{budget_arg, factor_arg, grid_arg, keep_bounds};
 use super::cuda::{device_of, CudaCall};
 use super::tensor::{int_vector_arg, FLOAT_DTYPES};
-use crate::compress::{check_indices, select_tokens as cpu_select, Budget, Grid};
+use crate::compress::{
+    check_indices, check_score_count, keep_from, select_tokens as cpu_select, Budget, Grid,
+    KeepFrom,
+};
 use crate::cuda::compress as gpu;
 use crate::dtype::DType;
 use crate::tensor::Device;
@@ -173,30 +176,16 @@ pub fn prune_visual_tokens<'py>(
         let view = x.view();
         view.expect_rank(2, "[tokens, dim]")?;
         let (tokens, dim) = (view.dim(0), view.dim(1));
-        let (kept, kept_ptr, count) = match (indices, scores) {
-            (Some(_), Some(_)) => {
-                return Err(value_err!(
-                    "indices, scores: give indices or scores to select from, not both"
-                )
-                .into())
-            }
-            (None, None) => {
-                return Err(value_err!(
-                    "indices, scores: give the indices to keep or scores to select them from"
-                )
-                .into())
-            }
-            (Some(indices), None) => {
-                if keep.is_some() || ratio.is_some() || mass.is_some() {
-                    return Err(value_err!("keep, ratio, mass: these select from scores; with indices given, leave them out").into());
-                }
+        let budget_given = keep.is_some() || ratio.is_some() || mass.is_some();
+        let (kept, kept_ptr, count) = match keep_from(indices, scores, budget_given)? {
+            KeepFrom::Indices(indices) => {
                 call.expect_here(indices, "indices")?;
                 let checked = check_indices(&int_vector_arg(&host(indices)?, "indices")?, tokens)?;
                 let values: Vec<i64> = checked.iter().map(|&i| i as i64).collect();
                 let (tensor, ptr) = call.upload_i64(&values)?;
                 (tensor, ptr, values.len())
             }
-            (None, Some(scores)) => {
+            KeepFrom::Scores(scores) => {
                 let budget = budget_arg(keep, ratio, mass)?;
                 let (min_keep, max_keep) = keep_bounds(min_keep, max_keep)?;
                 match device_of(scores)? {
@@ -206,13 +195,7 @@ pub fn prune_visual_tokens<'py>(
                     _ => {
                         // Scores on the host: select there, upload the indices.
                         let values = super::compress::scores_arg(scores)?;
-                        if values.len() != tokens {
-                            return Err(value_err!(
-                                "scores: expected {tokens} scores (one per row of x), got {}",
-                                values.len()
-                            )
-                            .into());
-                        }
+                        check_score_count(values.len(), tokens)?;
                         let kept: Vec<i64> = cpu_select(&values, budget, min_keep, max_keep)?
                             .into_iter()
                             .map(|i| i as i64)

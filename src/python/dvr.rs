@@ -8,10 +8,12 @@ use numpy::prelude::*;
 use numpy::{PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+use super::errors::type_name;
 use pyo3::types::{PyList, PyString};
 use rayon::prelude::*;
 
-use super::triggers::{detector_from, token_ids, Hit, ReflectionDetector};
+use super::triggers::{detector_from, phrases_arg, token_ids, Hit, ReflectionDetector};
 use crate::dvr::{
     self, ChatFormat, ImageU8, Insertion as CoreInsertion, PatchSettings, Policy, Sample,
     SampleBuilder, VisionTokens,
@@ -32,13 +34,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IGNORE_INDEX", dvr::IGNORE_INDEX)?;
     m.add("QWEN2_VL_SYSTEM", dvr::QWEN2_VL_SYSTEM)?;
     Ok(())
-}
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn non_negative(name: &str, value: i64) -> PyResult<usize> {
@@ -366,18 +361,7 @@ impl DVRBuilder {
         min_pixels: i64,
         max_pixels: i64,
     ) -> PyResult<Self> {
-        let phrases = match phrases {
-            None => None,
-            Some(p) if p.is_instance_of::<PyString>() => {
-                return Err(PyTypeError::new_err(
-                    "phrases: expected a list of strings, got a single string",
-                ))
-            }
-            Some(p) => Some(
-                p.extract::<Vec<String>>()
-                    .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings"))?,
-            ),
-        };
+        let phrases = phrases_arg(phrases)?;
         let detector = match tokenizer.cast::<ReflectionDetector>() {
             Ok(d) => {
                 if phrases.is_some() {

@@ -1,6 +1,7 @@
 //! Maps the core's error kinds to Python exceptions.
 
 use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
 use pyo3::PyErr;
 
 use crate::error::Error;
@@ -15,4 +16,12 @@ impl From<Error> for PyErr {
             Error::Runtime(msg) => PyRuntimeError::new_err(msg),
         }
     }
+}
+
+/// The Python type name of `obj`, for messages such as "expected a NumPy array, got list".
+pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into())
 }

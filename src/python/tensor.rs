@@ -21,6 +21,8 @@ use std::sync::Arc;
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
+
+use super::errors::type_name;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::dtype::DType;
@@ -343,13 +345,6 @@ unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
         return Some(Managed::Legacy(ptr));
     }
     None
-}
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "object".into())
 }
 
 /// An integer argument given as an int32/int64 array or a Python sequence of ints, as `i64`s:

@@ -58,6 +58,21 @@ impl Hit {
 }
 
 /// Token ids from a list, a tuple, a NumPy array or a PyTorch tensor (CPU), as i64.
+/// The optional `phrases` argument: None, or a list of strings (a single string is refused,
+/// not split into characters).
+pub(crate) fn phrases_arg(phrases: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<String>>> {
+    match phrases {
+        None => Ok(None),
+        Some(p) if p.is_instance_of::<PyString>() => Err(PyTypeError::new_err(
+            "phrases: expected a list of strings, got a single string",
+        )),
+        Some(p) => p
+            .extract::<Vec<String>>()
+            .map(Some)
+            .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings")),
+    }
+}
+
 pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
     if let Ok(array) = obj.cast::<PyArray1<i64>>() {
         return Ok(array.readonly().as_array().to_vec());
@@ -255,18 +270,7 @@ impl ReflectionDetector {
         tokenizer: &Bound<'_, PyAny>,
         phrases: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let phrases = match phrases {
-            None => None,
-            Some(p) if p.is_instance_of::<PyString>() => {
-                return Err(PyTypeError::new_err(
-                    "phrases: expected a list of strings, got a single string",
-                ))
-            }
-            Some(p) => Some(
-                p.extract::<Vec<String>>()
-                    .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings"))?,
-            ),
-        };
+        let phrases = phrases_arg(phrases)?;
         Ok(ReflectionDetector {
             inner: Arc::new(detector_from(py, tokenizer, phrases)?),
         })
