@@ -228,6 +228,10 @@ proptest! {
         batch.add(1, schedule, ScheduleState::default()).unwrap();
         let mut lists = MonitorBatch::new(detector.clone(), 3);
         lists.add(2, schedule, ScheduleState::default()).unwrap();
+        // The same rows described by sequence length (vLLM's V2 runner), prompts of PROMPT tokens.
+        const PROMPT: i64 = 7;
+        let mut by_seq = MonitorBatch::new(detector.clone(), 3);
+        by_seq.add(1, schedule, ScheduleState::default()).unwrap();
         // The model: calibrations where the plain stream makes them; due from a calibration
         // until a token follows its first report.
         let mut plain = MonitorBatch::new(detector.clone(), 2);
@@ -251,6 +255,11 @@ proptest! {
             // Row 0 is an empty slot, row 1 the stream.
             batch.advance(&[0, 1], &[0, index], &[ids[0], token], &[true, sampling], |row| got.push(row)).unwrap();
             prop_assert_eq!(&got, &want);
+            // A row that does not sample is an intermediate prefill chunk: seq_len < prefill_len.
+            let prefill = [0, if sampling { 0 } else { i64::MAX }, 0];
+            let mut got_seq = Vec::new();
+            by_seq.advance_seq(&[0, 1], &[PROMPT + 1, PROMPT + index + 1, 99], &[ids[0], token], &[PROMPT; 3], &prefill, |row| got_seq.push(row)).unwrap();
+            prop_assert_eq!(&got_seq, &want);
             // The same through lists: slot 2 gains the token when one is fed.
             let fed_before = lists.get(2).unwrap().unwrap().state.tokens as usize;
             let spans = if fed_before < seen { vec![(2usize, fed_before, seen)] } else { vec![] };
@@ -260,6 +269,7 @@ proptest! {
         }
         prop_assert_eq!(batch.get(1).unwrap().unwrap().state.tokens as usize, seen);
         prop_assert_eq!(&batch.get(1).unwrap().unwrap().calibrations, &plain.get(1).unwrap().unwrap().calibrations);
+        prop_assert_eq!(&by_seq.get(1).unwrap().unwrap().calibrations, &plain.get(1).unwrap().unwrap().calibrations);
     }
 }
 

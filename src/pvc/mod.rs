@@ -490,6 +490,46 @@ impl MonitorBatch {
         Ok(())
     }
 
+    /// [`advance`](Self::advance) for rows described by sequence length (vLLM's V2 runner):
+    /// row `i` is slot `slots[i]`, its input token `tokens[i]` is token number
+    /// `seq_lens[i] - 1 - prompt_len[slot]` of the stream, and the row samples when
+    /// `seq_lens[i] >= prefill_len[slot]` (not an intermediate chunk of a prefill).
+    /// `seq_lens` may be longer than `slots` (padding); `prompt_len` and `prefill_len` are
+    /// indexed by slot.
+    pub fn advance_seq(
+        &mut self,
+        slots: &[i64],
+        seq_lens: &[i64],
+        tokens: &[i64],
+        prompt_len: &[i64],
+        prefill_len: &[i64],
+        on_force: impl FnMut(usize),
+    ) -> Result<()> {
+        if seq_lens.len() < slots.len() {
+            return Err(crate::value_err!(
+                "seq_lens: {} entries for {} rows of slots (one per row; padding after them is ignored)",
+                seq_lens.len(),
+                slots.len()
+            ));
+        }
+        let mut token_index = Vec::with_capacity(slots.len());
+        let mut sampling = Vec::with_capacity(slots.len());
+        for (row, (&slot, &seq)) in slots.iter().zip(seq_lens).enumerate() {
+            let slot_index = usize::try_from(slot).ok();
+            let (Some(&prompt), Some(&prefill)) = (
+                slot_index.and_then(|s| prompt_len.get(s)),
+                slot_index.and_then(|s| prefill_len.get(s)),
+            ) else {
+                return Err(crate::index_err!(
+                    "slots[{row}] = {slot}: outside prompt_len / prefill_len"
+                ));
+            };
+            token_index.push(seq - 1 - prompt);
+            sampling.push(seq >= prefill);
+        }
+        self.advance(slots, &token_index, tokens, &sampling, on_force)
+    }
+
     /// Feeds, for each `(slot, start, end)` of `spans`, `tokens[start..end]` to the stream in
     /// `slot` (the tokens generated since its last one; empty slots are skipped), then calls
     /// `on_force(slot)` for every slot below `rows` whose stream has a calibration due. Ids must

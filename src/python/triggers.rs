@@ -143,47 +143,6 @@ impl<'py> Ints<'py> {
     }
 }
 
-/// A per-slot integer table, read in place when it is a contiguous int32 / int64 NumPy array.
-enum Table<'py> {
-    I64(PyReadonlyArray1<'py, i64>),
-    I32(PyReadonlyArray1<'py, i32>),
-    Owned(Vec<i64>),
-}
-
-impl<'py> Table<'py> {
-    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Table<'py>> {
-        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
-            let readonly = array.readonly();
-            if readonly.as_slice().is_ok() {
-                return Ok(Table::I64(readonly));
-            }
-        }
-        if let Ok(array) = obj.cast::<PyArray1<i32>>() {
-            let readonly = array.readonly();
-            if readonly.as_slice().is_ok() {
-                return Ok(Table::I32(readonly));
-            }
-        }
-        Ok(Table::Owned(token_ids(obj, name)?))
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Table::I64(a) => a.as_slice().map_or(0, |s| s.len()),
-            Table::I32(a) => a.as_slice().map_or(0, |s| s.len()),
-            Table::Owned(v) => v.len(),
-        }
-    }
-
-    fn get(&self, index: usize) -> Option<i64> {
-        match self {
-            Table::I64(a) => a.as_slice().ok()?.get(index).copied(),
-            Table::I32(a) => a.as_slice().ok()?.get(index).map(|&v| v as i64),
-            Table::Owned(v) => v.get(index).copied(),
-        }
-    }
-}
-
 fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
     if let Ok(array) = obj.cast::<PyArray1<bool>>() {
         return Ok(array.readonly().as_array().to_vec());
@@ -695,38 +654,15 @@ impl StreamBatch {
         prefill_len: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray1<i32>>> {
         let slots = Ints::new(slots, "slots")?;
-        let seq_lens = Table::new(seq_lens, "seq_lens")?;
         let tokens = Ints::new(tokens, "tokens")?;
-        let prompt_len = Table::new(prompt_len, "prompt_len")?;
-        let prefill_len = Table::new(prefill_len, "prefill_len")?;
-        let slots = slots.as_slice();
-        if seq_lens.len() < slots.len() {
-            return Err(PyValueError::new_err(format!(
-                "seq_lens: {} entries for {} rows of slots (one per row; padding after them is ignored)",
-                seq_lens.len(),
-                slots.len()
-            )));
-        }
-        let mut token_index = Vec::with_capacity(slots.len());
-        let mut sampling = Vec::with_capacity(slots.len());
-        for (row, &slot) in slots.iter().enumerate() {
-            let seq = seq_lens.get(row).unwrap_or(0);
-            let (Some(prompt), Some(prefill)) = (
-                usize::try_from(slot).ok().and_then(|s| prompt_len.get(s)),
-                usize::try_from(slot).ok().and_then(|s| prefill_len.get(s)),
-            ) else {
-                return Err(pyo3::exceptions::PyIndexError::new_err(format!(
-                    "slots[{row}] = {slot}: outside prompt_len / prefill_len"
-                )));
-            };
-            token_index.push(seq - 1 - prompt);
-            sampling.push(seq >= prefill);
-        }
-        let inner = &mut self.inner;
-        let tokens = tokens.as_slice();
+        // Per-slot tables (a few KB): copied, so the core reads plain slices.
+        let seq_lens = token_ids(seq_lens, "seq_lens")?;
+        let prompt_len = token_ids(prompt_len, "prompt_len")?;
+        let prefill_len = token_ids(prefill_len, "prefill_len")?;
+        let (inner, slots, tokens) = (&mut self.inner, slots.as_slice(), tokens.as_slice());
         let mut forced: Vec<i32> = Vec::new();
         py.detach(|| {
-            inner.advance(slots, &token_index, tokens, &sampling, |row| {
+            inner.advance_seq(slots, &seq_lens, tokens, &prompt_len, &prefill_len, |row| {
                 forced.push(row as i32)
             })
         })?;
