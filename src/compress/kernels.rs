@@ -173,7 +173,9 @@ pub(crate) fn write_copy<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
 }
 
 /// A `rows x width` row-major Vec whose rows `fill(row, out_row)` writes in parallel, in tasks
-/// of at least `min_rows` rows. Every call must write every element of its row.
+/// of at least `min_rows` rows; with no more than `min_rows` rows, on the calling thread (waking
+/// rayon's workers costs tens of microseconds, more than a small call's work). Every call must
+/// write every element of its row.
 pub(crate) fn par_rows<T, F>(rows: usize, width: usize, min_rows: usize, fill: F) -> Vec<T>
 where
     T: Send,
@@ -182,11 +184,20 @@ where
     let len = rows * width;
     let mut out: Vec<T> = Vec::with_capacity(len);
     if width > 0 {
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(width)
-            .with_min_len(min_rows.max(1))
-            .enumerate()
-            .for_each(|(row, dst)| fill(row, dst));
+        if rows <= min_rows {
+            for (row, dst) in out.spare_capacity_mut()[..len]
+                .chunks_mut(width)
+                .enumerate()
+            {
+                fill(row, dst);
+            }
+        } else {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(width)
+                .with_min_len(min_rows.max(1))
+                .enumerate()
+                .for_each(|(row, dst)| fill(row, dst));
+        }
     }
     // SAFETY: every row was written by `fill` (the contract above); width 0 means len 0.
     unsafe { out.set_len(len) };
@@ -209,11 +220,21 @@ where
     let len = rows * width;
     let mut out: Vec<T> = Vec::with_capacity(len);
     if width > 0 {
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(width)
-            .with_min_len(min_rows.max(1))
-            .enumerate()
-            .for_each_init(init, |state, (row, dst)| fill(state, row, dst));
+        if rows <= min_rows {
+            let mut state = init();
+            for (row, dst) in out.spare_capacity_mut()[..len]
+                .chunks_mut(width)
+                .enumerate()
+            {
+                fill(&mut state, row, dst);
+            }
+        } else {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(width)
+                .with_min_len(min_rows.max(1))
+                .enumerate()
+                .for_each_init(init, |state, (row, dst)| fill(state, row, dst));
+        }
     }
     // SAFETY: every row was written by `fill` (the contract of `par_rows`); width 0 means len 0.
     unsafe { out.set_len(len) };
