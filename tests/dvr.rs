@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 use proptest::prelude::*;
 use tvc_rs::dvr::{
     downscaled_size, infer_seqlen, insert_text, plan_insertions, snap_cut, vision_blocks,
-    write_patches, ChatFormat, ImageU8, PatchSettings, Policy, SampleBuilder, VisionTokens,
-    IGNORE_INDEX, QWEN2_VL_SYSTEM,
+    write_patches, write_patches_many, ChatFormat, ImageU8, PatchSettings, Policy, SampleBuilder,
+    VisionTokens, IGNORE_INDEX, QWEN2_VL_SYSTEM,
 };
 use tvc_rs::rope::{
     image_grid_thw, positions_for_sequence, GridThw, ImageSettings, ModelType, MropeConfig,
@@ -504,6 +504,20 @@ proptest! {
         write_patches(&image, &mean, &std, &s, &mut out).unwrap();
         let expected = naive_patches(&data, c, h, w, |ch, y, x| ch * strides[0] + y * strides[1] + x * strides[2], &mean, &std, &s);
         prop_assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+
+        // Several images, one given twice (written once, then copied) and one other: each part
+        // equals the image's patches alone.
+        let other: Vec<u8> = data.iter().map(|v| v.wrapping_mul(31).wrapping_add(7)).collect();
+        let second = ImageU8 { data: &other, ..image };
+        let mut many = vec![f32::NAN; 3 * out.len()];
+        write_patches_many(&[image, second, image], &mean, &std, &s, &mut many).unwrap();
+        let mut second_alone = vec![0f32; out.len()];
+        write_patches(&second, &mean, &std, &s, &mut second_alone).unwrap();
+        let n = out.len();
+        prop_assert_eq!(&many[..n], &out[..]);
+        prop_assert_eq!(&many[n..2 * n], &second_alone[..]);
+        prop_assert_eq!(&many[2 * n..], &out[..]);
+        prop_assert!(write_patches_many(&[image], &mean, &std, &s, &mut many).is_err(), "a wrong output size is refused");
     }
 
     #[test]

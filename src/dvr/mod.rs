@@ -17,7 +17,7 @@ pub mod policy;
 pub mod sample;
 pub mod truncate;
 
-pub use patches::{patch_rows, write_patches, ImageU8, PatchSettings};
+pub use patches::{patch_rows, write_patches, write_patches_many, ImageU8, PatchSettings};
 pub use policy::{
     downscaled_size, insert_text, is_py_space, plan_insertions, sentence_end, Insertion, Policy,
     DEFAULT_DOWNSCALE, DEFAULT_PLACEHOLDER,

@@ -174,3 +174,47 @@ pub fn write_patches(
         });
     Ok(())
 }
+
+/// The patches of several images, one after the other, into `out` (the sum of their
+/// `patch_rows * row_len` floats). An image given again (the same memory, shape and strides, as
+/// a DVR sample's re-affirmed copy at each of its insertion points) is normalized once and
+/// copied after that.
+pub fn write_patches_many(
+    images: &[ImageU8<'_>],
+    mean: &[f32],
+    std: &[f32],
+    s: &PatchSettings,
+    out: &mut [f32],
+) -> Result<()> {
+    let row_len = s.row_len(mean.len());
+    let mut sizes = Vec::with_capacity(images.len());
+    for image in images {
+        sizes.push(patch_rows(image.height, image.width, s)? * row_len);
+    }
+    let total: usize = sizes.iter().sum();
+    if out.len() != total {
+        return Err(value_err!(
+            "out has {} elements, expected {total}",
+            out.len()
+        ));
+    }
+    let same = |a: &ImageU8<'_>, b: &ImageU8<'_>| {
+        std::ptr::eq(a.data.as_ptr(), b.data.as_ptr())
+            && a.data.len() == b.data.len()
+            && (a.channels, a.height, a.width, a.strides)
+                == (b.channels, b.height, b.width, b.strides)
+    };
+    let mut start = 0;
+    for (i, (image, &size)) in images.iter().zip(&sizes).enumerate() {
+        let earlier = (0..i).find(|&j| same(&images[j], image));
+        match earlier {
+            Some(j) => {
+                let from: usize = sizes[..j].iter().sum();
+                out.copy_within(from..from + size, start);
+            }
+            None => write_patches(image, mean, std, s, &mut out[start..start + size])?,
+        }
+        start += size;
+    }
+    Ok(())
+}

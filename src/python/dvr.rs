@@ -774,15 +774,7 @@ fn qwen2_vl_patches<'py>(
         let flat = guard
             .as_slice_mut()
             .map_err(|_| PyValueError::new_err("output is not contiguous"))?;
-        py.detach(|| -> crate::Result<()> {
-            let mut rest = &mut flat[..];
-            for (image, &n) in views.iter().zip(&rows) {
-                let (head, tail) = rest.split_at_mut(n * row_len);
-                dvr::write_patches(image, &mean, &std, &settings, head)?;
-                rest = tail;
-            }
-            Ok(())
-        })?;
+        py.detach(|| dvr::write_patches_many(&views, &mean, &std, &settings, flat))?;
     }
     Ok(out)
 }
