@@ -208,6 +208,17 @@ fn ptr(view: &TensorView<'_>) -> u64 {
     view.data_ptr() as u64
 }
 
+/// How kernels read the rows of a 2-D view `[rows, dim]` and write a row-major output: with
+/// packed 16-byte accesses (`w` elements at a time, the `_v` kernels) when sizes, strides and
+/// both pointers allow it, else one element at a time (`_s`).
+fn row_access(x: &TensorView<'_>, out_ptr: u64) -> (usize, &'static str) {
+    if rows_packed(x, out_ptr) {
+        (16 / x.dtype().size_bytes(), "v")
+    } else {
+        (1, "s")
+    }
+}
+
 /// Packed (16-byte) access to rows of a 2-D view `[rows, dim]` and a row-major output.
 fn rows_packed(x: &TensorView<'_>, out_ptr: u64) -> bool {
     let w = (16 / x.dtype().size_bytes()) as isize;
@@ -260,15 +271,10 @@ pub fn pool_visual_tokens(
         return Ok(());
     }
     let dev = device(ordinal)?;
-    let packed = rows_packed(x, ptr(out));
-    let w = if packed {
-        16 / x.dtype().size_bytes()
-    } else {
-        1
-    };
+    let (w, variant) = row_access(x, ptr(out));
     let f = dev.function(
         KernelFile::Compress,
-        &format!("pool_{}_{}", tag(x.dtype()), if packed { "v" } else { "s" }),
+        &format!("pool_{}_{variant}", tag(x.dtype())),
     )?;
     let (mut in_start, mut out_start) = (0i64, 0i64);
     for (chunk, pooled) in grids.chunks(MAX_GRIDS).zip(new.chunks(MAX_GRIDS)) {
@@ -647,12 +653,7 @@ pub fn gather(
         return Ok(());
     }
     let dev = device(ordinal)?;
-    let packed = rows_packed(x, ptr(out));
-    let w = if packed {
-        16 / x.dtype().size_bytes()
-    } else {
-        1
-    };
+    let (w, variant) = row_access(x, ptr(out));
     let args = GatherArgs {
         x: ptr(x),
         out: ptr(out),
@@ -664,11 +665,7 @@ pub fn gather(
     };
     let f = dev.function(
         KernelFile::Compress,
-        &format!(
-            "gather_{}_{}",
-            tag(x.dtype()),
-            if packed { "v" } else { "s" }
-        ),
+        &format!("gather_{}_{variant}", tag(x.dtype())),
     )?;
     // SAFETY: live device views; indices checked in range.
     unsafe {
@@ -806,16 +803,8 @@ pub unsafe fn merge(
         stream,
         &sim,
     )?;
-    let packed = rows_packed(x, ptr(out));
-    let w = if packed {
-        16 / x.dtype().size_bytes()
-    } else {
-        1
-    };
-    let f = dev.function(
-        KernelFile::Compress,
-        &format!("merge_{t}_{}", if packed { "v" } else { "s" }),
-    )?;
+    let (w, variant) = row_access(x, ptr(out));
+    let f = dev.function(KernelFile::Compress, &format!("merge_{t}_{variant}"))?;
     let args = MergeArgs {
         x: ptr(x),
         out: ptr(out),
