@@ -64,12 +64,9 @@ __all__ = [
     "generate_async",
 ]
 
-try:  # vLLM's logger, so that messages land with the engine's own.
-    from vllm.logger import init_logger
-
-    logger = init_logger(__name__)
-except ImportError:  # pragma: no cover
-    logger = logging.getLogger(__name__)
+# A child of vLLM's "vllm" logger, which vLLM configures (handler, level, format): messages
+# under any other name (e.g. "tvc_rs.vllm") would go to Python's unconfigured root and be lost.
+logger = logging.getLogger("vllm.tvc_rs")
 
 EXTRA_ARGS_KEY = "tvc"
 """The key of the TVC settings in ``SamplingParams.extra_args``."""
@@ -677,10 +674,13 @@ class TVCResult:
         token_ids: the tokens the model generated (bridge phrases and images excluded).
         calibrations: the calibrations, in order.
         finish_reason: the last part's (``"stop"``, ``"length"``, ...).
-        prompt_tokens: per engine request, its prompt length after vLLM's processing (images
-            expanded).
-        cached_tokens: per engine request, the prompt tokens served from vLLM's prefix cache
-            (None where vLLM did not report it): ``prompt_tokens - cached_tokens`` is what each
+        prompt_tokens: per part of the answer (the first request, then one per calibration),
+            the context its prefill ran over, images expanded: the engine request's prompt, or
+            in a streaming-input session (:func:`generate_async`, append) everything the request
+            held once the part's chunk was added.
+        cached_tokens: per part, the tokens of that context that were not computed again
+            (vLLM's prefix-cache hits, or in a streaming session everything before the chunk;
+            None where vLLM did not report it): ``prompt_tokens - cached_tokens`` is what each
             part cost to prefill.
     """
 
@@ -741,7 +741,9 @@ class _Driver:
             settings = dict(tvc_rs.image_processor_settings(model_config.model))
         except (OSError, ValueError, TypeError):
             settings = {}
-        overrides = getattr(model_config, "mm_processor_kwargs", None) or {}
+        # The engine's value: ModelConfig.mm_processor_kwargs is an InitVar (None once the config
+        # is built); it lives on the multimodal config.
+        overrides = getattr(getattr(model_config, "multimodal_config", None), "mm_processor_kwargs", None) or {}
         for key in ("min_pixels", "max_pixels"):
             if overrides.get(key) is not None:
                 settings[key] = int(overrides[key])
@@ -915,8 +917,11 @@ class _Session:
         blocks) when it stopped at a calibration, else None."""
         completion = output.outputs[0]
         ids = [int(t) for t in completion.token_ids]
-        if output.prompt_token_ids is not None:
-            self.prompt_tokens.append(len(output.prompt_token_ids))
+        prompt_tokens = getattr(output, "prompt_tokens", None)  # a streaming part counts its own
+        if prompt_tokens is None and output.prompt_token_ids is not None:
+            prompt_tokens = len(output.prompt_token_ids)
+        if prompt_tokens is not None:
+            self.prompt_tokens.append(prompt_tokens)
             self.cached_tokens.append(output.num_cached_tokens)
         cal = self.driver.calibration_token
         calibrated = completion.stop_reason == cal and ids and ids[-1] == cal
@@ -1028,7 +1033,10 @@ def generate(llm: Any, requests: Any, pvc: Optional[PVCConfig] = None) -> list[T
 
     def submit(session: _Session, prompt: dict, params: SamplingParams) -> None:
         (engine_id,) = llm.enqueue([prompt], [params], use_tqdm=False)
-        owner[engine_id] = session
+        # enqueue returns vLLM's internal id ("<external>-<8 random chars>") while step()
+        # reports outputs under the external one (the LLM's counter, never containing "-");
+        # without randomisation (VLLM_DISABLE_REQUEST_ID_RANDOMIZATION) the two are equal.
+        owner[engine_id.split("-", 1)[0]] = session
 
     for session in sessions:
         submit(session, *session.first())
@@ -1089,13 +1097,25 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
             yield chunk
 
     collected: list[int] = []
+    # A session's outputs report the prompt chunks so far (not the generated tokens between them)
+    # and the first chunk's cache hits; each part's own figures are counted here instead: its
+    # context is everything the request holds before its chunk, which it did not prefill.
+    reported = 0  # prompt tokens of the chunks so far, as the engine reports them
+    context = 0  # tokens the request holds: chunks and generated tokens (calibration tokens dropped)
     async for out in engine.generate(inputs(), params_of(first_params.clone()), f"{name}-{uuid.uuid4().hex[:8]}"):
         completion = out.outputs[0]
         collected.extend(completion.token_ids)
         if completion.finish_reason is None and not out.finished:
             continue
         if session.finish_reason is None and (collected or out.finished):
-            part = _PartOutput(out, collected)
+            chunk = len(out.prompt_token_ids) - reported if out.prompt_token_ids is not None else None
+            if chunk is None or reported == 0:
+                prompt_tokens, cached = (chunk, out.num_cached_tokens)
+            else:
+                prompt_tokens, cached = (context + chunk, context)
+            reported += chunk or 0
+            context += (chunk or 0) + len(collected) - (1 if collected and collected[-1] == driver.calibration_token else 0)
+            part = _PartOutput(out, collected, prompt_tokens, cached)
             collected = []
             added = session.take_part(part)
             if added is None:
@@ -1109,10 +1129,10 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
 
 class _PartOutput:
     """A streaming-input part as a finished output: the part's tokens with the boundary's
-    finish and stop reasons."""
+    finish and stop reasons, and the part's own context length and cached tokens."""
 
-    def __init__(self, output: Any, token_ids: list[int]) -> None:
+    def __init__(self, output: Any, token_ids: list[int], prompt_tokens: Optional[int], cached_tokens: Optional[int]) -> None:
         completion = output.outputs[0]
         self.outputs = [dataclasses.replace(completion, token_ids=list(token_ids))]
-        self.prompt_token_ids = output.prompt_token_ids
-        self.num_cached_tokens = output.num_cached_tokens
+        self.prompt_tokens = prompt_tokens
+        self.num_cached_tokens = cached_tokens

