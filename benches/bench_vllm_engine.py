@@ -145,7 +145,7 @@ def main() -> None:
     path = write_results(
         "vllm-engine-cpu", rows, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
         model="random Qwen2-VL, 4 layers, hidden 512, float32, 151k vocabulary; CLEVR image (99 tokens at max_pixels 200704)",
-        repeat=args.repeat, load_average=os.getloadavg()[0],
+        repeat=args.repeat, load_average=list(os.getloadavg()),
     )
     print(markdown_table([r for r in rows if r["case"] == "throughput"], ["batch", "requests", "seconds", "tokens_per_s", "vs_plain"]))
     print(markdown_table([r for r in rows if r["case"] == "calibration"],

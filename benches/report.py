@@ -106,6 +106,18 @@ def vllm() -> str:
             + "\n\n" + when(d))
 
 
+def vllm_engine() -> str:
+    d = load("vllm-engine-cpu")
+    through = [[r["batch"], r["requests"], r["tokens_per_s"], f"{r['vs_plain']:.2f}"] for r in d["rows"] if r["case"] == "throughput"]
+    cal = [[r["context_tokens"], r["mode"], r["image_tokens"], r["continuation_prompt_tokens"], r["prefilled_tokens"],
+            r["calibration_ms"]] for r in d["rows"] if r["case"] == "calibration"]
+    return (f"vLLM {d['vllm']} (CPU build), {d['model']}; median of {d['repeat']} runs:\n\n"
+            + table(["batch", "requests", "output tokens/s", "vs no TVC"], through) + "\n\n"
+            + table(["context tokens", "mode", "image tokens injected", "continuation prompt", "prefilled (engine counters)",
+                     "calibration ms"], cal)
+            + "\n\n" + when(d))
+
+
 def dvr() -> str:
     d = load("dvr-cpu")
     rows = [[r["what"], r.get("llamafactory_samples_per_s", ""), r["tvc_rs_samples_per_s"],
@@ -124,7 +136,7 @@ def cuda() -> str:
 
 
 TABLES = {"triggers": triggers, "rope": rope, "compress": compress, "kv": kv, "hf": hf, "vllm": vllm,
-          "dvr": dvr, "cuda": cuda}
+          "vllm_engine": vllm_engine, "dvr": dvr, "cuda": cuda}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or TABLES:

@@ -949,3 +949,30 @@ def test_driver_refuses_bad_requests(vllm_config, input_processor):
         PVCConfig(pool=0)
     with pytest.raises(ValueError, match=r"mode = 'shift'"):
         PVCConfig(mode="shift")
+
+
+def test_driver_image_settings_follow_the_engine(vllm_config, input_processor, tmp_path, monkeypatch):
+    """max_pixels from the engine's mm_processor_kwargs (on the multimodal config, where vLLM
+    keeps them), else the model's preprocessor_config.json, also for a hub name in the cache."""
+    tok = input_processor.tokenizer
+    preprocessor = json.loads((Path(vllm_config.model_config.model) / "preprocessor_config.json").read_text())
+    assert _Driver(vllm_config, tok, None).image_settings["max_pixels"] == preprocessor["max_pixels"]
+
+    config = config_with(vllm_config)
+    config.model_config.multimodal_config = copy.copy(vllm_config.model_config.multimodal_config)
+    config.model_config.multimodal_config.mm_processor_kwargs = {"max_pixels": 200704, "min_pixels": 3136 * 4}
+    settings = _Driver(config, tok, None).image_settings
+    assert (settings["max_pixels"], settings["min_pixels"]) == (200704, 3136 * 4)
+
+    # A hub name: the preprocessor file of the Hugging Face cache's snapshot.
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--org--tiny-vl" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "max_pixels": 401408}))
+    (tmp_path / "models--org--tiny-vl" / "refs").mkdir()
+    (tmp_path / "models--org--tiny-vl" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    config = config_with(vllm_config)
+    object.__setattr__(config.model_config, "model", "org/tiny-vl")
+    assert _Driver(config, tok, None).image_settings["max_pixels"] == 401408

@@ -737,9 +737,19 @@ class _Driver:
     def _image_settings(self) -> dict:
         """patch_size, merge_size, min_pixels and max_pixels of the engine's image processor."""
         model_config = self.vllm_config.model_config
+        source: Any = model_config.model
+        if not os.path.isdir(source):  # a hub name: the file vLLM's processor loaded, from the cache
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(source, "preprocessor_config.json", revision=getattr(model_config, "revision", None))
+                source = cached if isinstance(cached, str) else source
+            except (ImportError, ValueError):
+                pass
         try:
-            settings = dict(tvc_rs.image_processor_settings(model_config.model))
+            settings = dict(tvc_rs.image_processor_settings(source))
         except (OSError, ValueError, TypeError):
+            logger.warning("TVC: no preprocessor_config.json found for %s; re-injected images sized with Qwen2-VL's defaults", model_config.model)
             settings = {}
         # The engine's value: ModelConfig.mm_processor_kwargs is an InitVar (None once the config
         # is built); it lives on the multimodal config.
