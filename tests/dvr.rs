@@ -9,9 +9,9 @@ use std::sync::{Arc, OnceLock};
 
 use proptest::prelude::*;
 use tvc_rs::dvr::{
-    downscaled_size, infer_seqlen, insert_text, plan_insertions, snap_cut, vision_blocks,
-    write_patches, write_patches_many, ChatFormat, ImageU8, PatchSettings, Policy, SampleBuilder,
-    VisionTokens, IGNORE_INDEX, QWEN2_VL_SYSTEM,
+    answer_cut, downscaled_size, infer_seqlen, insert_text, plan_insertions, snap_cut,
+    vision_blocks, write_patches, write_patches_many, ChatFormat, ImageU8, PatchSettings, Policy,
+    SampleBuilder, VisionTokens, IGNORE_INDEX, QWEN2_VL_SYSTEM,
 };
 use tvc_rs::rope::{
     image_grid_thw, positions_for_sequence, GridThw, ImageSettings, ModelType, MropeConfig,
@@ -279,9 +279,79 @@ fn samples_mask_vision_labels_and_have_get_rope_index_positions() {
     assert!(with_copies > 20);
 }
 
+/// LLaMA-Factory 0.9.5's `infer_seqlen`, written again (Python's float arithmetic).
+fn lf_infer_seqlen(source: usize, target: usize, cutoff: usize) -> (usize, usize) {
+    let max_target = if target * 2 < cutoff {
+        cutoff
+    } else if source * 2 < cutoff {
+        cutoff - source
+    } else {
+        (cutoff as f64 * (target as f64 / (source + target) as f64)) as usize
+    };
+    let new_target = max_target.min(target);
+    let new_source = cutoff.saturating_sub(new_target).min(source);
+    (new_source, new_target)
+}
+
+/// `(start, end)` of every `<|vision_start|> pads <|vision_end|>` run of `ids`, by a plain scan.
+fn reference_blocks(ids: &[i64], v: &VisionTokens) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut open = None;
+    for (i, &id) in ids.iter().enumerate() {
+        if id == v.vision_start {
+            open = Some(i);
+        } else if id == v.vision_end {
+            if let Some(s) = open.take() {
+                out.push((s, i + 1));
+            }
+        }
+    }
+    out
+}
+
+/// The truncated sample by the rule, from the untruncated one: cut as LLaMA-Factory
+/// cuts; the prompt keeps its image whole; an answer cut inside a copy (or inside the bridge
+/// tokens right before it) moves to its start. `None` when the prompt's image does not fit.
+/// Returns (ids, prompt tokens kept, copies kept).
+fn reference_truncation(
+    full: &[i64],
+    prompt: usize,
+    cutoff: usize,
+    v: &VisionTokens,
+    bridge: &[i64],
+) -> Option<(Vec<i64>, usize, usize)> {
+    let (source, target) = (&full[..prompt], &full[prompt..]);
+    let (mut s_keep, mut t_keep) = lf_infer_seqlen(source.len(), target.len(), cutoff);
+    let prompt_end = reference_blocks(source, v).last().map_or(0, |b| b.1);
+    if s_keep < prompt_end {
+        if prompt_end > cutoff {
+            return None;
+        }
+        s_keep = prompt_end;
+        t_keep = t_keep.min(cutoff - prompt_end);
+    }
+    let blocks = reference_blocks(target, v);
+    for &(s, e) in &blocks {
+        let unit =
+            if !bridge.is_empty() && s >= bridge.len() && target[s - bridge.len()..s] == *bridge {
+                s - bridge.len()
+            } else {
+                s
+            };
+        if unit < t_keep && t_keep < e {
+            t_keep = unit;
+        }
+    }
+    let kept = blocks.iter().filter(|b| b.1 <= t_keep).count();
+    let mut ids = source[..s_keep].to_vec();
+    ids.extend_from_slice(&target[..t_keep]);
+    Some((ids, s_keep, kept))
+}
+
 #[test]
-fn truncation_drops_copies_first_then_shortens_text_never_through_a_block() {
-    let Some(b) = builder(Policy {
+fn truncation_cuts_first_and_keeps_every_copy_before_the_cut() {
+    let bridge_text = " Let me look at the image again:";
+    let Some(plain) = builder(Policy {
         min_gap: 30,
         skip_first: 0,
         max_insertions: Some(6),
@@ -289,84 +359,110 @@ fn truncation_drops_copies_first_then_shortens_text_never_through_a_block() {
     }) else {
         return;
     };
-    let vision = b.vision;
-    let mut checked = 0;
-    for (question, answer, size) in traces().iter().take(60) {
-        let sizes: Vec<(i64, i64)> = size.iter().copied().collect();
-        let full = b.build(question, &sizes, answer, None).unwrap();
-        if full.planned_images == 0 {
-            continue;
-        }
-        let n = full.input_ids.len();
-        for cutoff in [n, n - 1, n - 40, n / 2, 420] {
-            let result = b.build(question, &sizes, answer, Some(cutoff));
-            let prompt_block_end = full
-                .images
-                .iter()
-                .zip(vision_blocks(
-                    &full.input_ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                    &vision,
-                ))
-                .filter(|(im, _)| !im.inserted)
-                .map(|(_, b)| b.end)
-                .max()
-                .unwrap_or(0);
-            let sample = match result {
-                Err(e) => {
-                    assert!(cutoff < prompt_block_end, "cutoff {cutoff}: {e}");
-                    assert!(e.to_string().contains("cutoff"));
-                    continue;
+    let bridged = SampleBuilder {
+        policy: Policy {
+            bridge: Some(bridge_text.to_string()),
+            ..plain.policy.clone()
+        },
+        ..plain.clone()
+    };
+    let vision = plain.vision;
+    let bridge_ids: Vec<i64> = plain
+        .detector
+        .vocab()
+        .encode(bridge_text)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let (mut checked, mut straddled, mut bridges_dropped, mut kept_with_text_cut) = (0, 0, 0, 0);
+    for (b, bridge) in [(&plain, &[][..]), (&bridged, &bridge_ids[..])] {
+        for (question, answer, size) in traces().iter().take(60) {
+            let sizes: Vec<(i64, i64)> = size.iter().copied().collect();
+            let full = b.build(question, &sizes, answer, None).unwrap();
+            if full.planned_images == 0 {
+                continue;
+            }
+            let full_ids: Vec<i64> = full.input_ids.iter().map(|&i| i as i64).collect();
+            let n = full_ids.len();
+            let copies: Vec<(usize, usize)> =
+                reference_blocks(&full_ids[full.prompt_tokens..], &vision);
+            // Cutoffs through the middle of each copy, just before and after it, and round ones.
+            let mut cutoffs = vec![n, n - 1, n - 40, n / 2, 420];
+            for &(s, e) in &copies {
+                let at = full.prompt_tokens + s;
+                cutoffs.extend([at + (e - s) / 2, at, at + e - s, at.saturating_sub(3)]);
+            }
+            for cutoff in cutoffs {
+                let result = b.build(question, &sizes, answer, Some(cutoff));
+                let expected =
+                    reference_truncation(&full_ids, full.prompt_tokens, cutoff, &vision, bridge);
+                let (sample, (ids_ref, prompt_ref, kept_ref)) = match (result, expected) {
+                    (Err(e), None) => {
+                        assert!(e.to_string().contains("cutoff"), "{e}");
+                        continue;
+                    }
+                    (Ok(s), Some(r)) => (s, r),
+                    (r, e) => panic!("cutoff {cutoff}: {r:?} vs reference {e:?}"),
+                };
+                checked += 1;
+                let ids: Vec<i64> = sample.input_ids.iter().map(|&i| i as i64).collect();
+                assert_eq!(ids, ids_ref, "cutoff {cutoff}");
+                assert!(ids.len() <= cutoff);
+                assert_eq!(sample.prompt_tokens, prompt_ref);
+                assert_eq!(sample.kept_images, kept_ref, "cutoff {cutoff}");
+                assert_eq!(sample.cut_tokens, n - ids.len());
+                // Every block whole, one image per block, the copies the first ones.
+                let blocks = vision_blocks(&ids, &vision);
+                assert!(blocks.iter().all(|b| b.complete));
+                assert_eq!(blocks.len(), sample.images.len());
+                assert_eq!(sample.images, full.images[..blocks.len()].to_vec());
+                if copies.iter().any(|&(s, e)| {
+                    let (s, e) = (full.prompt_tokens + s, full.prompt_tokens + e);
+                    s < cutoff && cutoff < e
+                }) && ids.len() > full.prompt_tokens
+                {
+                    straddled += 1;
                 }
-                Ok(s) => s,
-            };
-            checked += 1;
-            let ids: Vec<i64> = sample.input_ids.iter().map(|&i| i as i64).collect();
-            assert!(ids.len() <= cutoff);
-            let blocks = vision_blocks(&ids, &vision);
-            assert!(blocks.iter().all(|b| b.complete));
-            assert_eq!(blocks.len(), sample.images.len());
-            // Copies kept are the first ones; text is cut only when none is left.
-            assert!(sample.kept_images <= sample.planned_images);
-            assert!(sample.images.iter().filter(|i| i.inserted).count() == sample.kept_images);
-            // Text is cut only once every copy is gone (LLaMA-Factory's split may drop one token
-            // of a turn that fits exactly when prompt and answer are equally long).
-            assert!(sample.cut_tokens == 0 || sample.kept_images == 0 || sample.cut_tokens == 1);
-            if sample.kept_images == sample.planned_images && sample.cut_tokens == 0 {
-                assert_eq!(sample.input_ids, full.input_ids);
-            }
-            // As few copies as possible are dropped: one more would not fit (one image per
-            // insertion here, so keeping k copies is the policy with max_insertions = k).
-            if sample.kept_images < sample.planned_images {
-                let policy = Policy {
-                    max_insertions: Some(sample.kept_images + 1),
-                    ..b.policy.clone()
-                };
-                let more = SampleBuilder {
-                    policy,
-                    ..b.clone()
-                };
-                assert!(
-                    more.build(question, &sizes, answer, None)
-                        .unwrap()
-                        .input_ids
-                        .len()
-                        > cutoff
+                if !bridge.is_empty() && ids.len() < n && ids.ends_with(bridge) {
+                    panic!("cutoff {cutoff}: the kept text ends in a bridge without its image");
+                }
+                if !bridge.is_empty()
+                    && kept_ref < full.planned_images
+                    && ids.len() + bridge.len() <= n
+                    && full_ids[ids.len()..].starts_with(bridge)
+                {
+                    bridges_dropped += 1;
+                }
+                if sample.kept_images > 0 && sample.cut_tokens > 0 {
+                    kept_with_text_cut += 1;
+                }
+                // The answer text holds exactly the kept copies.
+                assert_eq!(
+                    sample.answer_text.matches("<image>").count(),
+                    sample.kept_images
                 );
-            }
-            let grids: Vec<GridThw> = sample.images.iter().map(|i| i.grid).collect();
-            let expected =
-                positions_for_sequence(&ids, &grids, &[], None, &MropeConfig::qwen2_vl()).unwrap();
-            assert_eq!(sample.positions, expected);
-            for (i, (&id, &label)) in ids.iter().zip(&sample.labels).enumerate() {
-                if i < sample.prompt_tokens || vision.is_visual(id) {
-                    assert_eq!(label, IGNORE_INDEX);
-                } else {
-                    assert_eq!(label, id);
+                let grids: Vec<GridThw> = sample.images.iter().map(|i| i.grid).collect();
+                let expected =
+                    positions_for_sequence(&ids, &grids, &[], None, &MropeConfig::qwen2_vl())
+                        .unwrap();
+                assert_eq!(sample.positions, expected);
+                for (i, (&id, &label)) in ids.iter().zip(&sample.labels).enumerate() {
+                    if i < sample.prompt_tokens || vision.is_visual(id) {
+                        assert_eq!(label, IGNORE_INDEX);
+                    } else {
+                        assert_eq!(label, id);
+                    }
                 }
             }
         }
     }
-    assert!(checked > 30, "{checked}");
+    // The cases that matter happened: cuts through copies, bridges that went with their copy,
+    // copies kept while the text was cut (what dropping copies first never did).
+    assert!(checked > 100, "{checked}");
+    assert!(straddled > 20, "{straddled}");
+    assert!(bridges_dropped > 5, "{bridges_dropped}");
+    assert!(kept_with_text_cut > 20, "{kept_with_text_cut}");
 }
 
 #[test]
@@ -546,5 +642,27 @@ proptest! {
         prop_assert!(snapped <= cut);
         prop_assert!(blocks.iter().all(|b| !b.is_split_by(snapped)));
         if blocks.iter().all(|b| !b.is_split_by(cut)) { prop_assert_eq!(snapped, cut); }
+    }
+
+    #[test]
+    fn answer_cut_is_the_largest_cut_that_keeps_blocks_and_bridges_whole(
+        tokens in proptest::collection::vec(0u8..6, 0..80), keep in 0usize..90, bridge_len in 0usize..3,
+    ) {
+        // 0,1: text (the bridge is `bridge_len` ones); 2: vision_start; 3: image pad; 4: vision_end; 5: video pad.
+        let v = VisionTokens { vision_start: 2, vision_end: 4, image_pad: 3, video_pad: 5 };
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let bridge = vec![1i64; bridge_len];
+        let got = answer_cut(&ids, keep, &v, &bridge);
+        // Reference, by brute force: the largest c <= keep that splits no block and no
+        // bridge-plus-block unit (units from the reference scan of blocks_and_snapped_cuts).
+        let blocks = vision_blocks(&ids, &v);
+        let units: Vec<(usize, usize)> = blocks.iter().map(|b| {
+            let n = bridge.len();
+            if n > 0 && b.start >= n && ids[b.start - n..b.start].iter().all(|&t| t == 1) { (b.start - n, b.end) } else { (b.start, b.end) }
+        }).collect();
+        let expected = (0..=keep.min(ids.len())).rev()
+            .find(|&c| units.iter().all(|&(s, e)| !(s < c && c < e)))
+            .unwrap();
+        prop_assert_eq!(got, expected);
     }
 }

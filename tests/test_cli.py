@@ -129,3 +129,46 @@ def test_scan_errors(tmp_path, qwen2_vl_dir):
     assert "period" in done.stderr
     done = run("scan", "--tokenizer", str(qwen2_vl_dir), str(tmp_path / "missing.jsonl"), expect=2)
     assert "no such file" in done.stderr
+
+
+def test_every_commands_help_shows_its_defaults():
+    """For every command, each option whose parser default is set (not None / False) shows that
+    default in its --help text; the defaults are read from the parser itself."""
+    import argparse
+
+    from tvc_rs import cli
+
+    parser = cli.build_parser()
+    commands = {}
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+        if path:
+            commands[tuple(path)] = p
+
+    walk(parser, [])
+    assert {("scan",), ("generate",), ("diagnose",), ("dvr", "build"), ("train",)} <= set(commands)
+    checked = set()
+    for path, sub in commands.items():
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            continue  # a group ("dvr"): its commands are checked
+        text = run(*path, "--help").stdout
+        # One entry per option: from its option string at the start of a line to the next one.
+        entries = re.split(r"\n  (?=-)", " ".join(text.split("\n  \n")))
+        for action in sub._actions:
+            if not action.option_strings or action.default is None or action.default is False \
+                    or action.default == argparse.SUPPRESS:
+                continue
+            if isinstance(action, argparse._HelpAction):
+                continue
+            entry = next(e for e in entries if e.split()[0].rstrip(",") == action.option_strings[0])
+            flat = " ".join(entry.split())
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            assert "default" in flat and shown.replace(" ", "") in flat.replace(" ", ""), (path, flat)
+            checked.add((path, action.option_strings[0]))
+    # Options with defaults from every command were looked at.
+    assert {(("generate",), "--pool"), (("diagnose",), "--layers"), (("scan",), "--context"),
+            (("dvr", "build"), "--downscale"), (("diagnose",), "--max-new-tokens"), (("scan",), "--warmup")} <= checked, sorted(checked)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -570,39 +571,39 @@ def test_bad_input(model_dirs, clevr):
 
     text_only = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(TypeError, match="model must be a Qwen2-VL-family model.*Qwen2ForCausalLM"):
+    with pytest.raises(TypeError, match=re.escape("model must be a Qwen2-VL-family model") + ".*" + re.escape("Qwen2ForCausalLM")):
         hf.generate(text_only, processor, clevr, QUESTION)
-    with pytest.raises(ValueError, match="images: PVC needs at least one image"):
+    with pytest.raises(ValueError, match=re.escape("images: PVC needs at least one image")):
         hf.generate(model, processor, None, QUESTION)
-    with pytest.raises(ValueError, match="images: PVC needs at least one image"):
+    with pytest.raises(ValueError, match=re.escape("images: PVC needs at least one image")):
         hf.generate(model, processor, [], QUESTION)
-    with pytest.raises(ValueError, match="images: the processor rejected"):
+    with pytest.raises(ValueError, match=re.escape("images: the processor rejected")):
         hf.generate(model, processor, Image.new("RGB", (2, 900)), QUESTION)  # aspect ratio 450
-    with pytest.raises(FileNotFoundError, match=r"images\[0\]: no such file"):
+    with pytest.raises(FileNotFoundError, match=re.escape("images[0]: no such file")):
         hf.generate(model, processor, "/nonexistent/image.png", QUESTION)
-    with pytest.raises(TypeError, match=r"images\[0\] must be"):
+    with pytest.raises(TypeError, match=re.escape("images[0] must be")):
         hf.generate(model, processor, 42, QUESTION)
-    with pytest.raises(ValueError, match=r"pool = 16 is larger than the merged grid of images\[0\] \(9 x 11"):
+    with pytest.raises(ValueError, match=re.escape("pool = 16 is larger than the merged grid of images[0] (9 x 11")):
         hf.generate(model, processor, clevr, QUESTION, config=PVCConfig(pool=16))
-    with pytest.raises(ValueError, match="max_calibrations = -1"):
+    with pytest.raises(ValueError, match=re.escape("max_calibrations = -1")):
         PVCConfig(schedule=PVCSchedule(max_calibrations=-1))
-    with pytest.raises(ValueError, match="max_calibrations = -1"):
+    with pytest.raises(ValueError, match=re.escape("max_calibrations = -1")):
         PVCConfig(schedule={"max_calibrations": -1})
-    with pytest.raises(ValueError, match="mode = 'fast'"):
+    with pytest.raises(ValueError, match=re.escape("mode = 'fast'")):
         PVCConfig(mode="fast")
-    with pytest.raises(ValueError, match="pool = 0"):
+    with pytest.raises(ValueError, match=re.escape("pool = 0")):
         PVCConfig(pool=0)
-    with pytest.raises(ValueError, match=r"prune\['ratio'\] = 1.5"):
+    with pytest.raises(ValueError, match=re.escape("prune['ratio'] = 1.5")):
         PVCConfig(prune=1.5)
-    with pytest.raises(ValueError, match="exactly one of 'ratio', 'mass' or 'keep'"):
+    with pytest.raises(ValueError, match=re.escape("exactly one of 'ratio', 'mass' or 'keep'")):
         PVCConfig(prune={"ratio": 0.5, "mass": 0.5})
-    with pytest.raises(TypeError, match="config must be a tvc_rs.PVCConfig"):
+    with pytest.raises(TypeError, match=re.escape("config must be a tvc_rs.PVCConfig")):
         hf.generate(model, processor, clevr, QUESTION, config={"mode": "kv"})
-    with pytest.raises(ValueError, match="num_beams = 2"):
+    with pytest.raises(ValueError, match=re.escape("num_beams = 2")):
         hf.generate(model, processor, clevr, QUESTION, num_beams=2)
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(ValueError, match=re.escape("input_ids")):
         hf.generate(model, processor, clevr, QUESTION, input_ids=torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="question must be a non-empty str"):
+    with pytest.raises(ValueError, match=re.escape("question must be a non-empty str")):
         hf.generate(model, processor, clevr, "  ")
 
 
@@ -660,9 +661,107 @@ def test_attention_csv_and_plot(model_dirs, clevr, tmp_path):
     assert len(rows) == 7 * 2
     assert [int(r["token_index"]) for r in rows if r["calibrated"] == "1" and r["layer"] == "0"] == curve.calibrations == [2, 5]
     assert float(rows[2]["image_share"]) == pytest.approx(curve.image_share[1, 0], rel=1e-5)
+    assert list(rows[0]) == hf.ATTENTION_CSV_COLUMNS
+    for r in rows:
+        t, layer = int(r["token_index"]), int(r["layer"])
+        assert float(r["original_share"]) + float(r["injected_share"]) == pytest.approx(float(r["image_share"]), rel=1e-4)
+        n_img = int(r["original_tokens"]) + int(r["injected_tokens"])
+        text_share = 1 - float(r["image_share"])
+        want = (float(r["image_share"]) / n_img) / (text_share / int(r["text_tokens"]))
+        assert float(r["image_per_token"]) == pytest.approx(want, rel=1e-4)
+        assert (r["injected_per_token"] == "") == (int(r["injected_tokens"]) == 0) == (t <= 2)
     pytest.importorskip("matplotlib")
     hf.plot_attention_curves([curve], tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def controlled_attention_model(ratio: float):
+    """A Qwen2-VL whose attention is set by hand: in every layer and head each image token gets
+    ``ratio`` times the attention weight of each text token, wherever it sits.
+
+    Text embeddings have 0 in hidden dim 0, every image feature (vision tower output: the
+    merger's last layer gives its bias) has ``c`` there; queries are a constant (q bias only) and
+    keys read dim 0 only, on the last rotary pair, whose frequency is set to 0 (no rotation). Then
+    a text key is 0 (score 0, weight 1) and an image key gives score ``log(ratio)`` (weight
+    ``ratio``). Attention and MLP outputs are zeroed, so every layer sees the embeddings."""
+    torch.manual_seed(1)
+    model = Qwen2VLForConditionalGeneration(tiny_config("qwen2_vl")).to(torch.float64).eval()
+    lm = model.model.language_model
+    cfg = lm.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    last = head_dim // 2 - 1  # the last rotary pair (dims last, last + head_dim / 2)
+    c, eps = 1.0, cfg.rms_norm_eps
+    normed = c / math.sqrt(c * c / cfg.hidden_size + eps)  # RMSNorm of (c, 0, ..., 0) in dim 0
+    u = math.log(ratio) / (normed * head_dim ** -0.5)
+    with torch.no_grad():
+        lm.embed_tokens.weight[:, 0] = 0.0
+        lm.rotary_emb.inv_freq[last] = 0.0
+        for layer in lm.layers:
+            attn = layer.self_attn
+            layer.input_layernorm.weight.fill_(1.0)
+            for proj in (attn.q_proj, attn.k_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+            for h in range(cfg.num_attention_heads):
+                attn.q_proj.bias[h * head_dim + last] = u
+            for h in range(cfg.num_key_value_heads):
+                attn.k_proj.weight[h * head_dim + last, 0] = 1.0
+            attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        merger_out = model.model.visual.merger.mlp[-1]
+        merger_out.weight.zero_()
+        merger_out.bias.zero_()
+        merger_out.bias[0] = c
+    return model
+
+
+@pytest.mark.parametrize("mode, pool", [("append", 1), ("relocate", 4)])
+def test_attention_views_on_a_model_with_controlled_attention(model_dirs, clevr, mode, pool):
+    """With each image token weighted 3x a text token (by construction), the per-token views are
+    3 for the question's image and for the re-injected one in every layer, and the masses are
+    what the token counts give: n_img * 3 / (n_img * 3 + n_text). An ``append`` calibration with
+    the full image raises the image share (a second image joins the first); a ``relocate`` one
+    swaps the 99-token image for its 4x4-pooled copy, so the mass falls while attention per image
+    token does not: the reading the per-token view exists for. (Eager attention takes its softmax in float32: 2e-6.)"""
+    ratio = 3.0
+    model = controlled_attention_model(ratio)
+    processor = processor_for(model_dirs, "qwen2_vl")
+    config = PVCConfig(mode=mode, pool=pool, schedule=PVCSchedule(period=4, max_calibrations=1))
+    curve = hf.visual_attention_curve(model, processor, clevr, QUESTION, config=config, max_new_tokens=9)
+    assert curve.calibrations == [3]
+    prompt_image = int((prompt_inputs(processor, clevr)["input_ids"] == PAD).sum())
+    injected = curve.result.calibrations[0].visual_tokens
+    assert injected == (prompt_image if pool == 1 else 9)  # clevr: a 9 x 11 merged grid, 3 x 3 pooled
+    # Counts: the question's image until the calibration (and after it with append), the copy after it.
+    before, after = slice(0, 4), slice(4, 9)
+    assert np.all(curve.original_tokens[before] == prompt_image)
+    assert np.all(curve.original_tokens[after] == (prompt_image if mode == "append" else 0))
+    assert np.all(curve.injected_tokens[before] == 0) and np.all(curve.injected_tokens[after] == injected)
+    # The context grows by one token per step; at the calibration by bridge + copy (append), or
+    # by bridge + copy less the evicted question image block (relocate).
+    steps = np.diff(curve.context_tokens)
+    assert np.all(np.delete(steps, 3) == 1)
+    assert steps[3] > injected + 2 if mode == "append" else 0 < steps[3] + prompt_image + 2 - injected - 2 < 20
+    for layer in range(curve.layers):
+        n_img = curve.original_tokens + curve.injected_tokens
+        n_text = curve.context_tokens - n_img
+        want = n_img * ratio / (n_img * ratio + n_text)
+        np.testing.assert_allclose(curve.image_share[:, layer], want, rtol=2e-6)
+        np.testing.assert_allclose(curve.image_per_token[:, layer], ratio, rtol=2e-6)
+        np.testing.assert_allclose(curve.original_per_token[:4, layer], ratio, rtol=2e-6)
+        np.testing.assert_allclose(curve.injected_per_token[4:, layer], ratio, rtol=2e-6)
+        assert np.all(np.isnan(curve.injected_per_token[:4, layer]))
+        np.testing.assert_allclose(curve.original_share[:, layer] + curve.injected_share[:, layer],
+                                   curve.image_share[:, layer], rtol=1e-12)
+        np.testing.assert_allclose(curve.injected_share[4:, layer],
+                                   injected * ratio / (n_img[4:] * ratio + n_text[4:]), rtol=2e-6)
+        if mode == "append":
+            assert curve.image_share[4, layer] > curve.image_share[3, layer] + 0.02
+            np.testing.assert_allclose(curve.original_per_token[4:, layer], ratio, rtol=2e-6)
+        else:
+            assert curve.image_share[4, layer] < curve.image_share[3, layer] - 0.05
+            assert np.all(curve.original_share[4:, layer] == 0)
+            assert np.all(np.isnan(curve.original_per_token[4:, layer]))
 
 
 # ------------------------------------------------------------------ the command
@@ -694,6 +793,8 @@ def test_cli_generate_and_diagnose(model_dirs, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 9 * 2  # two runs, 9 tokens, 2 layers
     assert {r["run"] for r in rows} == {"without PVC", "PVC (relocate)"}
+    assert list(rows[0]) == hf.ATTENTION_CSV_COLUMNS  # mass and per-token columns, original and re-injected
+    assert "per token, re-injected" in captured.out
     if "matplotlib" not in err:
         assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
     # Bad input: exit status 2 and a message.

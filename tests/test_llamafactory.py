@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -200,9 +201,9 @@ def test_llamafactory_facts_the_plugin_relies_on():
     assert llamafactory.__version__ == "0.9.5"
     # Multimodal plugins register by name; templates live in the TEMPLATES registry.
     assert mm_plugin.PLUGINS["tvc_qwen2_vl"] is tvc_lf.TvcQwen2VLPlugin
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match=re.escape("already exists")):
         mm_plugin.register_mm_plugin("qwen2_vl", tvc_lf.TvcQwen2VLPlugin)
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match=re.escape("already exists")):
         register_template(name="qwen2_vl")
     assert set(tvc_lf.TVC_TEMPLATES) <= set(TEMPLATES)
     # The SFT workflow builds its collator by name, the loader its dataset processor: no hook.
@@ -214,7 +215,7 @@ def test_llamafactory_facts_the_plugin_relies_on():
     source = inspect.getsource(launcher.launch)
     assert "torchrun" in source and "file_name=__file__" in source
     # Unknown YAML keys are refused (unless ALLOW_EXTRA_ARGS).
-    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
+    with pytest.raises(ValueError, match=re.escape("not used by the HfArgumentParser")):
         get_train_args({"model_name_or_path": "x", "tvc_bridge": "again:"})
 
 
@@ -255,12 +256,12 @@ def test_llamafactory_alone_trains_on_image_tokens_and_cuts_image_blocks(dataset
     # get_rope_index) already fails on it; without precomputed positions the model refuses it.
     lf_collator = SFTDataCollatorWith4DAttentionMask(template=TEMPLATES["qwen2_vl"], model=model, tokenizer=tokenizer,
                                                      processor=processor, label_pad_token_id=IGNORE_INDEX)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
+    with pytest.raises(RuntimeError, match=re.escape("shape mismatch")):
         lf_collator([feature(ids, labels, images)])
     no_positions = SFTDataCollatorWith4DAttentionMask(template=TEMPLATES["qwen2_vl"], model=None, tokenizer=tokenizer,
                                                       processor=processor, label_pad_token_id=IGNORE_INDEX)
     batch = no_positions([feature(ids, labels, images)])
-    with pytest.raises(ValueError, match="Image features and image tokens do not match"), torch.no_grad():
+    with pytest.raises(ValueError, match=re.escape("Image features and image tokens do not match")), torch.no_grad():
         model(**batch)
 
     ids, labels, kept = encode(tvc_lf.TvcSupervisedDatasetProcessor, "tvc_qwen2_vl", record, dataset_dir, tokenizer,
@@ -318,27 +319,43 @@ def test_image_token_counts_on_real_images(lf_parts):
         assert got == expected["image_grid_thw"].tolist()
 
 
-def test_the_dataset_processor_equals_the_rust_builder(dataset_dir, lf_parts):
+BRIDGE = " Let me look at the image again:"
+
+
+@pytest.mark.parametrize("bridge", [None, BRIDGE])
+def test_the_dataset_processor_equals_the_rust_builder(dataset_dir, lf_parts, monkeypatch, bridge):
     """LLaMA-Factory's template and our processor give the same tokens, labels and images as
-    ``DVRBuilder.build`` (Rust), at every cutoff (LLaMA-Factory's size regularization off, so
-    that both see the same image sizes)."""
+    ``DVRBuilder.build`` (Rust), at round cutoffs and at cutoffs through, at and around every
+    re-affirmed copy (LLaMA-Factory's size regularization off, so that both see the same image
+    sizes); with a bridge (``tvc_bridge``, ``dvr build --bridge``) too. Every copy that ends
+    before the cut is kept."""
     from PIL import Image
 
     tokenizer, processor = lf_parts
     processor = copy.copy(processor)
     processor.image_max_pixels, processor.image_min_pixels = 10**9, 0
-    builder = tvc_rs.DVRBuilder(asset("qwen2-vl"), policy=tvc_rs.DVRPolicy(max_insertions=3, min_gap=40, skip_first=0))
+    monkeypatch.setitem(tvc_lf._settings, "tvc_bridge", bridge)
+    builder = tvc_rs.DVRBuilder(asset("qwen2-vl"), policy=tvc_rs.DVRPolicy(max_insertions=3, min_gap=40, skip_first=0,
+                                                                           bridge=bridge))
     source = {r["id"]: r for r in emma_records()}
-    compared = 0
+    compared = cut_through = kept_while_cut = 0
     for record in dvr_records(dataset_dir):
+        if bridge:  # what `dvr build --bridge` writes: the bridge right before each placeholder
+            record = copy.deepcopy(record)
+            record["messages"][1]["content"] = record["messages"][1]["content"].replace("<image>", bridge + "<image>")
         original = source[record["tvc"]["id"]]
         with Image.open(ASSETS / original["local_image"]) as im:
             size = (im.height, im.width)
-        for cutoff in [10**6, 3000, 2000, 1500, 1200, 900, 600, 300]:
+        full = builder.build(record["messages"][0]["content"], [size], original["response"])
+        copies = [b for b in blocks(full.input_ids.tolist()) if b[0] >= full.prompt_tokens]
+        cutoffs = [10**6, 3000, 2000, 1500, 1200, 900, 600, 300]
+        for b in copies:
+            cutoffs += [(b[0] + b[1]) // 2, b[0], b[1], b[0] - 3]
+        for cutoff in cutoffs:
             try:
                 sample = builder.build(record["messages"][0]["content"], [size], original["response"], cutoff=cutoff)
             except ValueError as err:
-                with pytest.raises(ValueError, match="cutoff_len"):
+                with pytest.raises(ValueError, match=re.escape("cutoff_len")):
                     encode(tvc_lf.TvcSupervisedDatasetProcessor, "tvc_qwen2_vl", record, dataset_dir, tokenizer,
                            processor, cutoff)
                 assert "cutoff" in str(err)
@@ -350,14 +367,20 @@ def test_the_dataset_processor_equals_the_rust_builder(dataset_dir, lf_parts):
             assert len(kept) == len(sample.images)
             assert [os.path.basename(k) != os.path.basename(record["images"][0]) for k in kept] == \
                 [im.inserted for im in sample.images]
+            # Every copy that ends before the cut is kept; one through it or after it is not.
+            if sample.prompt_tokens == full.prompt_tokens:  # then ids is a prefix of the full sample
+                assert ids == full.input_ids.tolist()[:len(ids)]
+                assert sample.kept_images == sum(b[1] <= len(ids) for b in copies)
+            cut_through += any(b[0] < cutoff < b[1] for b in copies)
+            kept_while_cut += sample.kept_images > 0 and len(ids) < len(full)
             compared += 1
-    assert compared >= 20
+    assert compared >= 40 and cut_through >= 5 and kept_while_cut >= 8, (compared, cut_through, kept_while_cut)
 
 
 def test_cutoff_smaller_than_an_image_block_is_a_clear_error(dataset_dir, lf_parts):
     tokenizer, processor = lf_parts
     record = dvr_records(dataset_dir)[0]
-    with pytest.raises(ValueError, match=r"cutoff_len = 20 is smaller than the prompt up to the end of its image"):
+    with pytest.raises(ValueError, match=re.escape("cutoff_len = 20 is smaller than the prompt up to the end of its image")):
         encode(tvc_lf.TvcSupervisedDatasetProcessor, "tvc_qwen2_vl", record, dataset_dir, tokenizer, processor, 20)
 
 
@@ -480,11 +503,11 @@ def test_train_refuses_bad_configs(tmp_path, model_dir, dataset_dir):
     done = run(SCRIPT, "train", config, env=lf_env(tmp_path), expect=2)
     assert "unknown TVC template 'tvc_qwen3_vl'" in done.stderr and "tvc_qwen2_vl" in done.stderr
     cases = [
-        ({"template": "no_such_template"}, "LLaMA-Factory has no template 'no_such_template'"),
-        ({"tvc_bridges": "x"}, "unknown TVC setting"),
-        ({"tvc_mask_visual_labels": "yes"}, "tvc_mask_visual_labels must be true or false"),
-        ({"packing": True}, "packing is not supported"),
-        ({"stage": "dpo"}, "support stage: sft"),
+        ({"template": "no_such_template"}, re.escape("LLaMA-Factory has no template 'no_such_template'")),
+        ({"tvc_bridges": "x"}, re.escape("unknown TVC setting")),
+        ({"tvc_mask_visual_labels": "yes"}, re.escape("tvc_mask_visual_labels must be true or false")),
+        ({"packing": True}, re.escape("packing is not supported")),
+        ({"stage": "dpo"}, re.escape("support stage: sft")),
     ]
     for extra, message in cases:
         config = train_config(model_dir, dataset_dir, tmp_path, **extra)

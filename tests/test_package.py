@@ -1,9 +1,56 @@
+import re
+import sys
+import tomllib
+from pathlib import Path
+
 import tvc_rs
+
+ROOT = Path(__file__).parent.parent
+
+
+def pins(requirements: str) -> dict[str, str]:
+    """``name -> version`` of the ``name==version`` lines of a requirements file."""
+    out = {}
+    for line in (ROOT / "requirements" / requirements).read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
 
 
 def test_version_is_the_crate_version():
-    import tomllib
-    from pathlib import Path
-
-    cargo = tomllib.loads((Path(__file__).parent.parent / "Cargo.toml").read_text())
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
     assert tvc_rs.__version__ == cargo["package"]["version"]
+
+
+def test_python_floor_is_the_tested_python_and_the_abi3_floor():
+    """requires-python's floor, pyo3's abi3-pyXY feature and the Python of every CI environment
+    (uv venv -p python3.X in .ci/) are one version, and this interpreter meets it."""
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    m = re.fullmatch(r">=3\.(\d+)", floor)
+    assert m, floor
+    minor = int(m.group(1))
+    pyo3 = tomllib.loads((ROOT / "Cargo.toml").read_text())["dependencies"]["pyo3"]["features"]
+    assert [f for f in pyo3 if f.startswith("abi3")] == [f"abi3-py3{minor}"]
+    ci = set()
+    for script in (ROOT / ".ci").iterdir():
+        ci |= set(re.findall(r"uv venv[^\n]*-p python3\.(\d+)", script.read_text()))
+    assert ci == {str(minor)}, ci
+    assert sys.version_info >= (3, minor)
+
+
+def test_docstrings_name_the_tested_transformers_versions():
+    """Every "transformers X.Y[.Z]" in the package's docstrings is a version pinned in
+    requirements/ (the main environment or LLaMA-Factory's), and the pinned versions are named."""
+    pinned = {pins("test.txt")["transformers"], pins("llamafactory.txt")["transformers"]}
+    named = set()
+    for module in sorted((ROOT / "python" / "tvc_rs").glob("*.py")):
+        text = module.read_text()
+        for m in re.finditer(r"transformers (\d+\.\d+(?:\.\d+)?)", text):
+            version = m.group(1)
+            assert any(p == version or p.startswith(version + ".") for p in pinned), (module.name, version, pinned)
+            named.add(version)
+        for m in re.finditer(r"transformers (\d+)\b(?![.\d])", text):
+            assert any(p.split(".")[0] == m.group(1) for p in pinned), (module.name, m.group(0))
+    for version in pinned:
+        assert any(version == n or version.startswith(n + ".") for n in named), (version, named)

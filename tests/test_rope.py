@@ -5,6 +5,7 @@ against the real Qwen2-VL image processors (fast and PIL) on real and random ima
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -411,41 +412,41 @@ VGRID = np.array([[2, 2, 2]])
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"input_ids": IDS[0]}, ValueError, r"input_ids must have shape \(batch, seq\), got shape \(9,\)"),
-        ({"input_ids": IDS[None]}, ValueError, r"input_ids must have shape \(batch, seq\)"),
-        ({"input_ids": IDS.astype(np.float32)}, TypeError, "input_ids must be int32 or int64, got dtype float32"),
-        ({"input_ids": IDS.astype(np.int16)}, TypeError, "input_ids must be int32 or int64"),
-        ({"attention_mask": np.ones((1, 8))}, ValueError, r"attention_mask must have the shape of input_ids \(1, 9\)"),
-        ({"attention_mask": np.ones((2, 9))}, ValueError, "attention_mask must have the shape"),
-        ({"attention_mask": np.full((1, 9), "x")}, TypeError, "attention_mask must hold"),
-        ({"mm_token_type_ids": np.zeros((1, 3), dtype=int)}, ValueError, "mm_token_type_ids must have the shape"),
-        ({"mm_token_type_ids": np.full((1, 9), 3)}, ValueError, r"mm_token_type_ids\[0, 0\] = 3"),
-        ({"mm_token_type_ids": np.zeros((1, 9))}, TypeError, "mm_token_type_ids must hold integers"),
-        ({"image_grid_thw": None}, ValueError, "image_grid_thw is None but the sequences hold 1 image block"),
-        ({"image_grid_thw": np.zeros((0, 3), dtype=int)}, ValueError, r"image_grid_thw has 0 row\(s\)"),
-        ({"image_grid_thw": np.array([[1, 4, 4], [1, 2, 2]])}, ValueError, r"image_grid_thw has 2 row\(s\) but the sequences hold 1"),
-        ({"image_grid_thw": np.array([[1, 4, 6]])}, ValueError, r"image block 0 .* has 4 tokens but image_grid_thw\[0\] = \(1, 4, 6\) needs"),
-        ({"image_grid_thw": np.array([[1, 4, 0]])}, ValueError, r"image_grid_thw\[0\] = \(1, 4, 0\): every grid dimension must be >= 1"),
-        ({"image_grid_thw": np.array([[1, -4, 4]])}, ValueError, r"image_grid_thw\[0\] = \(1, -4, 4\)"),
-        ({"image_grid_thw": np.array([1, 4, 4])}, ValueError, r"image_grid_thw must have shape \(num_images, 3\)"),
-        ({"image_grid_thw": np.array([[1, 4]])}, ValueError, r"image_grid_thw must have shape \(num_images, 3\)"),
-        ({"image_grid_thw": np.array([[1.0, 4.0, 4.0]])}, TypeError, "image_grid_thw must hold integers"),
-        ({"video_grid_thw": None}, ValueError, "video_grid_thw is None but the sequences hold 1 video block"),
-        ({"video_grid_thw": np.array([[2, 2, 2], [1, 2, 2]])}, ValueError, r"video_grid_thw has 2 row\(s\)"),
-        ({"video_grid_thw": np.array([[1, 2, 2]])}, ValueError, r"video block 0 .* has 2 tokens but video_grid_thw\[0\]"),
-        ({"video_grid_thw": np.array([[0, 2, 2]])}, ValueError, r"video_grid_thw\[0\] = \(0, 2, 2\)"),
-        ({"video_grid_thw": np.array([[[2, 2, 2]]])}, ValueError, r"video_grid_thw must have shape \(num_videos, 3\)"),
-        ({"second_per_grid_ts": [0.5]}, ValueError, "second_per_grid_ts is only used by model_type='qwen2_5_vl'"),
-        ({"second_per_grid_ts": [0.5, 1.0], "model_type": "qwen2_5_vl"}, ValueError, r"second_per_grid_ts has 2 value\(s\) but video_grid_thw has 1 row"),
-        ({"second_per_grid_ts": [], "model_type": "qwen2_5_vl"}, ValueError, r"second_per_grid_ts has 0 value\(s\)"),
-        ({"second_per_grid_ts": np.ones((1, 1)), "model_type": "qwen2_5_vl"}, ValueError, r"second_per_grid_ts must be 1-D"),
-        ({"second_per_grid_ts": torch.ones((1, 1)), "model_type": "qwen2_5_vl"}, ValueError, r"second_per_grid_ts must be 1-D"),
-        ({"second_per_grid_ts": ["a"], "model_type": "qwen2_5_vl"}, TypeError, r"second_per_grid_ts\[0\] must be a number"),
-        ({"second_per_grid_ts": [float("nan")], "model_type": "qwen2_5_vl"}, ValueError, r"second_per_grid_ts\[0\]: second_per_grid_ts must be finite"),
-        ({"second_per_grid_ts": 3, "model_type": "qwen2_5_vl"}, TypeError, "second_per_grid_ts must be a tensor"),
-        ({"model_type": "llava"}, ValueError, "model_type must be 'qwen2_vl' or 'qwen2_5_vl', got \"llava\""),
-        ({"spatial_merge_size": 0}, ValueError, "spatial_merge_size must be >= 1, got 0"),
-        ({"tokens_per_second": "2", "model_type": "qwen2_5_vl"}, TypeError, "tokens_per_second must be an int or a float"),
+        ({"input_ids": IDS[0]}, ValueError, re.escape("input_ids must have shape (batch, seq), got shape (9,)")),
+        ({"input_ids": IDS[None]}, ValueError, re.escape("input_ids must have shape (batch, seq)")),
+        ({"input_ids": IDS.astype(np.float32)}, TypeError, re.escape("input_ids must be int32 or int64, got dtype float32")),
+        ({"input_ids": IDS.astype(np.int16)}, TypeError, re.escape("input_ids must be int32 or int64")),
+        ({"attention_mask": np.ones((1, 8))}, ValueError, re.escape("attention_mask must have the shape of input_ids (1, 9)")),
+        ({"attention_mask": np.ones((2, 9))}, ValueError, re.escape("attention_mask must have the shape")),
+        ({"attention_mask": np.full((1, 9), "x")}, TypeError, re.escape("attention_mask must hold")),
+        ({"mm_token_type_ids": np.zeros((1, 3), dtype=int)}, ValueError, re.escape("mm_token_type_ids must have the shape")),
+        ({"mm_token_type_ids": np.full((1, 9), 3)}, ValueError, re.escape("mm_token_type_ids[0, 0] = 3")),
+        ({"mm_token_type_ids": np.zeros((1, 9))}, TypeError, re.escape("mm_token_type_ids must hold integers")),
+        ({"image_grid_thw": None}, ValueError, re.escape("image_grid_thw is None but the sequences hold 1 image block")),
+        ({"image_grid_thw": np.zeros((0, 3), dtype=int)}, ValueError, re.escape("image_grid_thw has 0 row(s)")),
+        ({"image_grid_thw": np.array([[1, 4, 4], [1, 2, 2]])}, ValueError, re.escape("image_grid_thw has 2 row(s) but the sequences hold 1")),
+        ({"image_grid_thw": np.array([[1, 4, 6]])}, ValueError, re.escape("image block 0 ") + ".*" + re.escape(" has 4 tokens but image_grid_thw[0] = (1, 4, 6) needs")),
+        ({"image_grid_thw": np.array([[1, 4, 0]])}, ValueError, re.escape("image_grid_thw[0] = (1, 4, 0): every grid dimension must be >= 1")),
+        ({"image_grid_thw": np.array([[1, -4, 4]])}, ValueError, re.escape("image_grid_thw[0] = (1, -4, 4)")),
+        ({"image_grid_thw": np.array([1, 4, 4])}, ValueError, re.escape("image_grid_thw must have shape (num_images, 3)")),
+        ({"image_grid_thw": np.array([[1, 4]])}, ValueError, re.escape("image_grid_thw must have shape (num_images, 3)")),
+        ({"image_grid_thw": np.array([[1.0, 4.0, 4.0]])}, TypeError, re.escape("image_grid_thw must hold integers")),
+        ({"video_grid_thw": None}, ValueError, re.escape("video_grid_thw is None but the sequences hold 1 video block")),
+        ({"video_grid_thw": np.array([[2, 2, 2], [1, 2, 2]])}, ValueError, re.escape("video_grid_thw has 2 row(s)")),
+        ({"video_grid_thw": np.array([[1, 2, 2]])}, ValueError, re.escape("video block 0 ") + ".*" + re.escape(" has 2 tokens but video_grid_thw[0]")),
+        ({"video_grid_thw": np.array([[0, 2, 2]])}, ValueError, re.escape("video_grid_thw[0] = (0, 2, 2)")),
+        ({"video_grid_thw": np.array([[[2, 2, 2]]])}, ValueError, re.escape("video_grid_thw must have shape (num_videos, 3)")),
+        ({"second_per_grid_ts": [0.5]}, ValueError, re.escape("second_per_grid_ts is only used by model_type='qwen2_5_vl'")),
+        ({"second_per_grid_ts": [0.5, 1.0], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts has 2 value(s) but video_grid_thw has 1 row")),
+        ({"second_per_grid_ts": [], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts has 0 value(s)")),
+        ({"second_per_grid_ts": np.ones((1, 1)), "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts must be 1-D")),
+        ({"second_per_grid_ts": torch.ones((1, 1)), "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts must be 1-D")),
+        ({"second_per_grid_ts": ["a"], "model_type": "qwen2_5_vl"}, TypeError, re.escape("second_per_grid_ts[0] must be a number")),
+        ({"second_per_grid_ts": [float("nan")], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts[0]: second_per_grid_ts must be finite")),
+        ({"second_per_grid_ts": 3, "model_type": "qwen2_5_vl"}, TypeError, re.escape("second_per_grid_ts must be a tensor")),
+        ({"model_type": "llava"}, ValueError, re.escape("model_type must be 'qwen2_vl' or 'qwen2_5_vl', got \"llava\"")),
+        ({"spatial_merge_size": 0}, ValueError, re.escape("spatial_merge_size must be >= 1, got 0")),
+        ({"tokens_per_second": "2", "model_type": "qwen2_5_vl"}, TypeError, re.escape("tokens_per_second must be an int or a float")),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -455,9 +456,9 @@ def test_bad_input(kwargs, error, match):
 
 
 def test_bad_input_with_torch_tensors():
-    with pytest.raises(TypeError, match="input_ids"):
+    with pytest.raises(TypeError, match=re.escape("input_ids")):
         tvc_rs.mrope_position_ids(torch.from_numpy(IDS).to(torch.bfloat16), GRID, VGRID)
-    with pytest.raises(ValueError, match="image_grid_thw"):
+    with pytest.raises(ValueError, match=re.escape("image_grid_thw")):
         tvc_rs.mrope_position_ids(torch.from_numpy(IDS), torch.tensor([[1, 4, 2]]), torch.from_numpy(VGRID))
 
 
@@ -552,7 +553,7 @@ def test_random_sizes_against_smart_resize_and_patch_count(height, width, patch_
             lambda: tvc_rs.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels),
             lambda: tvc_rs.image_token_count(height, width, **tvc_rs.image_processor_settings(processor)),
         ):
-            with pytest.raises(ValueError, match="aspect ratio"):
+            with pytest.raises(ValueError, match=re.escape("aspect ratio")):
                 fn()
         return
     assert slow_module.smart_resize(height, width, factor, min_pixels, max_pixels) == expected
@@ -588,9 +589,9 @@ def test_aspect_ratio_above_200_fails_like_the_processor():
 
     image = Image.fromarray(np.zeros((1, 201, 3), dtype=np.uint8))
     for processor in _processors():
-        with pytest.raises(ValueError, match="aspect ratio"):
+        with pytest.raises(ValueError, match=re.escape("aspect ratio")):
             _processor_grids(processor, [image])
-    with pytest.raises(ValueError, match="aspect ratio must be at most 200"):
+    with pytest.raises(ValueError, match=re.escape("aspect ratio must be at most 200")):
         tvc_rs.image_grid_thw(1, 201)
     assert tvc_rs.image_grid_thw(1, 200) == (1, 2, 58)
 
@@ -598,7 +599,7 @@ def test_aspect_ratio_above_200_fails_like_the_processor():
 @pytest.mark.parametrize("fn", [tvc_rs.smart_resize, tvc_rs.image_grid_thw, tvc_rs.image_token_count])
 @pytest.mark.parametrize("height, width, name", [(0, 10, "height"), (10, 0, "width"), (-3, 10, "height"), (10, -1, "width")])
 def test_non_positive_sizes(fn, height, width, name):
-    with pytest.raises(ValueError, match=f"{name} must be >= 1, got {min(height, width)}"):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be >= 1, got {min(height, width)}")):
         fn(height, width)
 
 
@@ -614,7 +615,7 @@ def test_non_positive_sizes(fn, height, width, name):
     ],
 )
 def test_non_positive_settings(fn, kwargs, name):
-    with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be >= 1")):
         fn(100, 100, **kwargs)
 
 
@@ -638,7 +639,7 @@ def test_image_processor_settings_sources(tmp_path: Path):
         warnings.simplefilter("ignore")
         processor = fast_module.Qwen2VLImageProcessor(**custom)
     assert tvc_rs.image_processor_settings(processor) == tvc_rs.image_processor_settings(custom)
-    with pytest.raises(ValueError, match="shortest_edge"):
+    with pytest.raises(ValueError, match=re.escape("shortest_edge")):
         tvc_rs.image_processor_settings({"size": {"min_pixels": 10, "max_pixels": 20}})
-    with pytest.raises(TypeError, match="source must be"):
+    with pytest.raises(TypeError, match=re.escape("source must be")):
         tvc_rs.image_processor_settings(object())

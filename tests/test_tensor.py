@@ -5,6 +5,7 @@ kind of array without a copy."""
 from __future__ import annotations
 
 import gc
+import re
 
 import numpy as np
 import pytest
@@ -141,22 +142,22 @@ def test_unconsumed_capsules_are_freed_and_legacy_export_works():
 
 def test_bfloat16_cannot_become_numpy():
     buffer = _native._tensor_copy(torch.ones(3, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="NumPy has no bfloat16"):
+    with pytest.raises(TypeError, match=re.escape("NumPy has no bfloat16")):
         like(buffer, np.ones(3))
 
 
 def test_bad_arguments_name_themselves():
-    with pytest.raises(TypeError, match=r"^keys: expected a NumPy array or a torch tensor .* got list"):
+    with pytest.raises(TypeError, match="^" + re.escape("keys: expected a NumPy array or a torch tensor ") + ".*" + re.escape(" got list")):
         _native._tensor_info([1.0, 2.0], "keys")
-    with pytest.raises(TypeError, match=r"^x: expected dtype .* got float64"):
+    with pytest.raises(TypeError, match="^" + re.escape("x: expected dtype ") + ".*" + re.escape(" got float64")):
         _native._tensor_info(np.ones(3))
-    with pytest.raises(TypeError, match=r"^x: expected dtype .* got bool"):
+    with pytest.raises(TypeError, match="^" + re.escape("x: expected dtype ") + ".*" + re.escape(" got bool")):
         _native._tensor_info(torch.ones(3, dtype=torch.bool))
-    with pytest.raises(TypeError, match=r"^x: expected dtype .* got uint8"):
+    with pytest.raises(TypeError, match="^" + re.escape("x: expected dtype ") + ".*" + re.escape(" got uint8")):
         _native._tensor_info(np.ones(3, np.uint8))
-    with pytest.raises(ValueError, match=r"^x: cannot be read through DLPack: .*detach"):
+    with pytest.raises(ValueError, match="^" + re.escape("x: cannot be read through DLPack: ") + ".*" + re.escape("detach")):
         _native._tensor_info(torch.ones(3, requires_grad=True))
-    with pytest.raises(ValueError, match=r"^x: cannot be read through DLPack"):
+    with pytest.raises(ValueError, match="^" + re.escape("x: cannot be read through DLPack")):
         _native._tensor_info(torch.ones(3, device="meta"))
 
 

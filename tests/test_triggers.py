@@ -419,65 +419,65 @@ def test_schedule_state_carries_over_a_continued_request(detector, trace_ids):
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_raises_clear_errors(detector, tokenizer_json, tmp_path):
-    with pytest.raises(OSError, match="no such file"):
+    with pytest.raises(OSError, match=re.escape("no such file")):
         tvc_rs.ReflectionDetector(tmp_path / "missing.json")
-    with pytest.raises(OSError, match="holds no tokenizer.json"):
+    with pytest.raises(OSError, match=re.escape("holds no tokenizer.json")):
         tvc_rs.ReflectionDetector(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(ValueError, match=re.escape("tokenizer")):
         tvc_rs.ReflectionDetector(bad)
-    with pytest.raises(TypeError, match="tokenizer"):
+    with pytest.raises(TypeError, match=re.escape("tokenizer")):
         tvc_rs.ReflectionDetector(42)
-    with pytest.raises(ValueError, match=r"phrases\[1\]"):
+    with pytest.raises(ValueError, match=re.escape("phrases[1]")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases=["wait", ""])
-    with pytest.raises(ValueError, match=r"phrases\[1\]"):
+    with pytest.raises(ValueError, match=re.escape("phrases[1]")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases=["wait", "   "])
-    with pytest.raises(ValueError, match="phrases"):
+    with pytest.raises(ValueError, match=re.escape("phrases")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases=[])
-    with pytest.raises(ValueError, match=r"phrases\[1\].*repeats phrases\[0\]"):
+    with pytest.raises(ValueError, match=re.escape("phrases[1]") + ".*" + re.escape("repeats phrases[0]")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases=["wait", "WAIT"])
-    with pytest.raises(TypeError, match="phrases"):
+    with pytest.raises(TypeError, match=re.escape("phrases")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases="wait")
-    with pytest.raises(ValueError, match="phrases"):
+    with pytest.raises(ValueError, match=re.escape("phrases")):
         tvc_rs.ReflectionDetector(tokenizer_json, phrases=["x" * 200])
 
     stream = detector.stream()
     stream.push(14190)
     for bad_id in [151657, 10**9, -1]:
-        with pytest.raises(IndexError, match=f"token id {bad_id}"):
+        with pytest.raises(IndexError, match=re.escape(f"token id {bad_id}")):
             stream.push(bad_id)
     assert stream.tokens_seen == 1
-    with pytest.raises(IndexError, match=r"tokens\[2\]"):
+    with pytest.raises(IndexError, match=re.escape("tokens[2]")):
         stream.push_many([11, 11, 151700])
     assert stream.tokens_seen == 1  # nothing was fed
-    with pytest.raises(IndexError, match="token id"):
+    with pytest.raises(IndexError, match=re.escape("token id")):
         detector.find_tokens([1, 2, 999999])
-    with pytest.raises(TypeError, match="integer token ids"):
+    with pytest.raises(TypeError, match=re.escape("integer token ids")):
         detector.find_tokens(np.array([1.0, 2.0]))
-    with pytest.raises(ValueError, match="1-D"):
+    with pytest.raises(ValueError, match=re.escape("1-D")):
         detector.find_tokens(np.zeros((2, 2), dtype=np.int64))
 
     batch = detector.batch(4)
     batch.add(0)
     for call in [lambda: batch.add(4), lambda: batch.remove(-1), lambda: batch.move(0, 9),
                  lambda: batch.swap(7, 0), lambda: batch.hits(4)]:
-        with pytest.raises(IndexError, match="slot"):
+        with pytest.raises(IndexError, match=re.escape("slot")):
             call()
-    with pytest.raises(ValueError, match="tokens: 5 entries for a batch of 4 slots"):
+    with pytest.raises(ValueError, match=re.escape("tokens: 5 entries for a batch of 4 slots")):
         batch.step(np.zeros(5, dtype=np.int64))
     batch.step(np.array([14190, 0, 0, 0]))
-    with pytest.raises(IndexError, match=r"tokens\[0\]"):
+    with pytest.raises(IndexError, match=re.escape("tokens[0]")):
         batch.step(np.array([151999, 0, 0, 0]))
     assert batch.state(0) == (1, 0, 1)  # the failed step changed nothing
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(ValueError, match=re.escape("capacity")):
         detector.batch(-1)
 
     for kwargs, name in [({"warmup": -1}, "warmup"), ({"min_gap": -5}, "min_gap"),
                          ({"max_calibrations": -1}, "max_calibrations"), ({"period": 0}, "period")]:
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=re.escape(name)):
             tvc_rs.PVCSchedule(**kwargs)
-    with pytest.raises(ValueError, match="calibrations_made"):
+    with pytest.raises(ValueError, match=re.escape("calibrations_made")):
         detector.stream(calibrations_made=-1)
-    with pytest.raises(ValueError, match="tokens_since_last"):
+    with pytest.raises(ValueError, match=re.escape("tokens_since_last")):
         detector.stream(tokens_since_last=-3)

@@ -247,20 +247,20 @@ GOOD = [
 ]
 OFF = [None, {}, {"tvc": None}, {"tvc": False}, {"tvc": 0}, {"kv_transfer_params": {"x": 1}}]
 BAD = [
-    ({"tvc": {"min_gap": -1}}, r"extra_args\['tvc'\]\['min_gap'\] = -1: must be >= 0"),
-    ({"tvc": {"period": 0}}, r"extra_args\['tvc'\]\['period'\] = 0: must be >= 1"),
-    ({"tvc": {"warmup": "64"}}, r"extra_args\['tvc'\]\['warmup'\] = '64': expected an integer >= 0, got str"),
-    ({"tvc": {"max_calibrations": 2.0}}, r"\['max_calibrations'\] = 2.0: expected an integer >= 0 or None, got float"),
-    ({"tvc": {"min_gap": True}}, r"\['min_gap'\] = True: expected an integer >= 0, got bool"),
-    ({"tvc": {"calibrations_made": 2**32}}, r"\['calibrations_made'\] = 4294967296: must be <= 4294967295"),
-    ({"tvc": {"min_gapp": 3}}, r"extra_args\['tvc'\]: unknown setting 'min_gapp'"),
-    ({"tvc": 1, "tvc_min_gap": -5}, r"extra_args\['tvc_min_gap'\] = -5: must be >= 0"),
-    ({"tvc": 1, "tvc_perod": 5}, r"extra_args: unknown setting 'tvc_perod'"),
-    ({"tvc_min_gap": 5}, r"tvc_min_gap given but TVC is not enabled"),
-    ({"tvc": {"min_gap": 1}, "tvc_period": 5}, r"use one form"),
-    ({"tvc": "yes"}, r"extra_args\['tvc'\] = 'yes': expected a dict of TVC settings"),
-    ({"tvc": [1]}, r"extra_args\['tvc'\] = \[1\]"),
-    ({"tvc": {"calibration_token": -1}}, r"\['calibration_token'\] = -1: must be >= 0"),
+    ({"tvc": {"min_gap": -1}}, re.escape("extra_args['tvc']['min_gap'] = -1: must be >= 0")),
+    ({"tvc": {"period": 0}}, re.escape("extra_args['tvc']['period'] = 0: must be >= 1")),
+    ({"tvc": {"warmup": "64"}}, re.escape("extra_args['tvc']['warmup'] = '64': expected an integer >= 0, got str")),
+    ({"tvc": {"max_calibrations": 2.0}}, re.escape("['max_calibrations'] = 2.0: expected an integer >= 0 or None, got float")),
+    ({"tvc": {"min_gap": True}}, re.escape("['min_gap'] = True: expected an integer >= 0, got bool")),
+    ({"tvc": {"calibrations_made": 2**32}}, re.escape("['calibrations_made'] = 4294967296: must be <= 4294967295")),
+    ({"tvc": {"min_gapp": 3}}, re.escape("extra_args['tvc']: unknown setting 'min_gapp'")),
+    ({"tvc": 1, "tvc_min_gap": -5}, re.escape("extra_args['tvc_min_gap'] = -5: must be >= 0")),
+    ({"tvc": 1, "tvc_perod": 5}, re.escape("extra_args: unknown setting 'tvc_perod'")),
+    ({"tvc_min_gap": 5}, re.escape("tvc_min_gap given but TVC is not enabled")),
+    ({"tvc": {"min_gap": 1}, "tvc_period": 5}, re.escape("use one form")),
+    ({"tvc": "yes"}, re.escape("extra_args['tvc'] = 'yes': expected a dict of TVC settings")),
+    ({"tvc": [1]}, re.escape("extra_args['tvc'] = [1]")),
+    ({"tvc": {"calibration_token": -1}}, re.escape("['calibration_token'] = -1: must be >= 0")),
 ]
 
 
@@ -319,12 +319,12 @@ def test_random_settings_are_accepted_exactly_when_valid(values, flat):
 
 
 def test_calibration_token_must_stop_the_request_and_grammar_is_refused():
-    with pytest.raises(ValueError, match=r"calibration_token 151654 must also be in stop_token_ids"):
+    with pytest.raises(ValueError, match=re.escape("calibration_token 151654 must also be in stop_token_ids")):
         TVCLogitsProcessor.validate_params(SamplingParams(extra_args={"tvc": {"calibration_token": CAL}}))
     from vllm.sampling_params import StructuredOutputsParams
 
     grammar = SamplingParams(extra_args={"tvc": {}}, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
-    with pytest.raises(ValueError, match="cannot be combined with structured_outputs"):
+    with pytest.raises(ValueError, match=re.escape("cannot be combined with structured_outputs")):
         TVCLogitsProcessor.validate_params(grammar)
 
 
@@ -337,7 +337,7 @@ def test_admission_through_vllms_input_processor(input_processor):
     assert request.sampling_params.extra_args["tvc"] == {"min_gap": 32, "calibration_token": CAL}
     assert CAL in request.sampling_params.stop_token_ids
     bad = SamplingParams(extra_args={"tvc": {"min_gap": -3}})
-    with pytest.raises(VLLMValidationError, match=r"\['min_gap'\] = -3"):
+    with pytest.raises(VLLMValidationError, match=re.escape("['min_gap'] = -3")):
         input_processor.process_inputs("bad", prompt, bad, supported_tasks=("generate",))
 
 
@@ -382,7 +382,7 @@ def test_v2_loaders(vllm_config, cpu_runner_buffers):
         def is_argmax_invariant(self): return True
         def update_state(self, batch_update): ...
 
-    with pytest.raises(ValueError, match="is not a subclass of vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor"):
+    with pytest.raises(ValueError, match=re.escape("is not a subclass of vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor")):
         _load_v2_logitsprocs_by_fqcns([Legacy])
     states = RequestState(max_num_reqs=8, max_model_len=64, max_num_batched_tokens=64, num_speculative_steps=0,
                           vocab_size=VOCAB, device=torch.device("cpu"))
@@ -405,7 +405,7 @@ def test_explicit_configuration_loads_at_start_and_refuses_a_tokenizer_without_t
     assert proc._state == "ready" and proc._default_cal_token == CAL
 
     missing = config_with(vllm_config, additional={"tvc": {"calibration_token": "<|tvc_calibrate|>"}})
-    with pytest.raises(ValueError, match=r"calibration token '<\|tvc_calibrate\|>': the tokenizer has no such token"):
+    with pytest.raises(ValueError, match=re.escape("calibration token '<|tvc_calibrate|>': the tokenizer has no such token")):
         TVCLogitsProcessor(missing, torch.device("cpu"), False)
 
     # A tokenizer without Qwen2-VL's special tokens (a word-level one written here).
@@ -415,11 +415,11 @@ def test_explicit_configuration_loads_at_start_and_refuses_a_tokenizer_without_t
     small.pre_tokenizer = pre_tokenizers.Whitespace()
     small.save(str(tmp_path / "tokenizer.json"))
     other = config_with(vllm_config, logits_processors=[TVCLogitsProcessor], tokenizer=str(tmp_path))
-    with pytest.raises(ValueError, match=r"calibration token '<\|vision_pad\|>': the tokenizer has no such token"):
+    with pytest.raises(ValueError, match=re.escape("calibration token '<|vision_pad|>': the tokenizer has no such token")):
         TVCLogitsProcessor(other, torch.device("cpu"), False)
-    with pytest.raises(ValueError, match=r"additional_config\['tvc'\]: unknown setting 'phrase'"):
+    with pytest.raises(ValueError, match=re.escape("additional_config['tvc']: unknown setting 'phrase'")):
         TVCLogitsProcessor(config_with(vllm_config, additional={"tvc": {"phrase": ["x"]}}), torch.device("cpu"), False)
-    with pytest.raises(ValueError, match=r"calibration token id 151700: not a token of the tokenizer"):
+    with pytest.raises(ValueError, match=re.escape("calibration token id 151700: not a token of the tokenizer")):
         TVCLogitsProcessor(config_with(vllm_config, additional={"tvc": {"calibration_token": 151700}}), torch.device("cpu"), False)
 
     # Loaded only through the entry point, the same tokenizer leaves TVC off (an engine that did
@@ -928,26 +928,26 @@ def test_driver_streaming_chunk_is_only_the_new_part(vllm_config, input_processo
 
 def test_driver_refuses_bad_requests(vllm_config, input_processor):
     tok = input_processor.tokenizer
-    with pytest.raises(ValueError, match="pvc.mode = 'kv': not available with vLLM"):
+    with pytest.raises(ValueError, match=re.escape("pvc.mode = 'kv': not available with vLLM")):
         _Driver(vllm_config, tok, PVCConfig(mode="kv"))
-    with pytest.raises(ValueError, match="pvc.prune = 0.25: not available with vLLM"):
+    with pytest.raises(ValueError, match=re.escape("pvc.prune = 0.25: not available with vLLM")):
         _Driver(vllm_config, tok, PVCConfig(prune=0.25))
     driver = _Driver(vllm_config, tok, None)
-    with pytest.raises(ValueError, match="the prompt holds 1 .* blocks for 2 images"):
+    with pytest.raises(ValueError, match=re.escape("the prompt holds 1 ") + ".*" + re.escape(" blocks for 2 images")):
         _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(2)), "x")
-    with pytest.raises(ValueError, match="TVC needs at least one image"):
+    with pytest.raises(ValueError, match=re.escape("TVC needs at least one image")):
         _Session(driver, TVCRequest(prompt="<|im_start|>user\nhi<|im_end|>\n"), "x")
-    with pytest.raises(ValueError, match="not inside <|vision_start|>"):
+    with pytest.raises(ValueError, match=re.escape("not inside <|vision_start|>")):
         _Session(driver, TVCRequest(prompt="look <|image_pad|> here", images=images(1)), "x")
-    with pytest.raises(ValueError, match=r"vision_features\[0\]: 10 features for image_grid_thw \(1, 18, 22\)"):
+    with pytest.raises(ValueError, match=re.escape("vision_features[0]: 10 features for image_grid_thw (1, 18, 22)")):
         _Session(driver, TVCRequest(prompt=PROMPT_1, vision_features=[(torch.zeros(10, 1536), (1, 18, 22))]), "x")
-    with pytest.raises(ValueError, match="n = 2"):
+    with pytest.raises(ValueError, match=re.escape("n = 2")):
         _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(1), sampling_params=SamplingParams(n=2)), "x")
-    with pytest.raises(ValueError, match="pvc.phrases differ"):
+    with pytest.raises(ValueError, match=re.escape("pvc.phrases differ")):
         _Driver(config_with(vllm_config, additional={"tvc": {"phrases": ["wait"]}}), tok, PVCConfig(phrases=("hmm",)))
-    with pytest.raises(ValueError, match=r"pool = 0: must be >= 1"):
+    with pytest.raises(ValueError, match=re.escape("pool = 0: must be >= 1")):
         PVCConfig(pool=0)
-    with pytest.raises(ValueError, match=r"mode = 'shift'"):
+    with pytest.raises(ValueError, match=re.escape("mode = 'shift'")):
         PVCConfig(mode="shift")
 
 

@@ -459,9 +459,10 @@ class DVRBuilder:
         *,
         cutoff: Optional[int] = None,
     ) -> DVRSample:
-        """``image_sizes``: ``(height, width)`` of the question's images. With ``cutoff``:
-        re-affirmed images dropped first (last first), then the text shortened as
-        LLaMA-Factory's ``infer_seqlen``, never through an image block. ValueError for bad sizes,
+        """``image_sizes``: ``(height, width)`` of the question's images. With ``cutoff``: cut as
+        LLaMA-Factory's ``infer_seqlen`` cuts, never through an image block (a cut inside a
+        re-affirmed image, or inside the policy's bridge right before it, moves to its start):
+        every re-affirmed image wholly before the cut is kept. ValueError for bad sizes,
         placeholder mismatches, a cutoff smaller than the prompt up to the end of an image."""
     def downscaled_size(self, height: int, width: int) -> tuple[int, int]: ...
 
@@ -480,6 +481,19 @@ def vision_blocks(
     video_pad: int = 151656,
 ) -> npt.NDArray[np.int64]:
     """int64 ``(blocks, 6)``: start, end (exclusive), pads_start, pads_end, video, complete."""
+
+def answer_cut(
+    input_ids: TokenIds,
+    keep: int,
+    *,
+    bridge: Optional[TokenIds] = None,
+    vision_start: int = 151652,
+    vision_end: int = 151653,
+    image_pad: int = 151655,
+    video_pad: int = 151656,
+) -> int:
+    """Tokens of an answer kept under a cut after ``keep`` tokens: a cut inside an image block
+    (or inside the ``bridge`` ids right before it) moves to its start."""
 
 def qwen2_vl_patches(
     images: list[npt.NDArray[np.uint8]],

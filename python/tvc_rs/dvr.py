@@ -7,8 +7,9 @@ self-reflection points (Rust: src/dvr).
 - `DVRBuilder.build(question, image_sizes, answer, cutoff=...)`: a whole training sample
   (token ids, labels with the prompt and every vision token masked, M-RoPE positions), with the
   re-affirmed copy downscaled ``downscale`` times per side and its token count from the
-  processor's ``smart_resize`` rule; truncation drops re-affirmed images first, then shortens
-  the text, never cutting an image block.
+  processor's ``smart_resize`` rule; truncation cuts at the cutoff as LLaMA-Factory does,
+  never inside an image block: every re-affirmed image wholly before the cut is kept, one that
+  straddles it (with its bridge) or lies beyond it is dropped (``answer_cut``).
 - `build_dataset(...)` (the ``tvc-rs dvr build`` command): long-CoT records to
   LLaMA-Factory's sharegpt format with the re-affirmed images inserted.
 """
@@ -34,6 +35,7 @@ from tvc_rs._native import (
     DVRPolicy,
     DVRSample,
     Insertion,
+    answer_cut,
     dvr_downscaled_size,
     infer_seqlen,
     vision_blocks,
@@ -52,6 +54,7 @@ __all__ = [
     "dvr_downscaled_size",
     "infer_seqlen",
     "vision_blocks",
+    "answer_cut",
     "qwen2_vl_patches",
     "BuildReport",
     "build_dataset",

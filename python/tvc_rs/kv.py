@@ -88,7 +88,7 @@ def relocate_span(
     may have another head size), one dtype for all. Modified in place: entries
     ``[end, length)`` move down to ``[start, length - (end - start))`` in keys and values, and
     each moved key is re-rotated to its new position. Entries before ``start`` are untouched;
-    entries from the returned length on are stale: drop them (transformers 5.24:
+    entries from the returned length on are stale: drop them (transformers 5.24.0:
     ``cache.crop(new_length - old_length)``, a negative count removing that many).
 
     The moved entries' deltas (``n = length - end`` of them), one of:

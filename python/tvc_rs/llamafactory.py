@@ -1,6 +1,9 @@
 """LLaMA-Factory plugin for TVC's training stage (DVR): templates ``tvc_qwen2_vl`` and
 ``tvc_qwen2_5_vl``.
 
+Tested with LLaMA-Factory 0.9.5, transformers 5.6.0 and torch 2.11.0 (requirements/llamafactory.txt;
+LLaMA-Factory 0.9.5 needs transformers <= 5.6).
+
 LLaMA-Factory 0.9.5 left alone has two faults for DVR data (images inside the assistant's
 answer): the ``<|image_pad|>`` tokens of such an image become training targets
 (``SupervisedDatasetProcessor`` copies the whole answer into the labels), and truncation to
@@ -15,10 +18,12 @@ tokens while preprocessing, once in the collator).
   ``pixel_values`` in the collator with the processor's own resize and a one-pass Rust
   normalize-and-patchify (bit for bit the processor's output);
 - a dataset processor that masks every vision token of the answers out of the labels and
-  truncates without cutting image blocks: re-affirmed images (those in assistant messages) are
-  dropped first, last first, then the text is shortened as LLaMA-Factory does, except that the
-  prompt keeps its images whole (the answer gives way) and an answer cut inside a block moves
-  to its start; a cutoff smaller than the prompt up to the end of its last image is an error;
+  truncates without cutting image blocks: the sequence is cut at ``cutoff_len`` as LLaMA-Factory
+  cuts it, except that the prompt keeps its images whole (the answer gives way) and an answer cut
+  inside an image block (or inside the ``tvc_bridge`` right before it) moves to its start, so
+  every re-affirmed image wholly inside the kept part is kept and only one that straddles the
+  cut or lies beyond it goes; a cutoff smaller than the prompt up to the end of its last image is
+  an error;
 - a collator that checks blocks and images, masks vision labels again, and computes M-RoPE
   positions in Rust (equal to transformers' ``get_rope_index``).
 
@@ -59,7 +64,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from tvc_rs.dvr import infer_seqlen, qwen2_vl_patches, vision_blocks
+from tvc_rs.dvr import answer_cut, infer_seqlen, qwen2_vl_patches, vision_blocks
 from tvc_rs.rope import image_grid_thw, image_processor_settings, mrope_position_ids, smart_resize
 
 __all__ = ["TVC_TEMPLATES", "TVC_SETTINGS", "install", "settings", "cli_train", "TvcQwen2VLPlugin",
@@ -74,8 +79,8 @@ TVC_TEMPLATES = {"tvc_qwen2_vl": "qwen2_vl", "tvc_qwen2_5_vl": "qwen2_5_vl"}
 TVC_SETTINGS: dict[str, Any] = {
     # Mask every vision token (<|vision_start|>, pads, <|vision_end|>) of the answers out of the loss.
     "tvc_mask_visual_labels": True,
-    # The bridge text of `tvc-rs dvr build --bridge`: dropped together with the last image of
-    # its insertion when truncation drops re-affirmed images.
+    # The bridge text of `tvc-rs dvr build --bridge`: when truncation cuts through a re-affirmed
+    # image, the bridge right before it goes with it.
     "tvc_bridge": None,
     # Build pixel_values with the Rust patchify (False: the image processor, as LLaMA-Factory).
     "tvc_fast_images": True,
@@ -325,45 +330,11 @@ def _vision_ids(tokenizer: Any) -> tuple[int, int, int, int]:
     return ids  # type: ignore[return-value]
 
 
-def _drop_last_placeholders(messages: list[dict], drop: int, bridge: Optional[str]) -> tuple[list[dict], list[int]]:
-    """Messages with the last ``drop`` image placeholders of the assistant messages removed (a
-    bridge right before a removed group goes too). Returns the messages and, for each
-    placeholder of the original messages in order, whether it is kept (1) or not (0)."""
-    spots = []  # (message index, placeholder number within the message)
-    per_message = []
-    for m, message in enumerate(messages):
-        n = message["content"].count(IMAGE_PLACEHOLDER)
-        per_message.append(n)
-        if message["role"] == "assistant":
-            spots.extend((m, j) for j in range(n))
-    removed = set(spots[len(spots) - drop:]) if drop else set()
-    kept = []
-    out = []
-    for m, message in enumerate(messages):
-        if not any(r[0] == m for r in removed):
-            out.append(message)
-            kept.extend([1] * per_message[m])
-            continue
-        pieces = message["content"].split(IMAGE_PLACEHOLDER)
-        text = pieces[0]
-        for j, piece in enumerate(pieces[1:]):
-            if (m, j) in removed:
-                kept.append(0)
-                # The bridge goes with the first image of its group (nothing between them).
-                if bridge and text.endswith(bridge) and not text.endswith(IMAGE_PLACEHOLDER):
-                    text = text[: len(text) - len(bridge)]
-            else:
-                kept.append(1)
-                text += IMAGE_PLACEHOLDER
-            text += piece
-        out.append({**message, "content": text})
-    return out, kept
-
-
 @dataclass
 class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
     """LLaMA-Factory's SFT dataset processor; with a TVC template, vision tokens of the answers
-    are masked and truncation keeps image blocks whole (re-affirmed images dropped first)."""
+    are masked and truncation keeps image blocks whole (every re-affirmed image wholly before the
+    cut is kept)."""
 
     def _is_tvc(self) -> bool:
         return isinstance(self.template.mm_plugin, TvcQwen2VLPlugin)
@@ -401,24 +372,21 @@ class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
         cutoff = self.data_args.cutoff_len
         bridge = _settings["tvc_bridge"]
         messages = prompt + response
-        n_reaffirmed = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "assistant")
         extra = 1 if self.template.efficient_eos else 0
 
-        # Drop re-affirmed images, last first, until the example fits.
-        for drop in range(n_reaffirmed + 1):
-            kept_messages, kept = _drop_last_placeholders(messages, drop, bridge)
-            kept_images = [im for im, k in zip(images, kept) if k]
-            pairs = self._encode_pairs(kept_messages, kept_images, [], [], system, tools)
-            if sum(len(s) + len(t) for s, t in pairs) + extra <= cutoff:
-                break
+        # Every image is encoded; truncation below cuts at cutoff_len and keeps each image block
+        # wholly before the cut (a block that straddles it goes, with its bridge).
+        pairs = self._encode_pairs(messages, list(images), [], [], system, tools)
+        bridge_ids = np.asarray(self.tokenizer.encode(bridge, add_special_tokens=False) if bridge else [],
+                                dtype=np.int64)
 
         start, end, image_pad, video_pad = _vision_ids(self.tokenizer)
         blocks_kw = dict(vision_start=start, vision_end=end, image_pad=image_pad, video_pad=video_pad)
         # Images of each turn in order (prompt images of turn t, then its answer's).
         turn_images = []
         k = 0
-        for t in range(0, len(kept_messages), 2):
-            counts = [kept_messages[t + j]["content"].count(IMAGE_PLACEHOLDER) for j in (0, 1)]
+        for t in range(0, len(messages), 2):
+            counts = [messages[t + j]["content"].count(IMAGE_PLACEHOLDER) for j in (0, 1)]
             turn_images.append((list(range(k, k + counts[0])), list(range(k + counts[0], k + sum(counts)))))
             k += sum(counts)
 
@@ -447,10 +415,10 @@ class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
                         f"block alone has {end_ - start_}): the image would be cut off; raise cutoff_len")
                 source_len = end_
                 target_len = min(target_len, budget - source_len)
-            target_blocks = vision_blocks(np.asarray(target_ids, dtype=np.int64), **blocks_kw)
-            for b in target_blocks.tolist():
-                if b[0] < target_len < b[1]:
-                    target_len = b[0]
+            target_array = np.asarray(target_ids, dtype=np.int64)
+            target_blocks = vision_blocks(target_array, **blocks_kw)
+            if target_len < len(target_ids):
+                target_len = answer_cut(target_array, target_len, bridge=bridge_ids, **blocks_kw)
             source_ids, target_ids = source_ids[:source_len], target_ids[:target_len]
             total_length += source_len + target_len
             prompt_images, answer_images = turn_images[turn]
@@ -482,7 +450,7 @@ class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
         if self.template.efficient_eos:
             input_ids += [self.tokenizer.eos_token_id]
             labels += [self.tokenizer.eos_token_id]
-        return input_ids, labels, [kept_images[i] for i in used]
+        return input_ids, labels, [images[i] for i in used]
 
 
 # ---------------------------------------------------------------- the collator

@@ -100,9 +100,10 @@ def mrope_position_ids(
 ):
     """3-D M-RoPE position ids and rope deltas of Qwen2-VL / Qwen2.5-VL.
 
-    Equal element for element to transformers 5.24's ``Qwen2VLModel.get_rope_index``
+    Equal element for element to transformers' ``Qwen2VLModel.get_rope_index``
     (``model_type="qwen2_vl"``, also QVQ) and ``Qwen2_5_VLModel.get_rope_index``
-    (``model_type="qwen2_5_vl"``).
+    (``model_type="qwen2_5_vl"``); tested with transformers 5.24.0 (requirements/test.txt) and
+    5.6.0 (the LLaMA-Factory environment, requirements/llamafactory.txt).
 
     Args:
         input_ids: ``(batch, seq)`` int32 or int64, NumPy array or torch tensor (any device).
@@ -189,7 +190,8 @@ def smart_resize(
 ) -> tuple[int, int]:
     """The ``(height, width)`` Qwen2-VL's image processor resizes an image to.
 
-    Same as transformers 5.24's ``qwen2_vl.image_processing_qwen2_vl.smart_resize``: both sides
+    Same as transformers 5.24.0's ``qwen2_vl.image_processing_qwen2_vl.smart_resize`` (tested with
+    5.24.0 and, through the image processor's grids, 5.6.0): both sides
     become multiples of ``factor`` (``patch_size * merge_size``), the pixel count is scaled into
     ``[min_pixels, max_pixels]``, the aspect ratio is kept as far as rounding allows. Images
     smaller than ``factor`` are scaled up (5.24 no longer refuses them).

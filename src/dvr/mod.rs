@@ -6,10 +6,10 @@
 //!   tokens apart, not in the first K tokens; the copy is the image downscaled per side (the
 //!   pixel-space counterpart of the paper's 4x4 pooling).
 //! - [`sample`]: a whole training sample: token ids, labels with the prompt and every vision
-//!   token of the answer masked, M-RoPE positions; truncation drops re-affirmed images first
-//!   and then shortens the text, never cutting an image block.
-//! - [`truncate`]: LLaMA-Factory's length split (`infer_seqlen`) and the vision blocks of a
-//!   token sequence.
+//!   token of the answer masked, M-RoPE positions; truncation cuts at the cutoff (LLaMA-Factory's
+//!   split), keeps every re-affirmed image wholly before the cut and never cuts an image block.
+//! - [`truncate`]: LLaMA-Factory's length split (`infer_seqlen`), the vision blocks of a token
+//!   sequence and the answer cut that keeps them whole (`answer_cut`).
 //! - [`patches`]: Qwen2-VL's `pixel_values` from a resized `uint8` image in one pass.
 
 pub mod patches;
@@ -25,4 +25,4 @@ pub use policy::{
 pub use sample::{
     vision_tokens, ChatFormat, Sample, SampleBuilder, SampleImage, IGNORE_INDEX, QWEN2_VL_SYSTEM,
 };
-pub use truncate::{infer_seqlen, snap_cut, vision_blocks, Block, VisionTokens};
+pub use truncate::{answer_cut, infer_seqlen, snap_cut, vision_blocks, Block, VisionTokens};

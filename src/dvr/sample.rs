@@ -1,11 +1,11 @@
 //! One DVR training sample: the answer with re-affirmed images inserted, its token ids, labels
 //! (prompt and every visual token masked) and M-RoPE positions, truncated to a cutoff without
-//! cutting an image block.
+//! cutting an image block (every re-affirmed image wholly inside the kept part stays).
 
 use std::sync::Arc;
 
 use super::policy::{downscaled_size, insert_text, plan_insertions, Insertion, Policy};
-use super::truncate::{infer_seqlen, VisionTokens};
+use super::truncate::{answer_cut, infer_seqlen, VisionTokens};
 use crate::error::Result;
 use crate::rope::{
     image_grid_thw, positions_for_sequence, GridThw, ImageSettings, ModelType, MropeConfig,
@@ -92,7 +92,7 @@ pub struct Sample {
     pub answer_text: String,
     /// Every insertion point the policy chose.
     pub insertions: Vec<Insertion>,
-    /// How many re-affirmed images the sequence keeps (the first ones, in answer order).
+    /// How many re-affirmed images the sequence keeps (those wholly before the cut).
     pub kept_images: usize,
     /// How many re-affirmed images the policy asked for (insertions x question images).
     pub planned_images: usize,
@@ -104,7 +104,7 @@ pub struct Sample {
     pub images: Vec<SampleImage>,
     /// Prompt tokens kept.
     pub prompt_tokens: usize,
-    /// Text tokens cut off after every re-affirmed image was dropped (0 if none).
+    /// Tokens cut off by truncation (0 if none), image blocks after the cut included.
     pub cut_tokens: usize,
 }
 
@@ -205,11 +205,12 @@ impl SampleBuilder {
 
     /// Builds the sample for `question` (holding one placeholder per image, or none: the images
     /// then come first), the question images' `(height, width)` and `answer`. With `cutoff`,
-    /// the sequence is at most that long: re-affirmed images are dropped first, last first
-    /// (a bridge goes with the last image of its insertion), then the text is shortened as
-    /// LLaMA-Factory does (`infer_seqlen`), never through an image block: the prompt keeps at
-    /// least up to the end of its last image (the answer keeps less), an answer cut inside a
-    /// block moves to its start.
+    /// the sequence is at most that long: it is cut as LLaMA-Factory cuts (`infer_seqlen`),
+    /// never through an image block: the prompt keeps at least up to the end of its last image
+    /// (the answer keeps less), and an answer cut inside a block (or inside the policy's
+    /// bridge right before it) moves to the start of the block (of the bridge), see
+    /// [`answer_cut`]. Every re-affirmed image wholly inside the kept part is kept; one that
+    /// straddles the cut or lies beyond it is dropped.
     ///
     /// Errors (`Error::Value`): a size < 1 or a processor-refused aspect ratio (`images[i]`);
     /// a placeholder count that is neither 0 nor the number of images (`question`); the
@@ -288,69 +289,39 @@ impl SampleBuilder {
         let mut source_blocks = Vec::new();
         self.encode_parts(&source_parts, &images, &mut source, &mut source_blocks)?;
 
-        // The answer: piece i is the text before insertion i plus its bridge (encoded once);
-        // keeping `m` copies keeps ceil(m / n_images) insertions and the tail after the last.
+        // The answer: piece k is the text before insertion k plus its bridge (encoded as one
+        // text, as the template encodes the whole answer), then the insertion's copies; then the
+        // tail after the last insertion and the answer suffix.
         images.extend(insertions.iter().flat_map(|_| copies.iter().copied()));
         let bridge = self.policy.bridge.as_deref().unwrap_or("");
         let bounds: Vec<usize> = std::iter::once(0)
             .chain(insertions.iter().map(|i| i.byte_index))
             .collect();
-        let mut piece_ids = Vec::with_capacity(insertions.len());
+        let planned = insertions.len() * n_images;
+        let mut target = Vec::new();
+        let mut target_blocks = Vec::new();
+        let mut target_parts = Vec::with_capacity(n_images);
         for k in 0..insertions.len() {
-            let mut ids = Vec::new();
             self.encode(
                 &format!("{}{bridge}", &answer[bounds[k]..bounds[k + 1]]),
-                &mut ids,
+                &mut target,
             )?;
-            piece_ids.push(ids);
-        }
-        let planned = insertions.len() * n_images;
-        let copy_tokens: Vec<usize> = copies.iter().map(|c| self.block_tokens(c)).collect();
-        let target_len_with = |kept: usize| -> Result<(usize, Vec<u32>)> {
-            let kept_insertions = kept.div_ceil(n_images.max(1));
-            let mut len = 0;
-            for (k, ids) in piece_ids.iter().take(kept_insertions).enumerate() {
-                let images_here = (kept - k * n_images).min(n_images);
-                len += ids.len() + copy_tokens[..images_here].iter().sum::<usize>();
-            }
-            let mut tail = Vec::new();
-            self.encode(
-                &format!(
-                    "{}{}",
-                    &answer[bounds[kept_insertions]..],
-                    self.format.answer_suffix
-                ),
-                &mut tail,
-            )?;
-            Ok((len + tail.len(), tail))
-        };
-
-        // Keep as many re-affirmed images as fit (dropping the last ones first).
-        let mut kept = planned;
-        let (mut target_len, mut tail) = target_len_with(kept)?;
-        if let Some(cutoff) = cutoff {
-            while kept > 0 && source.len() + target_len > cutoff {
-                kept -= 1;
-                (target_len, tail) = target_len_with(kept)?;
-            }
-        }
-        let kept_insertions = kept.div_ceil(n_images.max(1));
-        let mut target_parts = Vec::new();
-        let mut target = Vec::with_capacity(target_len);
-        let mut target_blocks = Vec::new();
-        for (k, ids) in piece_ids.iter().take(kept_insertions).enumerate() {
-            target.extend_from_slice(ids);
-            let images_here = (kept - k * n_images).min(n_images);
             target_parts.clear();
-            for j in 0..images_here {
-                target_parts.push(Part::Image(n_images + k * n_images + j));
-            }
+            target_parts.extend((0..n_images).map(|j| Part::Image(n_images + k * n_images + j)));
             self.encode_parts(&target_parts, &images, &mut target, &mut target_blocks)?;
         }
-        target.extend_from_slice(&tail);
-        debug_assert_eq!(target.len(), target_len);
+        self.encode(
+            &format!(
+                "{}{}",
+                &answer[bounds[insertions.len()]..],
+                self.format.answer_suffix
+            ),
+            &mut target,
+        )?;
 
-        // Shorten the text when even the answer without copies is too long.
+        // Cut at the cutoff first (LLaMA-Factory's split), then move a cut that falls inside an
+        // image block (or the bridge right before it) to its start: every copy wholly inside the
+        // kept part stays, a copy that straddles the cut or lies beyond it goes.
         let (mut source_keep, mut target_keep) = (source.len(), target.len());
         if let Some(cutoff) = cutoff {
             // As LLaMA-Factory, the split is applied whether or not the turn fits.
@@ -370,11 +341,19 @@ impl SampleBuilder {
                     target_keep = target_keep.min(cutoff - end);
                 }
             }
-            if let Some(&(start, _, _)) = target_blocks
-                .iter()
-                .find(|&&(s, e, _)| s < target_keep && target_keep < e)
-            {
-                target_keep = start;
+            if target_keep < target.len() {
+                let bridge_ids: Vec<i64> = if bridge.is_empty() {
+                    Vec::new()
+                } else {
+                    self.detector
+                        .vocab()
+                        .encode(bridge)?
+                        .into_iter()
+                        .map(i64::from)
+                        .collect()
+                };
+                let target64: Vec<i64> = target.iter().map(|&i| i as i64).collect();
+                target_keep = answer_cut(&target64, target_keep, &self.vision, &bridge_ids);
             }
         }
         let cut_tokens = source.len() + target.len() - source_keep - target_keep;
@@ -408,17 +387,23 @@ impl SampleBuilder {
         let ids64: Vec<i64> = input_ids.iter().map(|&i| i as i64).collect();
         let positions = positions_for_sequence(&ids64, &grids, &[], None, &self.mrope())?;
 
-        // The answer text with the copies that are kept.
+        // The answer text with the copies that are kept (an insertion none of whose copies is
+        // kept loses its bridge too); the text itself is the whole answer.
+        let mut kept_per_insertion = vec![0usize; insertions.len()];
+        for &i in kept_blocks.iter().filter(|&&i| i >= n_images) {
+            kept_per_insertion[(i - n_images) / n_images] += 1;
+        }
         let mut answer_text = String::with_capacity(answer.len());
-        for (k, ins) in insertions.iter().enumerate().take(kept_insertions) {
+        for (k, ins) in insertions.iter().enumerate() {
             answer_text.push_str(&answer[bounds[k]..ins.byte_index]);
-            answer_text.push_str(bridge);
-            let images_here = (kept - k * n_images).min(n_images);
-            for _ in 0..images_here {
-                answer_text.push_str(placeholder);
+            if kept_per_insertion[k] > 0 {
+                answer_text.push_str(bridge);
+                for _ in 0..kept_per_insertion[k] {
+                    answer_text.push_str(placeholder);
+                }
             }
         }
-        answer_text.push_str(&answer[bounds[kept_insertions]..]);
+        answer_text.push_str(&answer[bounds[insertions.len()]..]);
 
         Ok(Sample {
             answer_text,

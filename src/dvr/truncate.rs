@@ -119,3 +119,30 @@ pub fn snap_cut(blocks: &[Block], cut: usize) -> usize {
         None => cut,
     }
 }
+
+/// Where an answer `ids` is cut so that it keeps at most `keep` tokens (LLaMA-Factory's split,
+/// see [`infer_seqlen`]) and no image block is cut: a cut inside a block moves to the start of
+/// that block, so every block wholly inside the first `keep` tokens is kept and a block that
+/// straddles the cut goes. `bridge`: the token ids of the bridge text written right before a
+/// re-affirmed image (empty: none); when they stand right before the straddling block they go
+/// with it (a cut inside them moves to their start too), so that no kept text ends in a bridge
+/// whose image was cut off. Returns the number of tokens kept, `<= keep.min(ids.len())`.
+pub fn answer_cut(ids: &[i64], keep: usize, tokens: &VisionTokens, bridge: &[i64]) -> usize {
+    let keep = keep.min(ids.len());
+    // The first block that ends after the cut is the only one the cut can split.
+    match vision_blocks(ids, tokens)
+        .into_iter()
+        .find(|b| b.end > keep)
+    {
+        None => keep,
+        Some(b) => {
+            let n = bridge.len();
+            let start = if n > 0 && b.start >= n && ids[b.start - n..b.start] == *bridge {
+                b.start - n
+            } else {
+                b.start
+            };
+            keep.min(start)
+        }
+    }
+}

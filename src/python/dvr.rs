@@ -1,6 +1,6 @@
 //! Bindings of `crate::dvr`: `DVRPolicy`, `DVRBuilder` (insertion points, samples),
 //! `Insertion`, `DVRPlan`, `DVRSample`, `DVRImage`, and the helpers of the LLaMA-Factory
-//! plugin: `dvr_downscaled_size`, `infer_seqlen`, `vision_blocks`, `qwen2_vl_patches`.
+//! plugin: `dvr_downscaled_size`, `infer_seqlen`, `vision_blocks`, `answer_cut`, `qwen2_vl_patches`.
 
 use std::sync::Arc;
 
@@ -30,6 +30,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dvr_downscaled_size, m)?)?;
     m.add_function(wrap_pyfunction!(infer_seqlen, m)?)?;
     m.add_function(wrap_pyfunction!(vision_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(answer_cut, m)?)?;
     m.add_function(wrap_pyfunction!(qwen2_vl_patches, m)?)?;
     m.add("IGNORE_INDEX", dvr::IGNORE_INDEX)?;
     m.add("QWEN2_VL_SYSTEM", dvr::QWEN2_VL_SYSTEM)?;
@@ -534,9 +535,9 @@ impl DVRBuilder {
 
     /// The training sample of one long-CoT answer: `question` (one placeholder per image, or
     /// none: the images then come first), `image_sizes` `[(height, width), ...]` of the
-    /// question's images, `answer`; with `cutoff`, at most that many tokens (re-affirmed images
-    /// dropped first, last first; then the text shortened as LLaMA-Factory's `infer_seqlen`,
-    /// never through an image block). ValueError for bad sizes, a placeholder count that is
+    /// question's images, `answer`; with `cutoff`, at most that many tokens (cut as
+    /// LLaMA-Factory's `infer_seqlen` cuts, never through an image block: every re-affirmed
+    /// image wholly before the cut is kept, see `dvr::answer_cut`). ValueError for bad sizes, a placeholder count that is
     /// neither 0 nor the number of images, a placeholder inside the answer, a cutoff that would
     /// cut a question image in two.
     #[pyo3(signature = (question, image_sizes, answer, *, cutoff=None))]
@@ -631,6 +632,37 @@ fn vision_blocks<'py>(
         })
         .collect();
     PyArray1::from_vec(py, flat).reshape([blocks.len(), 6])
+}
+
+/// How many tokens of an answer `input_ids` are kept under a cut after `keep` tokens without
+/// cutting an image block: a cut inside a block, or inside the `bridge` token ids right before
+/// it, moves to its start (`tvc_rs.dvr.answer_cut`; Rust: `dvr::answer_cut`).
+#[pyfunction]
+#[pyo3(signature = (input_ids, keep, *, bridge=None, vision_start=151652, vision_end=151653, image_pad=151655, video_pad=151656))]
+#[allow(clippy::too_many_arguments)]
+fn answer_cut(
+    py: Python<'_>,
+    input_ids: &Bound<'_, PyAny>,
+    keep: i64,
+    bridge: Option<&Bound<'_, PyAny>>,
+    vision_start: i64,
+    vision_end: i64,
+    image_pad: i64,
+    video_pad: i64,
+) -> PyResult<usize> {
+    let ids = token_ids(input_ids, "input_ids")?;
+    let keep = non_negative("keep", keep)?;
+    let bridge = match bridge {
+        Some(b) => token_ids(b, "bridge")?,
+        None => Vec::new(),
+    };
+    let tokens = VisionTokens {
+        vision_start,
+        vision_end,
+        image_pad,
+        video_pad,
+    };
+    Ok(py.detach(|| dvr::answer_cut(&ids, keep, &tokens, &bridge)))
 }
 
 /// Qwen2-VL's `pixel_values` of resized `uint8` images in one pass: `(x - mean) / std` in
