@@ -86,14 +86,17 @@ def main() -> None:
     image = Image.open(ASSETS / "images" / "tvc_case1_clevr.jpg").convert("RGB")
     rows: list[dict] = []
 
-    def timed(fn) -> float:
-        samples = []
+    def timed(*fns) -> list[float]:
+        """Median seconds of each of ``fns``, run in turn (A B A B ...) so that a drift of this
+        shared machine's speed hits them alike; the prefix cache is reset before every run."""
+        samples: list[list[float]] = [[] for _ in fns]
         for _ in range(args.repeat):
-            llm.reset_prefix_cache()
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+            for fn, times in zip(fns, samples):
+                llm.reset_prefix_cache()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return [statistics.median(times) for times in samples]
 
     # ---- throughput with and without TVC requests
     short = prompt_with("")
@@ -102,11 +105,11 @@ def main() -> None:
     llm.generate({"prompt": short, "multi_modal_data": {"image": image}}, plain, use_tqdm=False)  # warm-up
     for batch in (1, 8, 32):
         prompts = [{"prompt": short, "multi_modal_data": {"image": image}}] * batch
-        seconds = {}
-        for name, params in (("plain", plain), ("tvc", watched)):
-            outs: list = []
-            seconds[name] = timed(lambda: outs.extend(llm.generate(prompts, params, use_tqdm=False)))
-            assert all(len(o.outputs[0].token_ids) == args.tokens for o in outs)
+        outs: list = []
+        plain_s, tvc_s = timed(lambda: outs.extend(llm.generate(prompts, plain, use_tqdm=False)),
+                               lambda: outs.extend(llm.generate(prompts, watched, use_tqdm=False)))
+        assert all(len(o.outputs[0].token_ids) == args.tokens for o in outs)
+        seconds = {"plain": plain_s, "tvc": tvc_s}
         for name in ("plain", "tvc"):
             rows.append({
                 "case": "throughput", "batch": batch, "requests": "every request watched by TVC" if name == "tvc" else "no TVC",
@@ -122,12 +125,15 @@ def main() -> None:
         prompt = prompt_with(question)
         params = SamplingParams(max_tokens=period + 8, temperature=0, ignore_eos=True)
         request = TVCRequest(prompt, [image], params)
-        base = timed(lambda: llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False))
-        for mode in ("relocate", "append"):
-            pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
-            results: list = []
-            seconds = timed(lambda: results.append(generate(llm, [request], pvc)[0]))
-            result = results[-1]
+        configs = {mode: PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
+                   for mode in ("relocate", "append")}
+        results: dict = {}
+        base, *with_cal = timed(
+            lambda: llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False),
+            *[lambda mode=mode: results.__setitem__(mode, generate(llm, [request], configs[mode])[0]) for mode in configs],
+        )
+        for mode, seconds in zip(configs, with_cal):
+            result = results[mode]
             assert len(result.calibrations) == 1 and len(result.token_ids) == period + 8
             prefilled = result.prompt_tokens[1] - (result.cached_tokens[1] or 0)
             rows.append({
