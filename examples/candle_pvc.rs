@@ -143,7 +143,10 @@ impl Model {
         let n = positions.len();
         let cos = Tensor::from_vec(cos, (1, 1, n, half), &Device::Cpu)?;
         let sin = Tensor::from_vec(sin, (1, 1, n, half), &Device::Cpu)?;
-        let (a, b) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+        let (a, b) = (
+            x.narrow(D::Minus1, 0, half)?,
+            x.narrow(D::Minus1, half, half)?,
+        );
         let first = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
         let second = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
         Tensor::cat(&[first, second], D::Minus1)
@@ -165,9 +168,17 @@ impl Model {
         for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
             let normed = rms_norm(&h, &layer.attn_norm)?;
             let heads = |w: &Tensor, count: usize| -> Result<Tensor> {
-                normed.matmul(w)?.reshape((1, n, count, HEAD_DIM))?.transpose(1, 2)?.contiguous()
+                normed
+                    .matmul(w)?
+                    .reshape((1, n, count, HEAD_DIM))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
-            let (q, k_raw, v) = (heads(&layer.wq, HEADS)?, heads(&layer.wk, KV_HEADS)?, heads(&layer.wv, KV_HEADS)?);
+            let (q, k_raw, v) = (
+                heads(&layer.wq, HEADS)?,
+                heads(&layer.wk, KV_HEADS)?,
+                heads(&layer.wv, KV_HEADS)?,
+            );
             let q = self.rope(&q, positions)?;
             let past = c.keys.dim(2)?;
             match tvc_append {
@@ -178,7 +189,8 @@ impl Model {
                 Some(rope) => {
                     // Grow the cache by n entries, then let tvc-rs write them, rotating each
                     // raw key (position 0) by its position.
-                    let empty = Tensor::zeros((1, KV_HEADS, n, HEAD_DIM), DType::F32, &Device::Cpu)?;
+                    let empty =
+                        Tensor::zeros((1, KV_HEADS, n, HEAD_DIM), DType::F32, &Device::Cpu)?;
                     c.keys = Tensor::cat(&[&c.keys, &empty], 2)?;
                     c.values = Tensor::cat(&[&c.values, &empty], 2)?;
                     let slots: Vec<i64> = (past..past + n).map(|p| p as i64).collect();
@@ -204,11 +216,16 @@ impl Model {
             let (k, v) = (expand(&c.keys)?, expand(&c.values)?);
             let scores = (q.matmul(&k.t()?)? / (HEAD_DIM as f64).sqrt())?;
             let mask: Vec<f32> = (0..n)
-                .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (1, 1, n, total), &Device::Cpu)?;
             let probs = candle_softmax(&scores.broadcast_add(&mask)?)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, HEADS * HEAD_DIM))?;
+            let attn = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((n, HEADS * HEAD_DIM))?;
             h = (h + attn.matmul(&layer.wo)?)?;
             let normed = rms_norm(&h, &layer.mlp_norm)?;
             let gate = normed.matmul(&layer.gate)?;
@@ -241,25 +258,34 @@ fn key_error(model: &Model, cache: &[LayerCache], positions: &[i64]) -> Result<f
     let mut worst = 0f32;
     for c in cache {
         let want = model.rope(&c.raw_keys, positions)?;
-        let err = (&c.keys - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let err = (&c.keys - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         worst = worst.max(err);
     }
     Ok(worst)
 }
 
 fn main() -> Result<()> {
-    let tokenizer_path = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| {
-        let assets = std::env::var_os("TVC_ASSETS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/assets"));
-        assets.join("qwen2-vl/tokenizer.json")
-    });
+    let tokenizer_path = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let assets = std::env::var_os("TVC_ASSETS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/assets")
+                });
+            assets.join("qwen2-vl/tokenizer.json")
+        });
     let detector = tc::Detector::from_path(&tokenizer_path, None)?;
     let vocab = detector.vocab_size();
     let model = Model::new(vocab, 0x7c5e_11d3_9a0b_42f1)?;
-    let rope = tc::Rope::new(
-        tc::RopeConfig::new(ROPE_THETA, HEAD_DIM, None, false, None)?,
-    );
+    let rope = tc::Rope::new(tc::RopeConfig::new(
+        ROPE_THETA, HEAD_DIM, None, false, None,
+    )?);
     let encode = |text: &str| Ok::<_, candle_core::Error>(detector.vocab().encode(text)?);
 
     // Prompt: question text, the image (vision_start, 16 image tokens, vision_end), more text.
@@ -271,7 +297,9 @@ fn main() -> Result<()> {
     prompt.extend(std::iter::repeat_n(IMAGE_PAD, image_tokens));
     let image_end = prompt.len();
     prompt.push(VISION_END);
-    prompt.extend(encode("How many objects are left? Think step by step.<|im_end|>\n<|im_start|>assistant\n")?);
+    prompt.extend(encode(
+        "How many objects are left? Think step by step.<|im_end|>\n<|im_start|>assistant\n",
+    )?);
     // Input embeddings: text tokens from the table, the image's rows from the "encoder".
     let x = Tensor::cat(
         &[
@@ -284,7 +312,11 @@ fn main() -> Result<()> {
 
     let empty = Tensor::zeros((1, KV_HEADS, 0, HEAD_DIM), DType::F32, &Device::Cpu)?;
     let mut cache: Vec<LayerCache> = (0..LAYERS)
-        .map(|_| LayerCache { keys: empty.clone(), values: empty.clone(), raw_keys: empty.clone() })
+        .map(|_| LayerCache {
+            keys: empty.clone(),
+            values: empty.clone(),
+            raw_keys: empty.clone(),
+        })
         .collect();
     // Position of every cached entry (the truth the re-rotated keys are checked against).
     let mut positions: Vec<i64> = (0..prompt.len() as i64).collect();
@@ -306,9 +338,16 @@ fn main() -> Result<()> {
         generated.push(token);
         let next_position = positions.last().map_or(0, |p| p + 1);
         positions.push(next_position);
-        logits = model.forward(&model.embed_tokens(&[token])?, &[next_position], &mut cache, None)?;
+        logits = model.forward(
+            &model.embed_tokens(&[token])?,
+            &[next_position],
+            &mut cache,
+            None,
+        )?;
 
-        let Some(calibration) = tc::push_token(&mut monitor, &detector, &next)? else { continue };
+        let Some(calibration) = tc::push_token(&mut monitor, &detector, &next)? else {
+            continue;
+        };
         calibrations += 1;
         let seq = cache[0].keys.dim(2)?;
         // 1. Evict the image (the first time; later calibrations evict the previous compressed
@@ -317,12 +356,26 @@ fn main() -> Result<()> {
         let evicted = end - start;
         let keys: Vec<Tensor> = cache.iter().map(|c| c.keys.clone()).collect();
         let values: Vec<Tensor> = cache.iter().map(|c| c.values.clone()).collect();
-        let new_len = tc::relocate_span(&keys, &values, start, end, None, tc::Deltas::Same(-(evicted as i64)), &rope)?;
+        let new_len = tc::relocate_span(
+            &keys,
+            &values,
+            start,
+            end,
+            None,
+            tc::Deltas::Same(-(evicted as i64)),
+            &rope,
+        )?;
         assert_eq!(new_len, seq - evicted, "relocate_span's new length");
         for c in cache.iter_mut() {
             c.keys = c.keys.narrow(2, 0, new_len)?;
             c.values = c.values.narrow(2, 0, new_len)?;
-            c.raw_keys = Tensor::cat(&[c.raw_keys.narrow(2, 0, start)?, c.raw_keys.narrow(2, end, seq - end)?], 2)?;
+            c.raw_keys = Tensor::cat(
+                &[
+                    c.raw_keys.narrow(2, 0, start)?,
+                    c.raw_keys.narrow(2, end, seq - end)?,
+                ],
+                2,
+            )?;
         }
         positions.drain(start..end);
         for p in positions[start..].iter_mut() {
@@ -337,7 +390,12 @@ fn main() -> Result<()> {
         let bridge = encode(" Let me see the image again:")?;
         let first = positions.last().map_or(0, |p| p + 1);
         let bridge_positions: Vec<i64> = (first..first + bridge.len() as i64).collect();
-        model.forward(&model.embed_tokens(&bridge)?, &bridge_positions, &mut cache, None)?;
+        model.forward(
+            &model.embed_tokens(&bridge)?,
+            &bridge_positions,
+            &mut cache,
+            None,
+        )?;
         positions.extend(&bridge_positions);
         let (pooled, pooled_grid) = tc::pool_visual_tokens(&image, &[IMAGE_GRID], POOL)?;
         let block = pooled.dim(0)?;
@@ -352,7 +410,9 @@ fn main() -> Result<()> {
             append_error <= KEY_TOLERANCE,
             "append_entries: rotated keys differ from the model's RoPE by {append_error}"
         );
-        let phrase = calibration.hit.map(|h| detector.phrases()[h.phrase as usize].clone());
+        let phrase = calibration
+            .hit
+            .map(|h| detector.phrases()[h.phrase as usize].clone());
         println!(
             "calibration {calibrations} at token {} ({:?}{}): evicted {evicted} entries at {start}..{end}, \
              re-rotated {} later keys per layer and head (max error {relocate_error:.2e}), bridge {} tokens, \
@@ -372,9 +432,16 @@ fn main() -> Result<()> {
         .tokenizer()
         .decode(&generated, false)
         .map_err(candle_core::Error::msg)?;
-    println!("generated {} tokens: {:?}", generated.len(), text.chars().take(160).collect::<String>());
+    println!(
+        "generated {} tokens: {:?}",
+        generated.len(),
+        text.chars().take(160).collect::<String>()
+    );
     assert_eq!(calibrations, monitor.calibrations.len());
-    assert!(calibrations >= 1, "the schedule (period {PERIOD}) should have calibrated");
+    assert!(
+        calibrations >= 1,
+        "the schedule (period {PERIOD}) should have calibrated"
+    );
     println!("{calibrations} calibrations, every re-rotated and appended key checked against the model's RoPE");
     Ok(())
 }

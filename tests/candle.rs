@@ -89,7 +89,10 @@ fn make(values: &[f64], shape: &[usize], dtype: DType, view: View, rng: &mut Tes
             for (axis, &d) in shape.iter().enumerate() {
                 t = t.narrow(axis, 1, d).unwrap();
             }
-            assert!(t.layout().start_offset() > 0, "a window inside the larger buffer");
+            assert!(
+                t.layout().start_offset() > 0,
+                "a window inside the larger buffer"
+            );
             t
         }
         View::Transpose => {
@@ -99,7 +102,8 @@ fn make(values: &[f64], shape: &[usize], dtype: DType, view: View, rng: &mut Tes
             for index in indices(shape) {
                 let mut swapped = index.clone();
                 swapped.swap(0, 1);
-                data[row_major_index(&swapped, &stored_shape)] = values[row_major_index(&index, shape)];
+                data[row_major_index(&swapped, &stored_shape)] =
+                    values[row_major_index(&index, shape)];
             }
             Tensor::from_vec(data, stored_shape.as_slice(), &CPU)
                 .unwrap()
@@ -145,9 +149,16 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 }
 
 /// Bit-equal results of the candle API and the core on slices.
-fn assert_same<T: WithDType + PartialEq + std::fmt::Debug>(candle: &Tensor, core: &[T], what: &str) {
+fn assert_same<T: WithDType + PartialEq + std::fmt::Debug>(
+    candle: &Tensor,
+    core: &[T],
+    what: &str,
+) {
     let got = values_t::<T>(candle);
-    assert!(got == core, "{what}: the candle API differs from the core on slices");
+    assert!(
+        got == core,
+        "{what}: the candle API differs from the core on slices"
+    );
 }
 
 /// Runs `f` with the Rust element type of `dtype`.
@@ -256,7 +267,15 @@ proptest! {
 }
 
 /// Mean over (query token, query head) of softmax(scale q . k) over the keys (GQA).
-fn ref_scores(q: &[f64], k: &[f64], q_tokens: usize, q_heads: usize, k_tokens: usize, kv_heads: usize, d: usize) -> Vec<f64> {
+fn ref_scores(
+    q: &[f64],
+    k: &[f64],
+    q_tokens: usize,
+    q_heads: usize,
+    k_tokens: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Vec<f64> {
     let scale = 1.0 / (d as f64).sqrt();
     let group = q_heads / kv_heads;
     let mut out = vec![0.0; k_tokens];
@@ -264,7 +283,12 @@ fn ref_scores(q: &[f64], k: &[f64], q_tokens: usize, q_heads: usize, k_tokens: u
         for qh in 0..q_heads {
             let kh = qh / group;
             let logits: Vec<f64> = (0..k_tokens)
-                .map(|kt| (0..d).map(|i| q[(qt * q_heads + qh) * d + i] * k[(kt * kv_heads + kh) * d + i]).sum::<f64>() * scale)
+                .map(|kt| {
+                    (0..d)
+                        .map(|i| q[(qt * q_heads + qh) * d + i] * k[(kt * kv_heads + kh) * d + i])
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
@@ -273,7 +297,9 @@ fn ref_scores(q: &[f64], k: &[f64], q_tokens: usize, q_heads: usize, k_tokens: u
             }
         }
     }
-    out.iter().map(|o| o / (q_tokens * q_heads) as f64).collect()
+    out.iter()
+        .map(|o| o / (q_tokens * q_heads) as f64)
+        .collect()
 }
 
 proptest! {
@@ -311,7 +337,10 @@ proptest! {
 fn ref_top(scores: &[f64], keep: usize) -> Vec<i64> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
-    let mut kept: Vec<i64> = order[..keep.min(scores.len())].iter().map(|&i| i as i64).collect();
+    let mut kept: Vec<i64> = order[..keep.min(scores.len())]
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
     kept.sort();
     kept
 }
@@ -339,7 +368,10 @@ fn ref_prune(x: &[f64], dim: usize, indices: &[usize], merge: bool) -> Vec<f64> 
             counts[best.1] += 1.0;
         }
     }
-    sums.iter().zip(&counts).flat_map(|(s, c)| s.iter().map(move |v| v / c)).collect()
+    sums.iter()
+        .zip(&counts)
+        .flat_map(|(s, c)| s.iter().map(move |v| v / c))
+        .collect()
 }
 
 proptest! {
@@ -407,19 +439,34 @@ proptest! {
 /// Frequency pair i's (t, h, w) component under `sections` (all t without).
 fn components(rotary_dim: usize, sections: Option<&[usize]>) -> Vec<usize> {
     match sections {
-        Some(s) => s.iter().enumerate().flat_map(|(j, &n)| std::iter::repeat_n(j % 3, n)).collect(),
+        Some(s) => s
+            .iter()
+            .enumerate()
+            .flat_map(|(j, &n)| std::iter::repeat_n(j % 3, n))
+            .collect(),
         None => vec![0; rotary_dim / 2],
     }
 }
 
 /// `x` rotated by the position change `delta` (t, h, w), NeoX or GPT-J pairing, in f64.
-fn ref_rotate(x: &[f64], delta: [i64; 3], theta: f64, rotary_dim: usize, interleaved: bool, sections: Option<&[usize]>) -> Vec<f64> {
+fn ref_rotate(
+    x: &[f64],
+    delta: [i64; 3],
+    theta: f64,
+    rotary_dim: usize,
+    interleaved: bool,
+    sections: Option<&[usize]>,
+) -> Vec<f64> {
     let comp = components(rotary_dim, sections);
     let half = rotary_dim / 2;
     let mut out = x.to_vec();
     for i in 0..half {
         let angle = delta[comp[i]] as f64 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
-        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
         out[a] = x[a] * angle.cos() - x[b] * angle.sin();
         out[b] = x[b] * angle.cos() + x[a] * angle.sin();
     }
@@ -437,28 +484,61 @@ struct RopeCase {
 
 impl RopeCase {
     fn rope(&self) -> Rope {
-        Rope::new(RopeConfig::new(self.theta, self.head_dim, Some(self.rotary_dim), self.interleaved, self.sections.clone()).unwrap())
+        Rope::new(
+            RopeConfig::new(
+                self.theta,
+                self.head_dim,
+                Some(self.rotary_dim),
+                self.interleaved,
+                self.sections.clone(),
+            )
+            .unwrap(),
+        )
     }
     fn rotate(&self, x: &[f64], delta: [i64; 3]) -> Vec<f64> {
-        ref_rotate(x, delta, self.theta, self.rotary_dim, self.interleaved, self.sections.as_deref())
+        ref_rotate(
+            x,
+            delta,
+            self.theta,
+            self.rotary_dim,
+            self.interleaved,
+            self.sections.as_deref(),
+        )
     }
 }
 
 fn rope_case() -> impl Strategy<Value = RopeCase> {
-    (1usize..=4, 0usize..=2, any::<bool>(), any::<bool>(), prop::sample::select(vec![10000.0, 1e6]))
+    (
+        1usize..=4,
+        0usize..=2,
+        any::<bool>(),
+        any::<bool>(),
+        prop::sample::select(vec![10000.0, 1e6]),
+    )
         .prop_map(|(pairs, extra_pairs, interleaved, mrope, theta)| {
             let rotary_dim = 2 * (pairs + if mrope { 2 } else { 0 });
             let sections = mrope.then(|| {
                 let half = rotary_dim / 2;
                 vec![half - 2, 1, 1]
             });
-            RopeCase { theta, head_dim: rotary_dim + 2 * extra_pairs, rotary_dim, interleaved, sections }
+            RopeCase {
+                theta,
+                head_dim: rotary_dim + 2 * extra_pairs,
+                rotary_dim,
+                interleaved,
+                sections,
+            }
         })
 }
 
 fn random_delta(rng: &mut TestRng, mrope: bool) -> [i64; 3] {
     let mut d = || rng.random_range(-3000i64..3000);
-    if mrope { [d(), d(), d()] } else { let v = d(); [v, v, v] }
+    if mrope {
+        [d(), d(), d()]
+    } else {
+        let v = d();
+        [v, v, v]
+    }
 }
 
 proptest! {
@@ -497,15 +577,27 @@ proptest! {
 /// A `[batch, heads, seq, d]` cache layer stored as the view says; `Transpose` here stores it
 /// `[batch, seq, heads, d]` and transposes axes 1 and 2 (a layout engines use), `Narrow` is a
 /// window of a longer, wider buffer.
-fn cache_layer(values: &[f64], shape: [usize; 4], dtype: DType, view: View, rng: &mut TestRng) -> Tensor {
+fn cache_layer(
+    values: &[f64],
+    shape: [usize; 4],
+    dtype: DType,
+    view: View,
+    rng: &mut TestRng,
+) -> Tensor {
     match view {
         View::Transpose => {
             let [b, h, s, d] = shape;
             let mut data = vec![0.0; values.len()];
             for index in indices(&shape) {
-                data[row_major_index(&[index[0], index[2], index[1], index[3]], &[b, s, h, d])] = values[row_major_index(&index, &shape)];
+                data[row_major_index(&[index[0], index[2], index[1], index[3]], &[b, s, h, d])] =
+                    values[row_major_index(&index, &shape)];
             }
-            Tensor::from_vec(data, (b, s, h, d), &CPU).unwrap().to_dtype(dtype).unwrap().transpose(1, 2).unwrap()
+            Tensor::from_vec(data, (b, s, h, d), &CPU)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
         }
         other => make(values, &shape, dtype, other, rng),
     }
@@ -687,11 +779,23 @@ fn keys_and_values_sharing_one_storage() {
     let mut rng = rng(7);
     let (heads, seq, d) = (2, 6, 4);
     let data = random(&mut rng, 2 * heads * seq * d);
-    let kv = Tensor::from_vec(data.clone(), (2, 1, heads, seq, d), &CPU).unwrap().to_dtype(DType::F32).unwrap();
+    let kv = Tensor::from_vec(data.clone(), (2, 1, heads, seq, d), &CPU)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let data = values_f64(&kv);
     let (k, v) = (kv.i(0).unwrap(), kv.i(1).unwrap());
     let rope = Rope::new(RopeConfig::new(10000.0, d, None, false, None).unwrap());
-    let len = tc::relocate_span(&[k.clone()], &[v.clone()], 1, 3, None, Deltas::Same(-2), &rope).unwrap();
+    let len = tc::relocate_span(
+        &[k.clone()],
+        &[v.clone()],
+        1,
+        3,
+        None,
+        Deltas::Same(-2),
+        &rope,
+    )
+    .unwrap();
     assert_eq!(len, 4);
     let (got_k, got_v) = (values_f64(&k), values_f64(&v));
     let half = heads * seq * d;
@@ -706,7 +810,15 @@ fn keys_and_values_sharing_one_storage() {
         }
     }
     // The same tensor as keys and values: the core's overlap check names them.
-    let msg = err_msg(tc::relocate_span(&[k.clone()], &[k.clone()], 1, 3, None, Deltas::Same(-2), &rope));
+    let msg = err_msg(tc::relocate_span(
+        &[k.clone()],
+        &[k.clone()],
+        1,
+        3,
+        None,
+        Deltas::Same(-2),
+        &rope,
+    ));
     assert!(msg.contains("keys") && msg.contains("values"), "{msg}");
 }
 
@@ -731,7 +843,11 @@ fn ref_mrope(rows: &[Vec<i64>], grids: &[[i64; 3]], image_token: i64) -> (Vec<i6
                 next_grid += 1;
                 let (lh, lw) = (h / 2, w / 2);
                 for i in 0..(t * lh * lw) as usize {
-                    let cell = [i as i64 / (lh * lw), i as i64 % (lh * lw) / lw, i as i64 % lw];
+                    let cell = [
+                        i as i64 / (lh * lw),
+                        i as i64 % (lh * lw) / lw,
+                        i as i64 % lw,
+                    ];
                     for c in 0..3 {
                         out[(c * batch + b) * seq + col + i] = next + cell[c];
                         largest = largest.max(next + cell[c]);
@@ -762,10 +878,19 @@ fn mrope_position_ids_match_core_and_reference() {
         let mut rows = Vec::new();
         let mut grids = Vec::new();
         for _ in 0..batch {
-            let mut row: Vec<i64> = (0..rng.random_range(0..5)).map(|_| rng.random_range(0..1000)).collect();
+            let mut row: Vec<i64> = (0..rng.random_range(0..5))
+                .map(|_| rng.random_range(0..1000))
+                .collect();
             for _ in 0..rng.random_range(0..=2) {
-                let g = [rng.random_range(1..=2i64), 2 * rng.random_range(1..=3i64), 2 * rng.random_range(1..=3i64)];
-                row.extend(std::iter::repeat_n(image, (g[0] * g[1] * g[2] / 4) as usize));
+                let g = [
+                    rng.random_range(1..=2i64),
+                    2 * rng.random_range(1..=3i64),
+                    2 * rng.random_range(1..=3i64),
+                ];
+                row.extend(std::iter::repeat_n(
+                    image,
+                    (g[0] * g[1] * g[2] / 4) as usize,
+                ));
                 // at least one text token after an image: adjacent images would be one block
                 row.extend((0..rng.random_range(1..4)).map(|_| rng.random_range(0..1000i64)));
                 grids.push(g);
@@ -778,12 +903,23 @@ fn mrope_position_ids_match_core_and_reference() {
             row.resize(seq, 0);
         }
         let flat: Vec<i64> = rows.concat();
-        let thw: Vec<tc::GridThw> = grids.iter().map(|g| tc::GridThw::new(g[0], g[1], g[2])).collect();
+        let thw: Vec<tc::GridThw> = grids
+            .iter()
+            .map(|g| tc::GridThw::new(g[0], g[1], g[2]))
+            .collect();
         for ids_dtype in [DType::I64, DType::U32] {
-            let ids = Tensor::from_vec(flat.clone(), (batch, seq), &CPU).unwrap().to_dtype(ids_dtype).unwrap();
+            let ids = Tensor::from_vec(flat.clone(), (batch, seq), &CPU)
+                .unwrap()
+                .to_dtype(ids_dtype)
+                .unwrap();
             let mask = Tensor::ones((batch, seq), DType::U8, &CPU).unwrap();
-            let input = tc::MropeInput { attention_mask: Some(&mask), image_grid_thw: Some(&thw), ..Default::default() };
-            let (pos, deltas) = tc::mrope_position_ids(&ids, input, &tc::MropeConfig::qwen2_vl()).unwrap();
+            let input = tc::MropeInput {
+                attention_mask: Some(&mask),
+                image_grid_thw: Some(&thw),
+                ..Default::default()
+            };
+            let (pos, deltas) =
+                tc::mrope_position_ids(&ids, input, &tc::MropeConfig::qwen2_vl()).unwrap();
             assert_eq!(pos.dims(), &[3, batch, seq]);
             let (want_pos, want_deltas) = ref_mrope(&rows, &grids, image);
             assert_eq!(values_t::<i64>(&pos), want_pos, "case {case}");
@@ -791,10 +927,22 @@ fn mrope_position_ids_match_core_and_reference() {
             let mut core_pos = vec![0i64; 3 * batch * seq];
             let mut core_deltas = vec![0i64; batch];
             let core_input = tvc_rs::rope::BatchInput::<i64, u8> {
-                input_ids: &flat, batch, seq, kinds: tvc_rs::rope::TokenKinds::FromIds, attention_mask: None,
-                image_grid_thw: Some(&thw), video_grid_thw: None, second_per_grid_ts: None,
+                input_ids: &flat,
+                batch,
+                seq,
+                kinds: tvc_rs::rope::TokenKinds::FromIds,
+                attention_mask: None,
+                image_grid_thw: Some(&thw),
+                video_grid_thw: None,
+                second_per_grid_ts: None,
             };
-            tvc_rs::rope::batch_positions(&core_input, &tc::MropeConfig::qwen2_vl(), &mut core_pos, &mut core_deltas).unwrap();
+            tvc_rs::rope::batch_positions(
+                &core_input,
+                &tc::MropeConfig::qwen2_vl(),
+                &mut core_pos,
+                &mut core_deltas,
+            )
+            .unwrap();
             assert_eq!(values_t::<i64>(&pos), core_pos);
         }
     }
@@ -804,31 +952,61 @@ fn mrope_position_ids_match_core_and_reference() {
 
 #[test]
 fn push_token_and_step_batch_match_the_core_monitor() {
-    let Some(assets) = common::assets() else { return };
+    let Some(assets) = common::assets() else {
+        return;
+    };
     let detector = tc::Detector::from_path(&assets.join("qwen2-vl/tokenizer.json"), None).unwrap();
-    let ids: Vec<u32> = detector.vocab().encode("So 3 are left. Wait, let me double-check the image. Hmm, yes.").unwrap();
+    let ids: Vec<u32> = detector
+        .vocab()
+        .encode("So 3 are left. Wait, let me double-check the image. Hmm, yes.")
+        .unwrap();
     let schedule = tc::Schedule::new(0, 0, None, None).unwrap();
     let mut by_tensor = tc::Monitor::new(&detector, schedule, tc::ScheduleState::default());
     let mut by_core = by_tensor.clone();
     let mut batch = tc::MonitorBatch::new(std::sync::Arc::new(detector.clone()), 2);
-    batch.add(0, schedule, tc::ScheduleState::default()).unwrap();
-    batch.add(1, schedule, tc::ScheduleState::default()).unwrap();
+    batch
+        .add(0, schedule, tc::ScheduleState::default())
+        .unwrap();
+    batch
+        .add(1, schedule, tc::ScheduleState::default())
+        .unwrap();
     let mut from_batch = Vec::new();
     for &id in &ids {
-        let got = tc::push_token(&mut by_tensor, &detector, &Tensor::new(id, &CPU).unwrap()).unwrap();
+        let got =
+            tc::push_token(&mut by_tensor, &detector, &Tensor::new(id, &CPU).unwrap()).unwrap();
         let want = by_core.push(&detector, id as i64).unwrap();
         assert_eq!(got, want);
         // slot 1 skips this step (-1, as the core's step does)
         let step = Tensor::new(&[id as i64, -1], &CPU).unwrap();
         from_batch.extend(tc::step_batch(&mut batch, &step).unwrap());
     }
-    let phrases: Vec<String> = by_tensor.calibrations.iter().filter_map(|c| c.hit).map(|h| detector.phrases()[h.phrase as usize].clone()).collect();
+    let phrases: Vec<String> = by_tensor
+        .calibrations
+        .iter()
+        .filter_map(|c| c.hit)
+        .map(|h| detector.phrases()[h.phrase as usize].clone())
+        .collect();
     assert_eq!(phrases, ["wait", "double-check", "hmm"]);
-    assert_eq!(from_batch.iter().map(|(s, c)| (*s, *c)).collect::<Vec<_>>(), by_core.calibrations.iter().map(|c| (0, *c)).collect::<Vec<_>>());
+    assert_eq!(
+        from_batch.iter().map(|(s, c)| (*s, *c)).collect::<Vec<_>>(),
+        by_core
+            .calibrations
+            .iter()
+            .map(|c| (0, *c))
+            .collect::<Vec<_>>()
+    );
     // errors name the argument
-    let msg = err_msg(tc::push_token(&mut by_tensor, &detector, &Tensor::new(&[1.0f32], &CPU).unwrap()));
+    let msg = err_msg(tc::push_token(
+        &mut by_tensor,
+        &detector,
+        &Tensor::new(&[1.0f32], &CPU).unwrap(),
+    ));
     assert!(msg.contains("token") && msg.contains("integer"), "{msg}");
-    let msg = err_msg(tc::push_token(&mut by_tensor, &detector, &Tensor::new(&[1u32, 2], &CPU).unwrap()));
+    let msg = err_msg(tc::push_token(
+        &mut by_tensor,
+        &detector,
+        &Tensor::new(&[1u32, 2], &CPU).unwrap(),
+    ));
     assert!(msg.contains("token"), "{msg}");
 }
 
@@ -838,7 +1016,10 @@ fn push_token_and_step_batch_match_the_core_monitor() {
 fn errors_name_the_argument() {
     let x = Tensor::zeros((4, 3), DType::F64, &CPU).unwrap();
     let msg = err_msg(tc::pool_visual_tokens(&x, &[[1, 2, 2]], (2, 2)));
-    assert!(msg.starts_with("x:") && msg.contains("f32, f16 or bf16"), "{msg}");
+    assert!(
+        msg.starts_with("x:") && msg.contains("f32, f16 or bf16"),
+        "{msg}"
+    );
     let x = Tensor::zeros((4, 3, 1), DType::F32, &CPU).unwrap();
     let msg = err_msg(tc::pool_visual_tokens(&x, &[[1, 2, 2]], (2, 2)));
     assert!(msg.starts_with("x:") && msg.contains("2-D"), "{msg}");
@@ -850,22 +1031,67 @@ fn errors_name_the_argument() {
     let msg = err_msg(tc::visual_token_scores(&q, &k, None, None));
     assert!(msg.starts_with("keys:") && msg.contains("query"), "{msg}");
     let idx = Tensor::new(&[3i64, 1], &CPU).unwrap();
-    let msg = err_msg(tc::prune_visual_tokens(&x, tc::Keep::Indices(&idx), None, false));
+    let msg = err_msg(tc::prune_visual_tokens(
+        &x,
+        tc::Keep::Indices(&idx),
+        None,
+        false,
+    ));
     assert!(msg.contains("indices"), "{msg}");
     let rope = Rope::new(RopeConfig::new(10000.0, 4, None, false, None).unwrap());
     let keys = Tensor::zeros((1, 2, 5, 4), DType::F32, &CPU).unwrap();
     let values = Tensor::zeros((1, 2, 5, 4), DType::BF16, &CPU).unwrap();
-    let msg = err_msg(tc::relocate_span(&[keys.clone()], &[values], 0, 1, None, Deltas::Same(-1), &rope));
-    assert!(msg.starts_with("values[0]:") && msg.contains("keys[0]"), "{msg}");
-    let msg = err_msg(tc::relocate_span(&[keys.clone()], &[keys.copy().unwrap()], 2, 9, None, Deltas::Same(-1), &rope));
+    let msg = err_msg(tc::relocate_span(
+        &[keys.clone()],
+        &[values],
+        0,
+        1,
+        None,
+        Deltas::Same(-1),
+        &rope,
+    ));
+    assert!(
+        msg.starts_with("values[0]:") && msg.contains("keys[0]"),
+        "{msg}"
+    );
+    let msg = err_msg(tc::relocate_span(
+        &[keys.clone()],
+        &[keys.copy().unwrap()],
+        2,
+        9,
+        None,
+        Deltas::Same(-1),
+        &rope,
+    ));
     assert!(msg.contains("end"), "{msg}");
     // A broadcast view cannot be written in place, and nothing is written before the check.
-    let row = Tensor::ones((1, 1, 1, 4), DType::F32, &CPU).unwrap().broadcast_as((1, 2, 5, 4)).unwrap();
-    let msg = err_msg(tc::rerotate_keys(&[row.i(0).unwrap()], Deltas::Same(1), &rope));
-    assert!(msg.starts_with("keys[0]:") && msg.contains("twice"), "{msg}");
-    let msg = err_msg(tc::paged_reinject(&[keys.clone()], tc::PagedLayoutKind::Vllm, &[0], &[1], Deltas::Same(0), &rope));
+    let row = Tensor::ones((1, 1, 1, 4), DType::F32, &CPU)
+        .unwrap()
+        .broadcast_as((1, 2, 5, 4))
+        .unwrap();
+    let msg = err_msg(tc::rerotate_keys(
+        &[row.i(0).unwrap()],
+        Deltas::Same(1),
+        &rope,
+    ));
+    assert!(
+        msg.starts_with("keys[0]:") && msg.contains("twice"),
+        "{msg}"
+    );
+    let msg = err_msg(tc::paged_reinject(
+        &[keys.clone()],
+        tc::PagedLayoutKind::Vllm,
+        &[0],
+        &[1],
+        Deltas::Same(0),
+        &rope,
+    ));
     assert!(msg.contains("kv_caches[0]"), "{msg}");
     let ids = Tensor::zeros((1, 3), DType::F32, &CPU).unwrap();
-    let msg = err_msg(tc::mrope_position_ids(&ids, Default::default(), &tc::MropeConfig::qwen2_vl()));
+    let msg = err_msg(tc::mrope_position_ids(
+        &ids,
+        Default::default(),
+        &tc::MropeConfig::qwen2_vl(),
+    ));
     assert!(msg.starts_with("input_ids:"), "{msg}");
 }

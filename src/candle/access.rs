@@ -46,7 +46,7 @@ pub(crate) struct Locked {
 }
 
 impl Locked {
-    /// The core's dtype for f32 / f16 / bf16 / i64 / u32-free dtypes; `None` for the rest.
+    /// The core's dtype (f32, f16, bf16, i32, i64); `None` for candle's other dtypes.
     pub fn core_dtype(&self) -> Option<DType> {
         core_dtype(self.dtype)
     }
@@ -97,7 +97,11 @@ impl Locked {
                 crate::tensor::tuple_str(&self.dims)
             ))
         })?;
-        let strides: [isize; N] = self.strides.as_slice().try_into().expect("same rank as dims");
+        let strides: [isize; N] = self
+            .strides
+            .as_slice()
+            .try_into()
+            .expect("same rank as dims");
         Ok((dims, strides))
     }
 
@@ -157,7 +161,7 @@ pub(crate) fn expect_cpu(tensor: &Tensor, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Start address and element size of a CPU storage's buffer.
+/// Start address of a CPU storage's buffer.
 fn cpu_buffer(storage: &CpuStorage) -> *const u8 {
     match storage {
         CpuStorage::U8(v) => v.as_ptr(),
@@ -170,9 +174,10 @@ fn cpu_buffer(storage: &CpuStorage) -> *const u8 {
         CpuStorage::F32(v) => v.as_ptr().cast(),
         CpuStorage::F64(v) => v.as_ptr().cast(),
         CpuStorage::F8E4M3(v) => v.as_ptr().cast(),
-        CpuStorage::F6E2M3(v) | CpuStorage::F6E3M2(v) | CpuStorage::F4(v) | CpuStorage::F8E8M0(v) => {
-            v.as_ptr()
-        }
+        CpuStorage::F6E2M3(v)
+        | CpuStorage::F6E3M2(v)
+        | CpuStorage::F4(v)
+        | CpuStorage::F8E8M0(v) => v.as_ptr(),
     }
 }
 
@@ -188,9 +193,10 @@ fn cpu_buffer_mut(storage: &mut CpuStorage) -> *mut u8 {
         CpuStorage::F32(v) => v.as_mut_ptr().cast(),
         CpuStorage::F64(v) => v.as_mut_ptr().cast(),
         CpuStorage::F8E4M3(v) => v.as_mut_ptr().cast(),
-        CpuStorage::F6E2M3(v) | CpuStorage::F6E3M2(v) | CpuStorage::F4(v) | CpuStorage::F8E8M0(v) => {
-            v.as_mut_ptr()
-        }
+        CpuStorage::F6E2M3(v)
+        | CpuStorage::F6E3M2(v)
+        | CpuStorage::F4(v)
+        | CpuStorage::F8E8M0(v) => v.as_mut_ptr(),
     }
 }
 
@@ -203,25 +209,40 @@ fn buffer_address(tensor: &Tensor) -> usize {
     }
 }
 
-/// Takes the write lock of each tensor in `reps` (nested), collecting their buffers' base
-/// addresses, and runs `body` with all of them held.
-fn lock_writers(
-    reps: &[&Tensor],
+/// A storage to lock: through this tensor, for writing or for reading.
+struct Lock<'t> {
+    tensor: &'t Tensor,
+    write: bool,
+}
+
+/// Takes the lock of each storage in `locks` (nested, in the given order), collecting their
+/// buffers' base addresses, and runs `body` with all of them held.
+fn lock_all(
+    locks: &[Lock<'_>],
     bases: &mut Vec<*mut u8>,
     body: &mut dyn FnMut(&[*mut u8]) -> Result<()>,
 ) -> Result<()> {
-    match reps.split_first() {
+    match locks.split_first() {
         None => body(bases),
-        Some((first, rest)) => first.inplace_op1(&LockNext {
+        Some((first, rest)) if first.write => first.tensor.inplace_op1(&LockNext {
             rest,
             bases: RefCell::new(bases),
             body: RefCell::new(body),
         }),
+        Some((first, rest)) => {
+            let (guard, _) = first.tensor.storage_and_layout();
+            let base = match &*guard {
+                Storage::Cpu(cpu) => cpu_buffer(cpu) as *mut u8,
+                _ => unreachable!("expect_cpu ran first"),
+            };
+            bases.push(base);
+            lock_all(rest, bases, body)
+        }
     }
 }
 
 struct LockNext<'a, 'b> {
-    rest: &'a [&'a Tensor],
+    rest: &'a [Lock<'a>],
     bases: RefCell<&'b mut Vec<*mut u8>>,
     body: RefCell<&'b mut dyn FnMut(&[*mut u8]) -> Result<()>>,
 }
@@ -235,7 +256,7 @@ impl InplaceOp1 for LockNext<'_, '_> {
         let mut bases = self.bases.borrow_mut();
         bases.push(cpu_buffer_mut(storage));
         let mut body = self.body.borrow_mut();
-        lock_writers(self.rest, &mut bases, &mut **body)
+        lock_all(self.rest, &mut bases, &mut **body)
     }
 }
 
@@ -260,7 +281,10 @@ pub(crate) fn with_cpu<R>(
     }
     // Group the operands by storage buffer; a group is locked for writing when any member is
     // written. Groups are locked in address order so that two calls cannot wait on each other.
-    let addresses: Vec<usize> = operands.iter().map(|op| buffer_address(op.tensor)).collect();
+    let addresses: Vec<usize> = operands
+        .iter()
+        .map(|op| buffer_address(op.tensor))
+        .collect();
     let mut groups: Vec<usize> = addresses.clone();
     groups.sort_unstable();
     groups.dedup();
@@ -279,35 +303,26 @@ pub(crate) fn with_cpu<R>(
             reader_of_group[g].get_or_insert(op.tensor);
         }
     }
-    // Read-only groups: hold a read guard each for the whole call.
-    let mut read_guards = Vec::new();
-    let mut base_of_group: Vec<*mut u8> = vec![std::ptr::null_mut(); groups.len()];
-    for g in 0..groups.len() {
-        if writer_of_group[g].is_none() {
-            let tensor = reader_of_group[g].expect("every group has a member");
-            let (guard, _) = tensor.storage_and_layout();
-            base_of_group[g] = match &*guard {
-                Storage::Cpu(cpu) => cpu_buffer(cpu) as *mut u8,
-                _ => unreachable!("expect_cpu ran first"),
-            };
-            read_guards.push(guard);
-        }
-    }
-    let write_groups: Vec<usize> = (0..groups.len())
-        .filter(|&g| writer_of_group[g].is_some())
-        .collect();
-    let reps: Vec<&Tensor> = write_groups
-        .iter()
-        .map(|&g| writer_of_group[g].expect("filtered"))
+    // One lock per storage, all taken in address order (as candle orders its own) so that two
+    // calls cannot wait on each other.
+    let locks: Vec<Lock<'_>> = (0..groups.len())
+        .map(|g| match writer_of_group[g] {
+            Some(tensor) => Lock {
+                tensor,
+                write: true,
+            },
+            None => Lock {
+                tensor: reader_of_group[g].expect("every group has a member"),
+                write: false,
+            },
+        })
         .collect();
 
     let mut body = Some(body);
     let mut result = None;
-    let mut run = |write_bases: &[*mut u8]| -> Result<()> {
-        let mut bases = base_of_group.clone();
-        for (&g, &base) in write_groups.iter().zip(write_bases) {
-            debug_assert_eq!(base as usize, groups[g], "a storage moved between two locks");
-            bases[g] = base;
+    let mut run = |bases: &[*mut u8]| -> Result<()> {
+        for (base, &address) in bases.iter().zip(&groups) {
+            debug_assert_eq!(*base as usize, address, "a storage moved between two locks");
         }
         let locked: Vec<Locked> = operands
             .iter()
@@ -330,7 +345,6 @@ pub(crate) fn with_cpu<R>(
         result = Some(body(&locked)?);
         Ok(())
     };
-    lock_writers(&reps, &mut Vec::with_capacity(reps.len()), &mut run)?;
-    drop(read_guards);
+    lock_all(&locks, &mut Vec::with_capacity(locks.len()), &mut run)?;
     Ok(result.expect("the body ran"))
 }

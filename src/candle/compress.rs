@@ -55,9 +55,11 @@ pub(crate) fn int_vector(tensor: &Tensor, name: &str) -> Result<Vec<i64>> {
         )));
     }
     match tensor.dtype() {
-        CandleDType::U8 | CandleDType::U32 | CandleDType::I16 | CandleDType::I32 | CandleDType::I64 => {
-            tensor.to_dtype(CandleDType::I64)?.to_vec1::<i64>()
-        }
+        CandleDType::U8
+        | CandleDType::U32
+        | CandleDType::I16
+        | CandleDType::I32
+        | CandleDType::I64 => tensor.to_dtype(CandleDType::I64)?.to_vec1::<i64>(),
         other => Err(super::candle_err(crate::type_err!(
             "{name}: expected an integer dtype (u8, u32, i16, i32 or i64), got {other:?}"
         ))),
@@ -126,7 +128,8 @@ pub fn visual_token_scores(
         locked[1].expect_dtype(dtype, "query")?;
         let (q, k) = (locked[0].view()?, locked[1].view()?);
         q.expect_rank(3, "[q_tokens, q_heads, head_dim]").candle()?;
-        k.expect_rank(3, "[k_tokens, kv_heads, head_dim]").candle()?;
+        k.expect_rank(3, "[k_tokens, kv_heads, head_dim]")
+            .candle()?;
         let lse = match locked.get(2) {
             Some(l) => {
                 let values = float_values(l, 2, "[q_tokens, q_heads]")?;

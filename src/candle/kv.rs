@@ -197,8 +197,8 @@ fn paged_layout(locked: &Locked, kind: PagedLayoutKind, head_dim: usize) -> Resu
     let name = &locked.name;
     match kind {
         PagedLayoutKind::Vllm => {
-            let (dims, strides) =
-                locked.fixed::<4>("[num_blocks, kv_heads, block_size, 2 * head_dim] (layout Vllm)")?;
+            let (dims, strides) = locked
+                .fixed::<4>("[num_blocks, kv_heads, block_size, 2 * head_dim] (layout Vllm)")?;
             PagedLayout::vllm(dims, strides, head_dim, name).candle()
         }
         PagedLayoutKind::KvBlocks => {

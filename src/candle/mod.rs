@@ -18,6 +18,29 @@
 //! core. Storage must be the CPU's: CUDA tensors get an error saying so (the core's CUDA kernels
 //! are reached from Python only for now). Errors are `candle_core::Error::Msg` with the core's
 //! message, which names the argument and what was expected.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use tvc_rs::candle::{self as tc, Deltas, Rope, RopeConfig};
+//! # fn main() -> candle_core::Result<()> {
+//! // The image for re-injection: 4 x 4 average pooling on its merged token grid (36 x 36).
+//! let image_embeds = Tensor::randn(0f32, 1.0, (36 * 36, 64), &Device::Cpu)?.to_dtype(DType::BF16)?;
+//! let (pooled, grid) = tc::pool_visual_tokens(&image_embeds, &[[1, 36, 36]], (4, 4))?;
+//! assert_eq!((pooled.dims(), grid), (&[81, 64][..], vec![[1, 9, 9]]));
+//!
+//! // A two-layer cache, [batch, kv_heads, seq, head_dim] per layer: evict the image's entries
+//! // [start, end) and re-rotate every later key to its new position.
+//! let layer = || Tensor::randn(0f32, 1.0, (1, 4, 100, 128), &Device::Cpu)?.to_dtype(DType::BF16);
+//! let (keys, values) = (vec![layer()?, layer()?], vec![layer()?, layer()?]);
+//! let (start, end) = (10, 91);
+//! let rope = Rope::new(RopeConfig::new(1e6, 128, None, false, None)?);
+//! let shift = Deltas::Same(-((end - start) as i64));
+//! let len = tc::relocate_span(&keys, &values, start, end, None, shift, &rope)?;
+//! let keys: Vec<Tensor> = keys.iter().map(|k| k.narrow(2, 0, len)).collect::<candle_core::Result<_>>()?;
+//! assert_eq!(keys[0].dims(), &[1, 4, 19, 128]);
+//! # Ok(())
+//! # }
+//! ```
 
 mod access;
 mod compress;
@@ -25,7 +48,9 @@ mod kv;
 mod pvc;
 mod rope;
 
-pub use compress::{pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores, Keep, Pruned};
+pub use compress::{
+    pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores, Keep, Pruned,
+};
 pub use kv::{append_entries, paged_reinject, relocate_span, rerotate_keys, PagedLayoutKind};
 pub use pvc::{push_token, step_batch};
 pub use rope::{mrope_position_ids, MropeInput};

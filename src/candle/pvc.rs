@@ -27,7 +27,10 @@ fn token_ids(tokens: &Tensor, name: &str) -> Result<Vec<i64>> {
             tokens.dims()
         )));
     }
-    tokens.to_dtype(CandleDType::I64)?.flatten_all()?.to_vec1::<i64>()
+    tokens
+        .to_dtype(CandleDType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()
 }
 
 /// Feeds one sampled token (a scalar or one-element integer tensor) to `monitor`; returns the

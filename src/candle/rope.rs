@@ -4,7 +4,9 @@ use candle_core::{DType as CandleDType, Device, Tensor};
 
 use super::access::expect_cpu;
 use super::{candle_err, IntoCandle, Result};
-use crate::rope::{batch_positions, BatchInput, GridThw, MaskValue, MropeConfig, Seconds, TokenKinds};
+use crate::rope::{
+    batch_positions, BatchInput, GridThw, MaskValue, MropeConfig, Seconds, TokenKinds,
+};
 
 /// The optional inputs of `get_rope_index` besides `input_ids`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,7 +62,9 @@ pub fn mrope_position_ids(
         )));
     }
     let (ids, batch, seq) = rows_of::<i64>(input_ids, "input_ids", CandleDType::I64)?;
-    let run = |mask: Option<&[_]>| -> Result<(Vec<i64>, Vec<i64>)> { positions(&ids, batch, seq, mask, &input, config) };
+    let run = |mask: Option<&[_]>| -> Result<(Vec<i64>, Vec<i64>)> {
+        positions(&ids, batch, seq, mask, &input, config)
+    };
     let (positions, deltas) = match input.attention_mask {
         None => run(None)?,
         Some(mask) if is_int(mask.dtype()) => {
