@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::{index_err, value_err};
 
 use super::rope::{Deltas, Rope};
-use super::strided::{copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
+use super::strided::{check_disjoint, copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
 
 /// Where entry (block, slot-in-block, head, dim) of the keys lies, in elements from the cache's
 /// base pointer; the value element at the same index is `value_offset` further.
@@ -183,6 +183,17 @@ impl<T> PagedCache<'_, T> {
     pub(crate) fn ptr(&self) -> *mut T {
         self.ptr
     }
+
+    /// Byte range `[lo, hi)` the layer's keys and values occupy, `None` when it is empty.
+    pub(crate) fn address_range(&self) -> Option<(usize, usize)> {
+        let (lo, hi) = self.layout.offset_range()?;
+        let elem = std::mem::size_of::<T>() as isize;
+        let base = self.ptr as usize;
+        Some((
+            base.wrapping_add_signed(lo.wrapping_mul(elem)),
+            base.wrapping_add_signed(hi.wrapping_mul(elem).wrapping_add(elem)),
+        ))
+    }
 }
 
 impl<'a, T: Float> PagedCache<'a, T> {
@@ -283,6 +294,16 @@ pub(crate) fn check_paged<T>(
                 l.num_blocks, l.block_size, l.kv_heads, first.num_blocks, first.block_size, first.kv_heads
             ));
         }
+    }
+    if caches.len() > 1 {
+        // Layers are written from different threads: one tensor given for two layers (or two
+        // views of one buffer) would race.
+        let ranges: Vec<_> = caches
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.address_range(), format!("kv_caches[{i}]")))
+            .collect();
+        check_disjoint(&ranges)?;
     }
     if src_slots.len() != dst_slots.len() {
         return Err(value_err!(
