@@ -85,15 +85,39 @@ def qwen2_vl_patches(images, mean, std, *, layout="chw", patch_size=14, merge_si
     """
     import numpy as np
 
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list of uint8 arrays, got {type(images).__name__}")
     arrays = []
-    for image in images:
+    for i, image in enumerate(images):
         if hasattr(image, "detach") and hasattr(image, "numpy"):  # a CPU torch tensor: zero-copy view
-            image = image.detach().numpy()
+            try:
+                image = image.detach().numpy()
+            except (RuntimeError, TypeError) as err:
+                raise TypeError(f"images[{i}]: expected a CPU uint8 tensor or NumPy array: {err}") from None
         arrays.append(image if isinstance(image, np.ndarray) else np.asarray(image))
     return _qwen2_vl_patches(
-        arrays, [float(m) for m in mean], [float(s) for s in std], layout=layout, patch_size=patch_size,
+        arrays, _floats(mean, "mean"), _floats(std, "std"), layout=layout, patch_size=patch_size,
         merge_size=merge_size, temporal_patch_size=temporal_patch_size,
     )
+
+
+def _floats(values, name: str) -> list[float]:
+    """A sequence of numbers as floats; TypeError naming the argument otherwise."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
+    out = []
+    try:
+        items = list(values)
+    except TypeError as err:
+        raise TypeError(f"{name}: expected a sequence of numbers: {err}") from None
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise TypeError(f"{name}[{i}]: expected a number, got {type(v).__name__}")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise TypeError(f"{name}[{i}]: expected a number: {err}") from None
+    return out
 
 
 # ---------------------------------------------------------------- the dataset builder

@@ -253,8 +253,15 @@ def image_processor_settings(source: Any) -> dict[str, int]:
         path = os.fspath(source)
         if os.path.isdir(path):
             path = os.path.join(path, "preprocessor_config.json")
-        with open(path, encoding="utf-8") as f:
-            source = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source: no such file: {path}") from None
+        except OSError as err:
+            raise OSError(f"source: cannot read {path}: {err}") from None
+        except ValueError as err:  # invalid JSON or text
+            raise ValueError(f"source: cannot read {path}: {err}") from None
     if not isinstance(source, Mapping) and getattr(source, "image_processor", None) is not None:
         source = source.image_processor
     if isinstance(source, Mapping):

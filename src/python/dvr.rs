@@ -141,6 +141,8 @@ impl DVRPolicy {
     }
 }
 
+crate::pyclass_arg_value!(DVRPolicy, "DVRPolicy");
+
 /// An insertion point: the re-affirmed image goes before character `char_index` of the answer
 /// (a `str` index), after `token_index` answer tokens; `hit` is the reflection phrase whose
 /// sentence ends there.
@@ -361,7 +363,7 @@ impl DVRBuilder {
         py: Python<'_>,
         tokenizer: &Bound<'_, PyAny>,
         phrases: Option<&Bound<'_, PyAny>>,
-        policy: Option<DVRPolicy>,
+        policy: Option<Arg<DVRPolicy>>,
         system: Arg<String>,
         model_type: Arg<String>,
         patch_size: Arg<i64>,
@@ -369,6 +371,7 @@ impl DVRBuilder {
         min_pixels: Arg<i64>,
         max_pixels: Arg<i64>) -> PyResult<Self> {
         let system = system.get("system")?;
+        let policy = opt_arg(policy, "policy")?;
         let model_type_owned = model_type.get("model_type")?;
         let model_type: &str = &model_type_owned;
         let patch_size = patch_size.get("patch_size")?;

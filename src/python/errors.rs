@@ -21,8 +21,28 @@ impl From<Error> for PyErr {
     }
 }
 
+/// Prefixes a core error's message with the argument it is about (`tokens: token id 7 is ...`),
+/// for core functions that check a value without knowing its argument's name.
+pub fn about(name: &'static str) -> impl Fn(Error) -> Error {
+    move |err| {
+        let prefix = |msg: String| {
+            if msg.starts_with(name) {
+                msg
+            } else {
+                format!("{name}: {msg}")
+            }
+        };
+        match err {
+            Error::Value(m) => Error::Value(prefix(m)),
+            Error::Type(m) => Error::Type(prefix(m)),
+            Error::Index(m) => Error::Index(prefix(m)),
+            other => other,
+        }
+    }
+}
+
 /// The Python type name of `obj`, for messages such as "expected a NumPy array, got list".
-pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()
         .map(|n| n.to_string())
@@ -49,6 +69,10 @@ impl ArgError {
     }
     fn value(msg: String) -> Self {
         ArgError { value: true, path: String::new(), msg }
+    }
+    /// A TypeError-kind error (for `ArgValue` impls outside this module).
+    pub fn wrong_type(msg: String) -> Self {
+        Self::type_(msg)
     }
     fn at(mut self, index: usize) -> Self {
         self.path = format!("[{index}]{}", self.path);
@@ -218,6 +242,27 @@ impl<A: ArgValue, B: ArgValue, C: ArgValue> ArgValue for (A, B, C) {
     }
 }
 
+/// `ArgValue` for a `#[pyclass]` that is `Clone` (`PVCSchedule`, `DVRPolicy`): "expected a
+/// PVCSchedule, got str".
+#[macro_export]
+macro_rules! pyclass_arg_value {
+    ($t:ty, $py_name:literal) => {
+        impl $crate::python::errors::ArgValue for $t {
+            fn read(
+                obj: &pyo3::Bound<'_, pyo3::PyAny>,
+            ) -> Result<Self, $crate::python::errors::ArgError> {
+                obj.extract::<$t>().map_err(|_| {
+                    $crate::python::errors::ArgError::wrong_type(format!(
+                        "expected a {}, got {}",
+                        $py_name,
+                        $crate::python::errors::type_name(obj)
+                    ))
+                })
+            }
+        }
+    };
+}
+
 /// A scalar (or small sequence) argument whose conversion errors name it.
 ///
 /// PyO3 reports a failed conversion without the argument's name (only as a note), and turns a
@@ -251,6 +296,7 @@ pub fn opt_arg<T>(arg: Option<Arg<T>>, name: &str) -> PyResult<Option<T>> {
 }
 
 /// Reads `obj` as argument `name` of kind `T` (for arguments taken as `&Bound<PyAny>`).
+#[allow(dead_code)]
 pub fn read_arg<T: ArgValue>(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<T> {
     T::read(obj).map_err(|e| e.named(name))
 }

@@ -99,6 +99,8 @@ impl PVCSchedule {
     }
 }
 
+crate::pyclass_arg_value!(PVCSchedule, "PVCSchedule");
+
 /// A calibration decided at generated token `token_index`: `reason` is "trigger" (a
 /// reflection phrase, in `hit`) or "period" (no phrase; `hit` is None).
 #[pyclass(name = "Calibration", module = "tvc_rs", frozen, eq)]

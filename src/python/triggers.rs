@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 #[allow(unused_imports)]
-use crate::python::errors::{opt_arg, Arg};
+use crate::python::errors::{about, opt_arg, type_name, Arg};
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
@@ -92,7 +92,12 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
         // Other array-likes (torch tensors, other integer dtypes) through NumPy, which refuses
         // what is not integral.
         let np = obj.py().import("numpy")?;
-        let array = np.call_method1("asarray", (obj,))?;
+        let array = np.call_method1("asarray", (obj,)).map_err(|e| {
+            PyTypeError::new_err(format!(
+                "{name}: cannot be read as an array of token ids: {}",
+                e.value(obj.py())
+            ))
+        })?;
         let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
         if kind != "i" && kind != "u" {
             return Err(PyTypeError::new_err(format!(
@@ -261,7 +266,7 @@ impl ReflectionDetector {
     /// calling `finish()` gives. Offsets are into the decoded text.
     fn find_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Hit>> {
         let ids = token_ids(tokens, "tokens")?;
-        let hits = py.detach(|| self.inner.find_tokens(&ids))?;
+        let hits = py.detach(|| self.inner.find_tokens(&ids)).map_err(about("tokens"))?;
         Ok(hits_to_py(&hits, self.inner.phrases()))
     }
 
@@ -278,12 +283,12 @@ impl ReflectionDetector {
     #[pyo3(signature = (schedule=None, *, calibrations_made = Arg::of(0), tokens_since_last=None), text_signature = "($self, schedule=None, *, calibrations_made=0, tokens_since_last=None)")]
     fn stream(
         &self,
-        schedule: Option<PVCSchedule>,
+        schedule: Option<Arg<PVCSchedule>>,
         calibrations_made: Arg<i64>,
         tokens_since_last: Option<Arg<i64>>) -> PyResult<ReflectionStream> {
         let calibrations_made = calibrations_made.get("calibrations_made")?;
         let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let state = schedule_state(calibrations_made, tokens_since_last)?;
         Ok(ReflectionStream {
             detector: self.inner.clone(),
@@ -333,10 +338,10 @@ impl ReflectionDetector {
         &self,
         py: Python<'_>,
         texts: Arg<Vec<String>>,
-        schedule: Option<PVCSchedule>,
+        schedule: Option<Arg<PVCSchedule>>,
     ) -> PyResult<Vec<TextScan>> {
         let texts = texts.get("texts")?;
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let results = py.detach(|| crate::pvc::scan_texts(&self.inner, &texts, schedule));
         let phrases = self.inner.phrases();
         Ok(results
@@ -411,7 +416,10 @@ impl ReflectionStream {
     /// An id outside the vocabulary raises IndexError and changes nothing.
     fn push(&mut self, token_id: Arg<i64>) -> PyResult<Option<Calibration>> {
         let token_id = token_id.get("token_id")?;
-        let calibration = self.monitor.push(&self.detector, token_id)?;
+        let calibration = self
+            .monitor
+            .push(&self.detector, token_id)
+            .map_err(about("token_id"))?;
         Ok(calibration.map(|c| Calibration::new(&c, self.detector.phrases())))
     }
 
@@ -530,13 +538,13 @@ impl StreamBatch {
     fn add(
         &mut self,
         slot: Arg<i64>,
-        schedule: Option<PVCSchedule>,
+        schedule: Option<Arg<PVCSchedule>>,
         calibrations_made: Arg<i64>,
         tokens_since_last: Option<Arg<i64>>) -> PyResult<()> {
         let slot = slot.get("slot")?;
         let calibrations_made = calibrations_made.get("calibrations_made")?;
         let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let state = schedule_state(calibrations_made, tokens_since_last)?;
         Ok(self.inner.add(slot, schedule, state)?)
     }
@@ -584,7 +592,7 @@ impl StreamBatch {
         let slot = slot.get("slot")?;
         let ids = token_ids(tokens, "tokens")?;
         let inner = &mut self.inner;
-        let made = py.detach(|| inner.feed(slot, &ids))?;
+        let made = py.detach(|| inner.feed(slot, &ids)).map_err(about("tokens"))?;
         let phrases = self.inner.detector().phrases();
         Ok(made.iter().map(|c| Calibration::new(c, phrases)).collect())
     }
@@ -699,9 +707,15 @@ impl StreamBatch {
     fn advance_lists<'py>(
         &mut self,
         py: Python<'py>,
-        outputs: &Bound<'py, PyList>,
+        outputs: &Bound<'py, PyAny>,
         rows: Arg<usize>) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
         let rows = rows.get("rows")?;
+        let outputs = outputs.cast::<PyList>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "outputs: expected a list (one entry per row: a list of token ids or None), got {}",
+                type_name(outputs)
+            ))
+        })?;
         if rows > self.inner.capacity() {
             return Err(PyValueError::new_err(format!(
                 "rows = {rows}: more than the batch's {} slots",
