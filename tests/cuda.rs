@@ -159,8 +159,8 @@ fn cache_writes_are_atomic_under_concurrency() {
             s.spawn(move || {
                 for _ in 0..5 {
                     cache::store(&path, p).unwrap();
-                    // Whatever a reader sees is one writer's whole file.
-                    let seen = std::fs::read(&path).unwrap();
+                    // Whatever a reader sees is one writer's whole file (its digest checks).
+                    let seen = cache::load(&path).expect("a whole, verified file");
                     assert_eq!(seen.len(), 1 << 20);
                     assert!(seen.iter().all(|&b| b == seen[0]));
                 }
@@ -210,7 +210,7 @@ fn cache_files_carry_and_check_a_digest_of_their_contents() {
 fn cache_store_and_load_refuse_tampered_files_and_symlinks() {
     use std::os::unix::fs::PermissionsExt;
 
-    let root = std::env::temp_dir().join(format!("tvc-cache-test-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("tvc-cache-trust-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let path = root.join("kernels").join("kv-sm90-test.cubin");
     cache::store(&path, b"cubin bytes").unwrap();

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::{index_err, value_err};
 
 use super::rope::{Deltas, Rope};
-use super::strided::{check_disjoint, copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
+use super::strided::{copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
 
 /// Where entry (block, slot-in-block, head, dim) of the keys lies, in elements from the cache's
 /// base pointer; the value element at the same index is `value_offset` further.
@@ -297,13 +297,9 @@ pub(crate) fn check_paged<T>(
     }
     if caches.len() > 1 {
         // Layers are written from different threads: one tensor given for two layers (or two
-        // views of one buffer) would race.
-        let ranges: Vec<_> = caches
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.address_range(), format!("kv_caches[{i}]")))
-            .collect();
-        check_disjoint(&ranges)?;
+        // views sharing elements) would race. vLLM's own layer views of one buffer interleave
+        // (blocks outermost), so memory ranges may meet without any element being shared.
+        check_layers_disjoint(caches)?;
     }
     if src_slots.len() != dst_slots.len() {
         return Err(value_err!(
@@ -344,6 +340,46 @@ pub(crate) fn check_paged<T>(
         entries.push((s as usize, d as usize, i));
     }
     Ok((entries, dst_seen))
+}
+
+/// No element is shared by two layers: layers whose memory ranges meet must be views with
+/// the same strides whose element sets interleave (the combined view, with a layer axis of
+/// the pointer difference, stores every element once).
+fn check_layers_disjoint<T>(caches: &[PagedCache<'_, T>]) -> Result<()> {
+    let elem = std::mem::size_of::<T>() as isize;
+    let ranges: Vec<Option<(usize, usize)>> = caches.iter().map(|c| c.address_range()).collect();
+    let mut order: Vec<usize> = (0..caches.len()).filter(|&i| ranges[i].is_some()).collect();
+    order.sort_unstable_by_key(|&i| ranges[i].map(|r| r.0));
+    for (k, &i) in order.iter().enumerate() {
+        let (_, end_i) = ranges[i].expect("filtered");
+        for &j in &order[k + 1..] {
+            let (start_j, _) = ranges[j].expect("filtered");
+            if start_j >= end_i {
+                break; // sorted by start: no later range meets range i
+            }
+            let (a, b) = (i.min(j), i.max(j));
+            let (shape, strides) = caches[a].layout.shape5();
+            let (_, strides_b) = caches[b].layout.shape5();
+            let diff = (caches[b].ptr as isize).wrapping_sub(caches[a].ptr as isize);
+            let interleaved = strides == strides_b
+                && caches[a].layout.shape5().0 == caches[b].layout.shape5().0
+                && diff % elem == 0
+                && {
+                    let mut shape6 = shape.to_vec();
+                    let mut strides6 = strides.to_vec();
+                    shape6.push(2);
+                    strides6.push(diff / elem);
+                    is_non_overlapping(&shape6, &strides6)
+                };
+            if !interleaved {
+                return Err(value_err!(
+                    "kv_caches[{a}] and kv_caches[{b}] share memory: every layer must be a separate \
+                     tensor (or a view of its own elements); pass copies"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn paged_moves<T: Float>(
