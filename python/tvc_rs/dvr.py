@@ -106,6 +106,10 @@ def _floats(values, name: str) -> list[float]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
     out = []
+    size = getattr(values, "size", None)
+    size = values.numel() if callable(getattr(values, "numel", None)) else size
+    if isinstance(size, int) and size > 1 << 16:
+        raise ValueError(f"{name}: expected one number per channel, got an array of {size} elements")
     try:
         items = list(values)
     except TypeError as err:

@@ -50,14 +50,21 @@ def _numpy(x: Any, name: str) -> np.ndarray | None:
     if x is None:
         return None
     tensor = _torch_tensor_type()
-    if tensor is not None and isinstance(x, tensor):
-        try:
-            x = x.detach().cpu().numpy()
-        except TypeError as err:  # e.g. bfloat16, which NumPy lacks
-            raise TypeError(f"{name}: {err}") from None
-    elif not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    return np.require(x, requirements="C")
+    try:
+        if tensor is not None and isinstance(x, tensor):
+            try:
+                x = x.detach().cpu().numpy()
+            except TypeError as err:  # e.g. bfloat16, which NumPy lacks
+                raise TypeError(f"{name}: {err}") from None
+        elif not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        return np.require(x, requirements="C")
+    except MemoryError as err:  # a copy of a huge zero-stride view
+        raise MemoryError(f"{name}: {err}") from None
+    except ValueError as err:  # ragged nested lists
+        if str(err).startswith(name):
+            raise
+        raise ValueError(f"{name}: cannot be read as an array: {err}") from None
 
 
 def _get(obj: Any, key: str) -> Any:

@@ -57,6 +57,11 @@ impl RopeConfig {
                 "head_dim = {head_dim}: must be <= {MAX_HEAD_DIM} (the size of one key vector)"
             ));
         }
+        if rotary_dim.is_none() && head_dim % 2 != 0 {
+            return Err(value_err!(
+                "head_dim = {head_dim}: must be even when rotary_dim is not given (all of it rotates, in pairs)"
+            ));
+        }
         let rotary_dim = rotary_dim.unwrap_or(head_dim);
         if rotary_dim == 0 || rotary_dim % 2 != 0 {
             return Err(value_err!(

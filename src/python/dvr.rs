@@ -461,9 +461,13 @@ impl DVRBuilder {
         let answers = answers.get("answers")?;
         let images = opt_arg(images, "images")?;
         let images = images.unwrap_or_else(|| vec![1; answers.len()]);
+        for (i, &n) in images.iter().enumerate() {
+            crate::dvr::policy::check_images(n)
+                .map_err(|e| PyValueError::new_err(format!("images[{i}]: {e}")))?;
+        }
         if images.len() != answers.len() {
             return Err(PyValueError::new_err(format!(
-                "images has {} entries, expected one per answer ({})",
+                "images has {} entries but answers has {}: one image count per answer",
                 images.len(),
                 answers.len()
             )));

@@ -181,6 +181,32 @@ impl<T: ArgValue> ArgValue for Vec<T> {
         {
             return Err(ArgError::type_(format!("expected a sequence, got {}", type_name(obj))));
         }
+        // An array or tensor is read through tolist() when small: iterating a tensor makes one
+        // object per row (a zero-stride view of 2**31 rows would take minutes).
+        let converted;
+        let obj = if !(obj.is_instance_of::<pyo3::types::PyList>()
+            || obj.is_instance_of::<pyo3::types::PyTuple>())
+            && obj.hasattr("shape").unwrap_or(false)
+            && obj.hasattr("tolist").unwrap_or(false)
+        {
+            let shape: Vec<usize> = obj
+                .getattr("shape")
+                .and_then(|s| s.extract())
+                .map_err(|_| ArgError::type_(format!("expected a sequence, got {}", type_name(obj))))?;
+            let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if numel.is_none_or(|n| n > 1 << 24) {
+                return Err(ArgError::value(format!(
+                    "expected a sequence, got {} of shape {shape:?} (too many elements)",
+                    type_name(obj)
+                )));
+            }
+            converted = obj.call_method0("tolist").map_err(|e| {
+                ArgError::type_(format!("cannot be read as a list: {}", e.value(obj.py())))
+            })?;
+            &converted
+        } else {
+            obj
+        };
         let len = obj
             .len()
             .map_err(|_| ArgError::type_(format!("expected a sequence, got {}", type_name(obj))))?;
