@@ -527,7 +527,7 @@ fn indices_are_checked() {
     let err = check_indices(&[0, 6], 6).unwrap_err();
     assert_eq!(
         err,
-        Error::Index("indices[1] = 6 is out of range for 6 tokens".into())
+        Error::Index("indices[1] = 6 is out of range for 6 tokens (the rows of x)".into())
     );
     let err = check_indices(&[-1], 6).unwrap_err();
     assert!(matches!(err, Error::Index(_)));

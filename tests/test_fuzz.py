@@ -186,18 +186,50 @@ REPRODUCERS = [
 ]
 
 
-@pytest.mark.parametrize("code, kind, pattern", REPRODUCERS, ids=[r[0][:60] for r in REPRODUCERS])
-def test_reproducers_raise_named_errors(code, kind, pattern):
+_RUNNER = """
+import json, sys, traceback
+import numpy as np, torch, tvc_rs
+for i, code in enumerate(json.loads(sys.argv[1])):
+    print(json.dumps({"start": i}), flush=True)
+    try:
+        exec(code, {"np": np, "torch": torch, "tvc_rs": tvc_rs})
+        print(json.dumps({"i": i, "ok": True}), flush=True)
+    except BaseException as err:
+        print(json.dumps({"i": i, "type": type(err).__name__, "message": str(err)}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def reproducer_results() -> dict:
+    """All reproducers in one child process (one torch import); a crash shows as the case that
+    started and never finished."""
+    done = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps([r[0] for r in REPRODUCERS])],
+                          capture_output=True, text=True, timeout=300)
+    results, started = {}, None
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        if "start" in record:
+            started = record["start"]
+        else:
+            results[record["i"]] = record
+            started = None
+    if started is not None:
+        results[started] = {"crash": done.returncode, "stderr": done.stderr[-2000:]}
+    return results
+
+
+@pytest.mark.parametrize("index", range(len(REPRODUCERS)), ids=[r[0][:60] for r in REPRODUCERS])
+def test_reproducers_raise_named_errors(reproducer_results, index):
     import re
 
-    done = _child(code)
-    assert done.returncode in (0, 1), f"crashed with {done.returncode}: {done.stderr[-2000:]}"
+    code, kind, pattern = REPRODUCERS[index]
+    result = reproducer_results.get(index)
+    assert result is not None and "crash" not in result, f"{code}: crashed or never ran: {result}"
     if kind is None:
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert result.get("ok"), result
         return
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(kind + ":"), last
-    assert re.search(pattern, last), last
+    assert result.get("type") == kind, result
+    assert re.search(pattern, result["message"]), result
 
 
 def test_aliased_layers_are_refused_before_writing():
