@@ -662,8 +662,17 @@ impl<'a> TensorView<'a> {
             .shape
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| value_err!("{}: shape {} has too many elements", self.name, self.shape_str()))?;
-        let mut out = crate::error::try_vec::<T>(numel, &format!("{} (a copy of shape {})", self.name, self.shape_str()))?;
+            .ok_or_else(|| {
+                value_err!(
+                    "{}: shape {} has too many elements",
+                    self.name,
+                    self.shape_str()
+                )
+            })?;
+        let mut out = crate::error::try_vec::<T>(
+            numel,
+            &format!("{} (a copy of shape {})", self.name, self.shape_str()),
+        )?;
         if numel == 0 {
             return Ok(out);
         }
@@ -952,8 +961,16 @@ impl<'a, T: Copy> Strided<'a, T> {
             .shape
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| value_err!("data: shape {} has too many elements", tuple_str(&self.shape)))?;
-        let mut out = crate::error::try_vec::<T>(numel, &format!("a row-major copy of shape {}", tuple_str(&self.shape)))?;
+            .ok_or_else(|| {
+                value_err!(
+                    "data: shape {} has too many elements",
+                    tuple_str(&self.shape)
+                )
+            })?;
+        let mut out = crate::error::try_vec::<T>(
+            numel,
+            &format!("a row-major copy of shape {}", tuple_str(&self.shape)),
+        )?;
         if self.ndim() == 0 {
             out.extend_from_slice(&self.data[..1]);
             return Ok(Cow::Owned(out));

@@ -1098,6 +1098,9 @@ fn paged_layers_sharing_memory_are_refused_before_writing() {
 #[test]
 fn head_dim_is_bounded_before_any_table_is_built() {
     let err = RopeConfig::new(1e6, 1 << 40, None, false, None).unwrap_err();
-    assert!(matches!(&err, Error::Value(m) if m.starts_with("head_dim = 1099511627776")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("head_dim = 1099511627776")),
+        "{err:?}"
+    );
     assert!(RopeConfig::new(1e6, 1 << 16, None, false, None).is_ok());
 }

@@ -80,7 +80,10 @@ pub fn cubin_path(root: &Path, file: KernelFile, arch: u32, nvrtc_version: (i32,
 const MAGIC: &[u8] = b"TVC-CUBIN sha256:";
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A cache file's contents: the header line with the CUBIN's SHA-256, then the CUBIN.

@@ -45,9 +45,7 @@ impl PatchSettings {
             }
             // Checked before any size is computed from them (rows, row length, output).
             if v > MAX_PATCH_SETTING {
-                return Err(value_err!(
-                    "{name} must be <= {MAX_PATCH_SETTING}, got {v}"
-                ));
+                return Err(value_err!("{name} must be <= {MAX_PATCH_SETTING}, got {v}"));
             }
         }
         Ok(())

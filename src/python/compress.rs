@@ -152,7 +152,8 @@ fn visual_token_scores<'py>(
     query: &Bound<'py, PyAny>,
     keys: &Bound<'py, PyAny>,
     lse: Option<&Bound<'py, PyAny>>,
-    scale: Option<Arg<f64>>) -> PyResult<Bound<'py, PyAny>> {
+    scale: Option<Arg<f64>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let scale = opt_arg(scale, "scale")?;
     if let Some(ordinal) = cuda_ordinal(query)? {
         return gpu::visual_token_scores(py, ordinal, query, keys, lse, scale);
@@ -204,7 +205,8 @@ fn select_tokens<'py>(
     ratio: Option<Arg<f64>>,
     mass: Option<Arg<f64>>,
     min_keep: Arg<i64>,
-    max_keep: Option<Arg<i64>>) -> PyResult<Bound<'py, PyAny>> {
+    max_keep: Option<Arg<i64>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let keep = opt_arg(keep, "keep")?;
     let ratio = opt_arg(ratio, "ratio")?;
     let mass = opt_arg(mass, "mass")?;
@@ -243,7 +245,8 @@ fn prune_visual_tokens<'py>(
     min_keep: Arg<i64>,
     max_keep: Option<Arg<i64>>,
     grid_thw: Option<&Bound<'py, PyAny>>,
-    merge: Arg<bool>) -> PyResult<Pruned<'py>> {
+    merge: Arg<bool>,
+) -> PyResult<Pruned<'py>> {
     let keep = opt_arg(keep, "keep")?;
     let ratio = opt_arg(ratio, "ratio")?;
     let mass = opt_arg(mass, "mass")?;

@@ -258,7 +258,8 @@ fn _cuda_compile<'py>(
     py: Python<'py>,
     file: Arg<String>,
     arch: Arg<u32>,
-    ptx: Arg<bool>) -> PyResult<Bound<'py, PyTuple>> {
+    ptx: Arg<bool>,
+) -> PyResult<Bound<'py, PyTuple>> {
     let file_owned = file.get("file")?;
     let file: &str = &file_owned;
     let arch = arch.get("arch")?;
@@ -317,7 +318,8 @@ fn _cuda_cache_path(py: Python<'_>, file: Arg<String>, arch: Arg<u32>) -> PyResu
 fn _cuda_cached_cubin<'py>(
     py: Python<'py>,
     file: Arg<String>,
-    arch: Arg<u32>) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+    arch: Arg<u32>,
+) -> PyResult<(Bound<'py, PyBytes>, bool)> {
     let file_owned = file.get("file")?;
     let file: &str = &file_owned;
     let arch = arch.get("arch")?;

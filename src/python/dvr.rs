@@ -68,7 +68,8 @@ impl DVRPolicy {
         skip_first: Arg<i64>,
         bridge: Option<Arg<String>>,
         downscale: Arg<i64>,
-        placeholder: Arg<String>) -> PyResult<Self> {
+        placeholder: Arg<String>,
+    ) -> PyResult<Self> {
         let max_insertions = opt_arg(max_insertions, "max_insertions")?;
         let min_gap = min_gap.get("min_gap")?;
         let skip_first = skip_first.get("skip_first")?;
@@ -369,7 +370,8 @@ impl DVRBuilder {
         patch_size: Arg<i64>,
         merge_size: Arg<i64>,
         min_pixels: Arg<i64>,
-        max_pixels: Arg<i64>) -> PyResult<Self> {
+        max_pixels: Arg<i64>,
+    ) -> PyResult<Self> {
         let system = system.get("system")?;
         let policy = opt_arg(policy, "policy")?;
         let model_type_owned = model_type.get("model_type")?;
@@ -457,7 +459,8 @@ impl DVRBuilder {
         &self,
         py: Python<'_>,
         answers: Arg<Vec<String>>,
-        images: Option<Arg<Vec<usize>>>) -> PyResult<Vec<DVRPlan>> {
+        images: Option<Arg<Vec<usize>>>,
+    ) -> PyResult<Vec<DVRPlan>> {
         let answers = answers.get("answers")?;
         let images = opt_arg(images, "images")?;
         let images = images.unwrap_or_else(|| vec![1; answers.len()]);
@@ -509,7 +512,8 @@ impl DVRBuilder {
         &self,
         answer: Arg<String>,
         insertions: &Bound<'_, PyAny>,
-        images: Arg<usize>) -> PyResult<String> {
+        images: Arg<usize>,
+    ) -> PyResult<String> {
         let answer_owned = answer.get("answer")?;
         let answer: &str = &answer_owned;
         let images = images.get("images")?;
@@ -579,7 +583,8 @@ impl DVRBuilder {
         question: Arg<String>,
         image_sizes: &Bound<'_, PyAny>,
         answer: Arg<String>,
-        cutoff: Option<Arg<i64>>) -> PyResult<DVRSample> {
+        cutoff: Option<Arg<i64>>,
+    ) -> PyResult<DVRSample> {
         let question_owned = question.get("question")?;
         let question: &str = &question_owned;
         let answer_owned = answer.get("answer")?;
@@ -615,7 +620,11 @@ impl DVRBuilder {
 /// Pillow's `Image.reduce(factor)` gives).
 #[pyfunction]
 #[pyo3(signature = (height, width, factor = Arg::of(4)), text_signature = "(height, width, factor=4)")]
-fn dvr_downscaled_size(height: Arg<i64>, width: Arg<i64>, factor: Arg<i64>) -> PyResult<(i64, i64)> {
+fn dvr_downscaled_size(
+    height: Arg<i64>,
+    width: Arg<i64>,
+    factor: Arg<i64>,
+) -> PyResult<(i64, i64)> {
     let height = height.get("height")?;
     let width = width.get("width")?;
     let factor = factor.get("factor")?;
@@ -630,7 +639,11 @@ fn dvr_downscaled_size(height: Arg<i64>, width: Arg<i64>, factor: Arg<i64>) -> P
 /// LLaMA-Factory's `infer_seqlen(source_len, target_len, cutoff_len)`: how many prompt and
 /// answer tokens a turn keeps.
 #[pyfunction]
-fn infer_seqlen(source_len: Arg<i64>, target_len: Arg<i64>, cutoff: Arg<i64>) -> PyResult<(usize, usize)> {
+fn infer_seqlen(
+    source_len: Arg<i64>,
+    target_len: Arg<i64>,
+    cutoff: Arg<i64>,
+) -> PyResult<(usize, usize)> {
     let source_len = source_len.get("source_len")?;
     let target_len = target_len.get("target_len")?;
     let cutoff = cutoff.get("cutoff")?;
@@ -652,7 +665,8 @@ fn vision_blocks<'py>(
     vision_start: Arg<i64>,
     vision_end: Arg<i64>,
     image_pad: Arg<i64>,
-    video_pad: Arg<i64>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    video_pad: Arg<i64>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
     let vision_start = vision_start.get("vision_start")?;
     let vision_end = vision_end.get("vision_end")?;
     let image_pad = image_pad.get("image_pad")?;
@@ -701,7 +715,8 @@ fn qwen2_vl_patches<'py>(
     layout: Arg<String>,
     patch_size: Arg<i64>,
     merge_size: Arg<i64>,
-    temporal_patch_size: Arg<i64>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    temporal_patch_size: Arg<i64>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let layout_owned = layout.get("layout")?;
     let layout: &str = &layout_owned;
     let patch_size = patch_size.get("patch_size")?;

@@ -65,10 +65,18 @@ pub struct ArgError {
 
 impl ArgError {
     fn type_(msg: String) -> Self {
-        ArgError { value: false, path: String::new(), msg }
+        ArgError {
+            value: false,
+            path: String::new(),
+            msg,
+        }
     }
     fn value(msg: String) -> Self {
-        ArgError { value: true, path: String::new(), msg }
+        ArgError {
+            value: true,
+            path: String::new(),
+            msg,
+        }
     }
     /// A TypeError-kind error (for `ArgValue` impls outside this module).
     pub fn wrong_type(msg: String) -> Self {
@@ -90,7 +98,10 @@ impl ArgError {
 }
 
 fn short_repr(obj: &Bound<'_, PyAny>) -> String {
-    let r = obj.repr().map(|r| r.to_string()).unwrap_or_else(|_| type_name(obj));
+    let r = obj
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| type_name(obj));
     if r.chars().count() > 60 {
         let head: String = r.chars().take(57).collect();
         format!("{head}...")
@@ -101,8 +112,7 @@ fn short_repr(obj: &Bound<'_, PyAny>) -> String {
 
 /// A NumPy (or other) bool scalar: refused where an int is expected, as `bool` is.
 fn is_boolish(obj: &Bound<'_, PyAny>) -> bool {
-    obj.is_instance_of::<PyBool>()
-        || matches!(type_name(obj).as_str(), "bool_" | "bool")
+    obj.is_instance_of::<PyBool>() || matches!(type_name(obj).as_str(), "bool_" | "bool")
 }
 
 /// How one kind of argument is read from Python, with errors that do not yet know its name.
@@ -164,10 +174,16 @@ impl ArgValue for bool {
 impl ArgValue for String {
     fn read(obj: &Bound<'_, PyAny>) -> Result<Self, ArgError> {
         if !obj.is_instance_of::<PyString>() {
-            return Err(ArgError::type_(format!("expected a str, got {}", type_name(obj))));
+            return Err(ArgError::type_(format!(
+                "expected a str, got {}",
+                type_name(obj)
+            )));
         }
         obj.extract::<String>().map_err(|e| {
-            ArgError::value(format!("expected a str that is valid Unicode: {}", e.value(obj.py())))
+            ArgError::value(format!(
+                "expected a str that is valid Unicode: {}",
+                e.value(obj.py())
+            ))
         })
     }
 }
@@ -179,7 +195,10 @@ impl<T: ArgValue> ArgValue for Vec<T> {
             || obj.is_instance_of::<PyFloat>()
             || obj.is_none()
         {
-            return Err(ArgError::type_(format!("expected a sequence, got {}", type_name(obj))));
+            return Err(ArgError::type_(format!(
+                "expected a sequence, got {}",
+                type_name(obj)
+            )));
         }
         // An array or tensor is read through tolist() when small: iterating a tensor makes one
         // object per row (a zero-stride view of 2**31 rows would take minutes).
@@ -189,10 +208,12 @@ impl<T: ArgValue> ArgValue for Vec<T> {
             && obj.hasattr("shape").unwrap_or(false)
             && obj.hasattr("tolist").unwrap_or(false)
         {
-            let shape: Vec<usize> = obj
-                .getattr("shape")
-                .and_then(|s| s.extract())
-                .map_err(|_| ArgError::type_(format!("expected a sequence, got {}", type_name(obj))))?;
+            let shape: Vec<usize> =
+                obj.getattr("shape")
+                    .and_then(|s| s.extract())
+                    .map_err(|_| {
+                        ArgError::type_(format!("expected a sequence, got {}", type_name(obj)))
+                    })?;
             let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
             if numel.is_none_or(|n| n > 1 << 24) {
                 return Err(ArgError::value(format!(
@@ -214,7 +235,8 @@ impl<T: ArgValue> ArgValue for Vec<T> {
             .try_iter()
             .map_err(|_| ArgError::type_(format!("expected a sequence, got {}", type_name(obj))))?;
         let mut out = Vec::new();
-        out.try_reserve(len.min(1 << 20)).map_err(|_| ArgError::value("too long".into()))?;
+        out.try_reserve(len.min(1 << 20))
+            .map_err(|_| ArgError::value("too long".into()))?;
         for (i, item) in iter.enumerate() {
             let item = item.map_err(|e| {
                 ArgError::type_(format!("cannot be iterated: {}", e.value(obj.py()))).at(i)
@@ -234,10 +256,16 @@ impl<A: ArgValue, B: ArgValue> ArgValue for (A, B) {
                 .and_then(|it| it.collect::<PyResult<Vec<_>>>())
                 .map_err(|_| ArgError::type_(format!("expected a pair, got {}", type_name(obj))))?
         } else {
-            return Err(ArgError::type_(format!("expected a pair, got {}", type_name(obj))));
+            return Err(ArgError::type_(format!(
+                "expected a pair, got {}",
+                type_name(obj)
+            )));
         };
         if items.len() != 2 {
-            return Err(ArgError::value(format!("expected a pair, got {} items", items.len())));
+            return Err(ArgError::value(format!(
+                "expected a pair, got {} items",
+                items.len()
+            )));
         }
         Ok((
             A::read(&items[0]).map_err(|e| e.at(0))?,
@@ -253,12 +281,20 @@ impl<A: ArgValue, B: ArgValue, C: ArgValue> ArgValue for (A, B, C) {
         {
             obj.try_iter()
                 .and_then(|it| it.collect::<PyResult<Vec<_>>>())
-                .map_err(|_| ArgError::type_(format!("expected a triple, got {}", type_name(obj))))?
+                .map_err(|_| {
+                    ArgError::type_(format!("expected a triple, got {}", type_name(obj)))
+                })?
         } else {
-            return Err(ArgError::type_(format!("expected a triple, got {}", type_name(obj))));
+            return Err(ArgError::type_(format!(
+                "expected a triple, got {}",
+                type_name(obj)
+            )));
         };
         if items.len() != 3 {
-            return Err(ArgError::value(format!("expected 3 items, got {}", items.len())));
+            return Err(ArgError::value(format!(
+                "expected 3 items, got {}",
+                items.len()
+            )));
         }
         Ok((
             A::read(&items[0]).map_err(|e| e.at(0))?,

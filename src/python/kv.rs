@@ -232,7 +232,8 @@ fn rerotate_keys(
     head_dim: Arg<i64>,
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
-    mrope_section: Option<Arg<Vec<i64>>>) -> PyResult<()> {
+    mrope_section: Option<Arg<Vec<i64>>>,
+) -> PyResult<()> {
     let rope_theta = rope_theta.get("rope_theta")?;
     let head_dim = head_dim.get("head_dim")?;
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
@@ -351,7 +352,8 @@ fn relocate_span(
     length: Option<Arg<i64>>,
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
-    mrope_section: Option<Arg<Vec<i64>>>) -> PyResult<usize> {
+    mrope_section: Option<Arg<Vec<i64>>>,
+) -> PyResult<usize> {
     let start = start.get("start")?;
     let end = end.get("end")?;
     let rope_theta = rope_theta.get("rope_theta")?;
@@ -422,7 +424,8 @@ fn append_entries(
     head_dim: Option<Arg<i64>>,
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
-    mrope_section: Option<Arg<Vec<i64>>>) -> PyResult<()> {
+    mrope_section: Option<Arg<Vec<i64>>>,
+) -> PyResult<()> {
     let rope_theta = opt_arg(rope_theta, "rope_theta")?;
     let head_dim = opt_arg(head_dim, "head_dim")?;
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
@@ -559,7 +562,8 @@ fn paged_reinject(
     layout: Arg<String>,
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
-    mrope_section: Option<Arg<Vec<i64>>>) -> PyResult<usize> {
+    mrope_section: Option<Arg<Vec<i64>>>,
+) -> PyResult<usize> {
     let rope_theta = rope_theta.get("rope_theta")?;
     let head_dim = head_dim.get("head_dim")?;
     let layout_owned = layout.get("layout")?;

@@ -40,7 +40,8 @@ impl PVCSchedule {
         warmup: Arg<i64>,
         min_gap: Arg<i64>,
         max_calibrations: Option<Arg<i64>>,
-        period: Option<Arg<i64>>) -> PyResult<Self> {
+        period: Option<Arg<i64>>,
+    ) -> PyResult<Self> {
         let warmup = warmup.get("warmup")?;
         let min_gap = min_gap.get("min_gap")?;
         let max_calibrations = opt_arg(max_calibrations, "max_calibrations")?;

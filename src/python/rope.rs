@@ -476,7 +476,8 @@ fn smart_resize(
     width: Arg<i64>,
     factor: Arg<i64>,
     min_pixels: Arg<i64>,
-    max_pixels: Arg<i64>) -> PyResult<(i64, i64)> {
+    max_pixels: Arg<i64>,
+) -> PyResult<(i64, i64)> {
     let height = height.get("height")?;
     let width = width.get("width")?;
     let factor = factor.get("factor")?;
@@ -496,7 +497,8 @@ fn image_grid_thw(
     patch_size: Arg<i64>,
     merge_size: Arg<i64>,
     min_pixels: Arg<i64>,
-    max_pixels: Arg<i64>) -> PyResult<(i64, i64, i64)> {
+    max_pixels: Arg<i64>,
+) -> PyResult<(i64, i64, i64)> {
     let height = height.get("height")?;
     let width = width.get("width")?;
     let patch_size = patch_size.get("patch_size")?;
@@ -522,7 +524,8 @@ fn image_token_count(
     patch_size: Arg<i64>,
     merge_size: Arg<i64>,
     min_pixels: Arg<i64>,
-    max_pixels: Arg<i64>) -> PyResult<i64> {
+    max_pixels: Arg<i64>,
+) -> PyResult<i64> {
     let height = height.get("height")?;
     let width = width.get("width")?;
     let patch_size = patch_size.get("patch_size")?;

@@ -514,13 +514,17 @@ impl Buffer {
         stream: Option<Bound<'py, PyAny>>,
         max_version: Option<Arg<(u32, u32)>>,
         dl_device: Option<Arg<(i32, i32)>>,
-        copy: Option<Arg<bool>>) -> PyResult<Bound<'py, PyAny>> {
+        copy: Option<Arg<bool>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let max_version = opt_arg(max_version, "max_version")?;
         let dl_device = opt_arg(dl_device, "dl_device")?;
         let copy = opt_arg(copy, "copy")?;
         // CPU memory: nothing to synchronise, but the array API says stream is None or an int.
         if let Some(stream) = &stream {
-            if !stream.is_none() && (!stream.is_instance_of::<pyo3::types::PyInt>() || stream.is_instance_of::<pyo3::types::PyBool>()) {
+            if !stream.is_none()
+                && (!stream.is_instance_of::<pyo3::types::PyInt>()
+                    || stream.is_instance_of::<pyo3::types::PyBool>())
+            {
                 return Err(PyTypeError::new_err(format!(
                     "stream: expected None or an int, got {}",
                     type_name(stream)
@@ -656,7 +660,8 @@ pub fn buffer<'py>(py: Python<'py>, tensor: OwnedTensor) -> PyResult<Bound<'py, 
 fn _tensor_info<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    name: Arg<String>) -> PyResult<Bound<'py, PyDict>> {
+    name: Arg<String>,
+) -> PyResult<Bound<'py, PyDict>> {
     let name_owned = name.get("name")?;
     let name: &str = &name_owned;
     let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];

@@ -266,7 +266,9 @@ impl ReflectionDetector {
     /// calling `finish()` gives. Offsets are into the decoded text.
     fn find_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Hit>> {
         let ids = token_ids(tokens, "tokens")?;
-        let hits = py.detach(|| self.inner.find_tokens(&ids)).map_err(about("tokens"))?;
+        let hits = py
+            .detach(|| self.inner.find_tokens(&ids))
+            .map_err(about("tokens"))?;
         Ok(hits_to_py(&hits, self.inner.phrases()))
     }
 
@@ -285,7 +287,8 @@ impl ReflectionDetector {
         &self,
         schedule: Option<Arg<PVCSchedule>>,
         calibrations_made: Arg<i64>,
-        tokens_since_last: Option<Arg<i64>>) -> PyResult<ReflectionStream> {
+        tokens_since_last: Option<Arg<i64>>,
+    ) -> PyResult<ReflectionStream> {
         let calibrations_made = calibrations_made.get("calibrations_made")?;
         let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
         let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
@@ -540,7 +543,8 @@ impl StreamBatch {
         slot: Arg<i64>,
         schedule: Option<Arg<PVCSchedule>>,
         calibrations_made: Arg<i64>,
-        tokens_since_last: Option<Arg<i64>>) -> PyResult<()> {
+        tokens_since_last: Option<Arg<i64>>,
+    ) -> PyResult<()> {
         let slot = slot.get("slot")?;
         let calibrations_made = calibrations_made.get("calibrations_made")?;
         let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
@@ -588,11 +592,14 @@ impl StreamBatch {
         &mut self,
         py: Python<'_>,
         slot: Arg<i64>,
-        tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Calibration>> {
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Calibration>> {
         let slot = slot.get("slot")?;
         let ids = token_ids(tokens, "tokens")?;
         let inner = &mut self.inner;
-        let made = py.detach(|| inner.feed(slot, &ids)).map_err(about("tokens"))?;
+        let made = py
+            .detach(|| inner.feed(slot, &ids))
+            .map_err(about("tokens"))?;
         let phrases = self.inner.detector().phrases();
         Ok(made.iter().map(|c| Calibration::new(c, phrases)).collect())
     }
@@ -708,7 +715,8 @@ impl StreamBatch {
         &mut self,
         py: Python<'py>,
         outputs: &Bound<'py, PyAny>,
-        rows: Arg<usize>) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
+        rows: Arg<usize>,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
         let rows = rows.get("rows")?;
         let outputs = outputs.cast::<PyList>().map_err(|_| {
             PyTypeError::new_err(format!(
