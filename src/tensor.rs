@@ -581,7 +581,7 @@ impl<'a> TensorView<'a> {
                     strides,
                 })
             }
-            None => Ok(Strided::from_vec(self.packed::<T>(), &self.shape)),
+            None => Ok(Strided::from_vec(self.packed::<T>()?, &self.shape)),
         }
     }
 
@@ -656,10 +656,25 @@ impl<'a> TensorView<'a> {
     }
 
     /// Row-major copy of the elements, for any strides and alignment.
-    fn packed<T: Element>(&self) -> Vec<T> {
-        let mut out = Vec::with_capacity(self.numel());
-        if self.numel() == 0 {
-            return out;
+    fn packed<T: Element>(&self) -> Result<Vec<T>> {
+        // A zero-stride view (`x.expand(2**40)`) is tiny in memory but huge once copied.
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                value_err!(
+                    "{}: shape {} has too many elements",
+                    self.name,
+                    self.shape_str()
+                )
+            })?;
+        let mut out = crate::error::try_vec::<T>(
+            numel,
+            &format!("{} (a copy of shape {})", self.name, self.shape_str()),
+        )?;
+        if numel == 0 {
+            return Ok(out);
         }
         let last = self.ndim().saturating_sub(1);
         let mut index = vec![0usize; self.ndim()];
@@ -687,7 +702,7 @@ impl<'a> TensorView<'a> {
             let mut axis = last;
             loop {
                 if axis == 0 {
-                    return out;
+                    return Ok(out);
                 }
                 axis -= 1;
                 index[axis] += 1;
@@ -936,26 +951,41 @@ impl<'a, T: Copy> Strided<'a, T> {
     }
 
     /// Row-major copy of the elements (borrowed when already row-major).
-    pub fn to_contiguous(&self) -> Cow<'_, [T]> {
+    ///
+    /// [`Error::Memory`] when the copy cannot be allocated (a zero-stride view of a huge shape).
+    pub fn to_contiguous(&self) -> Result<Cow<'_, [T]>> {
         if let Some(slice) = self.as_contiguous() {
-            return Cow::Borrowed(slice);
+            return Ok(Cow::Borrowed(slice));
         }
-        let mut out = Vec::with_capacity(self.numel());
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                value_err!(
+                    "data: shape {} has too many elements",
+                    tuple_str(&self.shape)
+                )
+            })?;
+        let mut out = crate::error::try_vec::<T>(
+            numel,
+            &format!("a row-major copy of shape {}", tuple_str(&self.shape)),
+        )?;
         if self.ndim() == 0 {
             out.extend_from_slice(&self.data[..1]);
-            return Cow::Owned(out);
+            return Ok(Cow::Owned(out));
         }
         let outer = &self.shape[..self.ndim() - 1];
         let mut index = vec![0usize; outer.len()];
-        if self.numel() == 0 {
-            return Cow::Owned(out);
+        if numel == 0 {
+            return Ok(Cow::Owned(out));
         }
         loop {
             out.extend_from_slice(self.lane(&index));
             let mut axis = outer.len();
             loop {
                 if axis == 0 {
-                    return Cow::Owned(out);
+                    return Ok(Cow::Owned(out));
                 }
                 axis -= 1;
                 index[axis] += 1;

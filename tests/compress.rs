@@ -120,7 +120,7 @@ proptest! {
         let tokens: usize = grids.iter().map(Grid::tokens).sum();
         let wide = random_values(seed, tokens * 2 * (dim + 3));
         let strided = Strided::new(&wide, &[tokens, dim], &[2 * (dim + 3), 1]).unwrap();
-        let packed: Vec<f32> = strided.to_contiguous().into_owned();
+        let packed: Vec<f32> = strided.to_contiguous().unwrap().into_owned();
         let (got, _) = pool_visual_tokens(&strided, &grids, k, k).unwrap();
         let (want, _) = pool_visual_tokens(&Strided::contiguous(&packed, &[tokens, dim]).unwrap(), &grids, k, k).unwrap();
         prop_assert_eq!(got, want);
@@ -527,7 +527,7 @@ fn indices_are_checked() {
     let err = check_indices(&[0, 6], 6).unwrap_err();
     assert_eq!(
         err,
-        Error::Index("indices[1] = 6 is out of range for 6 tokens".into())
+        Error::Index("indices[1] = 6 is out of range for 6 tokens (the rows of x)".into())
     );
     let err = check_indices(&[-1], 6).unwrap_err();
     assert!(matches!(err, Error::Index(_)));

@@ -159,8 +159,8 @@ fn cache_writes_are_atomic_under_concurrency() {
             s.spawn(move || {
                 for _ in 0..5 {
                     cache::store(&path, p).unwrap();
-                    // Whatever a reader sees is one writer's whole file.
-                    let seen = std::fs::read(&path).unwrap();
+                    // Whatever a reader sees is one writer's whole file (its digest checks).
+                    let seen = cache::load(&path).expect("a whole, verified file");
                     assert_eq!(seen.len(), 1 << 20);
                     assert!(seen.iter().all(|&b| b == seen[0]));
                 }
@@ -191,4 +191,60 @@ fn no_driver_is_an_error_not_a_panic() {
     assert_eq!(cuda::device_count(), 0);
     let info = cuda::runtime_info();
     assert!(info.driver_error.is_some() && info.driver_version.is_none());
+}
+
+#[test]
+fn cache_files_carry_and_check_a_digest_of_their_contents() {
+    let cubin = b"\x7fELF not really a cubin".to_vec();
+    let stored = cache::encode(&cubin);
+    assert_eq!(cache::decode(&stored), Some(&cubin[..]));
+    let mut edited = stored.clone();
+    *edited.last_mut().unwrap() ^= 1;
+    assert_eq!(cache::decode(&edited), None);
+    assert_eq!(cache::decode(&cubin), None); // a bare CUBIN (no digest) is not trusted
+    assert_eq!(cache::decode(&stored[..stored.len() - 1]), None); // truncated
+}
+
+#[cfg(unix)]
+#[test]
+fn cache_store_and_load_refuse_tampered_files_and_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = std::env::temp_dir().join(format!("tvc-cache-trust-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let path = root.join("kernels").join("kv-sm90-test.cubin");
+    cache::store(&path, b"cubin bytes").unwrap();
+    for dir in [&root, &root.join("kernels")] {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{dir:?}");
+    }
+    assert_eq!(cache::load(&path).as_deref(), Some(&b"cubin bytes"[..]));
+    // Edited contents: the digest no longer matches.
+    let mut data = std::fs::read(&path).unwrap();
+    *data.last_mut().unwrap() = b'X';
+    std::fs::write(&path, &data).unwrap();
+    assert_eq!(cache::load(&path), None);
+    // A symbolic link to a valid cache file is not followed.
+    let real = root.join("kernels").join("real.cubin");
+    cache::store(&real, b"cubin bytes").unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    assert_eq!(cache::load(&path), None);
+    assert!(cache::load(&real).is_some());
+    // A file others may write is not trusted.
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(cache::load(&real), None);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn nvrtc_candidates_are_absolute_paths_or_sonames() {
+    // Whatever the search directories are, nothing relative to the current directory is tried
+    // (bare sonames go to the system loader).
+    for (path, _) in nvrtc::candidates() {
+        assert!(
+            path.is_absolute() || !path.to_string_lossy().contains('/'),
+            "relative candidate {path:?}"
+        );
+    }
 }

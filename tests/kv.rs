@@ -1070,3 +1070,37 @@ fn paged_long_chains_and_cycles() {
         }
     }
 }
+
+#[test]
+fn paged_layers_sharing_memory_are_refused_before_writing() {
+    let (blocks, bs, heads, d) = (3, 4, 2, 8);
+    let rope = rope_of(10000.0, d, d, false, None);
+    let (layout, total) = layout_of(0, blocks, bs, heads, d, "kv_caches[0]");
+    let original: Vec<f32> = (0..total).map(|i| i as f32).collect();
+    let mut cache = original.clone();
+    let ptr = cache.as_mut_ptr();
+    // One buffer given for two layers (what `paged_reinject([a, a], ...)` passes).
+    let mut views = unsafe {
+        vec![
+            PagedCache::from_raw(ptr, layout, "kv_caches[0]").unwrap(),
+            PagedCache::from_raw(ptr, layout, "kv_caches[1]").unwrap(),
+        ]
+    };
+    let e = paged_reinject(&mut views, &[0], &[5], Deltas::Same(1), &rope).unwrap_err();
+    assert!(
+        matches!(&e, Error::Value(m) if m.starts_with("kv_caches[0] and kv_caches[1] share memory")),
+        "{e:?}"
+    );
+    drop(views);
+    assert_eq!(cache, original);
+}
+
+#[test]
+fn head_dim_is_bounded_before_any_table_is_built() {
+    let err = RopeConfig::new(1e6, 1 << 40, None, false, None).unwrap_err();
+    assert!(
+        matches!(&err, Error::Value(m) if m.starts_with("head_dim = 1099511627776")),
+        "{err:?}"
+    );
+    assert!(RopeConfig::new(1e6, 1 << 16, None, false, None).is_ok());
+}

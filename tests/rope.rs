@@ -26,7 +26,12 @@ fn cfg(merge: i64) -> MropeConfig {
 
 fn message(err: Error) -> String {
     match err {
-        Error::Value(m) | Error::Type(m) | Error::Index(m) | Error::Io(m) | Error::Runtime(m) => m,
+        Error::Value(m)
+        | Error::Type(m)
+        | Error::Index(m)
+        | Error::Io(m)
+        | Error::Runtime(m)
+        | Error::Memory(m) => m,
     }
 }
 

@@ -199,7 +199,7 @@ proptest! {
         let data: Vec<f32> = (0..4096).map(|v| v as f32).collect();
         let view = raw_view(&data, offset, &shape, &strides);
         let strided = view.strided::<f32>().unwrap();
-        let flat = strided.to_contiguous();
+        let flat = strided.to_contiguous().unwrap();
         prop_assert_eq!(flat.len(), view.numel());
         let mut index = vec![0usize; shape.len()];
         for value in flat.iter() {

@@ -1,4 +1,11 @@
-"""Type stubs of the native module ``tvc_rs._native`` (Rust, PyO3). One section per capability."""
+"""Type stubs of the native module ``tvc_rs._native`` (Rust, PyO3). One section per capability.
+
+Errors (every function): ``TypeError`` for the wrong kind of object (a float or a bool where an
+int is expected, a list where a tensor is), ``ValueError`` for a wrong value (out of range, an int
+too large for its type, a shape, layers that share memory), ``IndexError`` for an index or id out
+of range, ``MemoryError`` when a result or copy sized by an argument cannot be allocated (e.g. a
+zero-stride view of 2**40 elements); CUDA failures are ``RuntimeError``. Every message names
+the argument it is about (``head_dim: expected an int, got float``)."""
 
 from __future__ import annotations
 

@@ -82,20 +82,49 @@ def _record_trace(record: object, source: str, field_name: str) -> Trace | BadRe
     return Trace(source, str(record.get("id", source)), text, model if isinstance(model, str) else None)
 
 
-def _looks_like_json_lines(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    return first.lstrip().startswith("{")
+def _looks_like_json_lines(path: Path) -> bool:
+    """The first non-blank line starts with ``{`` (read from the file's first bytes only)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                return raw.lstrip().startswith(b"{")
+    return False
+
+
+def _read_json_lines(path: Path, label: str, field_name: str, into: Input) -> None:
+    """One record per line, read one line at a time: a line that is not valid UTF-8 or not
+    valid JSON is one bad record, the others are kept."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            source = f"{label}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                into.bad.append(BadRecord(source, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                into.bad.append(BadRecord(source, f"invalid JSON: {err.msg} (column {err.colno})"))
+                continue
+            item = _record_trace(record, source, field_name)
+            (into.traces if isinstance(item, Trace) else into.bad).append(item)
 
 
 def read_traces(path: Path, label: str, field_name: str, into: Input) -> None:
     """JSON lines (one record per line), a JSON document (a record or a list of records), or
     plain text (the whole file is one trace)."""
+    suffix = path.suffix.lower()
     try:
+        if suffix == ".jsonl" or (suffix not in (".json", ".txt") and _looks_like_json_lines(path)):
+            _read_json_lines(path, label, field_name, into)
+            return
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         into.bad.append(BadRecord(label, f"cannot read: {err}"))
         return
-    suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             document = json.loads(text)
@@ -105,19 +134,6 @@ def read_traces(path: Path, label: str, field_name: str, into: Input) -> None:
         records = document if isinstance(document, list) else [document]
         for i, record in enumerate(records):
             item = _record_trace(record, f"{label}[{i}]", field_name)
-            (into.traces if isinstance(item, Trace) else into.bad).append(item)
-        return
-    if suffix == ".jsonl" or (suffix != ".txt" and _looks_like_json_lines(text)):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            source = f"{label}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                into.bad.append(BadRecord(source, f"invalid JSON: {err.msg} (column {err.colno})"))
-                continue
-            item = _record_trace(record, source, field_name)
             (into.traces if isinstance(item, Trace) else into.bad).append(item)
         return
     if text.strip():

@@ -20,10 +20,13 @@ import json
 import os
 import re
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import itertools
 from typing import Any, Iterator, Optional, Sequence
 
 from tvc_rs._native import (
@@ -85,15 +88,43 @@ def qwen2_vl_patches(images, mean, std, *, layout="chw", patch_size=14, merge_si
     """
     import numpy as np
 
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list of uint8 arrays, got {type(images).__name__}")
     arrays = []
-    for image in images:
+    for i, image in enumerate(images):
         if hasattr(image, "detach") and hasattr(image, "numpy"):  # a CPU torch tensor: zero-copy view
-            image = image.detach().numpy()
+            try:
+                image = image.detach().numpy()
+            except (RuntimeError, TypeError) as err:
+                raise TypeError(f"images[{i}]: expected a CPU uint8 tensor or NumPy array: {err}") from None
         arrays.append(image if isinstance(image, np.ndarray) else np.asarray(image))
     return _qwen2_vl_patches(
-        arrays, [float(m) for m in mean], [float(s) for s in std], layout=layout, patch_size=patch_size,
+        arrays, _floats(mean, "mean"), _floats(std, "std"), layout=layout, patch_size=patch_size,
         merge_size=merge_size, temporal_patch_size=temporal_patch_size,
     )
+
+
+def _floats(values, name: str) -> list[float]:
+    """A sequence of numbers as floats; TypeError naming the argument otherwise."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
+    out = []
+    size = getattr(values, "size", None)
+    size = values.numel() if callable(getattr(values, "numel", None)) else size
+    if isinstance(size, int) and size > 1 << 16:
+        raise ValueError(f"{name}: expected one number per channel, got an array of {size} elements")
+    try:
+        items = list(values)
+    except TypeError as err:
+        raise TypeError(f"{name}: expected a sequence of numbers: {err}") from None
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise TypeError(f"{name}[{i}]: expected a number, got {type(v).__name__}")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise TypeError(f"{name}[{i}]: expected a number: {err}") from None
+    return out
 
 
 # ---------------------------------------------------------------- the dataset builder
@@ -152,38 +183,55 @@ class _Job:
     pixels: list[Any] = field(default_factory=list)  # decoded PIL images (for the copies)
 
 
+class _BadLine:
+    """A line of the input that is not valid UTF-8 (one bad record; the others are kept)."""
+
+    def __init__(self, err: UnicodeDecodeError):
+        self.reason = f"not valid UTF-8: byte 0x{err.object[err.start]:02x} at column {err.start + 1}"
+
+
 def _read_records(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """``(index, source, record or JSONDecodeError)`` of a JSON list, a JSON record, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    """``(index, source, record or JSONDecodeError / _BadLine)`` of a JSON list, a JSON record,
+    or JSON lines. JSON lines are read one line at a time (any file size, constant memory)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        text = path.read_text(encoding="utf-8", errors="strict")
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
             yield 0, f"{path.name}:{err.lineno}", err
             return
-        for i, record in enumerate(document):
+        for i, record in enumerate(document if isinstance(document, list) else [document]):
             yield i, f"{path.name}[{i}]", record
         return
     if path.suffix.lower() == ".json":
         try:
-            yield 0, path.name, json.loads(text)
+            yield 0, path.name, json.loads(path.read_text(encoding="utf-8"))
             return
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # JSON lines in a .json file
-    yield from _read_lines(text, path.name)
+    yield from _read_lines(path, path.name)
 
 
-def _read_lines(text: str, name: str) -> Iterator[tuple[int, str, Any]]:
+def _read_lines(path: Path, name: str) -> Iterator[tuple[int, str, Any]]:
     index = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record: Any = json.loads(line)
-        except json.JSONDecodeError as err:
-            record = err
-        yield index, f"{name}:{number}", record
-        index += 1
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield index, f"{name}:{number}", _BadLine(err)
+                index += 1
+                continue
+            if not line.strip():
+                continue
+            try:
+                record: Any = json.loads(line)
+            except json.JSONDecodeError as err:
+                record = err
+            yield index, f"{name}:{number}", record
+            index += 1
 
 
 def _as_list(value: Any) -> list:
@@ -215,6 +263,8 @@ def _job(index: int, source: str, record: Any, *, question_field: str, answer_fi
          id_field: str, image_root: Path, placeholder: str, allow_text_only: bool) -> _Job | BadRecord:
     if isinstance(record, json.JSONDecodeError):
         return BadRecord(index, source, f"invalid JSON: {record.msg} (column {record.colno})")
+    if isinstance(record, _BadLine):
+        return BadRecord(index, source, record.reason)
     if not isinstance(record, dict):
         return BadRecord(index, source, f"expected a JSON object, got {type(record).__name__}")
     rid = record.get(id_field)
@@ -268,9 +318,10 @@ def _decode(job: _Job) -> _Job | BadRecord:
     return job
 
 
-def _write_copies(job: _Job, factor: int, folder: Path) -> list[Path]:
+def _write_copies(job: _Job, factor: int, folder: Path, staging: "_Staging") -> list[Path]:
     """Writes the downscaled copy of each image of the job (``Image.reduce``: the average of
-    each ``factor x factor`` window; edge windows average the pixels they cover)."""
+    each ``factor x factor`` window; edge windows average the pixels they cover) into the
+    staging folder; returns the paths they will have in ``folder`` once the build completes."""
     out = []
     for j, pixels in enumerate(job.pixels):
         copy = pixels.reduce(factor) if factor > 1 else pixels
@@ -278,9 +329,127 @@ def _write_copies(job: _Job, factor: int, folder: Path) -> list[Path]:
         if (copy.height, copy.width) != expected:  # Pillow's rounding, checked once per image
             raise RuntimeError(f"Image.reduce gave {copy.size[::-1]}, expected {expected}")
         path = folder / f"{job.index:07d}_{j}.png"
-        copy.save(path, format="PNG")
+        copy.save(staging.file_for(path), format="PNG")
         out.append(path)
     return out
+
+
+class _Staging:
+    """Files of a build written beside their final places and moved there only at the end, so
+    that an interrupted or failed build replaces nothing: the output goes to a unique temporary
+    file in its folder, image copies to a unique hidden folder inside the images folder.
+    Folders are made when the first file goes into them."""
+
+    def __init__(self, output: Path, copies_dir: Path):
+        self.output, self.copies_dir = output, copies_dir
+        self.tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.tmp_output: Optional[Path] = None
+        self.copies_tmp = copies_dir / f".tvc-staging-{self.tag}"
+        self.staged: dict[Path, Path] = {}  # final path -> staged file
+        self.made: list[Path] = []  # folders this build made (removed again if it fails)
+        self._lock = threading.Lock()
+
+    def _mkdir(self, folder: Path) -> None:
+        missing = []
+        for parent in [folder, *folder.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.made.extend(missing)  # innermost first
+
+    def open_output(self, keep_from: Optional[Path] = None, keep_bytes: int = 0):
+        self._mkdir(self.output.parent)
+        self.tmp_output = self.output.with_name(f".{self.output.name}.{self.tag}.tmp")
+        out = open(self.tmp_output, "xb")
+        if keep_from is not None and keep_bytes:
+            with open(keep_from, "rb") as src:
+                remaining = keep_bytes
+                while remaining:
+                    block = src.read(min(remaining, 1 << 20))
+                    if not block:
+                        break
+                    out.write(block)
+                    remaining -= len(block)
+        return out
+
+    def file_for(self, final: Path) -> Path:
+        with self._lock:
+            if not self.copies_tmp.exists():
+                self._mkdir(self.copies_tmp)
+            staged = self.copies_tmp / final.name
+            self.staged[final] = staged
+            return staged
+
+    def commit(self) -> None:
+        """Moves the image copies, then the output, into place (each an atomic rename)."""
+        for final, staged in self.staged.items():
+            os.replace(staged, final)
+        self.staged.clear()
+        if self.copies_tmp.exists():
+            self.copies_tmp.rmdir()
+        if self.tmp_output is not None:
+            os.replace(self.tmp_output, self.output)
+            self.tmp_output = None
+        self.made.clear()
+
+    def discard(self) -> None:
+        """Removes what this build staged (its own temporary files only)."""
+        for staged in self.staged.values():
+            try:
+                staged.unlink()
+            except FileNotFoundError:
+                pass
+        self.staged.clear()
+        try:
+            self.copies_tmp.rmdir()
+        except OSError:
+            pass
+        if self.tmp_output is not None:
+            try:
+                self.tmp_output.unlink()
+            except FileNotFoundError:
+                pass
+            self.tmp_output = None
+        for folder in sorted(self.made, key=lambda p: len(p.parts), reverse=True):  # only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self.made.clear()
+
+
+def _update_dataset_info(out_dir: Path, name: str, entry: dict) -> Path:
+    """Sets ``dataset_info.json[name]`` under an exclusive lock (``fcntl.flock`` on
+    ``dataset_info.json.lock``), writing a unique temporary file and renaming it, so that
+    concurrent builds in one folder each add their entry and readers never see a torn file."""
+    info_path = out_dir / "dataset_info.json"
+    lock_path = out_dir / "dataset_info.json.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no advisory locks; the rename below is still atomic
+            pass
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path}: expected a JSON object of datasets, got {type(info).__name__}")
+        info[name] = entry
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dataset_info.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, info_path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    return info_path
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -396,103 +565,122 @@ def build_dataset(
     builder = tokenizer if isinstance(tokenizer, DVRBuilder) else DVRBuilder(tokenizer, phrases=phrases, policy=policy)
     policy = builder.policy
     out_dir = output_path.resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     copies_dir = Path(images_dir) if images_dir is not None else out_dir / "images"
-    copies_dir.mkdir(parents=True, exist_ok=True)
     root = Path(image_root) if image_root is not None else input_path.resolve().parent
     name = dataset_name or output_path.stem
 
+    # Nothing existing is removed or replaced before the new output is complete: the output is
+    # written to a temporary file beside it (with resume: the kept records copied first) and
+    # renamed at the end; a failure or an interruption leaves the old files as they were.
     done: set[int] = set()
+    keep = 0
     if output_path.exists() and resume:
         done, keep = _existing_indices(output_path)
-        with open(output_path, "r+b") as f:
-            f.truncate(keep)
-    elif output_path.exists():
-        output_path.unlink()
-
+    staging = _Staging(output_path, copies_dir)
+    out = None
     report = BuildReport(output=str(output_path), dataset_name=name)
-    records = list(_read_records(input_path))
+    records: Iterator[tuple[int, str, Any]] = _read_records(input_path)
     if limit is not None:
-        records = records[:limit]
-    report.records = len(records)
-    todo = []
-    for index, source, record in records:
-        if index in done:
-            report.skipped_existing += 1
-            continue
-        todo.append((index, source, record))
+        records = itertools.islice(records, limit)
 
     workers = workers or os.cpu_count() or 1
-    bar = _Progress(len(todo), sys.stderr.isatty() if progress is None else progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool, open(output_path, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            jobs: list[_Job] = []
-            for index, source, record in chunk:
-                item = _job(index, source, record, question_field=question_field, answer_field=answer_field,
-                            image_field=image_field, id_field=id_field, image_root=root,
-                            placeholder=policy.placeholder, allow_text_only=allow_text_only)
-                (jobs if isinstance(item, _Job) else report.bad).append(item)
-            decoded = list(pool.map(_decode, jobs))
-            jobs = []
-            for item in decoded:
-                (jobs if isinstance(item, _Job) else report.bad).append(item)
-            plans = builder.plan_many([j.answer for j in jobs], [len(j.image_paths) for j in jobs])
-            planned = []
-            for job, plan in zip(jobs, plans):
-                if plan.error is not None:
-                    report.bad.append(BadRecord(job.index, job.source, plan.error, job.id))
-                    continue
-                if not job.image_paths:
-                    plan_insertions, text = [], job.answer  # text-only: nothing to re-affirm
-                else:
-                    plan_insertions, text = plan.insertions, plan.answer_text
-                planned.append((job, plan_insertions, text))
-            copies = list(pool.map(lambda p: _write_copies(p[0], policy.downscale, copies_dir) if p[1] else [],
-                                   planned))
-            lines = []
-            for (job, insertions, text), copy_paths in zip(planned, copies):
-                images = [_relative(p, out_dir) for p in job.image_paths]
-                copy_names = [_relative(p, out_dir) for p in copy_paths]
-                for _ in insertions:
-                    images.extend(copy_names)
-                record = {
-                    "messages": [{"role": "user", "content": job.question}, {"role": "assistant", "content": text}],
-                    "images": images,
-                    "tvc": {"index": job.index, "id": job.id, "insertions": len(insertions),
-                            "phrases": [i.phrase for i in insertions]},
-                }
-                lines.append(json.dumps(record, ensure_ascii=False))
-                report.written += 1
-                report.images_written += len(copy_paths)
-                if insertions:
-                    report.with_insertions += 1
-                    report.insertions += len(insertions)
-                else:
-                    report.no_reflection += 1
-                job.pixels.clear()
-            if lines:
-                out.write("\n".join(lines) + "\n")
-                out.flush()
-            bar.update(len(chunk))
-    bar.close()
+    bar = _Progress(0, sys.stderr.isatty() if progress is None else progress)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while True:
+                chunk = []
+                for index, source, record in itertools.islice(records, chunk_size):
+                    report.records += 1
+                    if index in done:
+                        report.skipped_existing += 1
+                        continue
+                    chunk.append((index, source, record))
+                if not chunk and report.records == bar.total:
+                    break
+                bar.total = report.records
+                jobs: list[_Job] = []
+                for index, source, record in chunk:
+                    item = _job(index, source, record, question_field=question_field, answer_field=answer_field,
+                                image_field=image_field, id_field=id_field, image_root=root,
+                                placeholder=policy.placeholder, allow_text_only=allow_text_only)
+                    (jobs if isinstance(item, _Job) else report.bad).append(item)
+                decoded = list(pool.map(_decode, jobs))
+                jobs = []
+                for item in decoded:
+                    (jobs if isinstance(item, _Job) else report.bad).append(item)
+                plans = builder.plan_many([j.answer for j in jobs], [len(j.image_paths) for j in jobs])
+                planned = []
+                for job, plan in zip(jobs, plans):
+                    if plan.error is not None:
+                        report.bad.append(BadRecord(job.index, job.source, plan.error, job.id))
+                        continue
+                    if not job.image_paths:
+                        plan_insertions, text = [], job.answer  # text-only: nothing to re-affirm
+                    else:
+                        plan_insertions, text = plan.insertions, plan.answer_text
+                    planned.append((job, plan_insertions, text))
+                copies = list(pool.map(
+                    lambda p: _write_copies(p[0], policy.downscale, copies_dir, staging) if p[1] else [], planned))
+                lines = []
+                for (job, insertions, text), copy_paths in zip(planned, copies):
+                    images = [_relative(p, out_dir) for p in job.image_paths]
+                    copy_names = [_relative(p, out_dir) for p in copy_paths]
+                    for _ in insertions:
+                        images.extend(copy_names)
+                    record = {
+                        "messages": [{"role": "user", "content": job.question},
+                                     {"role": "assistant", "content": text}],
+                        "images": images,
+                        "tvc": {"index": job.index, "id": job.id, "insertions": len(insertions),
+                                "phrases": [i.phrase for i in insertions]},
+                    }
+                    lines.append(json.dumps(record, ensure_ascii=False))
+                    report.written += 1
+                    report.images_written += len(copy_paths)
+                    if insertions:
+                        report.with_insertions += 1
+                        report.insertions += len(insertions)
+                    else:
+                        report.no_reflection += 1
+                    job.pixels.clear()
+                if lines:
+                    if out is None:
+                        out = staging.open_output(output_path if keep else None, keep)
+                    out.write(("\n".join(lines) + "\n").encode("utf-8"))
+                bar.update(len(chunk))
+        bar.close()
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            out = None
+        if report.written == 0:
+            # Nothing to write: no output, no dataset entry, no folders (an existing output,
+            # resumed or not, stays as it was).
+            staging.discard()
+            report.seconds = time.perf_counter() - started
+            return report
+        staging.commit()
+    except BaseException:
+        if out is not None:
+            out.close()
+        staging.discard()
+        raise
 
     report.bad.sort(key=lambda b: b.index)
-    info_path = out_dir / "dataset_info.json"
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    info[name] = {
+    info_path = _update_dataset_info(out_dir, name, {
         "file_name": _relative(output_path, out_dir),
         "formatting": "sharegpt",
         "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-    }
-    tmp = info_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(info_path)
+    })
     report.dataset_info = str(info_path)
     report.seconds = time.perf_counter() - started
     report_path = output_path.with_name(output_path.stem + ".report.json")
-    report_path.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{report_path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, report_path)
     return report
 
 
@@ -518,8 +706,11 @@ def cli_build(args: Any) -> int:
           f"{report.insertions} re-affirmed image insertions, {report.no_reflection} without a reflection point, "
           f"kept unchanged), {len(report.bad)} bad, {report.skipped_existing} already written; "
           f"{report.samples_per_second:.1f} samples/s")
-    print(f"tvc-rs dvr build: wrote {report.output}, {report.images_written} image copies, dataset "
-          f"{report.dataset_name!r} in {report.dataset_info}")
+    if report.written:
+        print(f"tvc-rs dvr build: wrote {report.output}, {report.images_written} image copies, dataset "
+              f"{report.dataset_name!r} in {report.dataset_info}")
+    else:
+        print(f"tvc-rs dvr build: nothing to write; {report.output} and dataset_info.json left as they were")
     if report.written == 0 and report.skipped_existing == 0:
         return 2
     return 1 if report.bad else 0

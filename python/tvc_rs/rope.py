@@ -50,14 +50,21 @@ def _numpy(x: Any, name: str) -> np.ndarray | None:
     if x is None:
         return None
     tensor = _torch_tensor_type()
-    if tensor is not None and isinstance(x, tensor):
-        try:
-            x = x.detach().cpu().numpy()
-        except TypeError as err:  # e.g. bfloat16, which NumPy lacks
-            raise TypeError(f"{name}: {err}") from None
-    elif not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    return np.require(x, requirements="C")
+    try:
+        if tensor is not None and isinstance(x, tensor):
+            try:
+                x = x.detach().cpu().numpy()
+            except TypeError as err:  # e.g. bfloat16, which NumPy lacks
+                raise TypeError(f"{name}: {err}") from None
+        elif not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        return np.require(x, requirements="C")
+    except MemoryError as err:  # a copy of a huge zero-stride view
+        raise MemoryError(f"{name}: {err}") from None
+    except ValueError as err:  # ragged nested lists
+        if str(err).startswith(name):
+            raise
+        raise ValueError(f"{name}: cannot be read as an array: {err}") from None
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -255,8 +262,15 @@ def image_processor_settings(source: Any) -> dict[str, int]:
         path = os.fspath(source)
         if os.path.isdir(path):
             path = os.path.join(path, "preprocessor_config.json")
-        with open(path, encoding="utf-8") as f:
-            source = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source: no such file: {path}") from None
+        except OSError as err:
+            raise OSError(f"source: cannot read {path}: {err}") from None
+        except ValueError as err:  # invalid JSON or text
+            raise ValueError(f"source: cannot read {path}: {err}") from None
     if not isinstance(source, Mapping) and getattr(source, "image_processor", None) is not None:
         source = source.image_processor
     if isinstance(source, Mapping):

@@ -48,6 +48,10 @@ pub fn pool_visual_tokens<T: Float>(
     }
     let (tokens, dim) = (x.shape()[0], x.shape()[1]);
     check_grid_list(grids, tokens, &format!("x has {tokens} rows"))?;
+    // A factor beyond the largest grid side pools the same as that side: clamp it, so that no
+    // size below is computed from a huge factor (`factor=2**31`).
+    let kh = kh.min(grids.iter().map(|g| g.h).max().unwrap_or(1).max(1));
+    let kw = kw.min(grids.iter().map(|g| g.w).max().unwrap_or(1).max(1));
 
     let mut windows = Vec::new();
     let mut new_grids = Vec::with_capacity(grids.len());
@@ -74,7 +78,12 @@ pub fn pool_visual_tokens<T: Float>(
     }
 
     // About 1 MiB of reads per task: less runs faster on one thread than through rayon.
-    let min_rows = (1 << 20) / (dim * kh * kw * std::mem::size_of::<T>()).max(1);
+    let min_rows = (1 << 20)
+        / dim
+            .saturating_mul(kh)
+            .saturating_mul(kw)
+            .saturating_mul(std::mem::size_of::<T>())
+            .max(1);
     let pooled = par_rows_init(
         windows.len(),
         dim,

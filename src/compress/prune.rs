@@ -23,7 +23,7 @@ pub fn check_indices(indices: &[i64], tokens: usize) -> Result<Vec<usize>> {
     for (i, &index) in indices.iter().enumerate() {
         if index < 0 || index as u64 >= tokens as u64 {
             return Err(index_err!(
-                "indices[{i}] = {index} is out of range for {tokens} tokens"
+                "indices[{i}] = {index} is out of range for {tokens} tokens (the rows of x)"
             ));
         }
         if i > 0 {

@@ -89,7 +89,10 @@ pub fn visual_token_scores<T: Float, L: Float>(
     // Pack each kv head's keys [k_tokens, head_dim] and each group's query rows
     // [q_tokens * group, head_dim] (row = q * group + head within the group) as f32.
     let group = q_heads / kv_heads;
-    let mut packed_keys = vec![0f32; kv_heads * k_tokens * head_dim];
+    let mut packed_keys: Vec<f32> = crate::error::try_zeroed(
+        crate::error::checked_size(&[kv_heads, k_tokens, head_dim], "keys")?,
+        "keys (an f32 copy)",
+    )?;
     packed_keys
         .par_chunks_mut(k_tokens * head_dim)
         .enumerate()
@@ -99,7 +102,10 @@ pub fn visual_token_scores<T: Float, L: Float>(
             }
         });
     let group_rows = q_tokens * group;
-    let mut packed_query = vec![0f32; q_heads * q_tokens * head_dim];
+    let mut packed_query: Vec<f32> = crate::error::try_zeroed(
+        crate::error::checked_size(&[q_heads, q_tokens, head_dim], "query")?,
+        "query (an f32 copy)",
+    )?;
     packed_query
         .par_chunks_mut(group_rows * head_dim)
         .enumerate()
@@ -162,7 +168,7 @@ pub fn visual_token_scores<T: Float, L: Float>(
         })
         .collect();
 
-    let mut total = vec![0f64; k_tokens];
+    let mut total: Vec<f64> = crate::error::try_zeroed(k_tokens, "keys (one score per key token)")?;
     for partial in &partials {
         for (t, p) in total.iter_mut().zip(partial) {
             *t += p;

@@ -8,6 +8,13 @@
 //! directory and renames it into place (atomic), so a reader sees a whole file or none. A file
 //! that does not load (e.g. truncated by a full disk) is compiled and written again. An
 //! unwritable cache directory only costs a compile per process.
+//!
+//! Safety of what is loaded: the file name is a digest of the *inputs*, so the file also carries
+//! a SHA-256 of its *contents* (a header line `TVC-CUBIN sha256:<hex>`), checked before the
+//! CUBIN is handed to the driver: a truncated, damaged or edited file is compiled again. A
+//! cached file is read only if it is a regular file (never through a symbolic link: opened with
+//! `O_NOFOLLOW`), owned by the user and writable by nobody else, in folders the user owns; the
+//! folders are created `0700`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -70,10 +77,118 @@ pub fn cubin_path(root: &Path, file: KernelFile, arch: u32, nvrtc_version: (i32,
     ))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+const MAGIC: &[u8] = b"TVC-CUBIN sha256:";
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A cache file's contents: the header line with the CUBIN's SHA-256, then the CUBIN.
+pub fn encode(cubin: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAGIC.len() + 65 + cubin.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(hex_sha256(cubin).as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(cubin);
+    out
+}
+
+/// The CUBIN of a cache file whose stored digest matches its contents, else `None`.
+pub fn decode(data: &[u8]) -> Option<&[u8]> {
+    let rest = data.strip_prefix(MAGIC)?;
+    if rest.len() < 65 || rest[64] != b'\n' {
+        return None;
+    }
+    let (digest, cubin) = (&rest[..64], &rest[65..]);
+    (!cubin.is_empty() && hex_sha256(cubin).as_bytes() == digest).then_some(cubin)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, and checks that it is a real folder
+/// (not a symbolic link) owned by the user and writable by nobody else.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)?;
+    if !trusted(dir, true) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: not a folder owned by this user and private to it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` is no symbolic link, is a folder (`dir`) or a regular file, owned by the effective
+/// user and not writable by group or others.
+fn trusted(path: &Path, dir: bool) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    let kind_ok = if dir { meta.is_dir() } else { meta.is_file() };
+    if !kind_ok || meta.file_type().is_symlink() {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// The CUBIN in the cache file at `path`, if the file (and its folder) can be trusted and its
+/// digest matches; `None` otherwise (then it is compiled again).
+pub fn load(path: &Path) -> Option<Vec<u8>> {
+    if !path.parent().is_some_and(|dir| trusted(dir, true)) || !trusted(path, false) {
+        return None;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    let mut file = options.open(path).ok()?;
+    // The file opened is the one checked (not swapped in between).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (opened, checked) = (file.metadata().ok()?, std::fs::symlink_metadata(path).ok()?);
+        if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+            return None;
+        }
+    }
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut data).ok()?;
+    decode(&data).map(|cubin| cubin.to_vec())
+}
+
+/// Writes `bytes` (a CUBIN) to `path` with its digest ([`encode`]), through a private
+/// temporary file and a rename, in a folder created 0700.
 pub fn store(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    if let Some(root) = dir.parent() {
+        private_dir(root)?;
+    }
+    private_dir(dir)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -87,8 +202,15 @@ pub fn store(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::thread::current().id()
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut f = options.open(&tmp)?;
+        f.write_all(&encode(bytes))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -115,10 +237,8 @@ pub fn cubin(
     let nvrtc = nvrtc()?;
     let path = cache_dir().map(|root| cubin_path(&root, file, arch, nvrtc.version));
     if let (Some(path), false) = (&path, skip_cache) {
-        if let Ok(bytes) = std::fs::read(path) {
-            if !bytes.is_empty() {
-                return Ok((bytes, Origin::Cache, Some(path.clone())));
-            }
+        if let Some(bytes) = load(path) {
+            return Ok((bytes, Origin::Cache, Some(path.clone())));
         }
     }
     let compiled = nvrtc.compile(

@@ -6,11 +6,13 @@
 //! binds the dozen NVRTC functions the runtime needs with `libloading`, from the first of these
 //! that loads (see [`candidates`]):
 //!
-//! 1. `$TVC_NVRTC`: a `libnvrtc.so*` file or a directory holding one;
+//! 1. `$TVC_NVRTC`: a `libnvrtc.so*` file or a directory holding one (an absolute path);
 //! 2. directories handed over by the Python layer ([`set_search_dirs`]): `nvidia/*/lib` of every
 //!    `sys.path` entry, i.e. the `nvidia-cuda-nvrtc` wheel (also what torch installs);
 //! 3. `$CUDA_HOME`, `$CUDA_PATH` (`lib64`, `lib`), `/usr/local/cuda/lib64`;
 //! 4. the plain sonames `libnvrtc.so.13`, `libnvrtc.so.12`, `libnvrtc.so` on the loader's path.
+//!
+//! Relative paths are ignored everywhere: nothing is loaded relative to the current directory.
 //!
 //! NVRTC loads `libnvrtc-builtins.so.<major>.<minor>` by soname when it compiles; the copy next to
 //! the chosen library is loaded first, so that NVRTC finds it already in the process.
@@ -83,8 +85,10 @@ static LOADING: Mutex<()> = Mutex::new(());
 
 /// Directories to look for NVRTC in (after `$TVC_NVRTC`), e.g. `site-packages/nvidia/cu13/lib`.
 /// Only effective before the first compile (NVRTC is loaded once per process).
+/// Relative directories are dropped: NVRTC is never looked for relative to the current directory.
 pub fn set_search_dirs(dirs: Vec<PathBuf>) {
-    *SEARCH_DIRS.lock().unwrap_or_else(|e| e.into_inner()) = dirs;
+    *SEARCH_DIRS.lock().unwrap_or_else(|e| e.into_inner()) =
+        dirs.into_iter().filter(|d| d.is_absolute()).collect();
 }
 
 fn lib_files_in(dir: &Path) -> Vec<PathBuf> {
@@ -111,8 +115,12 @@ fn lib_files_in(dir: &Path) -> Vec<PathBuf> {
 /// Every place NVRTC is looked for, in order, with where the candidate came from.
 pub fn candidates() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    if let Some(value) = std::env::var_os("TVC_NVRTC") {
-        let path = PathBuf::from(value);
+    // Absolute paths only (a relative one would depend on the current directory); bare sonames
+    // go to the system loader at the end.
+    if let Some(path) = std::env::var_os("TVC_NVRTC")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+    {
         if path.is_dir() {
             out.extend(
                 lib_files_in(&path)
@@ -131,7 +139,10 @@ pub fn candidates() -> Vec<(PathBuf, String)> {
         );
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(root) = std::env::var_os(var) {
+        if let Some(root) = std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+        {
             for sub in ["lib64", "lib"] {
                 let dir = PathBuf::from(&root).join(sub);
                 out.extend(

@@ -30,6 +30,9 @@ impl Default for PatchSettings {
     }
 }
 
+/// Largest patch_size / merge_size / temporal_patch_size accepted (Qwen2-VL: 14, 2, 2).
+pub const MAX_PATCH_SETTING: usize = 1 << 10;
+
 impl PatchSettings {
     pub fn check(&self) -> Result<()> {
         for (name, v) in [
@@ -39,6 +42,10 @@ impl PatchSettings {
         ] {
             if v < 1 {
                 return Err(value_err!("{name} must be >= 1, got {v}"));
+            }
+            // Checked before any size is computed from them (rows, row length, output).
+            if v > MAX_PATCH_SETTING {
+                return Err(value_err!("{name} must be <= {MAX_PATCH_SETTING}, got {v}"));
             }
         }
         Ok(())

@@ -61,6 +61,13 @@ impl Policy {
     }
 
     /// The text inserted at one insertion point for `images` images.
+    /// [`Policy::insertion_text`] with `images` checked first (at most [`MAX_IMAGES`]), so that
+    /// no size given by a caller can ask for an impossible string.
+    pub fn checked_insertion_text(&self, images: usize) -> Result<String> {
+        check_images(images)?;
+        Ok(self.insertion_text(images))
+    }
+
     pub fn insertion_text(&self, images: usize) -> String {
         let mut text = self.bridge.clone().unwrap_or_default();
         for _ in 0..images {
@@ -68,6 +75,20 @@ impl Policy {
         }
         text
     }
+}
+
+/// Most images one insertion point may hold (a question's images, each re-affirmed); a
+/// Qwen2-VL image costs at least 6 tokens, so this is far above any context length.
+pub const MAX_IMAGES: usize = 1 << 16;
+
+/// `images` (the question's image count) checked against [`MAX_IMAGES`].
+pub fn check_images(images: usize) -> Result<()> {
+    if images > MAX_IMAGES {
+        return Err(value_err!(
+            "images = {images}: expected at most {MAX_IMAGES} images per insertion point"
+        ));
+    }
+    Ok(())
 }
 
 /// Size of the re-affirmed copy of a `height x width` image: each side divided by `factor`,
@@ -125,38 +146,73 @@ fn is_closer(c: char) -> bool {
 /// searched from character `from`. `None` if the text ends first, or if nothing but whitespace
 /// follows the point (an image there would precede no reasoning).
 pub fn sentence_end(chars: &[char], from: usize) -> Option<usize> {
-    let n = chars.len();
-    let mut i = from;
-    let end = loop {
-        if i >= n {
-            return None;
+    SentenceEnds::new(chars).find(from)
+}
+
+/// [`sentence_end`] for many increasing `from`s of one text in linear time overall: the
+/// whitespace-only tail is found once, and the last scan is reused while `from` has not passed
+/// the terminator it found (whether a character ends a sentence depends only on what follows).
+struct SentenceEnds<'a> {
+    chars: &'a [char],
+    /// Index of the last character that is not whitespace.
+    last_non_space: Option<usize>,
+    /// (scan start, index where the scan stopped, sentence end found there).
+    last: Option<(usize, usize, Option<usize>)>,
+}
+
+impl<'a> SentenceEnds<'a> {
+    fn new(chars: &'a [char]) -> Self {
+        SentenceEnds {
+            chars,
+            last_non_space: chars.iter().rposition(|&c| !is_py_space(c)),
+            last: None,
         }
-        match chars[i] {
-            '\n' => break i,
-            '.' | '!' | '?' => {
-                let mut j = i + 1;
-                while j < n && is_closer(chars[j]) {
-                    j += 1;
-                }
-                if j == n || is_py_space(chars[j]) {
-                    break j;
-                }
+    }
+
+    fn find(&mut self, from: usize) -> Option<usize> {
+        let end = match self.last {
+            Some((start, stop, end)) if start <= from && from <= stop => end,
+            _ => {
+                let (stop, end) = self.scan(from);
+                self.last = Some((from, stop, end));
+                end
             }
-            '\u{3002}' | '\u{ff01}' | '\u{ff1f}' => {
-                let mut j = i + 1;
-                while j < n && is_closer(chars[j]) {
-                    j += 1;
-                }
-                break j;
+        };
+        // Nothing but whitespace after the point: an image there would precede no reasoning.
+        end.filter(|&e| self.last_non_space.is_some_and(|l| l >= e))
+    }
+
+    /// (index of the terminator, or the text's length; the point after it).
+    fn scan(&self, from: usize) -> (usize, Option<usize>) {
+        let chars = self.chars;
+        let n = chars.len();
+        let mut i = from;
+        loop {
+            if i >= n {
+                return (n, None);
             }
-            _ => {}
+            match chars[i] {
+                '\n' => return (i, Some(i)),
+                '.' | '!' | '?' => {
+                    let mut j = i + 1;
+                    while j < n && is_closer(chars[j]) {
+                        j += 1;
+                    }
+                    if j == n || is_py_space(chars[j]) {
+                        return (i, Some(j));
+                    }
+                }
+                '\u{3002}' | '\u{ff01}' | '\u{ff1f}' => {
+                    let mut j = i + 1;
+                    while j < n && is_closer(chars[j]) {
+                        j += 1;
+                    }
+                    return (i, Some(j));
+                }
+                _ => {}
+            }
+            i += 1;
         }
-        i += 1;
-    };
-    if chars[end..].iter().all(|&c| is_py_space(c)) {
-        None
-    } else {
-        Some(end)
     }
 }
 
@@ -185,6 +241,7 @@ pub fn plan_insertions(
     hits.sort_by_key(|h| (h.char_end, h.char_start));
 
     let chars: Vec<char> = answer.chars().collect();
+    let mut sentence_ends = SentenceEnds::new(&chars);
     let encoding = detector
         .vocab()
         .tokenizer()
@@ -198,7 +255,7 @@ pub fn plan_insertions(
     let mut out: Vec<Insertion> = Vec::new();
     let mut last_point: Option<usize> = None;
     for hit in hits {
-        let Some(point) = sentence_end(&chars, hit.char_end as usize) else {
+        let Some(point) = sentence_ends.find(hit.char_end as usize) else {
             continue;
         };
         if last_point.is_some_and(|p| point <= p) {

@@ -183,6 +183,17 @@ impl<T> PagedCache<'_, T> {
     pub(crate) fn ptr(&self) -> *mut T {
         self.ptr
     }
+
+    /// Byte range `[lo, hi)` the layer's keys and values occupy, `None` when it is empty.
+    pub(crate) fn address_range(&self) -> Option<(usize, usize)> {
+        let (lo, hi) = self.layout.offset_range()?;
+        let elem = std::mem::size_of::<T>() as isize;
+        let base = self.ptr as usize;
+        Some((
+            base.wrapping_add_signed(lo.wrapping_mul(elem)),
+            base.wrapping_add_signed(hi.wrapping_mul(elem).wrapping_add(elem)),
+        ))
+    }
 }
 
 impl<'a, T: Float> PagedCache<'a, T> {
@@ -284,6 +295,12 @@ pub(crate) fn check_paged<T>(
             ));
         }
     }
+    if caches.len() > 1 {
+        // Layers are written from different threads: one tensor given for two layers (or two
+        // views sharing elements) would race. vLLM's own layer views of one buffer interleave
+        // (blocks outermost), so memory ranges may meet without any element being shared.
+        check_layers_disjoint(caches)?;
+    }
     if src_slots.len() != dst_slots.len() {
         return Err(value_err!(
             "src_slots has {} entries but dst_slots has {}: one source per destination",
@@ -323,6 +340,46 @@ pub(crate) fn check_paged<T>(
         entries.push((s as usize, d as usize, i));
     }
     Ok((entries, dst_seen))
+}
+
+/// No element is shared by two layers: layers whose memory ranges meet must be views with
+/// the same strides whose element sets interleave (the combined view, with a layer axis of
+/// the pointer difference, stores every element once).
+fn check_layers_disjoint<T>(caches: &[PagedCache<'_, T>]) -> Result<()> {
+    let elem = std::mem::size_of::<T>() as isize;
+    let ranges: Vec<Option<(usize, usize)>> = caches.iter().map(|c| c.address_range()).collect();
+    let mut order: Vec<usize> = (0..caches.len()).filter(|&i| ranges[i].is_some()).collect();
+    order.sort_unstable_by_key(|&i| ranges[i].map(|r| r.0));
+    for (k, &i) in order.iter().enumerate() {
+        let (_, end_i) = ranges[i].expect("filtered");
+        for &j in &order[k + 1..] {
+            let (start_j, _) = ranges[j].expect("filtered");
+            if start_j >= end_i {
+                break; // sorted by start: no later range meets range i
+            }
+            let (a, b) = (i.min(j), i.max(j));
+            let (shape, strides) = caches[a].layout.shape5();
+            let (_, strides_b) = caches[b].layout.shape5();
+            let diff = (caches[b].ptr as isize).wrapping_sub(caches[a].ptr as isize);
+            let interleaved = strides == strides_b
+                && caches[a].layout.shape5().0 == caches[b].layout.shape5().0
+                && diff % elem == 0
+                && {
+                    let mut shape6 = shape.to_vec();
+                    let mut strides6 = strides.to_vec();
+                    shape6.push(2);
+                    strides6.push(diff / elem);
+                    is_non_overlapping(&shape6, &strides6)
+                };
+            if !interleaved {
+                return Err(value_err!(
+                    "kv_caches[{a}] and kv_caches[{b}] share memory: every layer must be a separate \
+                     tensor (or a view of its own elements); pass copies"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn paged_moves<T: Float>(

@@ -13,6 +13,9 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::value_err;
 
+/// Largest `head_dim` accepted (models use 64 to 256); the rotation tables are sized by it.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 /// How keys were rotated: the RoPE parameters, under the same names everywhere
 /// (`rope_theta`, `head_dim`, `rotary_dim`, `interleaved`, `mrope_section`).
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,17 @@ impl RopeConfig {
         }
         if head_dim == 0 {
             return Err(value_err!("head_dim = 0: must be >= 2"));
+        }
+        // Checked before any table sized by it is built (the tensor's own size is compared later).
+        if head_dim > MAX_HEAD_DIM {
+            return Err(value_err!(
+                "head_dim = {head_dim}: must be <= {MAX_HEAD_DIM} (the size of one key vector)"
+            ));
+        }
+        if rotary_dim.is_none() && head_dim % 2 != 0 {
+            return Err(value_err!(
+                "head_dim = {head_dim}: must be even when rotary_dim is not given (all of it rotates, in pairs)"
+            ));
         }
         let rotary_dim = rotary_dim.unwrap_or(head_dim);
         if rotary_dim == 0 || rotary_dim % 2 != 0 {

@@ -4,6 +4,9 @@
 
 use pyo3::prelude::*;
 
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
+
 use crate::compress::{self, check_grids, check_indices, Budget, Grid};
 use crate::error::Result;
 use crate::python::cuda::cuda_ordinal;
@@ -110,7 +113,7 @@ pub(super) fn scores_arg(scores: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
     view.expect_cpu()?;
     view.expect_rank(1, "[tokens]")?;
     Ok(dispatch_float!(view.dtype(), T => {
-        view.strided::<T>()?.to_contiguous().iter().map(|v| crate::dtype::Float::to_f32(*v)).collect()
+        view.strided::<T>()?.to_contiguous()?.iter().map(|v| crate::dtype::Float::to_f32(*v)).collect()
     }))
 }
 
@@ -149,8 +152,9 @@ fn visual_token_scores<'py>(
     query: &Bound<'py, PyAny>,
     keys: &Bound<'py, PyAny>,
     lse: Option<&Bound<'py, PyAny>>,
-    scale: Option<f64>,
+    scale: Option<Arg<f64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let scale = opt_arg(scale, "scale")?;
     if let Some(ordinal) = cuda_ordinal(query)? {
         return gpu::visual_token_scores(py, ordinal, query, keys, lse, scale);
     }
@@ -177,7 +181,7 @@ fn visual_token_scores<'py>(
             let view = lse.view();
             view.expect_cpu()?.expect_rank(2, "[q_tokens, q_heads]")?;
             let values: Vec<f32> = dispatch_float!(view.dtype(), T => {
-                view.strided::<T>()?.to_contiguous().iter().map(|v| crate::dtype::Float::to_f32(*v)).collect()
+                view.strided::<T>()?.to_contiguous()?.iter().map(|v| crate::dtype::Float::to_f32(*v)).collect()
             });
             Some(Strided::from_vec(values, view.shape()))
         }
@@ -193,16 +197,21 @@ fn visual_token_scores<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (scores, keep = None, ratio = None, mass = None, min_keep = 1, max_keep = None))]
+#[pyo3(signature = (scores, keep = None, ratio = None, mass = None, min_keep = Arg::of(1), max_keep = None), text_signature = "(scores, keep=None, ratio=None, mass=None, min_keep=1, max_keep=None)")]
 fn select_tokens<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
-    keep: Option<i64>,
-    ratio: Option<f64>,
-    mass: Option<f64>,
-    min_keep: i64,
-    max_keep: Option<i64>,
+    keep: Option<Arg<i64>>,
+    ratio: Option<Arg<f64>>,
+    mass: Option<Arg<f64>>,
+    min_keep: Arg<i64>,
+    max_keep: Option<Arg<i64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let keep = opt_arg(keep, "keep")?;
+    let ratio = opt_arg(ratio, "ratio")?;
+    let mass = opt_arg(mass, "mass")?;
+    let min_keep = min_keep.get("min_keep")?;
+    let max_keep = opt_arg(max_keep, "max_keep")?;
     if let Some(ordinal) = cuda_ordinal(scores)? {
         return gpu::select_tokens(py, ordinal, scores, keep, ratio, mass, min_keep, max_keep);
     }
@@ -223,21 +232,27 @@ type Pruned<'py> = (
 
 #[pyfunction]
 #[pyo3(signature = (x, indices = None, *, scores = None, keep = None, ratio = None, mass = None,
-                    min_keep = 1, max_keep = None, grid_thw = None, merge = false))]
+                    min_keep = Arg::of(1), max_keep = None, grid_thw = None, merge = Arg::of(false)), text_signature = "(x, indices=None, *, scores=None, keep=None, ratio=None, mass=None, min_keep=1, max_keep=None, grid_thw=None, merge=False)")]
 #[allow(clippy::too_many_arguments)]
 fn prune_visual_tokens<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     indices: Option<&Bound<'py, PyAny>>,
     scores: Option<&Bound<'py, PyAny>>,
-    keep: Option<i64>,
-    ratio: Option<f64>,
-    mass: Option<f64>,
-    min_keep: i64,
-    max_keep: Option<i64>,
+    keep: Option<Arg<i64>>,
+    ratio: Option<Arg<f64>>,
+    mass: Option<Arg<f64>>,
+    min_keep: Arg<i64>,
+    max_keep: Option<Arg<i64>>,
     grid_thw: Option<&Bound<'py, PyAny>>,
-    merge: bool,
+    merge: Arg<bool>,
 ) -> PyResult<Pruned<'py>> {
+    let keep = opt_arg(keep, "keep")?;
+    let ratio = opt_arg(ratio, "ratio")?;
+    let mass = opt_arg(mass, "mass")?;
+    let min_keep = min_keep.get("min_keep")?;
+    let max_keep = opt_arg(max_keep, "max_keep")?;
+    let merge = merge.get("merge")?;
     if let Some(ordinal) = cuda_ordinal(x)? {
         return gpu::prune_visual_tokens(
             py, ordinal, x, indices, scores, keep, ratio, mass, min_keep, max_keep, grid_thw, merge,

@@ -9,6 +9,9 @@
 //! memory is ordered on the same stream).
 
 use pyo3::prelude::*;
+
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::cuda::{self, KernelFile, Stream};
@@ -250,13 +253,17 @@ fn kernel_file(name: &str) -> PyResult<KernelFile> {
 /// `_cuda_compile(file, arch, ptx=False) -> (cubin, log, ptx or None)`: NVRTC compile of one
 /// kernel file for sm_<arch> with ptxas' verbose report in the log (no GPU needed).
 #[pyfunction]
-#[pyo3(signature = (file, arch, ptx = false))]
+#[pyo3(signature = (file, arch, ptx = Arg::of(false)), text_signature = "(file, arch, ptx=False)")]
 fn _cuda_compile<'py>(
     py: Python<'py>,
-    file: &str,
-    arch: u32,
-    ptx: bool,
+    file: Arg<String>,
+    arch: Arg<u32>,
+    ptx: Arg<bool>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let file_owned = file.get("file")?;
+    let file: &str = &file_owned;
+    let arch = arch.get("arch")?;
+    let ptx = ptx.get("ptx")?;
     let file = kernel_file(file)?;
     let (cubin, log, ptx) = py.detach(|| cuda::compile_for_check(file, arch, ptx))?;
     let ptx = ptx.map(|p| PyBytes::new(py, &p).into_any());
@@ -272,7 +279,9 @@ fn _cuda_compile<'py>(
 
 /// `_cuda_parse_ptxas(log) -> [dict]`: registers, shared memory, stack and spills per kernel.
 #[pyfunction]
-fn _cuda_parse_ptxas<'py>(py: Python<'py>, log: &str) -> PyResult<Bound<'py, PyList>> {
+fn _cuda_parse_ptxas<'py>(py: Python<'py>, log: Arg<String>) -> PyResult<Bound<'py, PyList>> {
+    let log_owned = log.get("log")?;
+    let log: &str = &log_owned;
     let out = PyList::empty(py);
     for k in cuda::parse_ptxas_report(log) {
         let d = PyDict::new(py);
@@ -290,7 +299,10 @@ fn _cuda_parse_ptxas<'py>(py: Python<'py>, log: &str) -> PyResult<Bound<'py, PyL
 /// `_cuda_cache_path(file, arch) -> str | None`: where the CUBIN of `file` for sm_<arch> is
 /// cached with the NVRTC that loads (None without a cache directory).
 #[pyfunction]
-fn _cuda_cache_path(py: Python<'_>, file: &str, arch: u32) -> PyResult<Option<String>> {
+fn _cuda_cache_path(py: Python<'_>, file: Arg<String>, arch: Arg<u32>) -> PyResult<Option<String>> {
+    let file_owned = file.get("file")?;
+    let file: &str = &file_owned;
+    let arch = arch.get("arch")?;
     let file = kernel_file(file)?;
     let nvrtc = py.detach(cuda::nvrtc::nvrtc)?;
     Ok(cuda::cache::cache_dir().map(|root| {
@@ -305,9 +317,12 @@ fn _cuda_cache_path(py: Python<'_>, file: &str, arch: u32) -> PyResult<Option<St
 #[pyfunction]
 fn _cuda_cached_cubin<'py>(
     py: Python<'py>,
-    file: &str,
-    arch: u32,
+    file: Arg<String>,
+    arch: Arg<u32>,
 ) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+    let file_owned = file.get("file")?;
+    let file: &str = &file_owned;
+    let arch = arch.get("arch")?;
     let file = kernel_file(file)?;
     let (image, origin, _) = py.detach(|| cuda::cache::cubin(file, arch, false))?;
     Ok((
@@ -319,7 +334,8 @@ fn _cuda_cached_cubin<'py>(
 /// `_cuda_warmup(device)`: compiles (or loads from the cache) and loads every kernel file on
 /// `cuda:<device>`.
 #[pyfunction]
-fn _cuda_warmup(py: Python<'_>, device: i32) -> PyResult<()> {
+fn _cuda_warmup(py: Python<'_>, device: Arg<i32>) -> PyResult<()> {
+    let device = device.get("device")?;
     py.detach(|| -> crate::error::Result<()> {
         let dev = cuda::device(device)?;
         dev.function(KernelFile::Compress, "gather_f32_s")?;

@@ -9,6 +9,9 @@ use numpy::{PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
+
 use super::errors::type_name;
 use pyo3::types::{PyList, PyString};
 use rayon::prelude::*;
@@ -59,15 +62,21 @@ pub struct DVRPolicy {
 #[pymethods]
 impl DVRPolicy {
     #[new]
-    #[pyo3(signature = (max_insertions=Some(4), min_gap=200, skip_first=50, bridge=None, downscale=4, placeholder="<image>".to_string()))]
+    #[pyo3(signature = (max_insertions = Some(Arg::of(4)), min_gap = Arg::of(200), skip_first = Arg::of(50), bridge = None, downscale = Arg::of(4), placeholder = Arg::of("<image>".to_string())), text_signature = "(max_insertions=4, min_gap=200, skip_first=50, bridge=None, downscale=4, placeholder='<image>')")]
     fn new(
-        max_insertions: Option<i64>,
-        min_gap: i64,
-        skip_first: i64,
-        bridge: Option<String>,
-        downscale: i64,
-        placeholder: String,
+        max_insertions: Option<Arg<i64>>,
+        min_gap: Arg<i64>,
+        skip_first: Arg<i64>,
+        bridge: Option<Arg<String>>,
+        downscale: Arg<i64>,
+        placeholder: Arg<String>,
     ) -> PyResult<Self> {
+        let max_insertions = opt_arg(max_insertions, "max_insertions")?;
+        let min_gap = min_gap.get("min_gap")?;
+        let skip_first = skip_first.get("skip_first")?;
+        let bridge = opt_arg(bridge, "bridge")?;
+        let downscale = downscale.get("downscale")?;
+        let placeholder = placeholder.get("placeholder")?;
         let max_insertions = match max_insertions {
             None => None,
             Some(m) => Some(non_negative("max_insertions", m)?),
@@ -115,9 +124,9 @@ impl DVRPolicy {
     }
 
     /// The text put at one insertion point for `images` images (bridge, then placeholders).
-    #[pyo3(signature = (images=1))]
-    fn insertion_text(&self, images: usize) -> String {
-        self.inner.insertion_text(images)
+    #[pyo3(signature = (images = Arg::of(1)), text_signature = "($self, images=1)")]
+    fn insertion_text(&self, images: Arg<usize>) -> PyResult<String> {
+        Ok(self.inner.checked_insertion_text(images.get("images")?)?)
     }
 
     fn __repr__(&self) -> String {
@@ -133,6 +142,8 @@ impl DVRPolicy {
         )
     }
 }
+
+crate::pyclass_arg_value!(DVRPolicy, "DVRPolicy");
 
 /// An insertion point: the re-affirmed image goes before character `char_index` of the answer
 /// (a `str` index), after `token_index` answer tokens; `hit` is the reflection phrase whose
@@ -348,20 +359,28 @@ fn sizes_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(i64, i64)>> {
 #[pymethods]
 impl DVRBuilder {
     #[new]
-    #[pyo3(signature = (tokenizer, *, phrases=None, policy=None, system=dvr::QWEN2_VL_SYSTEM.to_string(), model_type="qwen2_vl", patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520))]
+    #[pyo3(signature = (tokenizer, *, phrases=None, policy=None, system = Arg::of(dvr::QWEN2_VL_SYSTEM.to_string()), model_type = Arg::of("qwen2_vl".to_string()), patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(tokenizer, *, phrases=None, policy=None, system='You are a helpful assistant.', model_type='qwen2_vl', patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tokenizer: &Bound<'_, PyAny>,
         phrases: Option<&Bound<'_, PyAny>>,
-        policy: Option<DVRPolicy>,
-        system: String,
-        model_type: &str,
-        patch_size: i64,
-        merge_size: i64,
-        min_pixels: i64,
-        max_pixels: i64,
+        policy: Option<Arg<DVRPolicy>>,
+        system: Arg<String>,
+        model_type: Arg<String>,
+        patch_size: Arg<i64>,
+        merge_size: Arg<i64>,
+        min_pixels: Arg<i64>,
+        max_pixels: Arg<i64>,
     ) -> PyResult<Self> {
+        let system = system.get("system")?;
+        let policy = opt_arg(policy, "policy")?;
+        let model_type_owned = model_type.get("model_type")?;
+        let model_type: &str = &model_type_owned;
+        let patch_size = patch_size.get("patch_size")?;
+        let merge_size = merge_size.get("merge_size")?;
+        let min_pixels = min_pixels.get("min_pixels")?;
+        let max_pixels = max_pixels.get("max_pixels")?;
         let phrases = phrases_arg(phrases)?;
         let detector = match tokenizer.cast::<ReflectionDetector>() {
             Ok(d) => {
@@ -425,7 +444,9 @@ impl DVRBuilder {
 
     /// The insertion points of `answer`, in order. ValueError if the answer already holds the
     /// placeholder.
-    fn plan(&self, py: Python<'_>, answer: &str) -> PyResult<Vec<Insertion>> {
+    fn plan(&self, py: Python<'_>, answer: Arg<String>) -> PyResult<Vec<Insertion>> {
+        let answer_owned = answer.get("answer")?;
+        let answer: &str = &answer_owned;
         let plan = py.detach(|| self.inner.plan(answer))?;
         let phrases = self.inner.detector.phrases();
         Ok(plan.iter().map(|i| Insertion::new(i, phrases)).collect())
@@ -438,13 +459,19 @@ impl DVRBuilder {
     fn plan_many(
         &self,
         py: Python<'_>,
-        answers: Vec<String>,
-        images: Option<Vec<usize>>,
+        answers: Arg<Vec<String>>,
+        images: Option<Arg<Vec<usize>>>,
     ) -> PyResult<Vec<DVRPlan>> {
+        let answers = answers.get("answers")?;
+        let images = opt_arg(images, "images")?;
         let images = images.unwrap_or_else(|| vec![1; answers.len()]);
+        for (i, &n) in images.iter().enumerate() {
+            crate::dvr::policy::check_images(n)
+                .map_err(|e| PyValueError::new_err(format!("images[{i}]: {e}")))?;
+        }
         if images.len() != answers.len() {
             return Err(PyValueError::new_err(format!(
-                "images has {} entries, expected one per answer ({})",
+                "images has {} entries but answers has {}: one image count per answer",
                 images.len(),
                 answers.len()
             )));
@@ -481,13 +508,23 @@ impl DVRBuilder {
     }
 
     /// `answer` with the bridge and `images` placeholders put at each insertion point.
-    #[pyo3(signature = (answer, insertions, images=1))]
+    #[pyo3(signature = (answer, insertions, images = Arg::of(1)), text_signature = "($self, answer, insertions, images=1)")]
     fn insert(
         &self,
-        answer: &str,
-        insertions: &Bound<'_, PyList>,
-        images: usize,
+        answer: Arg<String>,
+        insertions: &Bound<'_, PyAny>,
+        images: Arg<usize>,
     ) -> PyResult<String> {
+        let answer_owned = answer.get("answer")?;
+        let answer: &str = &answer_owned;
+        let images = images.get("images")?;
+        crate::dvr::policy::check_images(images)?;
+        let insertions = insertions.cast::<PyList>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "insertions: expected a list of Insertion, got {}",
+                type_name(insertions)
+            ))
+        })?;
         let n_chars = answer.chars().count();
         let mut points = Vec::with_capacity(insertions.len());
         for (i, item) in insertions.iter().enumerate() {
@@ -544,11 +581,16 @@ impl DVRBuilder {
     fn build(
         &self,
         py: Python<'_>,
-        question: &str,
+        question: Arg<String>,
         image_sizes: &Bound<'_, PyAny>,
-        answer: &str,
-        cutoff: Option<i64>,
+        answer: Arg<String>,
+        cutoff: Option<Arg<i64>>,
     ) -> PyResult<DVRSample> {
+        let question_owned = question.get("question")?;
+        let question: &str = &question_owned;
+        let answer_owned = answer.get("answer")?;
+        let answer: &str = &answer_owned;
+        let cutoff = opt_arg(cutoff, "cutoff")?;
         let sizes = sizes_from(image_sizes)?;
         let cutoff = match cutoff {
             None => None,
@@ -564,7 +606,9 @@ impl DVRBuilder {
     }
 
     /// Size of the re-affirmed copy of a `height x width` image under this builder's policy.
-    fn downscaled_size(&self, height: i64, width: i64) -> PyResult<(i64, i64)> {
+    fn downscaled_size(&self, height: Arg<i64>, width: Arg<i64>) -> PyResult<(i64, i64)> {
+        let height = height.get("height")?;
+        let width = width.get("width")?;
         Ok(dvr::downscaled_size(
             height,
             width,
@@ -576,8 +620,15 @@ impl DVRBuilder {
 /// `(ceil(height / factor), ceil(width / factor))`: the size of a re-affirmed copy (what
 /// Pillow's `Image.reduce(factor)` gives).
 #[pyfunction]
-#[pyo3(signature = (height, width, factor=4))]
-fn dvr_downscaled_size(height: i64, width: i64, factor: i64) -> PyResult<(i64, i64)> {
+#[pyo3(signature = (height, width, factor = Arg::of(4)), text_signature = "(height, width, factor=4)")]
+fn dvr_downscaled_size(
+    height: Arg<i64>,
+    width: Arg<i64>,
+    factor: Arg<i64>,
+) -> PyResult<(i64, i64)> {
+    let height = height.get("height")?;
+    let width = width.get("width")?;
+    let factor = factor.get("factor")?;
     if !(1..=u32::MAX as i64).contains(&factor) {
         return Err(PyValueError::new_err(format!(
             "factor = {factor}: must be >= 1"
@@ -589,7 +640,14 @@ fn dvr_downscaled_size(height: i64, width: i64, factor: i64) -> PyResult<(i64, i
 /// LLaMA-Factory's `infer_seqlen(source_len, target_len, cutoff_len)`: how many prompt and
 /// answer tokens a turn keeps.
 #[pyfunction]
-fn infer_seqlen(source_len: i64, target_len: i64, cutoff: i64) -> PyResult<(usize, usize)> {
+fn infer_seqlen(
+    source_len: Arg<i64>,
+    target_len: Arg<i64>,
+    cutoff: Arg<i64>,
+) -> PyResult<(usize, usize)> {
+    let source_len = source_len.get("source_len")?;
+    let target_len = target_len.get("target_len")?;
+    let cutoff = cutoff.get("cutoff")?;
     Ok(dvr::infer_seqlen(
         non_negative("source_len", source_len)?,
         non_negative("target_len", target_len)?,
@@ -601,15 +659,19 @@ fn infer_seqlen(source_len: i64, target_len: i64, cutoff: i64) -> PyResult<(usiz
 /// `start, end, pads_start, pads_end, video, complete` (`end` exclusive; `complete` 1 when both
 /// the `<|vision_start|>` and the `<|vision_end|>` are there).
 #[pyfunction]
-#[pyo3(signature = (input_ids, *, vision_start=151652, vision_end=151653, image_pad=151655, video_pad=151656))]
+#[pyo3(signature = (input_ids, *, vision_start = Arg::of(151652), vision_end = Arg::of(151653), image_pad = Arg::of(151655), video_pad = Arg::of(151656)), text_signature = "(input_ids, *, vision_start=151652, vision_end=151653, image_pad=151655, video_pad=151656)")]
 fn vision_blocks<'py>(
     py: Python<'py>,
     input_ids: &Bound<'py, PyAny>,
-    vision_start: i64,
-    vision_end: i64,
-    image_pad: i64,
-    video_pad: i64,
+    vision_start: Arg<i64>,
+    vision_end: Arg<i64>,
+    image_pad: Arg<i64>,
+    video_pad: Arg<i64>,
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let vision_start = vision_start.get("vision_start")?;
+    let vision_end = vision_end.get("vision_end")?;
+    let image_pad = image_pad.get("image_pad")?;
+    let video_pad = video_pad.get("video_pad")?;
     let ids = token_ids(input_ids, "input_ids")?;
     let tokens = VisionTokens {
         vision_start,
@@ -675,18 +737,31 @@ fn answer_cut(
 /// the rescale factor (the processor's fused values). Returns float32
 /// `(sum of patch rows, channels * temporal_patch_size * patch_size**2)`, images in order.
 #[pyfunction]
-#[pyo3(signature = (images, mean, std, *, layout="chw", patch_size=14, merge_size=2, temporal_patch_size=2))]
+#[pyo3(signature = (images, mean, std, *, layout = Arg::of("chw".to_string()), patch_size = Arg::of(14), merge_size = Arg::of(2), temporal_patch_size = Arg::of(2)), text_signature = "(images, mean, std, *, layout='chw', patch_size=14, merge_size=2, temporal_patch_size=2)")]
 #[allow(clippy::too_many_arguments)]
 fn qwen2_vl_patches<'py>(
     py: Python<'py>,
-    images: &Bound<'py, PyList>,
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    layout: &str,
-    patch_size: i64,
-    merge_size: i64,
-    temporal_patch_size: i64,
+    images: &Bound<'py, PyAny>,
+    mean: Arg<Vec<f32>>,
+    std: Arg<Vec<f32>>,
+    layout: Arg<String>,
+    patch_size: Arg<i64>,
+    merge_size: Arg<i64>,
+    temporal_patch_size: Arg<i64>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let layout_owned = layout.get("layout")?;
+    let layout: &str = &layout_owned;
+    let patch_size = patch_size.get("patch_size")?;
+    let merge_size = merge_size.get("merge_size")?;
+    let temporal_patch_size = temporal_patch_size.get("temporal_patch_size")?;
+    let mean = mean.get("mean")?;
+    let std = std.get("std")?;
+    let images = images.cast::<PyList>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "images: expected a list of NumPy uint8 arrays, got {}",
+            type_name(images)
+        ))
+    })?;
     let hwc = match layout {
         "chw" => false,
         "hwc" => true,
@@ -799,8 +874,19 @@ fn qwen2_vl_patches<'py>(
     }
     let row_len = settings.row_len(mean.len());
     let total: usize = rows.iter().sum();
-    // SAFETY: every element is written below before the array is returned.
-    let out = unsafe { PyArray2::<f32>::new(py, [total, row_len], false) };
+    // numpy.empty raises MemoryError where PyArray2::new would panic on a null pointer.
+    let out = py
+        .import("numpy")?
+        .getattr("empty")?
+        .call1(((total, row_len), "float32"))
+        .map_err(|e| {
+            pyo3::exceptions::PyMemoryError::new_err(format!(
+                "images: the output ({total}, {row_len}) float32 cannot be allocated: {}",
+                e.value(py)
+            ))
+        })?
+        .cast_into::<PyArray2<f32>>()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
     {
         let mut guard = out.readwrite();
         let flat = guard

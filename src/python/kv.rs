@@ -4,6 +4,9 @@
 //! checked before anything is written, and the work runs with the GIL released.
 
 use pyo3::prelude::*;
+
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
 use pyo3::types::{PyList, PyTuple};
 
 use crate::cuda::kv::{self as gpu_kv, DeltaSource, DeviceDeltas, Prepared};
@@ -90,11 +93,11 @@ fn int_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<i64>, Vec<usiz
         let values: Vec<i64> = match view.dtype() {
             DType::I32 => view
                 .strided::<i32>()?
-                .to_contiguous()
+                .to_contiguous()?
                 .iter()
                 .map(|&v| v as i64)
                 .collect(),
-            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
         };
         return Ok((values, view.shape().to_vec()));
     }
@@ -219,18 +222,23 @@ fn first_dtype(tensors: &[PyTensor]) -> DType {
 
 /// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
 #[pyfunction]
-#[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = false, mrope_section = None))]
+#[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, delta, *, rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None)")]
 #[allow(clippy::too_many_arguments)]
 fn rerotate_keys(
     py: Python<'_>,
     keys: &Bound<'_, PyAny>,
     delta: &Bound<'_, PyAny>,
-    rope_theta: f64,
-    head_dim: i64,
-    rotary_dim: Option<i64>,
-    interleaved: bool,
-    mrope_section: Option<Vec<i64>>,
+    rope_theta: Arg<f64>,
+    head_dim: Arg<i64>,
+    rotary_dim: Option<Arg<i64>>,
+    interleaved: Arg<bool>,
+    mrope_section: Option<Arg<Vec<i64>>>,
 ) -> PyResult<()> {
+    let rope_theta = rope_theta.get("rope_theta")?;
+    let head_dim = head_dim.get("head_dim")?;
+    let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
+    let interleaved = interleaved.get("interleaved")?;
+    let mrope_section = opt_arg(mrope_section, "mrope_section")?;
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
     if let Some(ordinal) = cuda_ordinal(keys)? {
         return cuda_rerotate_keys(py, ordinal, keys, delta, &rope);
@@ -328,24 +336,32 @@ fn relocate_deltas(
 /// Evicts a span from every layer of a contiguous cache (see `tvc_rs.kv.relocate_span`).
 #[pyfunction]
 #[pyo3(signature = (keys, values, start, end, *, rope_theta, head_dim, delta = None, old_positions = None,
-    new_positions = None, length = None, rotary_dim = None, interleaved = false, mrope_section = None))]
+    new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, values, start, end, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None)")]
 #[allow(clippy::too_many_arguments)]
 fn relocate_span(
     py: Python<'_>,
     keys: &Bound<'_, PyAny>,
     values: &Bound<'_, PyAny>,
-    start: i64,
-    end: i64,
-    rope_theta: f64,
-    head_dim: i64,
+    start: Arg<i64>,
+    end: Arg<i64>,
+    rope_theta: Arg<f64>,
+    head_dim: Arg<i64>,
     delta: Option<&Bound<'_, PyAny>>,
     old_positions: Option<&Bound<'_, PyAny>>,
     new_positions: Option<&Bound<'_, PyAny>>,
-    length: Option<i64>,
-    rotary_dim: Option<i64>,
-    interleaved: bool,
-    mrope_section: Option<Vec<i64>>,
+    length: Option<Arg<i64>>,
+    rotary_dim: Option<Arg<i64>>,
+    interleaved: Arg<bool>,
+    mrope_section: Option<Arg<Vec<i64>>>,
 ) -> PyResult<usize> {
+    let start = start.get("start")?;
+    let end = end.get("end")?;
+    let rope_theta = rope_theta.get("rope_theta")?;
+    let head_dim = head_dim.get("head_dim")?;
+    let length = opt_arg(length, "length")?;
+    let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
+    let interleaved = interleaved.get("interleaved")?;
+    let mrope_section = opt_arg(mrope_section, "mrope_section")?;
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
     if start < 0 || end < 0 {
         return Err(pyo3::exceptions::PyIndexError::new_err(format!(
@@ -394,7 +410,7 @@ fn relocate_span(
 /// Writes new entries into every layer of a contiguous cache (see `tvc_rs.kv.append_entries`).
 #[pyfunction]
 #[pyo3(signature = (keys, values, new_keys, new_values, positions, *, delta = None, rope_theta = None,
-    head_dim = None, rotary_dim = None, interleaved = false, mrope_section = None))]
+    head_dim = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, values, new_keys, new_values, positions, *, delta=None, rope_theta=None, head_dim=None, rotary_dim=None, interleaved=False, mrope_section=None)")]
 #[allow(clippy::too_many_arguments)]
 fn append_entries(
     py: Python<'_>,
@@ -404,12 +420,17 @@ fn append_entries(
     new_values: &Bound<'_, PyAny>,
     positions: &Bound<'_, PyAny>,
     delta: Option<&Bound<'_, PyAny>>,
-    rope_theta: Option<f64>,
-    head_dim: Option<i64>,
-    rotary_dim: Option<i64>,
-    interleaved: bool,
-    mrope_section: Option<Vec<i64>>,
+    rope_theta: Option<Arg<f64>>,
+    head_dim: Option<Arg<i64>>,
+    rotary_dim: Option<Arg<i64>>,
+    interleaved: Arg<bool>,
+    mrope_section: Option<Arg<Vec<i64>>>,
 ) -> PyResult<()> {
+    let rope_theta = opt_arg(rope_theta, "rope_theta")?;
+    let head_dim = opt_arg(head_dim, "head_dim")?;
+    let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
+    let interleaved = interleaved.get("interleaved")?;
+    let mrope_section = opt_arg(mrope_section, "mrope_section")?;
     let rope = match (delta, rope_theta, head_dim) {
         (Some(_), Some(theta), Some(dim)) => Some(rope_arg(
             theta,
@@ -527,8 +548,8 @@ fn paged_layout(
 
 /// Gathers, re-rotates and scatters entries of a paged (vLLM) cache (see `tvc_rs.kv.paged_reinject`).
 #[pyfunction]
-#[pyo3(signature = (kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout = "vllm",
-    rotary_dim = None, interleaved = false, mrope_section = None))]
+#[pyo3(signature = (kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout = Arg::of("vllm".to_string()),
+    rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout='vllm', rotary_dim=None, interleaved=False, mrope_section=None)")]
 #[allow(clippy::too_many_arguments)]
 fn paged_reinject(
     py: Python<'_>,
@@ -536,13 +557,20 @@ fn paged_reinject(
     src_slots: &Bound<'_, PyAny>,
     dst_slots: &Bound<'_, PyAny>,
     delta: &Bound<'_, PyAny>,
-    rope_theta: f64,
-    head_dim: i64,
-    layout: &str,
-    rotary_dim: Option<i64>,
-    interleaved: bool,
-    mrope_section: Option<Vec<i64>>,
+    rope_theta: Arg<f64>,
+    head_dim: Arg<i64>,
+    layout: Arg<String>,
+    rotary_dim: Option<Arg<i64>>,
+    interleaved: Arg<bool>,
+    mrope_section: Option<Arg<Vec<i64>>>,
 ) -> PyResult<usize> {
+    let rope_theta = rope_theta.get("rope_theta")?;
+    let head_dim = head_dim.get("head_dim")?;
+    let layout_owned = layout.get("layout")?;
+    let layout: &str = &layout_owned;
+    let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
+    let interleaved = interleaved.get("interleaved")?;
+    let mrope_section = opt_arg(mrope_section, "mrope_section")?;
     let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
     if let Some(ordinal) = cuda_ordinal(kv_caches)? {
         return cuda_paged_reinject(

@@ -4,6 +4,9 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
+
 use super::triggers::Hit;
 use crate::pvc::{Calibration as CoreCalibration, Reason, Schedule};
 
@@ -32,13 +35,17 @@ fn non_negative(name: &str, value: i64) -> PyResult<u64> {
 #[pymethods]
 impl PVCSchedule {
     #[new]
-    #[pyo3(signature = (warmup=0, min_gap=0, max_calibrations=None, period=None))]
+    #[pyo3(signature = (warmup = Arg::of(0), min_gap = Arg::of(0), max_calibrations=None, period=None), text_signature = "(warmup=0, min_gap=0, max_calibrations=None, period=None)")]
     fn new(
-        warmup: i64,
-        min_gap: i64,
-        max_calibrations: Option<i64>,
-        period: Option<i64>,
+        warmup: Arg<i64>,
+        min_gap: Arg<i64>,
+        max_calibrations: Option<Arg<i64>>,
+        period: Option<Arg<i64>>,
     ) -> PyResult<Self> {
+        let warmup = warmup.get("warmup")?;
+        let min_gap = min_gap.get("min_gap")?;
+        let max_calibrations = opt_arg(max_calibrations, "max_calibrations")?;
+        let period = opt_arg(period, "period")?;
         let warmup = non_negative("warmup", warmup)?;
         let min_gap = non_negative("min_gap", min_gap)?;
         let max_calibrations = match max_calibrations {
@@ -92,6 +99,8 @@ impl PVCSchedule {
         )
     }
 }
+
+crate::pyclass_arg_value!(PVCSchedule, "PVCSchedule");
 
 /// A calibration decided at generated token `token_index`: `reason` is "trigger" (a
 /// reflection phrase, in `hit`) or "period" (no phrase; `hit` is None).

@@ -9,6 +9,9 @@ use numpy::{Element, PyArray1, PyArrayDyn, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
+
 use super::errors::type_name;
 use pyo3::types::{PyBool, PyFloat, PyInt};
 
@@ -360,9 +363,9 @@ where
 #[pyfunction]
 #[pyo3(signature = (
     input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
-    mm_token_type_ids=None, second_per_grid_ts=None, model_type="qwen2_vl", spatial_merge_size=2,
-    image_token_id=151655, video_token_id=151656, tokens_per_second=None
-))]
+    mm_token_type_ids=None, second_per_grid_ts=None, model_type=Arg::of("qwen2_vl".to_string()), spatial_merge_size=Arg::of(2),
+    image_token_id=Arg::of(151655), video_token_id=Arg::of(151656), tokens_per_second=None
+), text_signature = "(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *, mm_token_type_ids=None, second_per_grid_ts=None, model_type='qwen2_vl', spatial_merge_size=2, image_token_id=151655, video_token_id=151656, tokens_per_second=None)")]
 #[allow(clippy::too_many_arguments)]
 fn mrope_position_ids<'py>(
     py: Python<'py>,
@@ -372,13 +375,16 @@ fn mrope_position_ids<'py>(
     attention_mask: Option<&Bound<'py, PyAny>>,
     mm_token_type_ids: Option<&Bound<'py, PyAny>>,
     second_per_grid_ts: Option<&Bound<'py, PyAny>>,
-    model_type: &str,
-    spatial_merge_size: i64,
-    image_token_id: i64,
-    video_token_id: i64,
+    model_type: Arg<String>,
+    spatial_merge_size: Arg<i64>,
+    image_token_id: Arg<i64>,
+    video_token_id: Arg<i64>,
     tokens_per_second: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let model_type = ModelType::parse(model_type)?;
+    let model_type = ModelType::parse(&model_type.get("model_type")?)?;
+    let spatial_merge_size = spatial_merge_size.get("spatial_merge_size")?;
+    let image_token_id = image_token_id.get("image_token_id")?;
+    let video_token_id = video_token_id.get("video_token_id")?;
     let cfg = MropeConfig {
         model_type,
         spatial_merge_size,
@@ -464,14 +470,19 @@ fn mrope_position_ids<'py>(
 
 /// Native `tvc_rs.smart_resize`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, factor=28, min_pixels=3136, max_pixels=1003520))]
+#[pyo3(signature = (height, width, *, factor = Arg::of(28), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, factor=28, min_pixels=3136, max_pixels=1003520)")]
 fn smart_resize(
-    height: i64,
-    width: i64,
-    factor: i64,
-    min_pixels: i64,
-    max_pixels: i64,
+    height: Arg<i64>,
+    width: Arg<i64>,
+    factor: Arg<i64>,
+    min_pixels: Arg<i64>,
+    max_pixels: Arg<i64>,
 ) -> PyResult<(i64, i64)> {
+    let height = height.get("height")?;
+    let width = width.get("width")?;
+    let factor = factor.get("factor")?;
+    let min_pixels = min_pixels.get("min_pixels")?;
+    let max_pixels = max_pixels.get("max_pixels")?;
     Ok(rope::smart_resize(
         height, width, factor, min_pixels, max_pixels,
     )?)
@@ -479,15 +490,21 @@ fn smart_resize(
 
 /// Native `tvc_rs.image_grid_thw`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520))]
+#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
 fn image_grid_thw(
-    height: i64,
-    width: i64,
-    patch_size: i64,
-    merge_size: i64,
-    min_pixels: i64,
-    max_pixels: i64,
+    height: Arg<i64>,
+    width: Arg<i64>,
+    patch_size: Arg<i64>,
+    merge_size: Arg<i64>,
+    min_pixels: Arg<i64>,
+    max_pixels: Arg<i64>,
 ) -> PyResult<(i64, i64, i64)> {
+    let height = height.get("height")?;
+    let width = width.get("width")?;
+    let patch_size = patch_size.get("patch_size")?;
+    let merge_size = merge_size.get("merge_size")?;
+    let min_pixels = min_pixels.get("min_pixels")?;
+    let max_pixels = max_pixels.get("max_pixels")?;
     let settings = ImageSettings {
         patch_size,
         merge_size,
@@ -500,15 +517,21 @@ fn image_grid_thw(
 
 /// Native `tvc_rs.image_token_count`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520))]
+#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
 fn image_token_count(
-    height: i64,
-    width: i64,
-    patch_size: i64,
-    merge_size: i64,
-    min_pixels: i64,
-    max_pixels: i64,
+    height: Arg<i64>,
+    width: Arg<i64>,
+    patch_size: Arg<i64>,
+    merge_size: Arg<i64>,
+    min_pixels: Arg<i64>,
+    max_pixels: Arg<i64>,
 ) -> PyResult<i64> {
+    let height = height.get("height")?;
+    let width = width.get("width")?;
+    let patch_size = patch_size.get("patch_size")?;
+    let merge_size = merge_size.get("merge_size")?;
+    let min_pixels = min_pixels.get("min_pixels")?;
+    let max_pixels = max_pixels.get("max_pixels")?;
     let settings = ImageSettings {
         patch_size,
         merge_size,

@@ -22,6 +22,9 @@ use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+#[allow(unused_imports)]
+use crate::python::errors::{opt_arg, Arg};
+
 use super::errors::type_name;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -358,11 +361,11 @@ pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> 
         return Ok(match view.dtype() {
             DType::I32 => view
                 .strided::<i32>()?
-                .to_contiguous()
+                .to_contiguous()?
                 .iter()
                 .map(|&v| v as i64)
                 .collect(),
-            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
         });
     }
     obj.extract::<Vec<i64>>().map_err(|_| {
@@ -396,11 +399,11 @@ pub fn int_table_arg(
         let flat: Vec<i64> = match view.dtype() {
             DType::I32 => view
                 .strided::<i32>()?
-                .to_contiguous()
+                .to_contiguous()?
                 .iter()
                 .map(|&v| v as i64)
                 .collect(),
-            _ => view.strided::<i64>()?.to_contiguous().into_owned(),
+            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
         };
         return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
     }
@@ -509,11 +512,25 @@ impl Buffer {
         &self,
         py: Python<'py>,
         stream: Option<Bound<'py, PyAny>>,
-        max_version: Option<(u32, u32)>,
-        dl_device: Option<(i32, i32)>,
-        copy: Option<bool>,
+        max_version: Option<Arg<(u32, u32)>>,
+        dl_device: Option<Arg<(i32, i32)>>,
+        copy: Option<Arg<bool>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let _ = stream; // CPU memory: nothing to synchronise.
+        let max_version = opt_arg(max_version, "max_version")?;
+        let dl_device = opt_arg(dl_device, "dl_device")?;
+        let copy = opt_arg(copy, "copy")?;
+        // CPU memory: nothing to synchronise, but the array API says stream is None or an int.
+        if let Some(stream) = &stream {
+            if !stream.is_none()
+                && (!stream.is_instance_of::<pyo3::types::PyInt>()
+                    || stream.is_instance_of::<pyo3::types::PyBool>())
+            {
+                return Err(PyTypeError::new_err(format!(
+                    "stream: expected None or an int, got {}",
+                    type_name(stream)
+                )));
+            }
+        }
         if let Some((device_type, device_id)) = dl_device {
             if device_type != DL_CPU {
                 return Err(PyBufferError::new_err(format!(
@@ -639,12 +656,14 @@ pub fn buffer<'py>(py: Python<'py>, tensor: OwnedTensor) -> PyResult<Bound<'py, 
 
 /// `_tensor_info(x, name="x")`: what the interop reads from an array (for tests and debugging).
 #[pyfunction]
-#[pyo3(signature = (x, name = "x"))]
+#[pyo3(signature = (x, name = Arg::of("x".to_string())), text_signature = "(x, name='x')")]
 fn _tensor_info<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    name: &str,
+    name: Arg<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let name_owned = name.get("name")?;
+    let name: &str = &name_owned;
     let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
     let tensor = PyTensor::extract(x, name, &all)?;
     let view = tensor.view();
@@ -669,7 +688,7 @@ fn _tensor_copy<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'
     view.expect_cpu()?;
     let shape = view.shape().to_vec();
     let owned = crate::dispatch_dtype!(view.dtype(), T => {
-        OwnedTensor::new(view.strided::<T>()?.to_contiguous().into_owned(), shape)?
+        OwnedTensor::new(view.strided::<T>()?.to_contiguous()?.into_owned(), shape)?
     });
     buffer(py, owned)
 }

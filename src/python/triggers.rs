@@ -8,6 +8,9 @@ use std::sync::Arc;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+#[allow(unused_imports)]
+use crate::python::errors::{about, opt_arg, type_name, Arg};
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
@@ -89,7 +92,12 @@ pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>
         // Other array-likes (torch tensors, other integer dtypes) through NumPy, which refuses
         // what is not integral.
         let np = obj.py().import("numpy")?;
-        let array = np.call_method1("asarray", (obj,))?;
+        let array = np.call_method1("asarray", (obj,)).map_err(|e| {
+            PyTypeError::new_err(format!(
+                "{name}: cannot be read as an array of token ids: {}",
+                e.value(obj.py())
+            ))
+        })?;
         let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
         if kind != "i" && kind != "u" {
             return Err(PyTypeError::new_err(format!(
@@ -248,35 +256,42 @@ impl ReflectionDetector {
     }
 
     /// Every hit in `text`; `token_index` is None, offsets are `str` indices.
-    fn find_text(&self, py: Python<'_>, text: &str) -> Vec<Hit> {
-        let hits = py.detach(|| self.inner.find_text(text));
-        hits_to_py(&hits, self.inner.phrases())
+    fn find_text(&self, py: Python<'_>, text: Arg<String>) -> PyResult<Vec<Hit>> {
+        let text = text.get("text")?;
+        let hits = py.detach(|| self.inner.find_text(&text));
+        Ok(hits_to_py(&hits, self.inner.phrases()))
     }
 
     /// Every hit in a whole token list, exactly as streaming the tokens one at a time and then
     /// calling `finish()` gives. Offsets are into the decoded text.
     fn find_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Hit>> {
         let ids = token_ids(tokens, "tokens")?;
-        let hits = py.detach(|| self.inner.find_tokens(&ids))?;
+        let hits = py
+            .detach(|| self.inner.find_tokens(&ids))
+            .map_err(about("tokens"))?;
         Ok(hits_to_py(&hits, self.inner.phrases()))
     }
 
     /// Token ids of `text` with this tokenizer (no special tokens added).
-    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+    fn encode(&self, py: Python<'_>, text: Arg<String>) -> PyResult<Vec<u32>> {
+        let text_owned = text.get("text")?;
+        let text: &str = &text_owned;
         Ok(py.detach(|| self.inner.vocab().encode(text))?)
     }
 
     /// A stream that watches one generation token by token, with a PVC schedule (default:
     /// every hit calibrates). `calibrations_made` and `tokens_since_last` continue the
     /// schedule of an earlier part of the same generation.
-    #[pyo3(signature = (schedule=None, *, calibrations_made=0, tokens_since_last=None))]
+    #[pyo3(signature = (schedule=None, *, calibrations_made = Arg::of(0), tokens_since_last=None), text_signature = "($self, schedule=None, *, calibrations_made=0, tokens_since_last=None)")]
     fn stream(
         &self,
-        schedule: Option<PVCSchedule>,
-        calibrations_made: i64,
-        tokens_since_last: Option<i64>,
+        schedule: Option<Arg<PVCSchedule>>,
+        calibrations_made: Arg<i64>,
+        tokens_since_last: Option<Arg<i64>>,
     ) -> PyResult<ReflectionStream> {
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let calibrations_made = calibrations_made.get("calibrations_made")?;
+        let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let state = schedule_state(calibrations_made, tokens_since_last)?;
         Ok(ReflectionStream {
             detector: self.inner.clone(),
@@ -290,8 +305,11 @@ impl ReflectionDetector {
     /// IndexError, nothing changes) or "no_text" (it counts as a generated token that decodes to
     /// no text, as `tokenizers` drops unknown ids; for models whose logits are wider than
     /// their tokenizer).
-    #[pyo3(signature = (capacity, *, out_of_vocab="raise"))]
-    fn batch(&self, capacity: i64, out_of_vocab: &str) -> PyResult<StreamBatch> {
+    #[pyo3(signature = (capacity, *, out_of_vocab = Arg::of("raise".to_string())), text_signature = "($self, capacity, *, out_of_vocab='raise')")]
+    fn batch(&self, capacity: Arg<i64>, out_of_vocab: Arg<String>) -> PyResult<StreamBatch> {
+        let capacity = capacity.get("capacity")?;
+        let out_of_vocab_owned = out_of_vocab.get("out_of_vocab")?;
+        let out_of_vocab: &str = &out_of_vocab_owned;
         if !(0..=1 << 24).contains(&capacity) {
             return Err(PyValueError::new_err(format!(
                 "capacity = {capacity}: must be between 0 and 16777216"
@@ -322,13 +340,14 @@ impl ReflectionDetector {
     fn scan(
         &self,
         py: Python<'_>,
-        texts: Vec<String>,
-        schedule: Option<PVCSchedule>,
-    ) -> Vec<TextScan> {
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        texts: Arg<Vec<String>>,
+        schedule: Option<Arg<PVCSchedule>>,
+    ) -> PyResult<Vec<TextScan>> {
+        let texts = texts.get("texts")?;
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let results = py.detach(|| crate::pvc::scan_texts(&self.inner, &texts, schedule));
         let phrases = self.inner.phrases();
-        results
+        Ok(results
             .into_iter()
             .map(|r| match r {
                 Ok(scan) => TextScan {
@@ -348,7 +367,7 @@ impl ReflectionDetector {
                     error: Some(e.to_string()),
                 },
             })
-            .collect()
+            .collect())
     }
 
     fn __repr__(&self) -> String {
@@ -398,8 +417,12 @@ pub struct ReflectionStream {
 impl ReflectionStream {
     /// Feeds the next generated token; returns the calibration decided at it, or None.
     /// An id outside the vocabulary raises IndexError and changes nothing.
-    fn push(&mut self, token_id: i64) -> PyResult<Option<Calibration>> {
-        let calibration = self.monitor.push(&self.detector, token_id)?;
+    fn push(&mut self, token_id: Arg<i64>) -> PyResult<Option<Calibration>> {
+        let token_id = token_id.get("token_id")?;
+        let calibration = self
+            .monitor
+            .push(&self.detector, token_id)
+            .map_err(about("token_id"))?;
         Ok(calibration.map(|c| Calibration::new(&c, self.detector.phrases())))
     }
 
@@ -514,33 +537,41 @@ impl StreamBatch {
     }
 
     /// Starts watching a new stream in `slot` (replacing what was there).
-    #[pyo3(signature = (slot, schedule=None, *, calibrations_made=0, tokens_since_last=None))]
+    #[pyo3(signature = (slot, schedule=None, *, calibrations_made = Arg::of(0), tokens_since_last=None), text_signature = "($self, slot, schedule=None, *, calibrations_made=0, tokens_since_last=None)")]
     fn add(
         &mut self,
-        slot: i64,
-        schedule: Option<PVCSchedule>,
-        calibrations_made: i64,
-        tokens_since_last: Option<i64>,
+        slot: Arg<i64>,
+        schedule: Option<Arg<PVCSchedule>>,
+        calibrations_made: Arg<i64>,
+        tokens_since_last: Option<Arg<i64>>,
     ) -> PyResult<()> {
-        let schedule = schedule.map_or_else(Schedule::default, |s| s.inner);
+        let slot = slot.get("slot")?;
+        let calibrations_made = calibrations_made.get("calibrations_made")?;
+        let tokens_since_last = opt_arg(tokens_since_last, "tokens_since_last")?;
+        let schedule = opt_arg(schedule, "schedule")?.map_or_else(Schedule::default, |s| s.inner);
         let state = schedule_state(calibrations_made, tokens_since_last)?;
         Ok(self.inner.add(slot, schedule, state)?)
     }
 
     /// Stops watching `slot`; returns whether it held a stream.
-    fn remove(&mut self, slot: i64) -> PyResult<bool> {
+    fn remove(&mut self, slot: Arg<i64>) -> PyResult<bool> {
+        let slot = slot.get("slot")?;
         Ok(self.inner.remove(slot)?.is_some())
     }
 
     /// The stream in `from_slot` moves to `to_slot` (replacing what was there); `from_slot`
     /// becomes empty.
     #[pyo3(name = "move")]
-    fn move_slot(&mut self, from_slot: i64, to_slot: i64) -> PyResult<()> {
+    fn move_slot(&mut self, from_slot: Arg<i64>, to_slot: Arg<i64>) -> PyResult<()> {
+        let from_slot = from_slot.get("from_slot")?;
+        let to_slot = to_slot.get("to_slot")?;
         Ok(self.inner.move_slot(from_slot, to_slot)?)
     }
 
     /// The streams in `slot_a` and `slot_b` trade places.
-    fn swap(&mut self, slot_a: i64, slot_b: i64) -> PyResult<()> {
+    fn swap(&mut self, slot_a: Arg<i64>, slot_b: Arg<i64>) -> PyResult<()> {
+        let slot_a = slot_a.get("slot_a")?;
+        let slot_b = slot_b.get("slot_b")?;
         Ok(self.inner.swap(slot_a, slot_b)?)
     }
 
@@ -560,18 +591,22 @@ impl StreamBatch {
     fn feed(
         &mut self,
         py: Python<'_>,
-        slot: i64,
+        slot: Arg<i64>,
         tokens: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<Calibration>> {
+        let slot = slot.get("slot")?;
         let ids = token_ids(tokens, "tokens")?;
         let inner = &mut self.inner;
-        let made = py.detach(|| inner.feed(slot, &ids))?;
+        let made = py
+            .detach(|| inner.feed(slot, &ids))
+            .map_err(about("tokens"))?;
         let phrases = self.inner.detector().phrases();
         Ok(made.iter().map(|c| Calibration::new(c, phrases)).collect())
     }
 
     /// Whether `slot` holds a stream.
-    fn is_active(&self, slot: i64) -> PyResult<bool> {
+    fn is_active(&self, slot: Arg<i64>) -> PyResult<bool> {
+        let slot = slot.get("slot")?;
         Ok(self.inner.get(slot)?.is_some())
     }
 
@@ -679,9 +714,16 @@ impl StreamBatch {
     fn advance_lists<'py>(
         &mut self,
         py: Python<'py>,
-        outputs: &Bound<'py, PyList>,
-        rows: usize,
+        outputs: &Bound<'py, PyAny>,
+        rows: Arg<usize>,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
+        let rows = rows.get("rows")?;
+        let outputs = outputs.cast::<PyList>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "outputs: expected a list (one entry per row: a list of token ids or None), got {}",
+                type_name(outputs)
+            ))
+        })?;
         if rows > self.inner.capacity() {
             return Err(PyValueError::new_err(format!(
                 "rows = {rows}: more than the batch's {} slots",
@@ -783,7 +825,8 @@ impl StreamBatch {
     }
 
     /// Every hit of the stream in `slot`.
-    fn hits(&self, slot: i64) -> PyResult<Vec<Hit>> {
+    fn hits(&self, slot: Arg<i64>) -> PyResult<Vec<Hit>> {
+        let slot = slot.get("slot")?;
         let phrases = self.inner.detector().phrases();
         Ok(self
             .inner
@@ -793,7 +836,8 @@ impl StreamBatch {
     }
 
     /// Every calibration of the stream in `slot`.
-    fn calibrations(&self, slot: i64) -> PyResult<Vec<Calibration>> {
+    fn calibrations(&self, slot: Arg<i64>) -> PyResult<Vec<Calibration>> {
+        let slot = slot.get("slot")?;
         let phrases = self.inner.detector().phrases();
         Ok(self
             .inner
@@ -809,7 +853,8 @@ impl StreamBatch {
 
     /// (tokens_seen, calibrations_made, tokens_since_last) of the stream in `slot`, or None
     /// for an empty slot: what a continued request passes back to `add`.
-    fn state(&self, slot: i64) -> PyResult<Option<(u64, u32, u64)>> {
+    fn state(&self, slot: Arg<i64>) -> PyResult<Option<(u64, u32, u64)>> {
+        let slot = slot.get("slot")?;
         Ok(self
             .inner
             .get(slot)?

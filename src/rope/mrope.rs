@@ -592,7 +592,7 @@ fn assign_grids(
                 };
                 return Err(value_err!(
                     "{}: {} block {block} (starting at column {}) has {} tokens but {name}[{index}] = {grid} \
-                     needs t * (h // {m}) * (w // {m}) = {t} * {h} * {w} = {expected}",
+                     needs t * (h // {m}) * (w // {m}) = {t} * {h} * {w} = {expected} (spatial_merge_size = {m})",
                     row_label(row),
                     kind_name(run.kind),
                     run.start_col,
