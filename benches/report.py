@@ -110,11 +110,11 @@ def vllm_engine() -> str:
     d = load("vllm-engine-cpu")
     through = [[r["batch"], r["requests"], r["tokens_per_s"], f"{r['vs_plain']:.2f}"] for r in d["rows"] if r["case"] == "throughput"]
     cal = [[r["context_tokens"], r["mode"], r["image_tokens"], r["continuation_prompt_tokens"], r["prefilled_tokens"],
-            r["calibration_ms"]] for r in d["rows"] if r["case"] == "calibration"]
+            r["prefill_step_ms"], r["decode_step_ms"], r["calibration_ms"]] for r in d["rows"] if r["case"] == "calibration"]
     return (f"vLLM {d['vllm']} (CPU build), {d['model']}; median of {d['repeat']} runs:\n\n"
             + table(["batch", "requests", "output tokens/s", "vs no TVC"], through) + "\n\n"
             + table(["context tokens", "mode", "image tokens injected", "continuation prompt", "prefilled (engine counters)",
-                     "calibration ms"], cal)
+                     "prefill step ms", "decode step ms", "calibration ms"], cal)
             + "\n\n" + when(d))
 
 
