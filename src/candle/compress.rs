@@ -72,7 +72,7 @@ fn float_values(locked: &Locked, rank: usize, layout: &str) -> Result<Vec<f32>> 
     let view = locked.view()?;
     view.expect_rank(rank, layout).candle()?;
     Ok(dispatch_float!(dtype, T => {
-        view.strided::<T>().candle()?.to_contiguous().iter().map(|v| v.to_f32()).collect()
+        view.strided::<T>().candle()?.to_contiguous().candle()?.iter().map(|v| v.to_f32()).collect()
     }))
 }
 
