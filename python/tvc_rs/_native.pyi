@@ -299,6 +299,7 @@ def rerotate_keys(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> None: ...
 def relocate_span(
     keys: object,
@@ -315,6 +316,7 @@ def relocate_span(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> int: ...
 def append_entries(
     keys: object,
@@ -329,6 +331,7 @@ def append_entries(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> None: ...
 def paged_reinject(
     kv_caches: object,
@@ -342,6 +345,7 @@ def paged_reinject(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> int: ...
 
 # --- end kv ---
