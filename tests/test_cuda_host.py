@@ -62,7 +62,7 @@ def test_barrier_some_threads_miss_is_an_error():
     a = L.SelectArgs(scores=L.ptr(s), out=L.ptr(out), n=50, stride=1, count=5, dtype=0)
     with pytest.raises(cuda_host.KernelError, match="lane 8, which does not exist"):
         L.kernels("compress.cu").launch("select_topk", (1,), 1000, 0, a)
-    with pytest.raises(cuda_host.KernelError, match="arguments of 8 bytes"):
+    with pytest.raises(cuda_host.KernelError, match="arguments of 32 bytes, the kernel takes 48"):
         L.kernels("compress.cu").launch("select_topk", (1,), 1024, 0, L.ComplementArgs())
 
 
@@ -111,7 +111,7 @@ def test_scores(dtype, group, with_lse):
         lse = torch.logsumexp(logits, dim=-1).to(dtype).t().contiguous().t()  # column-major: strides read
     got = L.scores(q, k, lse, scale)
     want = scores_reference(f64(q), f64(k), None if lse is None else f64(lse), scale)
-    np.testing.assert_allclose(f64(got), want, rtol=5e-5 if lse is None or dtype == torch.float32 else 2e-2, atol=1e-8)
+    np.testing.assert_allclose(f64(got), want, rtol=5e-5, atol=1e-8)
 
 
 def budget(scores, rule, amount, keep, min_keep, max_keep):
@@ -361,14 +361,22 @@ def test_relocate_long_cache(dtype, span):
 @pytest.mark.parametrize("positions", ["list", "start"])
 @pytest.mark.parametrize("rope", list(ROPES), ids=list(ROPES))
 def test_append(dtype, positions, rope):
+    """"list" positions take new entries as views of [n, batch, heads, dim + 1] (strided, off the
+    16-byte grid: the scalar kernels), "start" contiguous ones (packed where the rope allows)."""
     g = rng(8)
     case = case_of(ROPES[rope])
     d = case["head_dim"]
     batch, heads, seq, n = 2, 2, 13, 5
+
+    def new():
+        if positions == "list":
+            return tensor(g.uniform(-1, 1, size=(n, batch, heads, d + 1)), dtype)[..., 1:].permute(1, 2, 0, 3)
+        return tensor(g.uniform(-1, 1, size=(batch, heads, n, d)), dtype)
+
     keys = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype) for _ in range(2)]
     values = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype) for _ in range(2)]
-    new_k = [tensor(g.uniform(-1, 1, size=(batch, heads, n, d)), dtype) for _ in range(2)]
-    new_v = [tensor(g.uniform(-1, 1, size=(batch, heads, n, d)), dtype) for _ in range(2)]
+    new_k = [new() for _ in range(2)]
+    new_v = [new() for _ in range(2)]
     kb, vb, nkb, nvb = ([f64(t) for t in ts] for ts in (keys, values, new_k, new_v))
     pos = g.permutation(seq)[:n] if positions == "list" else np.arange(4, 4 + n)
     delta = g.integers(-400, 400, size=(n, 3)) if case["mrope_section"] else np.repeat(g.integers(-400, 400, size=(n, 1)), 3, 1)
@@ -487,7 +495,7 @@ def test_every_kv_variant(dtype, access, rope):
     L.rerotate(views, deltas, r)
     for v, b in zip(views, before):
         np.testing.assert_allclose(f64(v), ref_rotate(b, d3, **case), atol=ATOL[dtype], rtol=0)
-    keys = [tensor(g.uniform(-1, 1, size=(1, heads, 200, d + 8)), dtype)[..., 8:] if access == "scalar" else
+    keys = [tensor(g.uniform(-1, 1, size=(1, heads, 200, d + 2)), dtype)[..., 1 : d + 1] if access == "scalar" else
             tensor(g.uniform(-1, 1, size=(1, heads, 200, d)), dtype) for _ in range(2)]
     values = [tensor(g.uniform(-1, 1, size=(1, heads, 200, d)), dtype) for _ in range(2)]
     kb, vb = [f64(k) for k in keys], [f64(v) for v in values]
@@ -520,6 +528,6 @@ def test_every_kernel_ran(file, request):
     lib = L.kernels(file)
     defined = cuda_host.kernel_names(file)
     assert defined and defined == lib.names, (defined ^ lib.names)
-    if request.session.testscollected < 40:
+    if sum(item.module is request.module for item in request.session.items) < 100:
         pytest.skip("only part of this file ran")
     assert set(lib.launched) == defined, sorted(defined - set(lib.launched))

@@ -51,7 +51,6 @@ def flags(file: str, sizes: dict[str, int]) -> list[str]:
         "-pthread",
         "-fvisibility=hidden",
         "-Wall",
-        "-Werror",
         "-Wno-unknown-pragmas",
         "-Wno-maybe-uninitialized",
         "-fno-extern-tls-init",
