@@ -11,6 +11,7 @@ export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 asan=$(g++ -print-file-name=libasan.so)
 [ -f "$asan" ] || { echo "libasan.so not found (g++ -print-file-name=libasan.so gave $asan)" >&2; exit 1; }
 # detect_leaks=0: Python and torch keep memory until exit by design; the kernels allocate none.
+# --capture=sys: a sanitizer report (written to fd 2 before the abort) reaches the log.
 LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   TVC_HOST_SANITIZE=1 TVC_HOST_EXAMPLES="${TVC_HOST_EXAMPLES:-10}" \
-  python -m pytest -q -p no:cacheprovider tests/test_cuda_host.py
+  python -m pytest -q -p no:cacheprovider --capture=sys tests/test_cuda_host.py

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +67,41 @@ def test_barrier_some_threads_miss_is_an_error():
         L.kernels("compress.cu").launch("select_topk", (1,), 1000, 0, a)
     with pytest.raises(cuda_host.KernelError, match="arguments of 32 bytes, the kernel takes 48"):
         L.kernels("compress.cu").launch("select_topk", (1,), 1024, 0, L.ComplementArgs())
+
+
+OUT_OF_BOUNDS = {
+    # A gather index one past the last row: a read past the end of x.
+    "global": ("heap-buffer-overflow", """
+x = torch.randn(10, 16)
+L.gather(x, np.array([3, 10], np.int64))
+"""),
+    # The packed kernel on a pointer off the 16-byte grid (the GPU faults; the launcher never does this).
+    "misaligned": ("misaligned address", """
+x, out, idx = torch.randn(161), torch.empty(2, 16), np.array([0, 1], np.int64)
+a = L.GatherArgs(x=L.ptr(x) + 4, out=L.ptr(out), indices=L.ptr(idx), count=2, dim=16, row_stride=16, col_stride=1)
+L.kernels("compress.cu").launch("gather_f32_v", (2, 1), 128, 0, a)
+"""),
+    # Dynamic shared memory one entry short of what the kernel indexes.
+    "shared": ("use-after-poison", """
+s, ws = torch.rand(64), np.zeros(68, np.int64)
+a = L.MassArgs(scores=L.ptr(s), out=L.ptr(ws), header=L.ptr(ws) + 8 * 64, n=64, stride=1, mass=0.5, min_keep=1,
+               max_keep=-1, dtype=0, pow2=64)
+L.kernels("compress.cu").launch("select_mass", (1,), 1024, 64 * 8 - 8, a)
+"""),
+}
+
+
+@pytest.mark.skipif(not cuda_host.SANITIZE, reason="the sanitized build only (TVC_HOST_SANITIZE=1, .ci/cuda-host.sh)")
+@pytest.mark.parametrize("case", list(OUT_OF_BOUNDS))
+def test_sanitizer_catches_bad_accesses(case):
+    """A kernel that reads or writes out of bounds stops the process with the sanitizer's report
+    (run in a child process: the report aborts it)."""
+    want, body = OUT_OF_BOUNDS[case]
+    script = "import numpy as np, torch\nfrom cuda_host import launches as L\n" + body + "print('not caught')\n"
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0 and "not caught" not in run.stdout, run.stdout + run.stderr[-3000:]
+    assert want in run.stderr, run.stderr[-3000:]
 
 
 # ================================================================ compression

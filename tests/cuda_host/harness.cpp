@@ -309,6 +309,10 @@ bool run_block(int n) {
         f.tid = uint3{(unsigned)i % block->block_dim.x, (unsigned)(i / block->block_dim.x) % block->block_dim.y,
                       (unsigned)(i / (block->block_dim.x * block->block_dim.y))};
         f.state = RUNNABLE;
+#if TVC_ASAN
+        // The stack's last fiber left its frames' redzones behind (it never returned).
+        ASAN_UNPOISON_MEMORY_REGION(f.stack, STACK);
+#endif
         init_context(f.ctx, f.stack, STACK);
     }
     for (int round = 0;; ++round) {
