@@ -37,6 +37,11 @@ DTYPE_IDS = ["f32", "f16", "bf16"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    L.build_all()
+
+
 def tensor(values, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype)
 
@@ -57,7 +62,7 @@ def rng(seed):
 # ================================================================ the harness itself
 
 
-def test_barrier_some_threads_miss_is_an_error():
+def test_harness_refuses_what_a_gpu_would_not_run():
     """A kernel whose threads diverge around __syncthreads is reported, not run: the select
     kernel with a block of 1000 threads has a warp of 8 lanes whose ballot names 32 lanes."""
     s = torch.rand(50)
@@ -260,8 +265,8 @@ def case_of(rope):
 
 
 def rope_args(case):
-    return L.rope_args(case["rope_theta"], case["head_dim"], case.get("rotary_dim"), case.get("interleaved", False),
-                       case.get("mrope_section"))
+    """The kernels' RopeArgs for a rope case (every key of the case: a new option must be known there)."""
+    return L.rope_args(**case)
 
 
 def deltas_of(kind, g, n, mrope, span):

@@ -98,6 +98,18 @@ SIZES = {
 _LIBS: dict[str, Kernels] = {}
 
 
+def build_all() -> None:
+    """Compiles both kernel files at once (two compilers in parallel), then loads them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import build
+
+    with ThreadPoolExecutor(len(SIZES)) as pool:
+        list(pool.map(lambda f: build(f, SIZES[f]), SIZES))
+    for file in SIZES:
+        kernels(file)
+
+
 def kernels(file: str) -> Kernels:
     """The loaded host build of kernels/<file> (built on first use)."""
     if file not in _LIBS:
