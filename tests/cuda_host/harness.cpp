@@ -235,15 +235,15 @@ std::string where(const Fiber& f) {
     return buf;
 }
 
-// Releases the warp operations whose every lane has arrived; false on an error.
-bool release_warps(int n, bool& released) {
+// Releases warp w0 / 32's operation once every lane it names has arrived; false on an error.
+bool release_warp(int w0, int n, bool& released) {
     auto& fs = worker->fibers;
-    for (int w0 = 0; w0 < n; w0 += 32) {
+    {
         const int lanes = std::min(32, n - w0);
         int first = -1;
         for (int l = 0; l < lanes; ++l)
             if (fs[w0 + l].state == AT_WARP) { first = l; break; }
-        if (first < 0) continue;
+        if (first < 0) return true;
         const Fiber& f0 = fs[w0 + first];
         const unsigned mask = f0.mask;
         bool ready = true;
@@ -272,7 +272,7 @@ bool release_warps(int n, bool& released) {
                 return false;
             }
         }
-        if (!ready) continue;
+        if (!ready) return true;
         uint64_t ballot = 0;
         for (int l = 0; l < lanes; ++l)
             if ((mask >> l & 1u) && fs[w0 + l].value) ballot |= 1ull << l;
@@ -315,16 +315,24 @@ bool run_block(int n) {
 #endif
         init_context(f.ctx, f.stack, STACK);
     }
+    const int warps = (n + 31) / 32;
     for (int round = 0;; ++round) {
-        // Alternate the order threads run in between synchronisation points: a read of shared
-        // memory that lacks a barrier before it sees a different value one way or the other.
-        for (int k = 0; k < n; ++k) {
-            const int i = (round & 1) ? n - 1 - k : k;
-            if (fs[i].state == RUNNABLE) enter(fs[i]);
+        // Each warp runs as far as it can (through its own shuffles and ballots) before the
+        // next one starts, warps and lanes in one order, then the other, between barriers: a
+        // read of shared memory with no barrier between it and another warp's write then sees
+        // a different value one way or the other, and the results differ.
+        const bool reverse = round & 1;
+        for (int k = 0; k < warps; ++k) {
+            const int w0 = 32 * (reverse ? warps - 1 - k : k), lanes = std::min(32, n - w0);
+            for (bool released = true; released;) {
+                for (int j = 0; j < lanes; ++j) {
+                    Fiber& f = fs[w0 + (reverse ? lanes - 1 - j : j)];
+                    if (f.state == RUNNABLE) enter(f);
+                }
+                released = false;
+                if (!release_warp(w0, n, released)) return false;
+            }
         }
-        bool released = false;
-        if (!release_warps(n, released)) return false;
-        if (released) continue;
         int at_barrier = 0, done = 0, at_warp = 0;
         for (int i = 0; i < n; ++i) {
             at_barrier += fs[i].state == AT_BARRIER;
