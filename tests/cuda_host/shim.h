@@ -1,10 +1,11 @@
 // What CUDA provides to kernels/*.cu, on the host (test infrastructure: tests/test_cuda_host.py).
 //
-// Every CUDA thread of a block is a fiber (its own stack) on one OS thread; the block's fibers
-// run round-robin until each reaches a synchronisation point (__syncthreads, a warp shuffle or
-// ballot), which is released only when every thread that must take part has arrived: a barrier
-// some threads never reach, a shuffle with an exited lane, or threads at different kinds of
-// synchronisation point is reported as an error instead of hanging. Blocks of a grid run on a
+// Every CUDA thread of a block is a fiber (its own stack) on one OS thread (harness.cpp). A
+// synchronisation point (__syncthreads, a warp shuffle or ballot) is released only when every
+// thread that must take part has arrived; each warp runs through its own shuffles before the next
+// warp starts, warps in alternating order between barriers (so a missing barrier changes results).
+// A barrier some threads never reach, a shuffle naming an exited or missing lane, or lanes at
+// different warp operations is reported as an error instead of hanging. Blocks of a grid run on a
 // few OS threads. `__shared__` variables are thread_local (one copy per OS thread, i.e. per
 // running block); the dynamic shared memory is a buffer of exactly the launch's size.
 #pragma once
