@@ -3,7 +3,8 @@
 //
 // No CUDA headers are included: the kernels are compiled by NVRTC at run time, and NVRTC from
 // a PyPI wheel has no toolkit include directory next to it. fp16 / bf16 conversions use PTX
-// `cvt` (round to nearest even, as PyTorch and the CPU path); bf16 -> f32 is a shift.
+// `cvt` (round to nearest even, as PyTorch and the CPU path); bf16 -> f32 is a shift. The host
+// build of the tests (tests/cuda_host/shim.h, TVC_HOST_SHIM) takes the shim's conversions instead.
 #pragma once
 
 typedef unsigned short u16;
@@ -16,9 +17,13 @@ struct bf16_t { u16 bits; };
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(f16_t v) {
+#ifdef TVC_HOST_SHIM  // the host build of tests/cuda_host (no PTX there)
+    return tvc_host::f16_to_f32(v.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float(((u32)v.bits) << 16); }
 
@@ -26,12 +31,18 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
     f16_t h;
+#ifdef TVC_HOST_SHIM
+    h.bits = tvc_host::f32_to_f16(v);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
     return h;
 }
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
     bf16_t b;
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && defined(TVC_HOST_SHIM)
+    b.bits = tvc_host::f32_to_bf16(v);
+#elif __CUDA_ARCH__ >= 800
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(v));
 #else
     u32 x = __float_as_uint(v);
