@@ -257,11 +257,14 @@ ROPES = {
     "mrope-neox": dict(rope_theta=1e6, head_dim=64, rotary_dim=64, mrope_section=[8, 12, 12]),
     "mrope-gptj": dict(rope_theta=1e6, head_dim=64, rotary_dim=64, interleaved=True, mrope_section=[16, 8, 8]),
     "odd": dict(rope_theta=500.0, head_dim=13, rotary_dim=10, mrope_section=[1, 3, 1]),
+    # Qwen3-VL's interleaved frequency map; Qwen3.5's with partial rotary (its [11, 11, 10] scaled down).
+    "mrope-interleaved": dict(rope_theta=5e6, head_dim=64, rotary_dim=64, mrope_section=[12, 10, 10], mrope_interleaved=True),
+    "partial-mrope-interleaved": dict(rope_theta=1e7, head_dim=80, rotary_dim=32, mrope_section=[6, 5, 5], mrope_interleaved=True),
 }
 
 
 def case_of(rope):
-    return dict(rotary_dim=rope["head_dim"], interleaved=False, mrope_section=None) | rope
+    return dict(rotary_dim=rope["head_dim"], interleaved=False, mrope_section=None, mrope_interleaved=False) | rope
 
 
 def rope_args(case):

@@ -297,16 +297,22 @@ def merge(x: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------ KV cache (src/cuda/kv.rs)
 
 
-def rope_args(rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None) -> RopeArgs:
+def rope_args(rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False) -> RopeArgs:
     """kv.rs `rope_args` over src/kv/rope.rs `Rope`: inv_freq[i] = theta^(-2i / rotary_dim) in
-    f64, and the (t, h, w) component of each pair: section j of mrope_section takes j % 3."""
+    f64, and the (t, h, w) component of each pair (src/kv/rope.rs `mrope_components`): section j of
+    mrope_section takes j % 3, or with mrope_interleaved pair j takes h if j % 3 == 1 and j < 3 s_h,
+    w if j % 3 == 2 and j < 3 s_w, else t."""
     rotary_dim = rotary_dim or head_dim
     half = rotary_dim // 2
     r = RopeArgs(half=half, head_dim=head_dim, interleaved=int(bool(interleaved)))
     for i in range(half):
         r.inv_freq[i] = float(rope_theta) ** (-(2 * i) / rotary_dim)
     if mrope_section is not None:
-        comp = [j % 3 for j, n in enumerate(mrope_section) for _ in range(n)]
+        if mrope_interleaved:
+            s_h, s_w = mrope_section[1], mrope_section[2]
+            comp = [1 if j % 3 == 1 and j < 3 * s_h else 2 if j % 3 == 2 and j < 3 * s_w else 0 for j in range(half)]
+        else:
+            comp = [j % 3 for j, n in enumerate(mrope_section) for _ in range(n)]
         for i, c in enumerate(comp[:half]):
             r.comp[i] = c
     return r
