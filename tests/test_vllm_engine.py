@@ -242,8 +242,8 @@ def check_result(result, mode, parts, tokenizer, *, first_tokens, original_token
         cal = result.calibrations[k - 1]
         assert cal.mode == mode
         assert cal.image_tokens == injected_tokens  # what the record says ...
-        expected = ([original_tokens] if mode == "append" else []) + [injected_tokens] * k
-        assert blocks == expected  # ... is what the engine used
+        expected = ([original_tokens] if mode == "append" else []) + [injected_tokens] * (1 if mode == "kv" else k)
+        assert blocks == expected  # ... is what the engine used (kv: earlier copies evicted)
     # The answer's text: each part's text, and the bridge phrase (after a space where the text
     # before it does not end in one) at each calibration.
     expected, start = "", 0
@@ -337,7 +337,7 @@ class TestOfflineEngine:
         assert logging.getLogger("vllm.tvc_rs").getEffectiveLevel() <= logging.INFO
         assert logging.getLogger("vllm.tvc_rs").parent is logging.getLogger("vllm")
 
-    @pytest.mark.parametrize("mode", ["relocate", "append"])
+    @pytest.mark.parametrize("mode", ["relocate", "append", "kv"])
     @pytest.mark.parametrize("pool", [1, 2, 4])
     def test_generate(self, llm, model_dir, clevr, tokenizer, phrases, plain_answer, offline_answers, mode, pool):
         """Several calibrations per answer (the model's phrases and a period), max_tokens over the
@@ -474,23 +474,25 @@ class TestKVMode:
     bridge and the compressed image prefilled."""
 
     @pytest.mark.parametrize("pool,period,max_tokens", [(2, 6, 26), (1, 9, 40)])
-    def test_kv_equals_transformers_kv(self, llm, model_dir, hf_model, clevr, tokenizer, pool, period, max_tokens):
+    def test_kv_equals_transformers_kv(self, llm, model_dir, hf_model, clevr, tokenizer, phrases, pool, period, max_tokens):
         """The same weights, image features, prompt and pool: vLLM's kv mode gives the tokens of
         ``tvc_rs.hf.generate(..., mode="kv")`` (transformers' model on its own cache, evicted and
         re-rotated by relocate_span) through every calibration; each continuation is relocate's
         text with the newest image only, and the engine prefilled exactly the last generated
         token, the bridge and the image block of it."""
         features, (t, h, w) = vision_features(hf_model, model_dir, clevr)
-        schedule = tvc_rs.PVCSchedule(period=period, max_calibrations=3)
+        # min_gap = period: calibrations at the period only (the two drivers watch the phrases the
+        # same way within a part, but the transformers one keeps its stream across a calibration)
+        schedule = tvc_rs.PVCSchedule(min_gap=period, period=period, max_calibrations=3)
+        pvc = PVCConfig(mode="kv", pool=pool, schedule=schedule, phrases=tuple(phrases))
         processor = hf_processor(model_dir, MAX_PIXELS)
-        reference = tvc_rs.hf.generate(hf_model, processor, [clevr], "How many objects are left?",
-                                       config=PVCConfig(mode="kv", pool=pool, schedule=schedule),
+        reference = tvc_rs.hf.generate(hf_model, processor, [clevr], "How many objects are left?", config=pvc,
                                        max_new_tokens=max_tokens, do_sample=False)
         assert len(reference.calibrations) == 3
         request = TVCRequest(PROMPT, sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0),
                              vision_features=[(features, (t, h, w))])
         with Recorder(llm) as rec:
-            (result,) = generate(llm, [request], PVCConfig(mode="kv", pool=pool, schedule=schedule))
+            (result,) = generate(llm, [request], pvc)
         assert [c.token_index for c in result.calibrations] == [c.token_index for c in reference.calibrations]
         assert result.token_ids == reference.token_ids
         assert result.text == reference.text
@@ -521,7 +523,7 @@ class TestKVMode:
         free = pool.get_num_free_blocks()
         schedule = tvc_rs.PVCSchedule(period=4, max_calibrations=10)
         images = [clevr, large_image, clevr, large_image, clevr]
-        requests = [TVCRequest(PROMPT, [image], SamplingParams(max_tokens=48, temperature=0)) for image in images]
+        requests = [TVCRequest(PROMPT, [image], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)) for image in images]
         results = generate(llm, requests, PVCConfig(mode="kv", pool=2, schedule=schedule))
         assert sum(len(r.calibrations) for r in results) == 50
         for r in results:
@@ -562,10 +564,12 @@ def loop():
 @pytest.fixture(scope="class")
 def async_engine(loop, model_dir, phrases):
     """``AsyncLLM`` without ``max_pixels`` (the preprocessor file's), one event loop for all."""
+    from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(model=str(model_dir), **ENGINE_KWARGS, enable_prefix_caching=True, additional_config={"tvc": {"phrases": phrases}})
+    args = AsyncEngineArgs(model=str(model_dir), **ENGINE_KWARGS, enable_prefix_caching=True, additional_config={"tvc": {"phrases": phrases}},
+                           kv_transfer_config=KVTransferConfig(**kv_transfer_config()))
     engine = loop.run_until_complete(_make_async(args, AsyncLLM))
     yield engine
     engine.shutdown()
@@ -602,7 +606,7 @@ class TestAsyncEngine:
             else:  # a new request: the question without its image, all text so far, k images
                 assert result.prompt_tokens[k] > result.prompt_tokens[k - 1] - original + generated
 
-    @pytest.mark.parametrize("mode", ["relocate", "append"])
+    @pytest.mark.parametrize("mode", ["relocate", "append", "kv"])
     def test_generate_async_equals_generate(self, loop, async_engine, clevr, tokenizer, mode, offline_answers):
         """The CLEVR image is below both engines' max_pixels: the same prompts, the same answer
         as generate() on the offline engine (append mode: a streaming-input session here)."""
