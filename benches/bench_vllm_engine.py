@@ -15,7 +15,8 @@ files, greedy decoding; every figure below comes from this one run.
   machine's drift between runs does not enter). Prefilled tokens are the engine's own counters
   (``RequestOutput.prompt_token_ids`` minus ``num_cached_tokens``) of the continuation. The prefix
   cache is reset before every run, so that relocate cannot be served from an earlier repetition.
-- Answers with calibrations: 16 requests at about 1k tokens of context side by side, 3
+- Answers with calibrations: 16 requests at about 1k tokens of context side by side (each its
+  own first words, so that they share no prefix-cache block), 3
   calibrations each (``period`` 16, 64 output tokens), per mode: output tokens per second of the
   whole ``generate`` call.
 
@@ -62,9 +63,9 @@ def long_question(tokenizer, target: int) -> str:
     return tokenizer.decode(ids)
 
 
-def prompt_with(question: str) -> str:
+def prompt_with(question: str, case: str = "") -> str:
     return (
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + question
+        "<|im_start|>user\n" + case + "<|vision_start|><|image_pad|><|vision_end|>" + question
         + "\nHow many objects are left?<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -184,7 +185,9 @@ def main() -> None:
 
     # ---- 16 answers with 3 calibrations each, side by side, per mode
     question = long_question(tokenizer, 1024 - 99 - 30 - 64)
-    answers = [TVCRequest(prompt_with(question), [image], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), request_id=str(i))
+    # Each request its own first words: no prefix-cache block is shared between requests (the same
+    # prompt would give 16 identical greedy answers whose relocate prompts hit each other's blocks).
+    answers = [TVCRequest(prompt_with(question, f"Case {i}: "), [image], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), request_id=str(i))
                for i in range(16)]
     for mode in ("relocate", "append", "kv"):
         pvc = PVCConfig(mode=mode, pool=4, schedule=tvc_rs.PVCSchedule(period=16, max_calibrations=3))
