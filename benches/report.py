@@ -108,13 +108,27 @@ def vllm() -> str:
 
 def vllm_engine() -> str:
     d = load("vllm-engine-cpu")
+    if (RESULTS / "vllm-engine-cpu-kv.json").exists():  # the kv-mode run (calibration and answer cases only)
+        kv = load("vllm-engine-cpu-kv")
+        d = {**d, "rows": [r for r in d["rows"] if r["case"] == "throughput"] + kv["rows"]}
+        return _vllm_engine(d) + "\n\nCalibration and answer figures: " + when(kv)
+    return _vllm_engine(d)
+
+
+def _vllm_engine(d: dict) -> str:
     through = [[r["batch"], r["requests"], r["tokens_per_s"], f"{r['vs_plain']:.2f}"] for r in d["rows"] if r["case"] == "throughput"]
     cal = [[r["context_tokens"], r["mode"], r["image_tokens"], r["continuation_prompt_tokens"], r["prefilled_tokens"],
-            r["prefill_step_ms"], r["decode_step_ms"], r["calibration_ms"]] for r in d["rows"] if r["case"] == "calibration"]
+            r["prefill_step_ms"], r["decode_step_ms"], r["calibration_ms"],
+            f"{r['vs_append']:.2f}" if "vs_append" in r else "", f"{r['relocate_over_this']:.1f}x" if "relocate_over_this" in r else ""]
+           for r in d["rows"] if r["case"] == "calibration"]
+    answers = [[r["mode"], r["requests"], r["calibrations_each"], r["context_tokens"], r["tokens_per_s"], r["continuation_prefilled_tokens"]]
+               for r in d["rows"] if r["case"] == "answers"]
     return (f"vLLM {d['vllm']} (CPU build), {d['model']}; median of {d['repeat']} runs:\n\n"
             + table(["batch", "requests", "output tokens/s", "vs no TVC"], through) + "\n\n"
             + table(["context tokens", "mode", "image tokens injected", "continuation prompt", "prefilled (engine counters)",
-                     "prefill step ms", "decode step ms", "calibration ms"], cal)
+                     "prefill step ms", "decode step ms", "calibration ms", "vs append", "relocate / this"], cal)
+            + ("\n\n" + table(["mode", "requests", "calibrations each", "context tokens", "output tokens/s",
+                                 "continuation tokens prefilled (all)"], answers) if answers else "")
             + "\n\n" + when(d))
 
 

@@ -928,7 +928,8 @@ def test_driver_streaming_chunk_is_only_the_new_part(vllm_config, input_processo
 
 def test_driver_refuses_bad_requests(vllm_config, input_processor):
     tok = input_processor.tokenizer
-    with pytest.raises(ValueError, match=re.escape("pvc.mode = 'kv': not available with vLLM")):
+    with pytest.raises(ValueError, match=re.escape("pvc.mode = 'kv': the engine has no TVC KV connector; start it with "
+                                                   "kv_transfer_config=tvc_rs.vllm_kv.kv_transfer_config()")):
         _Driver(vllm_config, tok, PVCConfig(mode="kv"))
     with pytest.raises(ValueError, match=re.escape("pvc.prune = 0.25: not available with vLLM")):
         _Driver(vllm_config, tok, PVCConfig(prune=0.25))
@@ -976,3 +977,99 @@ def test_driver_image_settings_follow_the_engine(vllm_config, input_processor, t
     config = config_with(vllm_config)
     object.__setattr__(config.model_config, "model", "org/tiny-vl")
     assert _Driver(config, tok, None).image_settings["max_pixels"] == 401408
+
+
+def test_kv_mode_refused_for_hybrid_models(vllm_config, model_dir, input_processor, tmp_path):
+    """A model whose layers keep a recurrent state (Qwen3-Next: linear attention between full
+    attention layers), as vLLM's own ModelConfig describes it: kv mode is refused, saying why,
+    before anything else is checked; Qwen2-VL (attention only) is not."""
+    from transformers import Qwen3NextConfig
+    from vllm.config import ModelConfig
+
+    from tvc_rs.vllm_kv import kv_mode_refusal
+
+    Qwen3NextConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                    vocab_size=151936).save_pretrained(tmp_path)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        (tmp_path / name).symlink_to(model_dir / name)
+    hybrid = ModelConfig(model=str(tmp_path))
+    assert hybrid.is_hybrid
+    why = kv_mode_refusal(hybrid)
+    assert "keep a recurrent state instead of a KV cache (linear_attention layers)" in why
+    assert kv_mode_refusal(vllm_config.model_config) is None
+    config = copy.copy(vllm_config)
+    config.model_config = hybrid
+    with pytest.raises(ValueError, match=re.escape("pvc.mode = 'kv': the model is a hybrid with layers that keep a recurrent state")):
+        _Driver(config, input_processor.tokenizer, PVCConfig(mode="kv"))
+
+
+def text_positions(ids, grids, merge=2):
+    """M-RoPE position of each text token of an expanded Qwen2-VL sequence, by the rule written
+    out: text advances by one, an image block's pads by max(t, h / merge, w / merge) of its grid."""
+    out, pos, image, i = {}, 0, 0, 0
+    while i < len(ids):
+        if ids[i] == 151655:
+            j = i
+            while j < len(ids) and ids[j] == 151655:
+                j += 1
+            t, h, w = grids[image]
+            pos += max(t, h // merge, w // merge)
+            image, i = image + 1, j
+            continue
+        out[i] = pos
+        pos, i = pos + 1, i + 1
+    return out
+
+
+def test_driver_kv_mode_moves_the_shared_text(vllm_config, input_processor, tokenizer):
+    """kv mode: each continuation is relocate's text with the newest pooled images only, salted,
+    and names the part it continues and the moves: every text token but the last, from the
+    stopped part's own (expanded) sequence, with the delta new position - old position by the
+    M-RoPE rule written out (an image advances positions by the longest side of its grid)."""
+    from vllm.config import KVTransferConfig
+
+    from tvc_rs.vllm_kv import kv_transfer_config
+
+    config = copy.copy(vllm_config)
+    config.kv_transfer_config = KVTransferConfig(**kv_transfer_config())
+    tok = input_processor.tokenizer
+    pvc = PVCConfig(mode="kv", pool=4)
+    driver = _Driver(config, tok, pvc)
+    grids = [(1, 18, 22), (1, 30, 14)]
+    gen = torch.Generator().manual_seed(1)
+    features = [torch.randn(t * h * w // 4, 1536, generator=gen) for t, h, w in grids]
+    session = _Session(driver, TVCRequest(prompt=PROMPT_2, vision_features=list(zip(features, grids)),
+                                          sampling_params=SamplingParams(max_tokens=1000)), "k")
+    prompt, params = session.first()
+    part = process(input_processor, prompt, params)
+    link = params.extra_args["kv_transfer_params"]["tvc_kv"]
+    assert link["hold"] == CAL and "source" not in link
+    question = [t for t in tokenizer.encode(PROMPT_2, add_special_tokens=False).ids if t not in (151652, 151653, 151655)]
+    answer = tokenizer.encode(ANSWER, add_special_tokens=False).ids
+    pooled = [(1, 2 * math.ceil(h / 2 / 4), 2 * math.ceil(w / 2 / 4)) for _, h, w in grids]
+    text, part_grids, start = list(question), grids, 0
+    for k, cut in enumerate([20, 45], 1):
+        held_key = link["key"]
+        cont = session.on_finished(finished_output(part, answer[start:cut], stop_at_calibration=True))
+        params = session.next_params()
+        nxt = process(input_processor, cont, params)
+        text += answer[start:cut]
+        bridge = tok.encode(" " + pvc.bridge, add_special_tokens=False)
+        blocks = []
+        for _, h, w in pooled:
+            blocks += [151652] + [151655] * (h * w // 4) + [151653]
+        assert list(nxt.prompt_token_ids) == text + bridge + blocks  # relocate's text, the newest images only
+        assert cont["cache_salt"] == session.kv_key
+        link = params.extra_args["kv_transfer_params"]["tvc_kv"]
+        assert link["source"] == held_key != link["key"]
+        moves = [(d + i, s + i, (dt, dh, dw)) for d, s, n, dt, dh, dw in link["segments"] for i in range(n)]
+        source = list(part.prompt_token_ids) + answer[start:cut] + [CAL]
+        old = text_positions(source, part_grids)
+        assert [d for d, _, _ in moves] == list(range(len(text) - 1))
+        for d, s, delta in moves:
+            assert source[s] == text[d] and s in old
+            assert delta == (d - old[s],) * 3
+        assert any(delta != (0, 0, 0) for _, _, delta in moves)
+        text += bridge
+        part, part_grids, start = nxt, pooled, cut

@@ -47,6 +47,7 @@ from tvc_reference import ExpectedStream  # noqa: E402
 import tvc_rs  # noqa: E402
 from tvc_rs.pvc import PVCConfig  # noqa: E402
 from tvc_rs.vllm import DEFAULT_CALIBRATION_TOKEN_ID, TVCRequest, TVCSettings, generate, generate_async, tvc_sampling_params  # noqa: E402
+from tvc_rs.vllm_kv import kv_transfer_config  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 
 if torch.cuda.is_available():  # pragma: no cover
@@ -241,8 +242,8 @@ def check_result(result, mode, parts, tokenizer, *, first_tokens, original_token
         cal = result.calibrations[k - 1]
         assert cal.mode == mode
         assert cal.image_tokens == injected_tokens  # what the record says ...
-        expected = ([original_tokens] if mode == "append" else []) + [injected_tokens] * k
-        assert blocks == expected  # ... is what the engine used
+        expected = ([original_tokens] if mode == "append" else []) + [injected_tokens] * (1 if mode == "kv" else k)
+        assert blocks == expected  # ... is what the engine used (kv: earlier copies evicted)
     # The answer's text: each part's text, and the bridge phrase (after a space where the text
     # before it does not end in one) at each calibration.
     expected, start = "", 0
@@ -270,6 +271,8 @@ def llm(model_dir, phrases):
         enable_mm_embeds=True,
         logits_processors=[FQCN],
         additional_config={"tvc": {"phrases": phrases}},
+        # PVC's kv mode (TestKVMode); requests without kv settings pass the connector untouched.
+        kv_transfer_config=kv_transfer_config(),
     )
     yield engine
     shutdown(engine)
@@ -334,7 +337,7 @@ class TestOfflineEngine:
         assert logging.getLogger("vllm.tvc_rs").getEffectiveLevel() <= logging.INFO
         assert logging.getLogger("vllm.tvc_rs").parent is logging.getLogger("vllm")
 
-    @pytest.mark.parametrize("mode", ["relocate", "append"])
+    @pytest.mark.parametrize("mode", ["relocate", "append", "kv"])
     @pytest.mark.parametrize("pool", [1, 2, 4])
     def test_generate(self, llm, model_dir, clevr, tokenizer, phrases, plain_answer, offline_answers, mode, pool):
         """Several calibrations per answer (the model's phrases and a period), max_tokens over the
@@ -446,6 +449,104 @@ class TestOfflineEngine:
         assert not llm.llm_engine.has_unfinished_requests()
 
 
+# ------------------------------------------------------------------------------------ kv mode
+
+
+def vision_features(hf_model, model_dir, image):
+    """The vision tower's features of ``image`` (transformers, same weights) and its grid."""
+    processor = hf_processor(model_dir, MAX_PIXELS)
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    with torch.no_grad():
+        features = hf_model.model.get_image_features(inputs["pixel_values"], grid)
+    features = getattr(features, "pooler_output", features)
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    return features, tuple(int(v) for v in grid[0])
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+class TestKVMode:
+    """PVC ``kv`` mode in the engine: continuations filled from the stopped request's blocks by
+    tvc-rs' TVCKVConnector (gather + M-RoPE re-rotation), only the last generated token, the
+    bridge and the compressed image prefilled."""
+
+    @pytest.mark.parametrize("pool,period,max_tokens", [(2, 6, 26), (1, 9, 40)])
+    def test_kv_equals_transformers_kv(self, llm, model_dir, hf_model, clevr, tokenizer, phrases, pool, period, max_tokens):
+        """The same weights, image features, prompt and pool: vLLM's kv mode gives the tokens of
+        ``tvc_rs.hf.generate(..., mode="kv")`` (transformers' model on its own cache, evicted and
+        re-rotated by relocate_span) through every calibration; each continuation is relocate's
+        text with the newest image only, and the engine prefilled exactly the last generated
+        token, the bridge and the image block of it."""
+        features, (t, h, w) = vision_features(hf_model, model_dir, clevr)
+        # min_gap = period: calibrations at the period only (the two drivers watch the phrases the
+        # same way within a part, but the transformers one keeps its stream across a calibration)
+        schedule = tvc_rs.PVCSchedule(min_gap=period, period=period, max_calibrations=3)
+        pvc = PVCConfig(mode="kv", pool=pool, schedule=schedule, phrases=tuple(phrases))
+        processor = hf_processor(model_dir, MAX_PIXELS)
+        reference = tvc_rs.hf.generate(hf_model, processor, [clevr], "How many objects are left?", config=pvc,
+                                       max_new_tokens=max_tokens, do_sample=False)
+        assert len(reference.calibrations) == 3
+        request = TVCRequest(PROMPT, sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0),
+                             vision_features=[(features, (t, h, w))])
+        with Recorder(llm) as rec:
+            (result,) = generate(llm, [request], pvc)
+        assert [c.token_index for c in result.calibrations] == [c.token_index for c in reference.calibrations]
+        assert result.token_ids == reference.token_ids
+        assert result.text == reference.text
+        injected = math.ceil(h / 2 / pool) * math.ceil(w / 2 / pool)
+        question = [i for i in tokenizer.encode(PROMPT, add_special_tokens=False).ids if i not in (VS, PAD, VE)]
+        assert len(rec.finished) == 4
+        text, start = list(question), 0
+        for k, (part, cal) in enumerate(zip(rec.finished[1:], result.calibrations), 1):
+            assert cal.mode == "kv" and cal.image_tokens == injected
+            text += result.token_ids[start : cal.token_index + 1]
+            start = cal.token_index + 1
+            bridge = reference.calibrations[k - 1].bridge_ids
+            ids = list(part.prompt_token_ids)
+            assert ids == text + bridge + [VS] + [PAD] * injected + [VE]  # relocate's text, the newest image only
+            prefilled = result.prompt_tokens[k] - result.cached_tokens[k]
+            # transformers' record leaves out the last <|vision_end|>, the first input of its next segment
+            assert prefilled == 1 + len(bridge) + injected + 2 == reference.calibrations[k - 1].prefilled_tokens + 1
+            text += bridge
+        assert result.prompt_tokens[0] - result.cached_tokens[0] > 1 + t * h * w // 4  # the first part: all of it
+        assert not scheduler_of(llm).requests  # every stopped part's blocks were let go
+
+    def test_no_block_leak_over_50_calibrations(self, llm, clevr, large_image, tokenizer):
+        """Five answers side by side in one engine loop, ten calibrations each (downscaled PIL
+        images): every held block comes back to the pool, and every continuation prefilled only
+        its last token, bridge and image block."""
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        free = pool.get_num_free_blocks()
+        schedule = tvc_rs.PVCSchedule(period=4, max_calibrations=10)
+        images = [clevr, large_image, clevr, large_image, clevr]
+        requests = [TVCRequest(PROMPT, [image], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)) for image in images]
+        results = generate(llm, requests, PVCConfig(mode="kv", pool=2, schedule=schedule))
+        assert sum(len(r.calibrations) for r in results) == 50
+        for r in results:
+            start = 0
+            for k, cal in enumerate(r.calibrations, 1):
+                piece = tokenizer.decode(r.token_ids[start : cal.token_index + 1])
+                start = cal.token_index + 1
+                bridge = len(tokenizer.encode(("" if piece[-1:].isspace() else " ") + BRIDGE, add_special_tokens=False).ids)
+                assert r.prompt_tokens[k] - r.cached_tokens[k] == 1 + bridge + cal.image_tokens + 2
+        assert not scheduler.requests and not scheduler.connector._held
+        assert pool.get_num_free_blocks() == free
+
+    def test_kv_needs_the_connector(self, llm, clevr):
+        import copy
+
+        config = copy.copy(llm.llm_engine.vllm_config)
+        config.kv_transfer_config = None
+        from tvc_rs.vllm import _Driver
+
+        with pytest.raises(ValueError, match="no TVC KV connector"):
+            _Driver(config, llm.get_tokenizer(), PVCConfig(mode="kv"))
+
+
 # ------------------------------------------------------------------------------ the async engine
 
 
@@ -463,10 +564,12 @@ def loop():
 @pytest.fixture(scope="class")
 def async_engine(loop, model_dir, phrases):
     """``AsyncLLM`` without ``max_pixels`` (the preprocessor file's), one event loop for all."""
+    from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(model=str(model_dir), **ENGINE_KWARGS, enable_prefix_caching=True, additional_config={"tvc": {"phrases": phrases}})
+    args = AsyncEngineArgs(model=str(model_dir), **ENGINE_KWARGS, enable_prefix_caching=True, additional_config={"tvc": {"phrases": phrases}},
+                           kv_transfer_config=KVTransferConfig(**kv_transfer_config()))
     engine = loop.run_until_complete(_make_async(args, AsyncLLM))
     yield engine
     engine.shutdown()
@@ -503,7 +606,7 @@ class TestAsyncEngine:
             else:  # a new request: the question without its image, all text so far, k images
                 assert result.prompt_tokens[k] > result.prompt_tokens[k - 1] - original + generated
 
-    @pytest.mark.parametrize("mode", ["relocate", "append"])
+    @pytest.mark.parametrize("mode", ["relocate", "append", "kv"])
     def test_generate_async_equals_generate(self, loop, async_engine, clevr, tokenizer, mode, offline_answers):
         """The CLEVR image is below both engines' max_pixels: the same prompts, the same answer
         as generate() on the offline engine (append mode: a streaming-input session here)."""

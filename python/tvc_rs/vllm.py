@@ -21,8 +21,8 @@ Engine-wide settings come from ``additional_config={"tvc": {...}}`` (``--additio
 ``calibration_token`` (token string or id, default ``"<|vision_pad|>"``), ``phrases``,
 ``tokenizer`` (default: the model's).
 
-:func:`generate` drives an offline ``vllm.LLM`` through calibrations (``relocate`` and
-``append`` modes); :func:`generate_async` does the same for an ``AsyncLLM`` with a streaming-input
+:func:`generate` drives an offline ``vllm.LLM`` through calibrations (``relocate``, ``append``
+and, with tvc-rs' KV connector in the engine (:mod:`tvc_rs.vllm_kv`), ``kv`` modes); :func:`generate_async` does the same for an ``AsyncLLM`` with a streaming-input
 session that keeps the request's KV cache (``append`` without any re-prefill).
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -693,16 +694,29 @@ class TVCResult:
     cached_tokens: list[Optional[int]] = field(default_factory=list)
 
 
+def _check_kv_engine(vllm_config: "VllmConfig") -> None:
+    """kv mode needs tvc-rs' KV connector in the engine and a model whose every layer keeps a KV cache."""
+    from tvc_rs.vllm_kv import kv_mode_refusal
+
+    why = kv_mode_refusal(vllm_config.model_config)
+    if why is not None:
+        raise ValueError(f"pvc.mode = 'kv': {why}")
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    if kv is None or getattr(kv, "kv_connector", None) != "TVCKVConnector" or getattr(kv, "kv_connector_module_path", None) != "tvc_rs.vllm_kv":
+        raise ValueError(
+            "pvc.mode = 'kv': the engine has no TVC KV connector; start it with "
+            "kv_transfer_config=tvc_rs.vllm_kv.kv_transfer_config() (--kv-transfer-config "
+            "'{\"kv_connector\": \"TVCKVConnector\", \"kv_connector_module_path\": \"tvc_rs.vllm_kv\", \"kv_role\": \"kv_both\"}')"
+        )
+
+
 class _Driver:
     """What every session of one engine shares: tokenizer, special ids, detector, image sizes."""
 
     def __init__(self, vllm_config: "VllmConfig", tokenizer: Any, pvc: Optional[PVCConfig]) -> None:
         pvc = PVCConfig() if pvc is None else pvc
         if pvc.mode == "kv":
-            raise ValueError(
-                "pvc.mode = 'kv': not available with vLLM (it needs direct access to the KV cache); "
-                "use 'relocate' or 'append'"
-            )
+            _check_kv_engine(vllm_config)
         if pvc.prune is not None:
             raise ValueError(
                 f"pvc.prune = {pvc.prune!r}: not available with vLLM (pruning by attention needs the model's "
@@ -813,6 +827,13 @@ class _Session:
         self.prompt_tokens: list[int] = []
         self.cached_tokens: list[Optional[int]] = []
         self.replay = driver.detector.batch(1, out_of_vocab="no_text")
+        # kv mode: the text the continuation shares with the stopped part (prompt without images,
+        # answer parts, bridges), the grids of the images of the part now running, and the link
+        # that tells the connector which held blocks to fill the next part from.
+        self.text_assistant: list[int] = []
+        self.grids: list[tuple[int, int, int]] = []
+        self.kv_key = f"{request_id}-{uuid.uuid4().hex[:12]}"
+        self.kv_link: Optional[dict] = None
 
     def _image_spans(self, ids: list[int], request_id: str) -> list[tuple[int, int]]:
         d = self.driver
@@ -831,7 +852,7 @@ class _Session:
 
     def _settings(self) -> SamplingParams:
         remaining = None if self.max_tokens is None else self.max_tokens - len(self.generated)
-        return tvc_sampling_params(
+        params = tvc_sampling_params(
             self.params,
             self.driver.pvc.schedule,
             calibration_token=self.driver.calibration_token,
@@ -839,6 +860,14 @@ class _Session:
             tokens_since_last=0 if self.calibrations else None,
             max_tokens=remaining,
         )
+        if self.driver.pvc.mode == "kv":
+            # The connector holds this part's blocks when it stops at the calibration token, under
+            # this part's key; a continuation names the part it continues and what to move.
+            link = {"hold": self.driver.calibration_token, "key": f"{self.kv_key}-{len(self.calibrations)}"}
+            if self.kv_link is not None:
+                link.update(self.kv_link)
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"tvc_kv": link}}
+        return params
 
     def _mm_data(self, originals: bool) -> dict:
         if self.features is not None:
@@ -854,12 +883,25 @@ class _Session:
 
     def first(self) -> tuple[dict, SamplingParams]:
         prompt = {"prompt_token_ids": list(self.prompt_ids), "multi_modal_data": self._mm_data(originals=True)}
+        self.grids = [self._item_grid(item) for item in (self.features if self.features is not None else self.images)]
         return prompt, self._settings()
 
     def continuation(self) -> dict:
         """The next engine prompt, after the latest calibration."""
         if self.driver.pvc.mode == "append":
             return {"prompt_token_ids": self.prompt_ids + self.assistant, "multi_modal_data": self._mm_data(originals=True)}
+        if self.driver.pvc.mode == "kv":
+            # relocate's sequence with only the newest images (earlier copies evicted, as
+            # tvc_rs.hf's kv mode does); salted so that its blocks, whose entries were moved rather
+            # than computed, serve only this answer's later parts from the prefix cache.
+            newest = self.injected[-self._count():]
+            if self.features is not None:
+                mm = {"image": {"image_embeds": torch.cat([f for f, _ in newest]),
+                                "image_grid_thw": torch.tensor([list(g) for _, g in newest], dtype=torch.int64)}}
+            else:
+                mm = {"image": list(newest)}
+            return {"prompt_token_ids": self.question_ids + self.text_assistant + self._kv_images,
+                    "multi_modal_data": mm, "cache_salt": self.kv_key}
         return {"prompt_token_ids": self.question_ids + self.assistant, "multi_modal_data": self._mm_data(originals=False)}
 
     def streaming_chunk(self, bridge_and_images: list[int]) -> dict:
@@ -941,6 +983,7 @@ class _Session:
         found = self.replay.feed(0, np.asarray(part, dtype=np.int64)) if part else []
         offset = len(self.generated)
         self.generated.extend(part)
+        self.text_assistant.extend(part)
         self.assistant.extend(part)
         tok = self.driver.tokenizer
         self.pieces.append(tok.decode(part, skip_special_tokens=True))
@@ -959,9 +1002,16 @@ class _Session:
         bridge_text = self.driver.pvc.bridge
         if text_before and not text_before[-1].isspace() and bridge_text and not bridge_text[0].isspace():
             bridge_text = " " + bridge_text
-        added = tok.encode(bridge_text, add_special_tokens=False) if bridge_text else []
+        bridge_ids = tok.encode(bridge_text, add_special_tokens=False) if bridge_text else []
+        images_ids: list[int] = []
         for _ in compressed:
-            added += self.driver.image_block()
+            images_ids += self.driver.image_block()
+        added = bridge_ids + images_ids
+        if self.driver.pvc.mode == "kv":
+            self.kv_link = self._kv_link(output, part)
+            self.text_assistant.extend(bridge_ids)
+            self._kv_images = images_ids
+            self.grids = [self._item_grid(item) for item, _ in compressed]
         self.pieces.append(bridge_text)
         self.assistant.extend(added)
         self.injected.extend(item for item, _ in compressed)
@@ -978,6 +1028,58 @@ class _Session:
 
     def next_params(self) -> SamplingParams:
         return self._settings()
+
+    # -- kv mode ------------------------------------------------------------------------------------
+
+    def _item_grid(self, item: Any) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid the engine gives an image item (features: their grid; a PIL
+        image: Qwen2-VL's resize rule with the engine's settings)."""
+        if isinstance(item, tuple):
+            return tuple(int(v) for v in item[1])  # type: ignore[return-value]
+        settings = self.driver.image_settings
+        patch, merge = settings.get("patch_size", 14), settings.get("merge_size", 2)
+        bounds = {key: settings[key] for key in ("min_pixels", "max_pixels") if key in settings}
+        width, height = item.size
+        rh, rw = tvc_rs.smart_resize(height, width, factor=patch * merge, **bounds)
+        return (1, rh // patch, rw // patch)
+
+    def _kv_link(self, output: Any, part: list[int]) -> dict:
+        """What the connector moves into the continuation: runs ``[dst, src, n, dt, dh, dw]`` of
+        tokens ``dst..dst+n`` of the continuation taken from tokens ``src..src+n`` of the stopped
+        part, each key re-rotated by its M-RoPE delta (new position minus old). The continuation
+        starts with ``relocate``'s text (no image blocks); all of it but its last token (the one
+        that confirmed the calibration, computed again at its new place as tvc_rs.hf does) is
+        shared with the stopped part."""
+        d = self.driver
+        src = [int(t) for t in output.prompt_token_ids] + [int(t) for t in output.outputs[0].token_ids]
+        grids = np.asarray(self.grids, dtype=np.int64).reshape(-1, 3)
+        old, _ = tvc_rs.mrope_position_ids(np.asarray([src], dtype=np.int64), grids if len(grids) else None,
+                                           config=d.vllm_config.model_config.hf_config)
+        old = np.asarray(old)[:, 0, :]  # [3, L]
+        text_idx, inside = [], False
+        for i, t in enumerate(src):
+            if t == d.vision_start:
+                inside = True
+            if not inside:
+                text_idx.append(i)
+            if t == d.vision_end:
+                inside = False
+        shared = self.question_ids + self.text_assistant  # ends with the token that confirmed it
+        m = len(shared) - 1
+        idx = np.asarray(text_idx[:m], dtype=np.int64)
+        if len(idx) != m or [src[i] for i in idx.tolist()] != shared[:m]:
+            raise RuntimeError(f"request {self.request_id}: kv mode: the stopped part's text differs from the continuation's")
+        # The continuation's text has no image: its M-RoPE position is its index, on all three axes.
+        delta = np.arange(m, dtype=np.int64)[:, None] - old[:, idx].T  # [m, 3]
+        runs: list[list[int]] = []
+        for i in range(m):
+            row = delta[i].tolist()
+            last = runs[-1] if runs else None
+            if last is not None and last[3:] == row and last[1] + last[2] == idx[i] and last[0] + last[2] == i:
+                last[2] += 1
+            else:
+                runs.append([i, int(idx[i]), 1, *row])
+        return {"source": f"{self.kv_key}-{len(self.calibrations)}", "segments": runs}
 
     def result(self) -> TVCResult:
         return TVCResult(
@@ -1028,7 +1130,12 @@ def generate(llm: Any, requests: Any, pvc: Optional[PVCConfig] = None) -> list[T
     phrase and the compressed image(s) (a new prefill of all of it); in ``append`` mode with the
     same prompt plus the generated tokens, the bridge phrase and the compressed image(s), as
     token ids, so that vLLM's prefix cache serves everything before (a prefill of the new tokens
-    only). Results come back in the order of ``requests``.
+    only); in ``kv`` mode with relocate's sequence holding only the newest compressed image(s),
+    whose text (all but its last token) the engine's ``TVCKVConnector`` moves from the stopped
+    request's blocks, re-rotated to its new positions, instead of computing it (a prefill of
+    the last generated token, the bridge and the image: see :mod:`tvc_rs.vllm_kv`; the engine
+    needs ``kv_transfer_config=tvc_rs.vllm_kv.kv_transfer_config()``). Results come back in the
+    order of ``requests``.
 
     ``pvc`` (default ``PVCConfig()``): mode, pool factor, bridge phrase, schedule, phrases,
     calibration token. Its phrases must be the engine's (``additional_config["tvc"]["phrases"]``,
@@ -1069,7 +1176,7 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
     generator of ``StreamingInput``): at a calibration the engine keeps the request, its KV
     cache and every generated token but the calibration token itself, and takes the next
     chunk, the bridge phrase and the compressed image(s): no re-prefill at all. ``relocate``
-    mode submits each part as a new request, as :func:`generate` does.
+    and ``kv`` modes submit each part as a new request, as :func:`generate` does.
     """
     import asyncio
     import uuid
@@ -1085,7 +1192,7 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
         p.output_kind = RequestOutputKind.DELTA
         return p
 
-    if driver.pvc.mode == "relocate":
+    if driver.pvc.mode in ("relocate", "kv"):
         prompt, params = session.first()
         while prompt is not None:
             final = None
