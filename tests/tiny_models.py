@@ -81,6 +81,7 @@ FAMILY_IMAGE_TOKENS = {
     "qwen3_vl_moe": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "qwen3_5": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "glm4v": ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>"),
+    "glm4v_moe": ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>"),
 }
 FAMILIES = tuple(FAMILY_IMAGE_TOKENS)
 _GLM_SPECIALS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
@@ -133,7 +134,7 @@ def family_processor(family: str, assets: Path):
 def family_config(family: str, assets: Path):
     """A tiny config of ``family`` from transformers' own config class: 2 text layers (Qwen3.5: 4,
     three linear-attention and one full-attention, its pattern) of hidden 64, 2 heads of 32 with
-    1 KV head; the family's rope layout at that size (Qwen3-VL interleaved M-RoPE [6, 5, 5] over
+    1 KV head (the MoE variants: 4 experts of 32, 2 per token; GLM's first layer dense); the family's rope layout at that size (Qwen3-VL interleaved M-RoPE [6, 5, 5] over
     all 32 dims; GLM-4.1V partial_rotary_factor 0.5, adjacent pairs, [2, 3, 3]; Qwen3.5
     partial_rotary_factor 0.5, interleaved [3, 3, 2]); Qwen3-VL DeepStack from vision layers 0
     and 1 of 3. Token ids are those of `family_tokenizer`."""
@@ -157,11 +158,14 @@ def family_config(family: str, assets: Path):
             image_token_id=ids["pad"], vision_start_token_id=ids["start"], vision_end_token_id=ids["end"],
             tie_word_embeddings=True, initializer_range=0.1,
         )
-    if family == "glm4v":
-        from transformers import Glm4vConfig
+    if family in ("glm4v", "glm4v_moe"):
+        from transformers import Glm4vConfig, Glm4vMoeConfig
 
         text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], partial_rotary_factor=0.5)
-        return Glm4vConfig(
+        if family == "glm4v_moe":
+            text.update(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1)
+        return (Glm4vConfig if family == "glm4v" else Glm4vMoeConfig)(
             text_config=text,
             vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                patch_size=14, spatial_merge_size=2, initializer_range=0.1),
@@ -196,5 +200,6 @@ def family_model_class(family: str):
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
         "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
         "glm4v": transformers.Glm4vForConditionalGeneration,
+        "glm4v_moe": transformers.Glm4vMoeForConditionalGeneration,
         "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     }[family]

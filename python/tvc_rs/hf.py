@@ -4,7 +4,8 @@ Model families (``SUPPORTED_MODEL_TYPES``; every rope and token setting is read 
 config): Qwen2-VL / QVQ / TVC (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``), Qwen3-VL
 (``qwen3_vl``, ``qwen3_vl_moe``: DeepStack levels carried through every forward and compressed
 with the image; interleaved M-RoPE), GLM-4.1V-Thinking (``glm4v``, ``glm4v_moe``: image block
-``<|begin_of_image|> <|image|>... <|end_of_image|>``, partial rotary with adjacent pairs) and
+``<|begin_of_image|> <|image|>... <|end_of_image|>``, partial rotary: adjacent pairs for GLM-4.1V,
+half-split for GLM-4.5V) and
 Qwen3.5 (``qwen3_5``: ``relocate`` and ``append`` only; its linear-attention layers keep a
 recurrent state, not a cache that ``kv`` could move, and attention pruning is refused for the same
 reason). Below, ``<|vision_start|>`` / ``<|image_pad|>`` / ``<|vision_end|>`` stand for the
@@ -118,7 +119,8 @@ _FAMILIES = {
     "qwen3_vl": _Family("Qwen3-VL", section=(24, 20, 20), **_QWEN3),
     "qwen3_vl_moe": _Family("Qwen3-VL MoE", section=(24, 20, 20), **_QWEN3),
     "glm4v": _Family("GLM-4.1V-Thinking", section=(8, 12, 12), **_GLM),
-    "glm4v_moe": _Family("GLM-4.5V", section=(8, 12, 12), **_GLM),
+    # GLM-4.5V's text model rotates half-split pairs (transformers' rotate_half), unlike GLM-4.1V.
+    "glm4v_moe": _Family("GLM-4.5V", section=(8, 12, 12), **{**_GLM, "adjacent_pairs": False}),
     "qwen3_5": _Family("Qwen3.5", section=(11, 11, 10), **_QWEN3),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
