@@ -133,7 +133,7 @@ def pooled_image(image, grid, k):
     return (pooled, [torch_pool(level, grid, k)[0] for level in levels]), pgrid
 
 
-def reference_forward(model, family, ids, images, merged_grids):
+def reference_forward(model, family, ids, images, merged_grids, **kwargs):
     """The model's own forward over ``ids`` [L], the image blocks filled (in order) with
     ``images`` [(features, deepstack levels)] through mm_encoder_outputs, positions from its
     own get_rope_index with each block on its merged grid."""
@@ -147,7 +147,7 @@ def reference_forward(model, family, ids, images, merged_grids):
         encoder.deepstack_features = [tuple(levels[i] for _, levels in images) for i in range(len(images[0][1]))]
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=pos, mm_encoder_outputs={"image": encoder}, image_grid_thw=grids,
-                    mm_token_type_ids=(ids == pad).long())
+                    mm_token_type_ids=(ids == pad).long(), **kwargs)
     return out, pos[:, 0]
 
 
@@ -249,13 +249,16 @@ def test_append_logits_equal_a_fresh_forward(family, clevr, pool):
         torch.testing.assert_close(result.logits[j][0].double(), out.logits[0, s - 1].double(), **logits_tol(family))
 
 
-def test_qwen3_vl_pruned_image_carries_its_pruned_deepstack_levels(clevr):
-    """Qwen3-VL, append with attention pruning: the re-injected image is the kept rows of the
-    features and of every DeepStack level, at their full-grid cells; the logits after it equal
-    the model's own forward with those rows."""
-    family = "qwen3_vl"
+@pytest.mark.parametrize("family", KV_FAMILIES)
+def test_pruned_image_equals_a_fresh_forward(family, clevr):
+    """Append with attention pruning (the query probe RMS-normed per head for Qwen3-VL, rotated
+    with the family's rope): the re-injected image is the kept rows of the features and of every
+    DeepStack level, at their full-grid cells; the logits after it equal the model's own forward
+    with those rows."""
     model, processor = model_for(family), processor_for(family)
-    session = hf.PVCSession(model, processor, clevr, QUESTION, config=PVCConfig(mode="append", prune={"ratio": 0.25}))
+    layer = 1
+    session = hf.PVCSession(model, processor, clevr, QUESTION,
+                            config=PVCConfig(mode="append", prune={"ratio": 0.25, "layer": layer}))
     result = session.run(max_new_tokens=8, do_sample=False, output_logits=True,
                          logits_processor=LogitsProcessorList([Force({3: WAIT, 4: COMMA})]))
     (c,) = result.calibrations
@@ -265,6 +268,15 @@ def test_qwen3_vl_pruned_image_carries_its_pruned_deepstack_levels(clevr):
     grid = merged(inputs, model)
     n = feats.shape[0]
     assert c.visual_tokens == len(kept) == int(math.floor(0.25 * n + 0.5))
+    # The kept tokens: the top quarter of the trigger token's eager attention on the image at
+    # `layer` (renormalised over the image, mean over heads) in the model's own forward.
+    _, pad, _ = token_ids(processor, family)
+    prefix = torch.tensor(inputs["input_ids"][0].tolist() + result.token_ids[:c.token_index + 1])
+    out, _ = reference_forward(model_for(family, attn="eager"), family, prefix, [(feats, levels)], [grid],
+                               output_attentions=True)
+    row = out.attentions[layer][0, :, -1, (prefix == pad).nonzero()[:, 0]]
+    scores = (row / row.sum(-1, keepdim=True)).mean(0)
+    assert kept.tolist() == torch.sort(torch.topk(scores, len(kept)).indices).values.tolist()
     # Reference: the full grid's positions with the dropped cells removed, the kept rows of every level.
     start_id, pad, end_id = token_ids(processor, family)
     ids = result.sequence
@@ -280,7 +292,8 @@ def test_qwen3_vl_pruned_image_carries_its_pruned_deepstack_levels(clevr):
     pos = pos[:, :, keep]
     assert torch.equal(result.position_ids, pos[:, 0])
     encoder = BaseModelOutputWithPooling(pooler_output=(feats, feats[kept]))
-    encoder.deepstack_features = [(level, level[kept]) for level in levels]
+    if levels:
+        encoder.deepstack_features = [(level, level[kept]) for level in levels]
     with torch.no_grad():
         out = model(input_ids=ids[None], position_ids=pos, mm_encoder_outputs={"image": encoder},
                     image_grid_thw=grids, mm_token_type_ids=(ids[None] == pad).long())
