@@ -339,6 +339,8 @@ def test_qwen3_5_refuses_kv_and_pruning(clevr):
         hf.generate(model, processor, clevr, QUESTION, config=PVCConfig(mode="kv"), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"config.prune: not supported for Qwen3.5"):
         hf.generate(model, processor, clevr, QUESTION, config=PVCConfig(prune={"ratio": 0.5}), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"visual_attention_curve: Qwen3.5's layers \[0, 1, 2\] are linear attention"):
+        hf.visual_attention_curve(model, processor, clevr, QUESTION, max_new_tokens=2)
 
 
 def test_unsupported_model_type_lists_the_supported_ones(clevr):

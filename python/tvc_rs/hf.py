@@ -1380,6 +1380,11 @@ def visual_attention_curve(
     if plain:
         config = PVCConfig(schedule=PVCSchedule(max_calibrations=0))
     session = PVCSession(model, processor, images, question, messages=messages, config=config)
+    if session.recurrent_layers:
+        raise ValueError(
+            f"visual_attention_curve: {session.family.name}'s layers {session.recurrent_layers} are linear "
+            "attention (no attention rows to read); it needs a model whose every layer is full attention"
+        )
     previous = model.config._attn_implementation
     if previous != "eager":
         model.set_attn_implementation("eager")
