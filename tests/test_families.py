@@ -368,3 +368,26 @@ def test_a_config_contradicting_the_family_rope_is_refused(clevr):
     finally:
         text.rope_parameters.clear()
         text.rope_parameters.update(saved)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
+def test_cli_generate_loads_a_family_folder(family, clevr, tmp_path, capsys):
+    """`tvc-rs generate --model FOLDER` on a saved tiny model of the family (weights with
+    save_pretrained, the processor with its own save_pretrained): the same tokens and
+    calibrations as tvc_rs.hf.generate on the model in memory."""
+    import json
+
+    from tvc_rs import cli
+
+    model, processor = model_for(family, torch.float32), processor_for(family)
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = str(asset("images/tvc_case1_clevr.jpg"))
+    assert cli.main(["generate", "--model", str(folder), "--image", image, "--question", QUESTION, "--period", "4",
+                     "--max-new-tokens", "9", "--dtype", "float32", "--mode", "kv", "--pool", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = hf.generate(model, processor, clevr, QUESTION, max_new_tokens=9, do_sample=False,
+                       config=PVCConfig(mode="kv", pool=2, schedule=PVCSchedule(period=4)))
+    assert out["token_ids"] == want.token_ids
+    assert [c["token_index"] for c in out["calibrations"]] == [c.token_index for c in want.calibrations] == [3, 7]
