@@ -759,12 +759,15 @@ class PVCSession:
         return _Layout(ids, pos, spans, image_mask, injected)
 
     def _position_settings(self) -> dict:
-        """Explicit settings for ``mrope_position_ids`` where it does not know the model type yet.
+        """Explicit settings for ``mrope_position_ids`` where it does not know the model type
+        (``tvc_rs.rope.SUPPORTED_MODEL_TYPES``).
         Our layouts hold images only (no videos), which every supported family places by the
         Qwen2-VL rule: a run of image tokens starting at ``p`` gets ``(p, p + row, p + col)``
         and the next token ``p + max(h, w)``."""
-        if self.model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-            return {}
+        from tvc_rs import rope
+
+        if self.model.config.model_type in getattr(rope, "SUPPORTED_MODEL_TYPES", ("qwen2_vl", "qwen2_5_vl")):
+            return {}  # mrope_position_ids reads everything from the config
         return {"model_type": "qwen2_vl", "image_token_id": self.image_token_id, "spatial_merge_size": self.merge}
 
     @property
