@@ -119,8 +119,13 @@ __device__ __forceinline__ u32 block_flag_scan(bool flag, u32* warp_totals, u32&
 
 #define MAX_HALF 128
 
-// How keys were rotated. inv_freq is computed on the host in f64 exactly as the CPU path does
-// (rope_theta ** (-2i / rotary_dim)); comp[i] is the M-RoPE component (0 t, 1 h, 2 w) of pair i.
+// How keys were rotated: the device mirror of the host's one rope description (src/kv/rope.rs
+// RopeConfig). inv_freq is computed on the host in f64 exactly as the CPU path does
+// (rope_theta ** (-2i / rotary_dim)); comp[i] is the M-RoPE component (0 t, 1 h, 2 w) of
+// frequency pair i, from the host's mrope_components(): contiguous sections (Qwen2-VL, GLM-4.1V)
+// or the interleaved map (Qwen3-VL, Qwen3.5: h if i % 3 == 1 and i < 3 s_h, w if i % 3 == 2 and
+// i < 3 s_w, else t), so every kernel follows either map without a branch of its own. Partial
+// rotary: half < head_dim / 2, dims from 2 * half on pass through, in either pair layout.
 struct RopeArgs {
     double inv_freq[MAX_HALF];
     unsigned char comp[MAX_HALF];

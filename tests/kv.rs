@@ -1104,3 +1104,59 @@ fn head_dim_is_bounded_before_any_table_is_built() {
     );
     assert!(RopeConfig::new(1e6, 1 << 16, None, false, None).is_ok());
 }
+
+#[test]
+fn interleaved_mrope_map_and_rotation() {
+    // Qwen3-VL [24, 20, 20] over 64 pairs, Qwen3.5 [11, 11, 10] over 32: h at j % 3 == 1 below
+    // 3 s_h, w at j % 3 == 2 below 3 s_w, t elsewhere (written out from the rule).
+    for (sections, rotary_dim) in [([24usize, 20, 20], 128usize), ([11, 11, 10], 64)] {
+        let config = RopeConfig::new(1e6, 256, Some(rotary_dim), false, Some(sections.to_vec()))
+            .unwrap()
+            .with_mrope_interleaved(true)
+            .unwrap();
+        let comp = mrope_components(&config);
+        let want: Vec<u8> = (0..rotary_dim / 2)
+            .map(|j| match j % 3 {
+                1 if j < 3 * sections[1] => 1,
+                2 if j < 3 * sections[2] => 2,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(comp, want);
+        assert_eq!(Rope::new(config.clone()).components(), &want[..]);
+        // Rotation of a partial-rotary key by a (t, h, w) delta, both pair layouts.
+        for interleaved in [false, true] {
+            let config = RopeConfig {
+                interleaved,
+                ..config.clone()
+            };
+            let rope = Rope::new(config);
+            let reference = RefRope {
+                theta: 1e6,
+                rotary_dim,
+                interleaved,
+                comp: want.iter().map(|&c| c as usize).collect(),
+            };
+            let mut rng = TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+            let x = rand_vec(&mut rng, 256);
+            let (p, d) = ([900, 30, 4000], [-700, 12, -3000]);
+            let stored = reference.apply(&x, p);
+            let mut keys: Vec<f32> = stored.iter().map(|&v| v as f32).collect();
+            let mut view =
+                StridedMut::new(&mut keys, 0, [1, 1, 256], [256, 256, 1], "keys").unwrap();
+            rerotate_keys(
+                std::slice::from_mut(&mut view),
+                Deltas::PerTokenThw(&[d]),
+                &rope,
+            )
+            .unwrap();
+            let want = reference.apply(&x, add(p, d));
+            assert!(max_err(&keys, &want) < 4e-6, "{}", max_err(&keys, &want));
+        }
+    }
+    // Interleaving needs three sections.
+    let four = RopeConfig::new(1e4, 16, None, false, Some(vec![2, 2, 2, 2])).unwrap();
+    assert!(four.with_mrope_interleaved(true).is_err());
+    let none = RopeConfig::new(1e4, 16, None, false, None).unwrap();
+    assert!(none.with_mrope_interleaved(true).is_err());
+}

@@ -740,3 +740,45 @@ fn smart_resize_errors() {
     assert!(message(image_token_count(10, 10, &bad).unwrap_err())
         .starts_with("patch_size must be >= 1"));
 }
+
+#[test]
+fn qwen3_vl_and_glm4v_videos_by_hand() {
+    // Qwen3-VL: a video (2, 2, 4), merge 2, is two frame blocks of 1 x 1 x 2 tokens with a
+    // timestamp token between them; each block restarts t / h / w at its own start.
+    let q3 = MropeConfig::for_model(ModelType::Qwen3Vl);
+    let ids = [7, VIDEO, VIDEO, 8, VIDEO, VIDEO, 9];
+    let p = positions_for_sequence(&ids, &[], &[GridThw::new(2, 2, 4)], None, &q3).unwrap();
+    assert_eq!(p.t, vec![0, 1, 1, 3, 4, 4, 6]);
+    assert_eq!(p.h, vec![0, 1, 1, 3, 4, 4, 6]);
+    assert_eq!(p.w, vec![0, 1, 2, 3, 4, 5, 6]);
+    // Without the split (Qwen2-VL) the two runs would need two video rows.
+    assert!(positions_for_sequence(&ids, &[], &[GridThw::new(2, 2, 4)], None, &cfg(2)).is_err());
+
+    // GLM-4.1V: image tokens inside <|begin_of_video|> ... <|end_of_video|> are video frames.
+    let glm = MropeConfig::for_model(ModelType::Glm4v);
+    let (im, bv, ev) = (151343, 151341, 151342);
+    let ids = [1, im, im, 2, bv, im, im, 3, im, im, ev, 4];
+    let image = [GridThw::new(1, 2, 4)];
+    let video = [GridThw::new(2, 2, 4)];
+    let p = positions_for_sequence(&ids, &image, &video, None, &glm).unwrap();
+    assert_eq!(p.w, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(p.h, vec![0, 1, 1, 3, 4, 5, 5, 7, 8, 8, 10, 11]);
+    // Without the markers' ids the kinds cannot be told.
+    let no_markers = MropeConfig {
+        video_start_token_id: None,
+        ..glm
+    };
+    let err = positions_for_sequence(&ids, &image, &video, None, &no_markers).unwrap_err();
+    assert!(message(err).contains("needs video_start_token_id"));
+}
+
+#[test]
+fn model_type_names_round_trip_and_unknown_lists_all() {
+    for m in ModelType::ALL {
+        assert_eq!(ModelType::parse(m.name()).unwrap(), m);
+    }
+    let msg = message(ModelType::parse("llava").unwrap_err());
+    for m in ModelType::ALL {
+        assert!(msg.contains(&format!("'{}'", m.name())), "{msg}");
+    }
+}

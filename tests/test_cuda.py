@@ -247,7 +247,9 @@ def test_prune_edges(device):
 
 
 def rope_kwargs(case):
-    return {k: case[k] for k in ("rope_theta", "head_dim", "rotary_dim", "interleaved", "mrope_section")}
+    kwargs = {k: case[k] for k in ("rope_theta", "head_dim", "rotary_dim", "interleaved", "mrope_section")}
+    # Drawn by rope_cases for some M-RoPE cases: the interleaved (Qwen3-VL) frequency map.
+    return dict(kwargs, mrope_interleaved=case.get("mrope_interleaved", False))
 
 
 def delta_for(kind, g, n, mrope, span, device):
@@ -359,11 +361,16 @@ def test_relocate(case, batch, heads, layers, seq, cut, dtype, delta_kind, seed,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("span", [(40, 100), (5, 6), (100, 1200)])
-def test_relocate_long_cache(device, dtype, span):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_relocate_long_cache(device, dtype, span, family):
     """A cache long enough for many tiles per lane, with the span shorter than what follows it
-    (moves overlap, order matters) and longer (moves split over blocks)."""
+    (moves overlap, order matters) and longer (moves split over blocks); Qwen2-VL's contiguous
+    and Qwen3-VL's interleaved M-RoPE."""
     g = rng(span[0])
-    case = dict(rope_theta=1e6, head_dim=128, mrope_section=[16, 24, 24])
+    if family == "qwen2_vl":
+        case = dict(rope_theta=1e6, head_dim=128, mrope_section=[16, 24, 24])
+    else:
+        case = dict(rope_theta=5e6, head_dim=128, mrope_section=[24, 20, 20], mrope_interleaved=True)
     seq, (start, end) = 1500, span
     keys = [tensor(g.uniform(-1, 1, size=(1, 4, seq, 128)), dtype, device) for _ in range(2)]
     values = [tensor(g.uniform(-1, 1, size=(1, 4, seq, 128)), dtype, device) for _ in range(2)]
@@ -379,10 +386,21 @@ def test_relocate_long_cache(device, dtype, span):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("positions", ["list", "start"])
-def test_append(device, dtype, positions):
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rotary_dim=24, mrope_section=[4, 4, 4]),
+        # Qwen3.5-like: partial rotary, NeoX pairs, interleaved map.
+        dict(rotary_dim=16, mrope_section=[3, 3, 2], mrope_interleaved=True),
+        # GLM-4.1V-like: partial rotary, adjacent (GPT-J) pairs, contiguous sections.
+        dict(rotary_dim=12, interleaved=True, mrope_section=[2, 2, 2]),
+    ],
+    ids=["qwen2_vl", "qwen3_5", "glm4v"],
+)
+def test_append(device, dtype, positions, rope):
     g = rng(8)
     batch, heads, seq, n, d = 2, 2, 13, 5, 24
-    case = dict(rope_theta=1e4, head_dim=d, rotary_dim=d, mrope_section=[4, 4, 4])
+    case = dict(rope_theta=1e4, head_dim=d, **rope)
     keys = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype, device) for _ in range(2)]
     values = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype, device) for _ in range(2)]
     new_k = [tensor(g.uniform(-1, 1, size=(batch, heads, n, d)), dtype, device) for _ in range(2)]

@@ -16,14 +16,24 @@ from tvc_rs import append_entries, paged_reinject, relocate_span, rerotate_keys
 # ------------------------------------------------------------------ float64 reference
 
 
-def pair_components(rotary_dim: int, mrope_section) -> np.ndarray:
+def pair_components(rotary_dim: int, mrope_section, mrope_interleaved: bool = False) -> np.ndarray:
     """Which position component (0 = t, 1 = h, 2 = w) turns each frequency pair."""
     if mrope_section is None:
         return np.zeros(rotary_dim // 2, dtype=np.int64)
+    if mrope_interleaved:
+        # Qwen3-VL: t everywhere, then every third pair from 1 (h) and from 2 (w), as far as
+        # 3 * section; slices clip at the end, as transformers' apply_interleaved_mrope does.
+        comp = np.zeros(rotary_dim // 2, dtype=np.int64)
+        comp[1 : 3 * mrope_section[1] : 3] = 1
+        comp[2 : 3 * mrope_section[2] : 3] = 2
+        return comp
     return np.concatenate([np.full(n, j % 3) for j, n in enumerate(mrope_section)]).astype(np.int64)
 
 
-def ref_rotate(x, delta, *, rope_theta, rotary_dim=None, interleaved=False, mrope_section=None, head_dim=None):
+def ref_rotate(
+    x, delta, *, rope_theta, rotary_dim=None, interleaved=False, mrope_section=None, head_dim=None,
+    mrope_interleaved=False,
+):
     """x: [tokens, ..., head_dim] rotated by delta ([tokens] or [tokens, 3]), in float64."""
     x = np.asarray(x, dtype=np.float64)
     rotary_dim = rotary_dim or x.shape[-1]
@@ -34,7 +44,7 @@ def ref_rotate(x, delta, *, rope_theta, rotary_dim=None, interleaved=False, mrop
         d = np.repeat(d[:, None], 3, axis=1)
     half = rotary_dim // 2
     inv_freq = 1.0 / rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-    angles = d[:, pair_components(rotary_dim, mrope_section)].astype(np.float64) * inv_freq
+    angles = d[:, pair_components(rotary_dim, mrope_section, mrope_interleaved)].astype(np.float64) * inv_freq
     angles = angles.reshape(x.shape[0], *([1] * (x.ndim - 2)), half)
     cos, sin = np.cos(angles), np.sin(angles)
     i1 = np.arange(0, rotary_dim, 2) if interleaved else np.arange(half)
@@ -97,13 +107,17 @@ def rope_cases(draw):
         a = draw(st.integers(0, half))
         b = draw(st.integers(a, half))
         sections = [a, b - a, half - b]
-    return dict(
+    case = dict(
         rope_theta=draw(st.sampled_from([10000.0, 1e6, 500.0])),
         head_dim=head_dim,
         rotary_dim=rotary_dim,
         interleaved=draw(st.booleans()),
         mrope_section=sections,
     )
+    # The interleaved frequency map (Qwen3-VL), with either pair layout and partial rotary.
+    if sections is not None and draw(st.booleans()):
+        case["mrope_interleaved"] = True
+    return case
 
 
 def layout_view(base, layout):

@@ -444,7 +444,7 @@ VGRID = np.array([[2, 2, 2]])
         ({"second_per_grid_ts": ["a"], "model_type": "qwen2_5_vl"}, TypeError, re.escape("second_per_grid_ts[0] must be a number")),
         ({"second_per_grid_ts": [float("nan")], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts[0]: second_per_grid_ts must be finite")),
         ({"second_per_grid_ts": 3, "model_type": "qwen2_5_vl"}, TypeError, re.escape("second_per_grid_ts must be a tensor")),
-        ({"model_type": "llava"}, ValueError, re.escape("model_type must be 'qwen2_vl' or 'qwen2_5_vl', got \"llava\"")),
+        ({"model_type": "llava"}, ValueError, re.escape("model_type must be one of 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl',")),
         ({"spatial_merge_size": 0}, ValueError, re.escape("spatial_merge_size must be >= 1, got 0")),
         ({"tokens_per_second": "2", "model_type": "qwen2_5_vl"}, TypeError, re.escape("tokens_per_second must be an int or a float")),
     ],

@@ -197,14 +197,17 @@ def mrope_position_ids(
     mm_token_type_ids: _Any | None = None,
     second_per_grid_ts: _Any | None = None,
     model_type: str = "qwen2_vl",
-    spatial_merge_size: int = 2,
-    image_token_id: int = 151655,
-    video_token_id: int = 151656,
+    spatial_merge_size: int | None = None,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
     tokens_per_second: int | float | None = None,
+    video_start_token_id: int | None = None,
+    video_end_token_id: int | None = None,
 ) -> tuple[_NDArray[_np.int32] | _NDArray[_np.int64], _NDArray[_np.int64]]:
     """NumPy arrays in (``input_ids`` int32/int64 ``(batch, seq)``, C-contiguous), NumPy out:
     ``position_ids`` ``(3, batch, seq)`` in ``input_ids``' dtype and ``rope_deltas`` ``(batch, 1)`` int64.
-    ``second_per_grid_ts`` is passed as given (tensor, array or list): its dtype decides the arithmetic."""
+    ``second_per_grid_ts`` is passed as given (tensor, array or list): its dtype decides the arithmetic.
+    Settings left None take the defaults of ``model_type``'s transformers config class."""
 
 def smart_resize(
     height: int, width: int, *, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
@@ -296,6 +299,7 @@ def rerotate_keys(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> None: ...
 def relocate_span(
     keys: object,
@@ -312,6 +316,7 @@ def relocate_span(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> int: ...
 def append_entries(
     keys: object,
@@ -326,6 +331,7 @@ def append_entries(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> None: ...
 def paged_reinject(
     kv_caches: object,
@@ -339,6 +345,7 @@ def paged_reinject(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> int: ...
 
 # --- end kv ---

@@ -1,9 +1,9 @@
-"""M-RoPE position ids and image token counts of Qwen2-VL / Qwen2.5-VL (Rust: src/rope).
+"""M-RoPE position ids of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V and Qwen3.5, and Qwen2-VL image
+token counts (Rust: src/rope).
 
-``mrope_position_ids`` equals transformers' ``Qwen2VLModel.get_rope_index`` /
-``Qwen2_5_VLModel.get_rope_index`` (5.24) element for element; ``smart_resize``,
-``image_grid_thw`` and ``image_token_count`` equal what ``Qwen2VLImageProcessor`` (fast and PIL)
-does to an image of that size.
+``mrope_position_ids`` equals the model's own ``get_rope_index`` (transformers 5.24) element for
+element; ``smart_resize``, ``image_grid_thw`` and ``image_token_count`` equal what
+``Qwen2VLImageProcessor`` (fast and PIL) does to an image of that size.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from tvc_rs import _native
 
 __all__ = [
+    "SUPPORTED_MODEL_TYPES",
     "mrope_position_ids",
     "smart_resize",
     "image_grid_thw",
@@ -26,14 +27,21 @@ __all__ = [
     "image_processor_settings",
 ]
 
-# transformers' Qwen2VLConfig / Qwen2_5_VLConfig defaults.
-_DEFAULTS = {
-    "model_type": "qwen2_vl",
-    "spatial_merge_size": 2,
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "tokens_per_second": None,  # None: the model type's default (Qwen2.5-VL: 4)
-}
+# The model types mrope_position_ids follows (transformers' config.model_type).
+SUPPORTED_MODEL_TYPES = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "glm4v",
+    "glm4v_moe",
+    "qwen3_5",
+    "qwen3_5_moe",
+)
+
+# Settings not given and not in the config take the defaults of the model type's transformers
+# config class (Qwen2VLConfig(), Qwen3VLConfig(), Glm4vConfig(), ...), in the native code.
+_DEFAULTS = {"model_type": "qwen2_vl"}
 
 # Qwen2VLImageProcessor's defaults (= Qwen2-VL's preprocessor_config.json).
 _MIN_PIXELS = 56 * 56
@@ -86,6 +94,9 @@ def _config_settings(config: Any) -> dict:
         "video_token_id": _get(config, "video_token_id"),
         "spatial_merge_size": _get(vision, "spatial_merge_size"),
         "tokens_per_second": _get(vision, "tokens_per_second"),
+        # GLM-4.1V: video frames carry the image token between these markers.
+        "video_start_token_id": _get(config, "video_start_token_id"),
+        "video_end_token_id": _get(config, "video_end_token_id"),
     }
     return {k: v for k, v in found.items() if v is not None}
 
@@ -104,13 +115,25 @@ def mrope_position_ids(
     image_token_id: int | None = None,
     video_token_id: int | None = None,
     tokens_per_second: int | float | None = None,
+    video_start_token_id: int | None = None,
+    video_end_token_id: int | None = None,
 ):
-    """3-D M-RoPE position ids and rope deltas of Qwen2-VL / Qwen2.5-VL.
+    """3-D M-RoPE position ids and rope deltas of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Qwen3.5.
 
-    Equal element for element to transformers' ``Qwen2VLModel.get_rope_index``
-    (``model_type="qwen2_vl"``, also QVQ) and ``Qwen2_5_VLModel.get_rope_index``
-    (``model_type="qwen2_5_vl"``); tested with transformers 5.24.0 (requirements/test.txt) and
-    5.6.0 (the LLaMA-Factory environment, requirements/llamafactory.txt).
+    Equal element for element to the model's own ``get_rope_index`` in transformers:
+    ``Qwen2VLModel`` (``model_type="qwen2_vl"``, also QVQ), ``Qwen2_5_VLModel``
+    (``"qwen2_5_vl"``), ``Qwen3VLModel`` / ``Qwen3VLMoeModel`` (``"qwen3_vl"``,
+    ``"qwen3_vl_moe"``), ``Glm4vModel`` / ``Glm4vMoeModel`` (``"glm4v"``, ``"glm4v_moe"``) and
+    ``Qwen3_5Model`` / ``Qwen3_5MoeModel`` (``"qwen3_5"``, ``"qwen3_5_moe"``); tested with
+    transformers 5.24.0 (requirements/test.txt), the Qwen2 types also with 5.6.0 (the
+    LLaMA-Factory environment, requirements/llamafactory.txt).
+
+    Images are placed the same way by every type. Videos: Qwen2-VL and Qwen2.5-VL make each video
+    one block; the others make each frame its own block (a text timestamp between frames), so a
+    ``video_grid_thw`` row ``(t, h, w)`` stands for ``t`` blocks of ``(1, h, w)``, as their
+    ``get_rope_index`` splits it. GLM-4.1V's frames carry the image token: an ``image_token_id``
+    token between ``video_start_token_id`` and ``video_end_token_id`` is a video token (the rule
+    of ``Glm4vProcessor.create_mm_token_type_ids``).
 
     Args:
         input_ids: ``(batch, seq)`` int32 or int64, NumPy array or torch tensor (any device).
@@ -127,20 +150,28 @@ def mrope_position_ids(
         mm_token_type_ids: ``(batch, seq)`` integers, 0 text / 1 image / 2 video, as the
             processor returns; when given it decides the token kinds instead of comparing
             ``input_ids`` with ``image_token_id`` / ``video_token_id``.
-        config: a transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` (or its ``to_dict()``):
-            ``model_type``, ``image_token_id``, ``video_token_id``,
-            ``vision_config.spatial_merge_size`` and ``vision_config.tokens_per_second`` are read
-            from it. Explicit keyword arguments take precedence.
-        model_type: ``"qwen2_vl"`` (default) or ``"qwen2_5_vl"``; only videos differ.
+        config: the model's transformers config (``Qwen2VLConfig``, ``Qwen3VLConfig``,
+            ``Glm4vConfig``, ``Qwen3_5Config``, ...; or its ``to_dict()``): ``model_type``,
+            ``image_token_id``, ``video_token_id``, ``video_start_token_id``,
+            ``video_end_token_id``, ``vision_config.spatial_merge_size`` and
+            ``vision_config.tokens_per_second`` are read from it. Explicit keyword arguments take
+            precedence. Pass it: settings found in neither take the defaults of the model type's
+            transformers config class.
+        model_type: one of ``SUPPORTED_MODEL_TYPES`` (default ``"qwen2_vl"``).
         spatial_merge_size: default 2.
-        image_token_id: default 151655 (``<|image_pad|>``).
-        video_token_id: default 151656 (``<|video_pad|>``).
+        image_token_id: default 151655 (Qwen ``<|image_pad|>``); ``glm4v``: 151343
+            (``<|image|>``); ``glm4v_moe``: 151363; ``qwen3_5``: 248056.
+        video_token_id: default 151656 (Qwen ``<|video_pad|>``); ``qwen3_5``: 248057; not used
+            by ``glm4v``.
         tokens_per_second: Qwen2.5-VL's ``vision_config.tokens_per_second``; default 4 (the
             transformers config default; released Qwen2.5-VL checkpoints use 2, so pass
             ``config=`` or set it).
+        video_start_token_id, video_end_token_id: GLM-4.1V's ``<|begin_of_video|>`` /
+            ``<|end_of_video|>`` ids (default 151341 / 151342); only read for ``glm4v`` /
+            ``glm4v_moe`` when ``mm_token_type_ids`` is not given.
 
-    Each maximal run of image (video) tokens is one image (video) and takes the next grid row;
-    it must hold ``t * (h // m) * (w // m)`` tokens (``m = spatial_merge_size``). Text runs
+    Each maximal run of image (video) tokens is one image (video, or video frame) and takes the
+    next grid row (frame); it must hold ``t * (h // m) * (w // m)`` tokens (``m = spatial_merge_size``). Text runs
     count up by one; a vision block starting at ``p`` gets ``(p + t_index, p + row, p + col)``
     and the next segment starts at ``p + max(h, w) // m``.
 
@@ -154,8 +185,9 @@ def mrope_position_ids(
         ValueError: wrong rank or shape; ``attention_mask`` / ``mm_token_type_ids`` shape
             different from ``input_ids``; a grid dimension < 1; more or fewer grid rows than
             image / video blocks; a block whose token count does not match its grid;
-            ``second_per_grid_ts`` length different from ``video_grid_thw`` or given for
-            Qwen2-VL; an unknown ``model_type``.
+            ``second_per_grid_ts`` length different from ``video_grid_thw`` or given for a
+            model type other than Qwen2.5-VL; a ``model_type`` not in ``SUPPORTED_MODEL_TYPES``
+            (the message lists them).
         TypeError: ``input_ids`` not int32 / int64; grids or ``mm_token_type_ids`` not integer;
             an unsupported ``attention_mask`` dtype.
     """
@@ -166,6 +198,8 @@ def mrope_position_ids(
         "image_token_id": image_token_id,
         "video_token_id": video_token_id,
         "tokens_per_second": tokens_per_second,
+        "video_start_token_id": video_start_token_id,
+        "video_end_token_id": video_end_token_id,
     }
     settings.update({k: v for k, v in explicit.items() if v is not None})
 

@@ -1,4 +1,5 @@
-//! KV-cache re-injection: key re-rotation (RoPE, M-RoPE), span relocation in contiguous caches,
+//! KV-cache re-injection: key re-rotation (RoPE, M-RoPE contiguous or interleaved, partial
+//! rotary in either pair layout), span relocation in contiguous caches,
 //! paged gather-rotate-scatter.
 //!
 //! Everything works in place on caller memory described by strides ([`StridedMut`],
@@ -18,5 +19,5 @@ pub use paged::{paged_reinject, PagedCache, PagedLayout};
 pub(crate) use rerotate::check_rerotate;
 pub use rerotate::rerotate_keys;
 pub(crate) use rope::check_delta_shape;
-pub use rope::{Deltas, Rope, RopeConfig};
+pub use rope::{mrope_components, Deltas, Rope, RopeConfig};
 pub use strided::{Strided, StridedMut};

@@ -29,9 +29,20 @@ pub struct RopeConfig {
     /// GPT-J pairing `(2i, 2i + 1)` when true; NeoX / Llama / Qwen half-split pairing
     /// `(i, i + rotary_dim / 2)` when false.
     pub interleaved: bool,
-    /// M-RoPE (Qwen2-VL): consecutive runs of frequency pairs, section `j` turning with the
-    /// (t, h, w)[j % 3] component of the delta. Sums to `rotary_dim / 2`.
+    /// M-RoPE sections, summing to `rotary_dim / 2`. How frequency pairs map to the (t, h, w)
+    /// components of the delta depends on `mrope_interleaved`.
     pub mrope_section: Option<Vec<usize>>,
+    /// The frequency-to-axis map of M-RoPE ([`mrope_components`]):
+    /// - `false` (Qwen2-VL, Qwen2.5-VL, GLM-4.1V): contiguous runs, section `j` turning with the
+    ///   (t, h, w)[j % 3] component (transformers' `freqs.split(mrope_section)`);
+    /// - `true` (Qwen3-VL, Qwen3.5; transformers' `apply_interleaved_mrope`, vLLM's
+    ///   `mrope_interleaved`): exactly three sections `[s_t, s_h, s_w]`; frequency pair `j`
+    ///   turns with h if `j % 3 == 1 && j < 3 s_h`, with w if `j % 3 == 2 && j < 3 s_w`, else
+    ///   with t.
+    ///
+    /// Independent of the pair layout (`interleaved`) and of partial rotary (`rotary_dim`):
+    /// pair `j` is the one turning at `inv_freq[j]`.
+    pub mrope_interleaved: bool,
 }
 
 impl RopeConfig {
@@ -88,12 +99,70 @@ impl RopeConfig {
             rotary_dim,
             interleaved,
             mrope_section,
+            mrope_interleaved: false,
         })
+    }
+
+    /// The same configuration with the interleaved (`true`) or contiguous (`false`) M-RoPE
+    /// frequency map (see [`RopeConfig::mrope_interleaved`]). Interleaving needs
+    /// `mrope_section` with exactly three entries `[t, h, w]`.
+    pub fn with_mrope_interleaved(mut self, mrope_interleaved: bool) -> Result<Self> {
+        if mrope_interleaved {
+            match &self.mrope_section {
+                None => {
+                    return Err(value_err!(
+                        "mrope_interleaved = True needs mrope_section (e.g. [24, 20, 20] for Qwen3-VL)"
+                    ))
+                }
+                Some(s) if s.len() != 3 => {
+                    return Err(value_err!(
+                        "mrope_section = {s:?}: interleaved M-RoPE takes exactly three sections [t, h, w]"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        self.mrope_interleaved = mrope_interleaved;
+        Ok(self)
     }
 
     pub fn is_mrope(&self) -> bool {
         self.mrope_section.is_some()
     }
+}
+
+/// The delta component (0 = t, 1 = h, 2 = w) that turns each of the `rotary_dim / 2`
+/// frequency pairs: all 0 without M-RoPE, else the map [`RopeConfig::mrope_interleaved`]
+/// describes. The CPU rows and the CUDA kernels (`RopeArgs::comp`) both read this one map.
+pub fn mrope_components(config: &RopeConfig) -> Vec<u8> {
+    let half = config.rotary_dim / 2;
+    let mut component = vec![0u8; half];
+    let Some(sections) = &config.mrope_section else {
+        return component;
+    };
+    if config.mrope_interleaved {
+        // transformers' apply_interleaved_mrope: t everywhere, then h at 1, 4, ... < 3 s_h and
+        // w at 2, 5, ... < 3 s_w.
+        // (A config built field by field with fewer sections gets 0 for the missing ones.)
+        let s_h = sections.get(1).copied().unwrap_or(0);
+        let s_w = sections.get(2).copied().unwrap_or(0);
+        for (j, c) in component.iter_mut().enumerate() {
+            if j % 3 == 1 && j < 3 * s_h {
+                *c = 1;
+            } else if j % 3 == 2 && j < 3 * s_w {
+                *c = 2;
+            }
+        }
+    } else {
+        // transformers' Qwen2-VL: freqs.split(mrope_section)[j] takes its angles from the
+        // (t, h, w)[j % 3] positions, and the same split repeats on the second half.
+        let mut pair = 0;
+        for (j, &len) in sections.iter().enumerate() {
+            component[pair..pair + len].fill((j % 3) as u8);
+            pair += len;
+        }
+    }
+    component
 }
 
 /// Position deltas, one per token (or one for all).
@@ -167,16 +236,7 @@ impl Rope {
                     .powf(-((2 * i) as f64) / config.rotary_dim as f64)
             })
             .collect();
-        // transformers' Qwen2-VL: freqs.split(mrope_section)[j] takes its angles from the
-        // (t, h, w)[j % 3] positions, and the same split repeats on the second half.
-        let mut component = vec![0u8; half];
-        if let Some(sections) = &config.mrope_section {
-            let mut pair = 0;
-            for (j, &len) in sections.iter().enumerate() {
-                component[pair..pair + len].fill((j % 3) as u8);
-                pair += len;
-            }
-        }
+        let component = mrope_components(&config);
         Self {
             config,
             inv_freq,

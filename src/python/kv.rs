@@ -31,6 +31,7 @@ fn rope_arg(
     rotary_dim: Option<i64>,
     interleaved: bool,
     mrope_section: Option<Vec<i64>>,
+    mrope_interleaved: bool,
 ) -> PyResult<Rope> {
     if head_dim < 1 {
         return Err(value_err!("head_dim = {head_dim}: must be >= 2").into());
@@ -56,7 +57,8 @@ fn rope_arg(
         rotary_dim.map(|r| r as usize),
         interleaved,
         sections,
-    )?;
+    )?
+    .with_mrope_interleaved(mrope_interleaved)?;
     Ok(Rope::new(config))
 }
 
@@ -222,7 +224,7 @@ fn first_dtype(tensors: &[PyTensor]) -> DType {
 
 /// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
 #[pyfunction]
-#[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, delta, *, rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None)")]
+#[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, delta, *, rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
 #[allow(clippy::too_many_arguments)]
 fn rerotate_keys(
     py: Python<'_>,
@@ -233,13 +235,22 @@ fn rerotate_keys(
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
     mrope_section: Option<Arg<Vec<i64>>>,
+    mrope_interleaved: Arg<bool>,
 ) -> PyResult<()> {
     let rope_theta = rope_theta.get("rope_theta")?;
     let head_dim = head_dim.get("head_dim")?;
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
     let interleaved = interleaved.get("interleaved")?;
     let mrope_section = opt_arg(mrope_section, "mrope_section")?;
-    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    let mrope_interleaved = mrope_interleaved.get("mrope_interleaved")?;
+    let rope = rope_arg(
+        rope_theta,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        mrope_section,
+        mrope_interleaved,
+    )?;
     if let Some(ordinal) = cuda_ordinal(keys)? {
         return cuda_rerotate_keys(py, ordinal, keys, delta, &rope);
     }
@@ -336,7 +347,7 @@ fn relocate_deltas(
 /// Evicts a span from every layer of a contiguous cache (see `tvc_rs.kv.relocate_span`).
 #[pyfunction]
 #[pyo3(signature = (keys, values, start, end, *, rope_theta, head_dim, delta = None, old_positions = None,
-    new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, values, start, end, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None)")]
+    new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, start, end, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
 #[allow(clippy::too_many_arguments)]
 fn relocate_span(
     py: Python<'_>,
@@ -353,6 +364,7 @@ fn relocate_span(
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
     mrope_section: Option<Arg<Vec<i64>>>,
+    mrope_interleaved: Arg<bool>,
 ) -> PyResult<usize> {
     let start = start.get("start")?;
     let end = end.get("end")?;
@@ -362,7 +374,15 @@ fn relocate_span(
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
     let interleaved = interleaved.get("interleaved")?;
     let mrope_section = opt_arg(mrope_section, "mrope_section")?;
-    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    let mrope_interleaved = mrope_interleaved.get("mrope_interleaved")?;
+    let rope = rope_arg(
+        rope_theta,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        mrope_section,
+        mrope_interleaved,
+    )?;
     if start < 0 || end < 0 {
         return Err(pyo3::exceptions::PyIndexError::new_err(format!(
             "start = {start}, end = {end}: the span [start, end) must lie inside the cache (>= 0)"
@@ -410,7 +430,7 @@ fn relocate_span(
 /// Writes new entries into every layer of a contiguous cache (see `tvc_rs.kv.append_entries`).
 #[pyfunction]
 #[pyo3(signature = (keys, values, new_keys, new_values, positions, *, delta = None, rope_theta = None,
-    head_dim = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(keys, values, new_keys, new_values, positions, *, delta=None, rope_theta=None, head_dim=None, rotary_dim=None, interleaved=False, mrope_section=None)")]
+    head_dim = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, new_keys, new_values, positions, *, delta=None, rope_theta=None, head_dim=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
 #[allow(clippy::too_many_arguments)]
 fn append_entries(
     py: Python<'_>,
@@ -425,12 +445,14 @@ fn append_entries(
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
     mrope_section: Option<Arg<Vec<i64>>>,
+    mrope_interleaved: Arg<bool>,
 ) -> PyResult<()> {
     let rope_theta = opt_arg(rope_theta, "rope_theta")?;
     let head_dim = opt_arg(head_dim, "head_dim")?;
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
     let interleaved = interleaved.get("interleaved")?;
     let mrope_section = opt_arg(mrope_section, "mrope_section")?;
+    let mrope_interleaved = mrope_interleaved.get("mrope_interleaved")?;
     let rope = match (delta, rope_theta, head_dim) {
         (Some(_), Some(theta), Some(dim)) => Some(rope_arg(
             theta,
@@ -438,6 +460,7 @@ fn append_entries(
             rotary_dim,
             interleaved,
             mrope_section,
+            mrope_interleaved,
         )?),
         (Some(_), _, _) => {
             return Err(value_err!(
@@ -549,7 +572,7 @@ fn paged_layout(
 /// Gathers, re-rotates and scatters entries of a paged (vLLM) cache (see `tvc_rs.kv.paged_reinject`).
 #[pyfunction]
 #[pyo3(signature = (kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout = Arg::of("vllm".to_string()),
-    rotary_dim = None, interleaved = Arg::of(false), mrope_section = None), text_signature = "(kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout='vllm', rotary_dim=None, interleaved=False, mrope_section=None)")]
+    rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout='vllm', rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
 #[allow(clippy::too_many_arguments)]
 fn paged_reinject(
     py: Python<'_>,
@@ -563,6 +586,7 @@ fn paged_reinject(
     rotary_dim: Option<Arg<i64>>,
     interleaved: Arg<bool>,
     mrope_section: Option<Arg<Vec<i64>>>,
+    mrope_interleaved: Arg<bool>,
 ) -> PyResult<usize> {
     let rope_theta = rope_theta.get("rope_theta")?;
     let head_dim = head_dim.get("head_dim")?;
@@ -571,7 +595,15 @@ fn paged_reinject(
     let rotary_dim = opt_arg(rotary_dim, "rotary_dim")?;
     let interleaved = interleaved.get("interleaved")?;
     let mrope_section = opt_arg(mrope_section, "mrope_section")?;
-    let rope = rope_arg(rope_theta, head_dim, rotary_dim, interleaved, mrope_section)?;
+    let mrope_interleaved = mrope_interleaved.get("mrope_interleaved")?;
+    let rope = rope_arg(
+        rope_theta,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        mrope_section,
+        mrope_interleaved,
+    )?;
     if let Some(ordinal) = cuda_ordinal(kv_caches)? {
         return cuda_paged_reinject(
             py,

@@ -243,10 +243,7 @@ fn tokens_per_second(
     model_type: ModelType,
 ) -> PyResult<TokensPerSecond> {
     let Some(obj) = obj else {
-        return Ok(match model_type {
-            ModelType::Qwen2Vl => MropeConfig::qwen2_vl().tokens_per_second,
-            ModelType::Qwen2_5Vl => MropeConfig::qwen2_5_vl().tokens_per_second,
-        });
+        return Ok(MropeConfig::for_model(model_type).tokens_per_second);
     };
     if obj.is_instance_of::<PyInt>() {
         return Ok(TokensPerSecond::Int(obj.extract::<i64>()?));
@@ -363,9 +360,9 @@ where
 #[pyfunction]
 #[pyo3(signature = (
     input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
-    mm_token_type_ids=None, second_per_grid_ts=None, model_type=Arg::of("qwen2_vl".to_string()), spatial_merge_size=Arg::of(2),
-    image_token_id=Arg::of(151655), video_token_id=Arg::of(151656), tokens_per_second=None
-), text_signature = "(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *, mm_token_type_ids=None, second_per_grid_ts=None, model_type='qwen2_vl', spatial_merge_size=2, image_token_id=151655, video_token_id=151656, tokens_per_second=None)")]
+    mm_token_type_ids=None, second_per_grid_ts=None, model_type=Arg::of("qwen2_vl".to_string()), spatial_merge_size=None,
+    image_token_id=None, video_token_id=None, tokens_per_second=None, video_start_token_id=None, video_end_token_id=None
+), text_signature = "(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *, mm_token_type_ids=None, second_per_grid_ts=None, model_type='qwen2_vl', spatial_merge_size=None, image_token_id=None, video_token_id=None, tokens_per_second=None, video_start_token_id=None, video_end_token_id=None)")]
 #[allow(clippy::too_many_arguments)]
 fn mrope_position_ids<'py>(
     py: Python<'py>,
@@ -376,21 +373,29 @@ fn mrope_position_ids<'py>(
     mm_token_type_ids: Option<&Bound<'py, PyAny>>,
     second_per_grid_ts: Option<&Bound<'py, PyAny>>,
     model_type: Arg<String>,
-    spatial_merge_size: Arg<i64>,
-    image_token_id: Arg<i64>,
-    video_token_id: Arg<i64>,
+    spatial_merge_size: Option<Arg<i64>>,
+    image_token_id: Option<Arg<i64>>,
+    video_token_id: Option<Arg<i64>>,
     tokens_per_second: Option<&Bound<'py, PyAny>>,
+    video_start_token_id: Option<Arg<i64>>,
+    video_end_token_id: Option<Arg<i64>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let model_type = ModelType::parse(&model_type.get("model_type")?)?;
-    let spatial_merge_size = spatial_merge_size.get("spatial_merge_size")?;
-    let image_token_id = image_token_id.get("image_token_id")?;
-    let video_token_id = video_token_id.get("video_token_id")?;
+    // Settings not given take the defaults of the model type's transformers config class.
+    let defaults = MropeConfig::for_model(model_type);
     let cfg = MropeConfig {
         model_type,
-        spatial_merge_size,
-        image_token_id,
-        video_token_id,
+        spatial_merge_size: opt_arg(spatial_merge_size, "spatial_merge_size")?
+            .unwrap_or(defaults.spatial_merge_size),
+        image_token_id: opt_arg(image_token_id, "image_token_id")?
+            .unwrap_or(defaults.image_token_id),
+        video_token_id: opt_arg(video_token_id, "video_token_id")?
+            .unwrap_or(defaults.video_token_id),
         tokens_per_second: self::tokens_per_second(tokens_per_second, model_type)?,
+        video_start_token_id: opt_arg(video_start_token_id, "video_start_token_id")?
+            .or(defaults.video_start_token_id),
+        video_end_token_id: opt_arg(video_end_token_id, "video_end_token_id")?
+            .or(defaults.video_end_token_id),
     };
 
     let ids = as_array(input_ids, "input_ids")?;

@@ -1,9 +1,10 @@
-//! M-RoPE position ids (Qwen2-VL / Qwen2.5-VL) and image token counts.
+//! M-RoPE position ids (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Qwen3.5) and Qwen2-VL image
+//! token counts.
 //!
 //! - [`mrope`]: the 3-D position ids `(t, h, w)` and the rope delta of one sequence
 //!   ([`positions_for_sequence`], [`positions_for_segments`]) or of a padded batch
-//!   ([`batch_positions`]), equal to transformers 5.24's `Qwen2VLModel.get_rope_index` and
-//!   `Qwen2_5_VLModel.get_rope_index`.
+//!   ([`batch_positions`]), equal to transformers 5.24's `get_rope_index` of each model
+//!   ([`ModelType`]).
 //! - [`time`]: how Qwen2.5-VL spaces the temporal positions of a video
 //!   (`tokens_per_second * second_per_grid_ts`), reproducing PyTorch's dtype rules exactly.
 //! - [`resize`]: Qwen2-VL's `smart_resize` and the image grid / token count it implies.

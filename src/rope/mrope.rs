@@ -1,6 +1,8 @@
-//! 3-D (temporal, height, width) position ids of Qwen2-VL and Qwen2.5-VL.
+//! 3-D (temporal, height, width) position ids of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V and
+//! Qwen3.5 (and their MoE variants).
 //!
-//! The semantics are those of transformers 5.24's `get_rope_index` (both models):
+//! The semantics are those of transformers 5.24's `get_rope_index` of each model (see
+//! [`ModelType`] for how their videos differ):
 //!
 //! - Tokens are classified as text (0), image (1) or video (2): by comparing the id with
 //!   `image_token_id` / `video_token_id` (what the processor's `mm_token_type_ids` holds) or
@@ -91,34 +93,95 @@ impl std::fmt::Display for GridThw {
     }
 }
 
-/// Which model's `get_rope_index` to follow. They differ only in the temporal spacing of
-/// videos: Qwen2-VL uses 1 per frame group, Qwen2.5-VL `tokens_per_second * second_per_grid_ts`.
+/// Which model's `get_rope_index` to follow (transformers `config.model_type`).
+///
+/// Images are placed the same way by all of them. Videos differ:
+/// - Qwen2-VL: one block per video, temporal positions spaced by 1.
+/// - Qwen2.5-VL: one block per video, temporal positions spaced by
+///   `tokens_per_second * second_per_grid_ts`.
+/// - Qwen3-VL, Qwen3.5, GLM-4.1V (and their MoE variants): each frame is its own block (a text
+///   timestamp between frames), so a `video_grid_thw` row `(t, h, w)` stands for `t` rows
+///   `(1, h, w)`, one per block, as their `get_rope_index` splits it.
+/// - GLM-4.1V also marks video frames with the image token: an `image_token_id` token is a
+///   video token when it lies between `<|begin_of_video|>` and `<|end_of_video|>` (the
+///   processor's `mm_token_type_ids` rule), an image token elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ModelType {
-    /// Qwen2-VL and QVQ (transformers `model_type = "qwen2_vl"`).
+    /// Qwen2-VL and QVQ (`"qwen2_vl"`).
     #[default]
     Qwen2Vl,
-    /// Qwen2.5-VL (transformers `model_type = "qwen2_5_vl"`).
+    /// Qwen2.5-VL (`"qwen2_5_vl"`).
     Qwen2_5Vl,
+    /// Qwen3-VL, dense (`"qwen3_vl"`).
+    Qwen3Vl,
+    /// Qwen3-VL, mixture of experts (`"qwen3_vl_moe"`).
+    Qwen3VlMoe,
+    /// GLM-4.1V / GLM-4.5V dense (`"glm4v"`).
+    Glm4v,
+    /// GLM-4.5V mixture of experts (`"glm4v_moe"`).
+    Glm4vMoe,
+    /// Qwen3.5, dense (`"qwen3_5"`).
+    Qwen3_5,
+    /// Qwen3.5, mixture of experts (`"qwen3_5_moe"`).
+    Qwen3_5Moe,
 }
 
 impl ModelType {
-    /// Parses transformers' `model_type` string: `"qwen2_vl"` or `"qwen2_5_vl"`.
+    /// Every supported type, in the order error messages list them.
+    pub const ALL: [ModelType; 8] = [
+        ModelType::Qwen2Vl,
+        ModelType::Qwen2_5Vl,
+        ModelType::Qwen3Vl,
+        ModelType::Qwen3VlMoe,
+        ModelType::Glm4v,
+        ModelType::Glm4vMoe,
+        ModelType::Qwen3_5,
+        ModelType::Qwen3_5Moe,
+    ];
+
+    /// Parses transformers' `model_type` string (one of [`ModelType::supported`]).
     pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "qwen2_vl" => Ok(ModelType::Qwen2Vl),
-            "qwen2_5_vl" => Ok(ModelType::Qwen2_5Vl),
-            other => Err(value_err!(
-                "model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {other:?}"
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                value_err!(
+                    "model_type must be one of {}, got {name:?}",
+                    Self::supported()
+                )
+            })
+    }
+
+    /// The supported names, quoted and comma-separated (for messages).
+    pub fn supported() -> String {
+        Self::ALL
+            .iter()
+            .map(|m| format!("'{}'", m.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn name(self) -> &'static str {
         match self {
             ModelType::Qwen2Vl => "qwen2_vl",
             ModelType::Qwen2_5Vl => "qwen2_5_vl",
+            ModelType::Qwen3Vl => "qwen3_vl",
+            ModelType::Qwen3VlMoe => "qwen3_vl_moe",
+            ModelType::Glm4v => "glm4v",
+            ModelType::Glm4vMoe => "glm4v_moe",
+            ModelType::Qwen3_5 => "qwen3_5",
+            ModelType::Qwen3_5Moe => "qwen3_5_moe",
         }
+    }
+
+    /// Whether each video frame is its own vision block (timestamps between frames).
+    pub fn splits_video_frames(self) -> bool {
+        !matches!(self, ModelType::Qwen2Vl | ModelType::Qwen2_5Vl)
+    }
+
+    /// Whether video frames use the image token inside begin/end-of-video markers (GLM-4.1V).
+    pub fn marks_videos_by_blocks(self) -> bool {
+        matches!(self, ModelType::Glm4v | ModelType::Glm4vMoe)
     }
 }
 
@@ -128,13 +191,20 @@ pub struct MropeConfig {
     pub model_type: ModelType,
     /// `vision_config.spatial_merge_size` (2 in every released model).
     pub spatial_merge_size: i64,
-    /// `image_token_id` (`<|image_pad|>`, 151655).
+    /// `image_token_id` (Qwen `<|image_pad|>` 151655, GLM-4.1V `<|image|>` 151343, GLM-4.5V MoE
+    /// 151363, Qwen3.5 248056).
     pub image_token_id: i64,
-    /// `video_token_id` (`<|video_pad|>`, 151656).
+    /// `video_token_id` (Qwen `<|video_pad|>` 151656; unused by GLM-4.1V, whose frames carry
+    /// the image token).
     pub video_token_id: i64,
     /// `vision_config.tokens_per_second` (Qwen2.5-VL only; transformers' default 4, the
     /// released Qwen2.5-VL checkpoints use 2).
     pub tokens_per_second: TokensPerSecond,
+    /// GLM-4.1V's `video_start_token_id` / `video_end_token_id` (`<|begin_of_video|>` 151341,
+    /// `<|end_of_video|>` 151342); required for `glm4v` / `glm4v_moe` when token kinds come
+    /// from the ids, unused otherwise.
+    pub video_start_token_id: Option<i64>,
+    pub video_end_token_id: Option<i64>,
 }
 
 impl Default for MropeConfig {
@@ -152,6 +222,8 @@ impl MropeConfig {
             image_token_id: 151655,
             video_token_id: 151656,
             tokens_per_second: TokensPerSecond::Int(4),
+            video_start_token_id: None,
+            video_end_token_id: None,
         }
     }
 
@@ -160,6 +232,42 @@ impl MropeConfig {
         MropeConfig {
             model_type: ModelType::Qwen2_5Vl,
             ..Self::qwen2_vl()
+        }
+    }
+
+    /// The defaults of transformers' config class of `model_type` (`Qwen3VLConfig()`,
+    /// `Glm4vConfig()`, `Qwen3_5Config()`, ...): token ids and merge size.
+    pub const fn for_model(model_type: ModelType) -> Self {
+        match model_type {
+            ModelType::Qwen2Vl => Self::qwen2_vl(),
+            ModelType::Qwen2_5Vl => Self::qwen2_5_vl(),
+            ModelType::Qwen3Vl | ModelType::Qwen3VlMoe => MropeConfig {
+                model_type,
+                ..Self::qwen2_vl()
+            },
+            ModelType::Glm4v | ModelType::Glm4vMoe => MropeConfig {
+                model_type,
+                // Glm4vMoeConfig's image / video ids differ from Glm4vConfig's; the markers agree.
+                image_token_id: if matches!(model_type, ModelType::Glm4v) {
+                    151343
+                } else {
+                    151363
+                },
+                video_token_id: if matches!(model_type, ModelType::Glm4v) {
+                    151344
+                } else {
+                    151364
+                },
+                video_start_token_id: Some(151341),
+                video_end_token_id: Some(151342),
+                ..Self::qwen2_vl()
+            },
+            ModelType::Qwen3_5 | ModelType::Qwen3_5Moe => MropeConfig {
+                model_type,
+                image_token_id: 248056,
+                video_token_id: 248057,
+                ..Self::qwen2_vl()
+            },
         }
     }
 
@@ -182,7 +290,6 @@ impl MropeConfig {
     /// entry (`None`: not given, transformers then uses the Python int 1).
     pub fn video_interval(&self, seconds: Option<Seconds>) -> Result<TimeInterval> {
         match self.model_type {
-            ModelType::Qwen2Vl => Ok(TimeInterval::Int(1)),
             ModelType::Qwen2_5Vl => {
                 let seconds = seconds.unwrap_or(Seconds {
                     value: SecondsValue::Int(1),
@@ -190,6 +297,22 @@ impl MropeConfig {
                 });
                 TimeInterval::qwen2_5_vl(self.tokens_per_second, seconds)
             }
+            _ => Ok(TimeInterval::Int(1)),
+        }
+    }
+
+    /// GLM-4.1V's video markers, required when kinds come from the ids.
+    fn video_markers(&self) -> Result<Option<(i64, i64)>> {
+        if !self.model_type.marks_videos_by_blocks() {
+            return Ok(None);
+        }
+        match (self.video_start_token_id, self.video_end_token_id) {
+            (Some(start), Some(end)) => Ok(Some((start, end))),
+            _ => Err(value_err!(
+                "model_type={:?} needs video_start_token_id and video_end_token_id (the config's \
+                 <|begin_of_video|> / <|end_of_video|> ids) to tell video frames from images",
+                self.model_type.name()
+            )),
         }
     }
 }
@@ -525,6 +648,7 @@ fn assign_grids(
     images: Option<&[GridThw]>,
     videos: Option<&[GridThw]>,
     spatial_merge_size: i64,
+    video_frames: bool,
 ) -> Result<Vec<(usize, usize)>> {
     let total_images: usize = scans.iter().map(|s| s.images).sum();
     let total_videos: usize = scans.iter().map(|s| s.videos).sum();
@@ -532,6 +656,11 @@ fn assign_grids(
         ("image_grid_thw", total_images, images, "image_token_id"),
         ("video_grid_thw", total_videos, videos, "video_token_id"),
     ] {
+        let rows = if video_frames && name == "video_grid_thw" {
+            "frame(s) in all (this model_type makes each video frame its own block)"
+        } else {
+            "row(s)"
+        };
         match grids {
             None if total > 0 => {
                 return Err(value_err!(
@@ -541,8 +670,8 @@ fn assign_grids(
             }
             Some(grids) if grids.len() != total => {
                 return Err(value_err!(
-                    "{name} has {} row(s) but the sequences hold {total} {} block(s) (runs of {token} tokens); \
-                     each block takes one row, in batch order",
+                    "{name} has {} {rows} but the sequences hold {total} {} block(s) (runs of {token} tokens); \
+                     each block takes one, in batch order",
                     grids.len(),
                     &name[..5]
                 ))
@@ -572,7 +701,11 @@ fn assign_grids(
                 }
                 KIND_VIDEO => {
                     let r = (
-                        "video_grid_thw",
+                        if video_frames {
+                            "video_grid_thw frame"
+                        } else {
+                            "video_grid_thw"
+                        },
                         next_video,
                         videos[next_video],
                         block_video,
@@ -612,10 +745,11 @@ fn video_intervals(
 ) -> Result<Vec<TimeInterval>> {
     let n_videos = videos.map_or(0, |v| v.len());
     if let Some(seconds) = second_per_grid_ts {
-        if cfg.model_type == ModelType::Qwen2Vl {
+        if cfg.model_type != ModelType::Qwen2_5Vl {
             return Err(value_err!(
-                "second_per_grid_ts is only used by model_type='qwen2_5_vl' (got model_type='qwen2_vl'); \
-                 Qwen2-VL spaces video frames by 1"
+                "second_per_grid_ts is only used by model_type='qwen2_5_vl' (got model_type='{}'); \
+                 this model spaces video frames by 1",
+                cfg.model_type.name()
             ));
         }
         if seconds.len() != n_videos {
@@ -634,6 +768,72 @@ fn video_intervals(
                 })
         })
         .collect()
+}
+
+/// The grids of the video blocks: `video_grid_thw` itself, or, for models that make each frame
+/// its own block, every row `(t, h, w)` as `t` rows `(1, h, w)` (transformers'
+/// `repeat_interleave`). `tokens` bounds the frame count (each block holds a token) so that a
+/// huge `t` is refused before anything is allocated.
+fn video_blocks(
+    cfg: &MropeConfig,
+    videos: Option<&[GridThw]>,
+    tokens: usize,
+) -> Result<Option<Vec<GridThw>>> {
+    let Some(videos) = videos else {
+        return Ok(None);
+    };
+    if !cfg.model_type.splits_video_frames() {
+        return Ok(Some(videos.to_vec()));
+    }
+    let frames = videos
+        .iter()
+        .try_fold(0i64, |n, g| n.checked_add(g.t))
+        .filter(|&n| n <= tokens as i64)
+        .ok_or_else(|| {
+            value_err!(
+                "video_grid_thw: the videos have more frames than input_ids has tokens ({tokens}); \
+                 model_type='{}' makes each frame its own block of tokens",
+                cfg.model_type.name()
+            )
+        })?;
+    let mut out = Vec::with_capacity(frames as usize);
+    for g in videos {
+        out.extend((0..g.t).map(|_| GridThw::new(1, g.h, g.w)));
+    }
+    Ok(Some(out))
+}
+
+/// GLM-4.1V's token kinds, as its processor's `create_mm_token_type_ids`: an `image` token is
+/// a video token (2) where more `start` than `end` markers precede it (itself included), an
+/// image token (1) elsewhere; everything else is text (0). Rows of `seq` ids.
+fn marker_kinds<I: TokenId>(
+    ids: &[I],
+    seq: usize,
+    image: i64,
+    (start, end): (i64, i64),
+) -> Vec<i64> {
+    let mut kinds = vec![0i64; ids.len()];
+    if seq == 0 {
+        return kinds;
+    }
+    kinds
+        .par_chunks_mut(seq)
+        .zip(ids.par_chunks(seq))
+        .for_each(|(kinds, ids)| {
+            let mut depth = 0i64;
+            for (k, &id) in kinds.iter_mut().zip(ids) {
+                let id = id.to_i64();
+                depth += (id == start) as i64 - (id == end) as i64;
+                if id == image {
+                    *k = if depth > 0 {
+                        KIND_VIDEO as i64
+                    } else {
+                        KIND_IMAGE as i64
+                    };
+                }
+            }
+        });
+    kinds
 }
 
 /// Writes the positions of `segments` (whose token counts sum to `t.len()`) into `t`, `h`, `w`.
@@ -802,25 +1002,29 @@ pub fn segments_for_sequence(
     cfg.check()?;
     check_grids("image_grid_thw", Some(image_grid_thw))?;
     check_grids("video_grid_thw", Some(video_grid_thw))?;
-    let intervals = video_intervals(cfg, Some(video_grid_thw), second_per_grid_ts)?;
+    let mut intervals = video_intervals(cfg, Some(video_grid_thw), second_per_grid_ts)?;
+    let blocks = video_blocks(cfg, Some(video_grid_thw), ids.len())?.unwrap_or_default();
+    if cfg.model_type.splits_video_frames() {
+        intervals = vec![TimeInterval::Int(1); blocks.len()];
+    }
     let (image, video) = (cfg.image_token_id, cfg.video_token_id);
-    let scan = scan_row(|col| classify(ids[col], image, video), |_| true, ids.len());
+    let scan = match cfg.video_markers()? {
+        Some(markers) => {
+            let kinds = marker_kinds(ids, ids.len(), image, markers);
+            scan_row(|col| kinds[col] as u8, |_| true, ids.len())
+        }
+        None => scan_row(|col| classify(ids[col], image, video), |_| true, ids.len()),
+    };
     let scans = [scan];
     let offsets = assign_grids(
         &scans,
         &|_| "ids".to_string(),
         Some(image_grid_thw),
-        Some(video_grid_thw),
+        Some(&blocks),
         cfg.spatial_merge_size,
+        cfg.model_type.splits_video_frames(),
     )?;
-    Ok(row_segments(
-        &scans[0],
-        image_grid_thw,
-        video_grid_thw,
-        &intervals,
-        offsets[0],
-    )
-    .collect())
+    Ok(row_segments(&scans[0], image_grid_thw, &blocks, &intervals, offsets[0]).collect())
 }
 
 /// Positions of one unpadded sequence of token ids (images and videos anywhere, including
@@ -902,7 +1106,26 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
     }
     check_grids("image_grid_thw", input.image_grid_thw)?;
     check_grids("video_grid_thw", input.video_grid_thw)?;
-    let intervals = video_intervals(cfg, input.video_grid_thw, input.second_per_grid_ts)?;
+    let mut intervals = video_intervals(cfg, input.video_grid_thw, input.second_per_grid_ts)?;
+    let blocks = video_blocks(cfg, input.video_grid_thw, tokens)?;
+    if cfg.model_type.splits_video_frames() {
+        intervals = vec![TimeInterval::Int(1); blocks.as_ref().map_or(0, |b| b.len())];
+    }
+    let video_grid_thw = blocks.as_deref();
+    // GLM-4.1V: the kinds follow from the video markers, as its processor computes them.
+    let marker_types = match (input.kinds, cfg.video_markers()?) {
+        (TokenKinds::FromIds, Some(markers)) => Some(marker_kinds(
+            input.input_ids,
+            seq,
+            cfg.image_token_id,
+            markers,
+        )),
+        _ => None,
+    };
+    let kinds = match &marker_types {
+        Some(types) => TokenKinds::TypeIds(types),
+        None => input.kinds,
+    };
 
     // Pass 1: runs of each row (parallel), then grids matched in batch order (sequential).
     let (image_id, video_id) = (cfg.image_token_id, cfg.video_token_id);
@@ -916,7 +1139,7 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
                 None => Some(if seq == 0 { None } else { Some((0, seq - 1)) }),
                 Some(mask) => contiguous_span(mask),
             };
-            match (input.kinds, block, mask) {
+            match (kinds, block, mask) {
                 (_, Some(None), _) => RowScan::default(),
                 (TokenKinds::FromIds, Some(Some((first, last))), _) => {
                     let ids = &input.input_ids[base + first..=base + last];
@@ -954,8 +1177,9 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
         &scans,
         &|row| format!("input_ids[{row}]"),
         input.image_grid_thw,
-        input.video_grid_thw,
+        video_grid_thw,
         cfg.spatial_merge_size,
+        cfg.model_type.splits_video_frames(),
     )?;
 
     // Pass 2: write each row straight into its three planes (parallel).
@@ -964,7 +1188,7 @@ pub fn batch_positions<I: TokenId, M: MaskValue, T: PositionInt>(
         return Ok(());
     }
     let images = input.image_grid_thw.unwrap_or(&[]);
-    let videos = input.video_grid_thw.unwrap_or(&[]);
+    let videos = video_grid_thw.unwrap_or(&[]);
     let merge = cfg.spatial_merge_size;
     let plane = batch * seq;
     let (plane_t, rest) = out_positions.split_at_mut(plane);
