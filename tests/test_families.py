@@ -315,6 +315,14 @@ def test_kv_layer0_keys_equal_a_fresh_encode(family, dtype, clevr, mathv):
                                         "ones behind them, so the answer is seven.", add_special_tokens=False)
     sessions = {m: hf.PVCSession(model, processor, [clevr, mathv], QUESTION, config=PVCConfig(mode=m, pool=2))
                 for m in ("kv", "relocate")}
+    # The driver's rope settings agree with tvc_rs.kv.rope_settings (the kernels' own reading of a config).
+    from tvc_rs.kv import rope_settings
+
+    rope = sessions["kv"].rope
+    mine = {"rotary_dim": rope.head_dim, "interleaved": False, "mrope_interleaved": False, **rope.kwargs()}
+    shared = rope_settings(model.config)
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in shared.items()} == mine
+    assert rope.native  # the Rust kernels take every option of the family's rope
     for a, b in [(0, 8), (8, 20)]:
         for s in sessions.values():
             s.extend(script[a:b])

@@ -105,7 +105,6 @@ class _Family:
     name: str
     start_token: str  # config attribute of the token opening an image block
     end_token: str  # ... and closing it
-    section: tuple  # mrope_section the model's rotary falls back to when the config has none
     mrope_interleaved: bool  # frequency j -> axis by j % 3 (Qwen3-VL, Qwen3.5) rather than by sections
     adjacent_pairs: bool  # rotary pairs (2i, 2i+1) (GLM's rotate_half_llm) rather than (i, i + d/2)
 
@@ -114,14 +113,14 @@ _QWEN2 = dict(start_token="vision_start_token_id", end_token="vision_end_token_i
 _QWEN3 = dict(start_token="vision_start_token_id", end_token="vision_end_token_id", mrope_interleaved=True, adjacent_pairs=False)
 _GLM = dict(start_token="image_start_token_id", end_token="image_end_token_id", mrope_interleaved=False, adjacent_pairs=True)
 _FAMILIES = {
-    "qwen2_vl": _Family("Qwen2-VL, QVQ", section=(16, 24, 24), **_QWEN2),
-    "qwen2_5_vl": _Family("Qwen2.5-VL", section=(16, 24, 24), **_QWEN2),
-    "qwen3_vl": _Family("Qwen3-VL", section=(24, 20, 20), **_QWEN3),
-    "qwen3_vl_moe": _Family("Qwen3-VL MoE", section=(24, 20, 20), **_QWEN3),
-    "glm4v": _Family("GLM-4.1V-Thinking", section=(8, 12, 12), **_GLM),
+    "qwen2_vl": _Family("Qwen2-VL, QVQ", **_QWEN2),
+    "qwen2_5_vl": _Family("Qwen2.5-VL", **_QWEN2),
+    "qwen3_vl": _Family("Qwen3-VL", **_QWEN3),
+    "qwen3_vl_moe": _Family("Qwen3-VL MoE", **_QWEN3),
+    "glm4v": _Family("GLM-4.1V-Thinking", **_GLM),
     # GLM-4.5V's text model rotates half-split pairs (transformers' rotate_half), unlike GLM-4.1V.
-    "glm4v_moe": _Family("GLM-4.5V", section=(8, 12, 12), **{**_GLM, "adjacent_pairs": False}),
-    "qwen3_5": _Family("Qwen3.5", section=(11, 11, 10), **_QWEN3),
+    "glm4v_moe": _Family("GLM-4.5V", **{**_GLM, "adjacent_pairs": False}),
+    "qwen3_5": _Family("Qwen3.5", **_QWEN3),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -379,40 +378,43 @@ class _Layout:
 
 
 class _Rope:
-    """The text model's M-RoPE settings, for re-rotation: read from its config, with the pair layout
-    and frequency-to-axis map the family's code fixes (an option the config contradicts raises)."""
+    """The text model's M-RoPE settings, for re-rotation: ``tvc_rs.kv.rope_settings`` of the
+    model's config (the kernels' own reading: the config's values, the pair layout and frequency
+    map the family's code fixes), checked; an option the config contradicts raises."""
 
-    def __init__(self, text_config: Any, family: _Family):
+    def __init__(self, model_config: Any, family: _Family):
+        from tvc_rs.kv import rope_settings
+
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config.text_config
         params = getattr(text_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         self.supported = rope_type == "default"
         self.rope_type = rope_type
-        self.theta = float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
-        heads = text_config.num_attention_heads
-        self.head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
-        factor = params.get("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None))
-        factor = 1.0 if factor is None else float(factor)
-        # transformers: int(head_dim * partial_rotary_factor) dims rotate, the rest pass through.
-        self.rotary_dim = int(self.head_dim * factor)
+        settings = rope_settings(model_config)
+        self.theta = float(settings["rope_theta"])
+        self.head_dim = int(settings["head_dim"])
+        self.rotary_dim = int(settings["rotary_dim"])
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
             raise ValueError(
-                f"model config: partial_rotary_factor {factor} gives {self.rotary_dim} rotated dims of "
-                f"head_dim {self.head_dim} (must be even and in 2 ..= head_dim)"
+                f"model config: partial_rotary_factor {params.get('partial_rotary_factor')} gives {self.rotary_dim} "
+                f"rotated dims of head_dim {self.head_dim} (must be even and in 2 ..= head_dim)"
             )
-        self.section = [int(v) for v in (params.get("mrope_section") or family.section)]
+        self.section = [int(v) for v in settings["mrope_section"]]
         if sum(self.section) != self.rotary_dim // 2:
             raise ValueError(
                 f"model config: mrope_section {self.section} sums to {sum(self.section)}, the rotary has "
-                f"{self.rotary_dim // 2} frequencies (head_dim {self.head_dim}, partial_rotary_factor {factor})"
+                f"{self.rotary_dim // 2} frequencies (head_dim {self.head_dim}, rotary_dim {self.rotary_dim})"
             )
-        self.mrope_interleaved = family.mrope_interleaved
+        self.mrope_interleaved = bool(settings["mrope_interleaved"])
+        self.adjacent_pairs = bool(settings["interleaved"])
+        if (self.mrope_interleaved, self.adjacent_pairs) != (family.mrope_interleaved, family.adjacent_pairs):
+            raise RuntimeError(f"internal: tvc_rs.kv.rope_settings and tvc_rs.hf disagree on {family.name}'s rope")
         stated = params.get("mrope_interleaved", getattr(text_config, "mrope_interleaved", None))
         if stated is not None and bool(stated) != family.mrope_interleaved:
             raise ValueError(
                 f"model config: mrope_interleaved = {stated!r}, but {family.name}'s transformers code "
                 f"{'always' if family.mrope_interleaved else 'never'} interleaves M-RoPE frequencies: not supported"
             )
-        self.adjacent_pairs = family.adjacent_pairs
 
     def kwargs(self) -> dict:
         out = {"rope_theta": self.theta, "head_dim": self.head_dim, "mrope_section": self.section}
@@ -601,7 +603,7 @@ class PVCSession:
         self.vision_start_id = int(getattr(mc, self.family.start_token))
         self.vision_end_id = int(getattr(mc, self.family.end_token))
         self.merge = int(mc.vision_config.spatial_merge_size)
-        self.rope = _Rope(self.text_config, self.family)
+        self.rope = _Rope(mc, self.family)
         # DeepStack (Qwen3-VL): vision features of these tower layers are added to the hidden
         # states after the first decoder layers, at the image tokens.
         self.deepstack_levels = len(getattr(mc.vision_config, "deepstack_visual_indexes", None) or ())
