@@ -37,5 +37,5 @@ install_built_wheel "$venv"
 export VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind
 # The plugin tests against vLLM's classes (as .ci/vllm.sh runs them on 0.33), then the engine
 # tests, each in its own process (the first builds vLLM configs by hand, the second engines).
-"$venv/bin/python" -m pytest -q tests/test_vllm.py
+"$venv/bin/python" -m pytest -q tests/test_vllm.py tests/test_families_vllm.py
 "$venv/bin/python" -m pytest -q tests/test_vllm_engine.py "$@"

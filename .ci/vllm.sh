@@ -25,4 +25,4 @@ fi
 install_built_wheel "$venv"
 
 # python/ is not on sys.path: `import tvc_rs` is the installed wheel, with its entry point.
-"$venv/bin/python" -m pytest -q tests/test_vllm.py
+"$venv/bin/python" -m pytest -q tests/test_vllm.py tests/test_families_vllm.py

@@ -571,7 +571,7 @@ def test_bad_input(model_dirs, clevr):
 
     text_only = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(TypeError, match=re.escape("model must be a Qwen2-VL-family model") + ".*" + re.escape("Qwen2ForCausalLM")):
+    with pytest.raises(TypeError, match=re.escape("model must be a vision-language model") + ".*" + re.escape("Qwen2ForCausalLM")):
         hf.generate(text_only, processor, clevr, QUESTION)
     with pytest.raises(ValueError, match=re.escape("images: PVC needs at least one image")):
         hf.generate(model, processor, None, QUESTION)

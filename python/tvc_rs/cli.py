@@ -282,8 +282,8 @@ def _pvc_config(args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace):
-    """(model, processor) from a local folder; ValueError with the reason if it is not a
-    Qwen2-VL-family model folder."""
+    """(model, processor) from a local folder; ValueError with the reason if its model type is
+    not one ``tvc_rs.hf`` supports."""
     from tvc_rs import hf
 
     folder = Path(args.model)
@@ -292,12 +292,12 @@ def _load_model(args: argparse.Namespace):
         raise ValueError(f"--model {args.model}: no config.json there (expected a transformers model folder)")
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type not in hf.SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--model {args.model}: model_type {model_type!r} is not Qwen2-VL-family "
+        raise ValueError(f"--model {args.model}: model_type {model_type!r} is not supported "
                          f"(expected one of {', '.join(hf.SUPPORTED_MODEL_TYPES)})")
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    cls = Qwen2VLForConditionalGeneration if model_type == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = AutoModelForImageTextToText  # each supported type maps to its *ForConditionalGeneration
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extra = {"attn_implementation": args.attn} if args.attn else {}

@@ -1,4 +1,15 @@
-"""Periodic Visual Calibration (PVC) with Hugging Face transformers (Qwen2-VL, Qwen2.5-VL, QVQ, TVC).
+"""Periodic Visual Calibration (PVC) with Hugging Face transformers.
+
+Model families (``SUPPORTED_MODEL_TYPES``; every rope and token setting is read from the model's
+config): Qwen2-VL / QVQ / TVC (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``), Qwen3-VL
+(``qwen3_vl``, ``qwen3_vl_moe``: DeepStack levels carried through every forward and compressed
+with the image; interleaved M-RoPE), GLM-4.1V-Thinking (``glm4v``, ``glm4v_moe``: image block
+``<|begin_of_image|> <|image|>... <|end_of_image|>``, partial rotary: adjacent pairs for GLM-4.1V,
+half-split for GLM-4.5V) and
+Qwen3.5 (``qwen3_5``: ``relocate`` and ``append`` only; its linear-attention layers keep a
+recurrent state, not a cache that ``kv`` could move, and attention pruning is refused for the same
+reason). Below, ``<|vision_start|>`` / ``<|image_pad|>`` / ``<|vision_end|>`` stand for the
+family's own image block tokens.
 
 Needs transformers 5 (``pip install 'tvc-rs[hf]'``); tested with transformers 5.24.0 and torch
 2.11.0 (requirements/test.txt).
@@ -85,7 +96,33 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
 ]
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What a model family's code fixes (everything else is read from the model's config)."""
+
+    name: str
+    start_token: str  # config attribute of the token opening an image block
+    end_token: str  # ... and closing it
+    mrope_interleaved: bool  # frequency j -> axis by j % 3 (Qwen3-VL, Qwen3.5) rather than by sections
+    adjacent_pairs: bool  # rotary pairs (2i, 2i+1) (GLM's rotate_half_llm) rather than (i, i + d/2)
+
+
+_QWEN2 = dict(start_token="vision_start_token_id", end_token="vision_end_token_id", mrope_interleaved=False, adjacent_pairs=False)
+_QWEN3 = dict(start_token="vision_start_token_id", end_token="vision_end_token_id", mrope_interleaved=True, adjacent_pairs=False)
+_GLM = dict(start_token="image_start_token_id", end_token="image_end_token_id", mrope_interleaved=False, adjacent_pairs=True)
+_FAMILIES = {
+    "qwen2_vl": _Family("Qwen2-VL, QVQ", **_QWEN2),
+    "qwen2_5_vl": _Family("Qwen2.5-VL", **_QWEN2),
+    "qwen3_vl": _Family("Qwen3-VL", **_QWEN3),
+    "qwen3_vl_moe": _Family("Qwen3-VL MoE", **_QWEN3),
+    "glm4v": _Family("GLM-4.1V-Thinking", **_GLM),
+    # GLM-4.5V's text model rotates half-split pairs (transformers' rotate_half), unlike GLM-4.1V.
+    "glm4v_moe": _Family("GLM-4.5V", **{**_GLM, "adjacent_pairs": False}),
+    "qwen3_5": _Family("Qwen3.5", **_QWEN3),
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 # Arguments of transformers' generate that tvc_rs builds itself for every segment.
 _OWN_ARGUMENTS = (
@@ -207,21 +244,23 @@ class PVCResult:
 # ---------------------------------------------------------------- model and inputs
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any) -> _Family:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     inner = getattr(model, "model", None)
     if (
-        model_type not in SUPPORTED_MODEL_TYPES
+        model_type not in _FAMILIES
         or not hasattr(model, "generate")
         or getattr(inner, "language_model", None) is None
         or getattr(inner, "visual", None) is None
     ):
+        kinds = "; ".join(f"{t} ({f.name})" for t, f in _FAMILIES.items())
         raise TypeError(
-            "model must be a Qwen2-VL-family model with a language-model head (transformers "
-            "Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration: Qwen2-VL, Qwen2.5-VL, QVQ, TVC), "
+            "model must be a vision-language model with a language-model head (transformers "
+            f"*ForConditionalGeneration) of a supported model_type: {kinds}; "
             f"got {type(model).__name__} (model_type {model_type!r})"
         )
+    return _FAMILIES[model_type]
 
 
 def _load_image(image: Any, index: int):
@@ -339,33 +378,94 @@ class _Layout:
 
 
 class _Rope:
-    """The text model's M-RoPE settings, for re-rotation."""
+    """The text model's M-RoPE settings, for re-rotation: ``tvc_rs.kv.rope_settings`` of the
+    model's config (the kernels' own reading: the config's values, the pair layout and frequency
+    map the family's code fixes), checked; an option the config contradicts raises."""
 
-    def __init__(self, text_config: Any):
+    def __init__(self, model_config: Any, family: _Family):
+        from tvc_rs.kv import rope_settings
+
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config.text_config
         params = getattr(text_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         self.supported = rope_type == "default"
         self.rope_type = rope_type
-        self.theta = float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
-        heads = text_config.num_attention_heads
-        self.head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
-        self.section = list(params.get("mrope_section") or [16, 24, 24])
+        settings = rope_settings(model_config)
+        self.theta = float(settings["rope_theta"])
+        self.head_dim = int(settings["head_dim"])
+        self.rotary_dim = int(settings["rotary_dim"])
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ValueError(
+                f"model config: partial_rotary_factor {params.get('partial_rotary_factor')} gives {self.rotary_dim} "
+                f"rotated dims of head_dim {self.head_dim} (must be even and in 2 ..= head_dim)"
+            )
+        self.section = [int(v) for v in settings["mrope_section"]]
+        if sum(self.section) != self.rotary_dim // 2:
+            raise ValueError(
+                f"model config: mrope_section {self.section} sums to {sum(self.section)}, the rotary has "
+                f"{self.rotary_dim // 2} frequencies (head_dim {self.head_dim}, rotary_dim {self.rotary_dim})"
+            )
+        self.mrope_interleaved = bool(settings["mrope_interleaved"])
+        self.adjacent_pairs = bool(settings["interleaved"])
+        if (self.mrope_interleaved, self.adjacent_pairs) != (family.mrope_interleaved, family.adjacent_pairs):
+            raise RuntimeError(f"internal: tvc_rs.kv.rope_settings and tvc_rs.hf disagree on {family.name}'s rope")
+        stated = params.get("mrope_interleaved", getattr(text_config, "mrope_interleaved", None))
+        if stated is not None and bool(stated) != family.mrope_interleaved:
+            raise ValueError(
+                f"model config: mrope_interleaved = {stated!r}, but {family.name}'s transformers code "
+                f"{'always' if family.mrope_interleaved else 'never'} interleaves M-RoPE frequencies: not supported"
+            )
 
     def kwargs(self) -> dict:
-        return {"rope_theta": self.theta, "head_dim": self.head_dim, "mrope_section": self.section}
+        out = {"rope_theta": self.theta, "head_dim": self.head_dim, "mrope_section": self.section}
+        if self.rotary_dim != self.head_dim:
+            out["rotary_dim"] = self.rotary_dim
+        if self.adjacent_pairs:
+            out["interleaved"] = True
+        if self.mrope_interleaved:
+            out["mrope_interleaved"] = True
+        return out
+
+    @property
+    def native(self) -> bool:
+        """Whether the Rust kernels take every option of this rope (else the exact PyTorch path)."""
+        if not self.mrope_interleaved:
+            return True
+        return "mrope_interleaved" in inspect.signature(relocate_span).parameters
+
+    def components(self) -> Any:
+        """``[rotary_dim / 2]``: the axis (0 t, 1 h, 2 w) each frequency turns with."""
+        torch = _torch()
+        n = self.rotary_dim // 2
+        if self.mrope_interleaved:
+            # transformers' apply_interleaved_mrope: j % 3 == 1 -> h if j < 3 s_h, == 2 -> w if j < 3 s_w.
+            j = torch.arange(n)
+            out = torch.zeros(n, dtype=torch.long)
+            out[(j % 3 == 1) & (j < 3 * self.section[1])] = 1
+            out[(j % 3 == 2) & (j < 3 * self.section[2])] = 2
+            return out
+        return torch.cat([torch.full((m,), i % 3, dtype=torch.long) for i, m in enumerate(self.section)])
 
 
 def _rotate_torch(x: Any, delta: Any, rope: _Rope) -> Any:
     """``x`` ``[..., n, head_dim]`` rotated by the integer M-RoPE deltas ``[n, 3]`` (float64 angles)."""
     torch = _torch()
-    half = rope.head_dim // 2
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rope.head_dim, 2, dtype=torch.float64, device=x.device) / rope.head_dim))
-    component = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(rope.section)]).to(x.device)
-    angle = delta.to(x.device, torch.float64)[:, component] * inv_freq  # [n, half]
+    rot = rope.rotary_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=x.device) / rot))
+    component = rope.components().to(x.device)
+    angle = delta.to(x.device, torch.float64)[:, component] * inv_freq  # [n, rot / 2]
     cos, sin = angle.cos(), angle.sin()
     xd = x.to(torch.float64)
-    x1, x2 = xd[..., :half], xd[..., half:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    out = xd.clone()
+    if rope.adjacent_pairs:
+        x1, x2 = xd[..., 0:rot:2], xd[..., 1:rot:2]
+        out[..., 0:rot:2] = x1 * cos - x2 * sin
+        out[..., 1:rot:2] = x2 * cos + x1 * sin
+    else:
+        half = rot // 2
+        x1, x2 = xd[..., :half], xd[..., half:rot]
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:rot] = x2 * cos + x1 * sin
     return out.to(x.dtype)
 
 
@@ -486,7 +586,7 @@ class PVCSession:
         config: Optional[PVCConfig] = None,
     ):
         torch = _torch()
-        _check_model(model)
+        self.family = _check_model(model)
         if config is None:
             config = PVCConfig()
         if not isinstance(config, PVCConfig):
@@ -500,10 +600,33 @@ class PVCSession:
         mc = model.config
         self.text_config = mc.get_text_config() if hasattr(mc, "get_text_config") else mc.text_config
         self.image_token_id = int(mc.image_token_id)
-        self.vision_start_id = int(mc.vision_start_token_id)
-        self.vision_end_id = int(mc.vision_end_token_id)
+        self.vision_start_id = int(getattr(mc, self.family.start_token))
+        self.vision_end_id = int(getattr(mc, self.family.end_token))
         self.merge = int(mc.vision_config.spatial_merge_size)
-        self.rope = _Rope(self.text_config)
+        self.rope = _Rope(mc, self.family)
+        # DeepStack (Qwen3-VL): vision features of these tower layers are added to the hidden
+        # states after the first decoder layers, at the image tokens.
+        self.deepstack_levels = len(getattr(mc.vision_config, "deepstack_visual_indexes", None) or ())
+        # Hybrid models (Qwen3.5): linear-attention layers keep a recurrent state, not a KV cache.
+        layer_types = list(getattr(self.text_config, "layer_types", None) or [])
+        self.recurrent_layers = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+        if self.recurrent_layers:
+            if config.mode == "kv":
+                raise ValueError(
+                    f"config.mode = 'kv' is not possible for {self.family.name} (model_type {mc.model_type!r}): "
+                    f"its layers {self.recurrent_layers} are {layer_types[self.recurrent_layers[0]]!r}, a recurrent "
+                    "state over the whole sequence with no per-token cache entries to evict or move; use 'relocate' or 'append'"
+                )
+            if config.prune_spec is not None:
+                raise ValueError(
+                    f"config.prune: not supported for {self.family.name} (model_type {mc.model_type!r}): the probe of "
+                    "the pending token cannot be taken back out of its linear-attention layers' recurrent state; use pool"
+                )
+        if self.deepstack_levels and config.prune_spec is not None and config.prune_spec.get("merge"):
+            raise ValueError(
+                f"config.prune['merge'] = True: not supported for {self.family.name}: its DeepStack levels would "
+                "have to be merged with the main features' assignment; use merge=False or pool"
+            )
         if config.mode == "kv" and not self.rope.supported:
             raise ValueError(f"config.mode = 'kv' needs default RoPE, the model uses rope_type {self.rope.rope_type!r}")
         layers = self.text_config.num_hidden_layers
@@ -534,12 +657,22 @@ class PVCSession:
             pixels = inputs["pixel_values"].to(self.device)
             out = model.model.get_image_features(pixels, grids.to(self.device))
             features = out.pooler_output if hasattr(out, "pooler_output") else out
+            levels = getattr(out, "deepstack_features", None) if self.deepstack_levels else None
         features = [f.to(self.dtype) for f in features]
+        if self.deepstack_levels and (levels is None or len(levels) != self.deepstack_levels):
+            raise RuntimeError(
+                f"internal: the vision tower returned {0 if levels is None else len(levels)} DeepStack levels, "
+                f"its config names {self.deepstack_levels}"
+            )
         self.images = []  # merged grid and features of each question image
         for i, (grid, feats) in enumerate(zip(grids.tolist(), features)):
             merged = (grid[0], grid[1] // self.merge, grid[2] // self.merge)
             if merged[0] * merged[1] * merged[2] != feats.shape[0]:
                 raise ValueError(f"images[{i}]: {feats.shape[0]} features for a {merged} grid")
+            if self.deepstack_levels:
+                # DeepStack levels ride along on the hidden dimension: [tokens, (1 + levels) * hidden].
+                # Pooling and pruning act per token and channel, so they treat every level alike.
+                feats = torch.cat([feats] + [level[i].to(self.dtype) for level in levels], dim=-1)
             self.images.append((merged, feats))
         self.blocks = self._prompt_blocks(ids[0].tolist())
         self.prompt_length = int(ids.shape[1])
@@ -609,7 +742,9 @@ class PVCSession:
             spans_v.append((start, block))
         virtual_ids = np.asarray(virtual, dtype=np.int64)[None]
         grid_arr = np.asarray(grids, dtype=np.int64).reshape(-1, 3) if grids else None
-        positions, _ = mrope_position_ids(virtual_ids, grid_arr, config=self.model.config)
+        positions, _ = mrope_position_ids(
+            virtual_ids, grid_arr, config=self.model.config, **self._position_settings()
+        )
         keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
         ids = torch.from_numpy(virtual_ids[0][keep_all].copy())
         pos = torch.from_numpy(np.ascontiguousarray(positions[:, 0, keep_all]))
@@ -624,6 +759,18 @@ class PVCSession:
             if block.injected:
                 injected[start + 1:end - 1] = True
         return _Layout(ids, pos, spans, image_mask, injected)
+
+    def _position_settings(self) -> dict:
+        """Explicit settings for ``mrope_position_ids`` where it does not know the model type
+        (``tvc_rs.rope.SUPPORTED_MODEL_TYPES``).
+        Our layouts hold images only (no videos), which every supported family places by the
+        Qwen2-VL rule: a run of image tokens starting at ``p`` gets ``(p, p + row, p + col)``
+        and the next token ``p + max(h, w)``."""
+        from tvc_rs import rope
+
+        if self.model.config.model_type in getattr(rope, "SUPPORTED_MODEL_TYPES", ("qwen2_vl", "qwen2_5_vl")):
+            return {}  # mrope_position_ids reads everything from the config
+        return {"model_type": "qwen2_vl", "image_token_id": self.image_token_id, "spatial_merge_size": self.merge}
 
     @property
     def sequence(self) -> Any:
@@ -651,14 +798,23 @@ class PVCSession:
         lay.image_mask = torch.cat([lay.image_mask, zeros])
         lay.injected_mask = torch.cat([lay.injected_mask, zeros])
 
-    def _embeds(self, layout: _Layout, a: int, b: int) -> Any:
-        """inputs_embeds ``[1, b - a, hidden]`` of layout positions ``a .. b``."""
+    def _embeds(self, layout: _Layout, a: int, b: int) -> tuple:
+        """(inputs_embeds ``[1, b - a, hidden]`` of layout positions ``a .. b``, DeepStack
+        features of its image tokens ``[levels, image tokens, hidden]`` in order, or None)."""
+        torch = _torch()
         emb = self.embed(layout.ids[a:b].to(self.device))
+        hidden = emb.shape[-1]
+        stacked = []
         for start, end, block in layout.spans:
             lo, hi = max(start + 1, a), min(end - 1, b)
             if lo < hi:
-                emb[lo - a:hi - a] = block.features[lo - start - 1:hi - start - 1].to(emb.dtype)
-        return emb[None]
+                feats = block.features[lo - start - 1:hi - start - 1]
+                emb[lo - a:hi - a] = feats[:, :hidden].to(emb.dtype)
+                stacked.append(feats[:, hidden:])
+        if not self.deepstack_levels or not stacked:
+            return emb[None], None
+        levels = torch.cat(stacked).to(emb.dtype)
+        return emb[None], levels.reshape(levels.shape[0], self.deepstack_levels, hidden).transpose(0, 1)
 
     def _forward(self, layout: _Layout, a: int, b: int) -> None:
         """Run layout tokens ``a .. b`` through the text model into the cache (no logits)."""
@@ -667,12 +823,22 @@ class PVCSession:
             return
         if self.cache.get_seq_length() != a:
             raise RuntimeError(f"internal: cache holds {self.cache.get_seq_length()} tokens, expected {a}")
+        embeds, deepstack = self._embeds(layout, a, b)
+        extra = {}
+        if deepstack is not None:
+            # As Qwen3VLModel.forward drives its language model: the mask of the image tokens of
+            # this chunk and, per level, their features in order.
+            extra = {
+                "visual_pos_masks": layout.image_mask[None, a:b].to(self.device),
+                "deepstack_visual_embeds": list(deepstack),
+            }
         with torch.no_grad():
             self.text_model(
-                inputs_embeds=self._embeds(layout, a, b),
+                inputs_embeds=embeds,
                 position_ids=layout.positions[:, None, a:b].to(self.device),
                 **{self.cache_arg: self.cache},
                 use_cache=True,
+                **extra,
             )
 
     def _new_cache(self) -> Any:
@@ -727,7 +893,9 @@ class PVCSession:
         captured: dict = {}
         handles = []
         for index in wanted:
-            proj = layers[index].self_attn.q_proj
+            attn = layers[index].self_attn
+            # Qwen3's queries are RMS-normed per head after the projection, before RoPE.
+            proj = getattr(attn, "q_norm", None) or attn.q_proj
 
             def hook(module, args, output, index=index):
                 captured[index] = output[0, -1].detach()
@@ -744,7 +912,10 @@ class PVCSession:
         out = {}
         for index, q in captured.items():
             q = q.float().cpu().reshape(-1, self.rope.head_dim)[None].contiguous()  # [1, heads, d]
-            rerotate_keys(q, position[None].clone(), **self.rope.kwargs())
+            if self.rope.native:
+                rerotate_keys(q, position[None].clone(), **self.rope.kwargs())
+            else:
+                q = _rotate_torch(q.transpose(0, 1), position[None], self.rope).transpose(0, 1).contiguous()
             out[index] = q
         return out
 
@@ -816,7 +987,7 @@ class PVCSession:
             new = after.positions[:, start:length - n]
             keys = [layer.keys for layer in layers]
             values = [layer.values for layer in layers]
-            if _native_ok(*keys, *values):
+            if self.rope.native and _native_ok(*keys, *values):
                 relocate_span(keys, values, start, end, old_positions=old.contiguous(), new_positions=new.contiguous(),
                               length=length, **self.rope.kwargs())
             else:
@@ -1214,6 +1385,11 @@ def visual_attention_curve(
     if plain:
         config = PVCConfig(schedule=PVCSchedule(max_calibrations=0))
     session = PVCSession(model, processor, images, question, messages=messages, config=config)
+    if session.recurrent_layers:
+        raise ValueError(
+            f"visual_attention_curve: {session.family.name}'s layers {session.recurrent_layers} are linear "
+            "attention (no attention rows to read); it needs a model whose every layer is full attention"
+        )
     previous = model.config._attn_implementation
     if previous != "eager":
         model.set_attn_implementation("eager")

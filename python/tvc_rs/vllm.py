@@ -34,7 +34,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -710,6 +710,44 @@ def _check_kv_engine(vllm_config: "VllmConfig") -> None:
         )
 
 
+# The image block per model family: (config attribute, token as the chat template writes it) of
+# the block's start, placeholder and end (issue 15). Ids come from the model's config; the token
+# strings only where a config lacks them.
+_QWEN_IMAGE_BLOCK = (
+    ("vision_start_token_id", "<|vision_start|>"), ("image_token_id", "<|image_pad|>"), ("vision_end_token_id", "<|vision_end|>"),
+)
+_GLM_IMAGE_BLOCK = (
+    ("image_start_token_id", "<|begin_of_image|>"), ("image_token_id", "<|image|>"), ("image_end_token_id", "<|end_of_image|>"),
+)
+_IMAGE_BLOCKS = {
+    "qwen2_vl": _QWEN_IMAGE_BLOCK, "qwen2_5_vl": _QWEN_IMAGE_BLOCK, "qwen3_vl": _QWEN_IMAGE_BLOCK,
+    "qwen3_vl_moe": _QWEN_IMAGE_BLOCK, "qwen3_5": _QWEN_IMAGE_BLOCK, "glm4v": _GLM_IMAGE_BLOCK, "glm4v_moe": _GLM_IMAGE_BLOCK,
+}
+
+
+def _image_block_ids(vllm_config: Any, token_id: Callable[[str], int]) -> tuple[int, int, int]:
+    """(start, placeholder, end) token ids of an image block for the engine's model."""
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    block = _IMAGE_BLOCKS.get(model_type, _QWEN_IMAGE_BLOCK)
+    out = []
+    for attribute, token in block:
+        value = getattr(hf_config, attribute, None)
+        out.append(int(value) if isinstance(value, int) else token_id(token))
+    return out[0], out[1], out[2]
+
+
+def deepstack_levels(hf_config: Any) -> int:
+    """DeepStack levels of a Qwen3-VL config (0 for other families). vLLM's Qwen3-VL takes
+    ``image_embeds`` with the levels packed on the last dimension, ``[tokens, (1 + levels) *
+    out_hidden_size]`` (the main features first, then each level in the order of
+    ``vision_config.deepstack_visual_indexes``), as its vision tower returns them: give
+    ``vision_features`` in that layout; pooling acts per channel, so every level is pooled as
+    the main features."""
+    vision = getattr(hf_config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or ())
+
+
 class _Driver:
     """What every session of one engine shares: tokenizer, special ids, detector, image sizes."""
 
@@ -743,9 +781,7 @@ class _Driver:
             return int(ids[0])
 
         self.calibration_token = token_id(pvc.calibration_token)
-        self.vision_start = token_id("<|vision_start|>")
-        self.vision_end = token_id("<|vision_end|>")
-        self.image_pad = token_id("<|image_pad|>")
+        self.vision_start, self.image_pad, self.vision_end = _image_block_ids(vllm_config, token_id)
         self.image_settings = self._image_settings()
 
     def _image_settings(self) -> dict:
@@ -813,6 +849,17 @@ class _Session:
                         f"vision_features[{i}]: {f.shape[0]} features for image_grid_thw ({t}, {h}, {w}); expected "
                         f"t*h*w/{merge * merge} = {t * h * w // (merge * merge)} with h and w multiples of {merge}"
                     )
+            hf_config = getattr(driver.vllm_config.model_config, "hf_config", None)
+            levels = deepstack_levels(hf_config)
+            width = getattr(getattr(hf_config, "vision_config", None), "out_hidden_size", None)
+            if levels and isinstance(width, int):
+                for i, (f, _) in enumerate(self.features):
+                    if f.ndim != 2 or f.shape[1] != (1 + levels) * width:
+                        raise ValueError(
+                            f"vision_features[{i}]: shape {tuple(f.shape)}; this Qwen3-VL model takes image_embeds "
+                            f"[tokens, (1 + {levels} DeepStack levels) * {width}] = [tokens, {(1 + levels) * width}] "
+                            "(the features and each DeepStack level packed on the last dimension)"
+                        )
         self.params = request.sampling_params if request.sampling_params is not None else SamplingParams()
         if self.params.n != 1:
             raise ValueError(f"request {request_id}: sampling_params.n = {self.params.n}; TVC continues one answer, use n=1")
