@@ -701,6 +701,12 @@ def _check_kv_engine(vllm_config: "VllmConfig") -> None:
     why = kv_mode_refusal(vllm_config.model_config)
     if why is not None:
         raise ValueError(f"pvc.mode = 'kv': {why}")
+    from tvc_rs.kv import rope_settings
+
+    try:
+        rope_settings(vllm_config.model_config.hf_config)
+    except ValueError as error:
+        raise ValueError(f"pvc.mode = 'kv': the keys cannot be re-rotated for this model: {error}") from None
     kv = getattr(vllm_config, "kv_transfer_config", None)
     if kv is None or getattr(kv, "kv_connector", None) != "TVCKVConnector" or getattr(kv, "kv_connector_module_path", None) != "tvc_rs.vllm_kv":
         raise ValueError(

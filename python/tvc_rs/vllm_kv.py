@@ -130,7 +130,11 @@ class TVCKVConnector(KVConnectorBase_V1):
         self._caches: list[torch.Tensor] = []
         self._layout: Optional[tuple] = None
         self._finished: set[str] = set()
-        self._rope = _rope_kwargs(model_config)
+        try:
+            self._rope = _rope_kwargs(model_config)
+        except ValueError:
+            # Not a model kv mode knows: the engine still serves it (the driver refuses kv requests).
+            self._rope = None
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -278,18 +282,11 @@ class TVCKVConnector(KVConnectorBase_V1):
 
 
 def _rope_kwargs(model_config: Any) -> dict:
-    text = model_config.hf_text_config
-    params = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(text, "rope_theta", 10000.0))
-    head_dim = int(model_config.get_head_size())
-    rotary = int(head_dim * float(params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0))
-    section = params.get("mrope_section")
-    return {
-        "rope_theta": float(theta),
-        "head_dim": head_dim,
-        "rotary_dim": rotary,
-        "mrope_section": list(section) if section else None,
-    }
+    """The kernels' rope keywords for the engine's model, read from its config by the one reader
+    (pair layout, partial rotary, the interleaved frequency map of Qwen3-VL / Qwen3.5 included)."""
+    from tvc_rs.kv import rope_settings
+
+    return rope_settings(model_config.hf_config)
 
 
 def _view(cache: torch.Tensor, offset: int, token_stride: int, dim_stride: int) -> torch.Tensor:
