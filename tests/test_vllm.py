@@ -861,7 +861,7 @@ def test_driver_prompts_through_vllms_qwen2_vl_processing(vllm_config, input_pro
     assert at2 is not None
     cont3 = session.on_finished(finished_output(second, rest[: at2 + 1], stop_at_calibration=True))
     third = process(input_processor, cont3, session.next_params(), "third")
-    assert len(third.mm_features) == (3 if mode == "append" else 2) * count
+    assert len(third.mm_features) == (3 if mode == "append" else 1) * count  # relocate: the newest copies only
     assert [c.token_index for c in session.calibrations] == [at, at + 1 + at2]
     assert session.calibrations[1].phrase == phrase2 == "double check"
     if mode == "append":
@@ -1073,3 +1073,36 @@ def test_driver_kv_mode_moves_the_shared_text(vllm_config, input_processor, toke
         assert any(delta != (0, 0, 0) for _, _, delta in moves)
         text += bridge
         part, part_grids, start = nxt, pooled, cut
+
+
+def test_driver_relocate_keeps_only_the_newest_images(vllm_config, input_processor, tokenizer):
+    """relocate: each continuation is the question without its images, the text so far with every
+    bridge, and the newest compressed images only (earlier copies dropped, as tvc_rs.hf does);
+    no cache salt (its blocks are computed, shareable through the prefix cache)."""
+    tok = input_processor.tokenizer
+    pvc = PVCConfig(mode="relocate", pool=4)
+    driver = _Driver(vllm_config, tok, pvc)
+    grids = [(1, 18, 22), (1, 30, 14)]
+    gen = torch.Generator().manual_seed(2)
+    features = [torch.randn(t * h * w // 4, 1536, generator=gen) for t, h, w in grids]
+    session = _Session(driver, TVCRequest(prompt=PROMPT_2, vision_features=list(zip(features, grids)),
+                                          sampling_params=SamplingParams(max_tokens=1000)), "r")
+    prompt, params = session.first()
+    part = process(input_processor, prompt, params)
+    question = [t for t in tokenizer.encode(PROMPT_2, add_special_tokens=False).ids if t not in (151652, 151653, 151655)]
+    answer = tokenizer.encode(ANSWER, add_special_tokens=False).ids
+    pooled = [(1, 2 * math.ceil(h / 2 / 4), 2 * math.ceil(w / 2 / 4)) for _, h, w in grids]
+    blocks = []
+    for _, h, w in pooled:
+        blocks += [151652] + [151655] * (h * w // 4) + [151653]
+    text, start = list(question), 0
+    for cut in (20, 45):
+        cont = session.on_finished(finished_output(part, answer[start:cut], stop_at_calibration=True))
+        params = session.next_params()
+        nxt = process(input_processor, cont, params)
+        text += answer[start:cut] + tok.encode(" " + pvc.bridge, add_special_tokens=False)
+        assert list(nxt.prompt_token_ids) == text + blocks
+        assert "cache_salt" not in cont
+        embeds = cont["multi_modal_data"]["image"]["image_embeds"]
+        assert embeds.shape[0] == sum(h * w // 4 for _, h, w in pooled)  # two pooled images, not four
+        part, start = nxt, cut

@@ -242,8 +242,8 @@ def check_result(result, mode, parts, tokenizer, *, first_tokens, original_token
         cal = result.calibrations[k - 1]
         assert cal.mode == mode
         assert cal.image_tokens == injected_tokens  # what the record says ...
-        expected = ([original_tokens] if mode == "append" else []) + [injected_tokens] * (1 if mode == "kv" else k)
-        assert blocks == expected  # ... is what the engine used (kv: earlier copies evicted)
+        expected = [original_tokens] + [injected_tokens] * k if mode == "append" else [injected_tokens]
+        assert blocks == expected  # ... is what the engine used (relocate, kv: earlier copies dropped)
     # The answer's text: each part's text, and the bridge phrase (after a space where the text
     # before it does not end in one) at each calibration.
     expected, start = "", 0
@@ -473,18 +473,19 @@ class TestKVMode:
     tvc-rs' TVCKVConnector (gather + M-RoPE re-rotation), only the last generated token, the
     bridge and the compressed image prefilled."""
 
-    @pytest.mark.parametrize("pool,period,max_tokens", [(2, 6, 26), (1, 9, 40)])
-    def test_kv_equals_transformers_kv(self, llm, model_dir, hf_model, clevr, tokenizer, phrases, pool, period, max_tokens):
-        """The same weights, image features, prompt and pool: vLLM's kv mode gives the tokens of
-        ``tvc_rs.hf.generate(..., mode="kv")`` (transformers' model on its own cache, evicted and
-        re-rotated by relocate_span) through every calibration; each continuation is relocate's
-        text with the newest image only, and the engine prefilled exactly the last generated
-        token, the bridge and the image block of it."""
+    @pytest.mark.parametrize("mode,pool,period,max_tokens", [("kv", 2, 6, 26), ("kv", 1, 9, 40), ("relocate", 2, 6, 26)])
+    def test_equals_transformers(self, llm, model_dir, hf_model, clevr, tokenizer, phrases, mode, pool, period, max_tokens):
+        """The same weights, image features, prompt and pool: vLLM's kv (relocate) mode gives the
+        tokens of ``tvc_rs.hf.generate(..., mode="kv")`` (transformers' model on its own cache,
+        evicted and re-rotated by relocate_span; relocate: a fresh prefill of the same sequence)
+        through every calibration; each continuation is relocate's text with the newest image
+        only, and in kv mode the engine prefilled exactly the last generated token, the bridge and
+        the image block of it."""
         features, (t, h, w) = vision_features(hf_model, model_dir, clevr)
         # min_gap = period: calibrations at the period only (the two drivers watch the phrases the
         # same way within a part, but the transformers one keeps its stream across a calibration)
         schedule = tvc_rs.PVCSchedule(min_gap=period, period=period, max_calibrations=3)
-        pvc = PVCConfig(mode="kv", pool=pool, schedule=schedule, phrases=tuple(phrases))
+        pvc = PVCConfig(mode=mode, pool=pool, schedule=schedule, phrases=tuple(phrases))
         processor = hf_processor(model_dir, MAX_PIXELS)
         reference = tvc_rs.hf.generate(hf_model, processor, [clevr], "How many objects are left?", config=pvc,
                                        max_new_tokens=max_tokens, do_sample=False)
@@ -501,15 +502,18 @@ class TestKVMode:
         assert len(rec.finished) == 4
         text, start = list(question), 0
         for k, (part, cal) in enumerate(zip(rec.finished[1:], result.calibrations), 1):
-            assert cal.mode == "kv" and cal.image_tokens == injected
+            assert cal.mode == mode and cal.image_tokens == injected
             text += result.token_ids[start : cal.token_index + 1]
             start = cal.token_index + 1
             bridge = reference.calibrations[k - 1].bridge_ids
             ids = list(part.prompt_token_ids)
             assert ids == text + bridge + [VS] + [PAD] * injected + [VE]  # relocate's text, the newest image only
             prefilled = result.prompt_tokens[k] - result.cached_tokens[k]
-            # transformers' record leaves out the last <|vision_end|>, the first input of its next segment
-            assert prefilled == 1 + len(bridge) + injected + 2 == reference.calibrations[k - 1].prefilled_tokens + 1
+            if mode == "kv":
+                # transformers' record leaves out the last <|vision_end|>, the first input of its next segment
+                assert prefilled == 1 + len(bridge) + injected + 2 == reference.calibrations[k - 1].prefilled_tokens + 1
+            else:  # relocate computes everything after the prefix cache's blocks
+                assert prefilled > len(bridge) + injected + 2
             text += bridge
         assert result.prompt_tokens[0] - result.cached_tokens[0] > 1 + t * h * w // 4  # the first part: all of it
         assert not scheduler_of(llm).requests  # every stopped part's blocks were let go

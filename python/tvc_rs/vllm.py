@@ -922,40 +922,42 @@ class _Session:
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"tvc_kv": link}}
         return params
 
-    def _mm_data(self, originals: bool) -> dict:
+    def _mm_data(self) -> dict:
+        """The question's images and every injected copy (the first request, append's continuations)."""
         if self.features is not None:
-            items = list(self.features) if originals else []
-            items += self.injected
+            items = list(self.features) + list(self.injected)
             return {
                 "image": {
                     "image_embeds": torch.cat([f for f, _ in items]),
                     "image_grid_thw": torch.tensor([list(g) for _, g in items], dtype=torch.int64),
                 }
             }
-        return {"image": (list(self.images) if originals else []) + list(self.injected)}
+        return {"image": list(self.images) + list(self.injected)}
 
     def first(self) -> tuple[dict, SamplingParams]:
-        prompt = {"prompt_token_ids": list(self.prompt_ids), "multi_modal_data": self._mm_data(originals=True)}
+        prompt = {"prompt_token_ids": list(self.prompt_ids), "multi_modal_data": self._mm_data()}
         self.grids = [self._item_grid(item) for item in (self.features if self.features is not None else self.images)]
         return prompt, self._settings()
 
     def continuation(self) -> dict:
         """The next engine prompt, after the latest calibration."""
         if self.driver.pvc.mode == "append":
-            return {"prompt_token_ids": self.prompt_ids + self.assistant, "multi_modal_data": self._mm_data(originals=True)}
+            return {"prompt_token_ids": self.prompt_ids + self.assistant, "multi_modal_data": self._mm_data()}
+        # relocate (and kv, which approximates it): the question without its images, the text so
+        # far with every bridge, and only the newest compressed image(s): earlier copies are
+        # dropped, as in tvc_rs.hf.
+        newest = self.injected[-self._count():]
+        if self.features is not None:
+            mm = {"image": {"image_embeds": torch.cat([f for f, _ in newest]),
+                            "image_grid_thw": torch.tensor([list(g) for _, g in newest], dtype=torch.int64)}}
+        else:
+            mm = {"image": list(newest)}
+        prompt = {"prompt_token_ids": self.question_ids + self.text_assistant + self._newest_blocks, "multi_modal_data": mm}
         if self.driver.pvc.mode == "kv":
-            # relocate's sequence with only the newest images (earlier copies evicted, as
-            # tvc_rs.hf's kv mode does); salted so that its blocks, whose entries were moved rather
-            # than computed, serve only this answer's later parts from the prefix cache.
-            newest = self.injected[-self._count():]
-            if self.features is not None:
-                mm = {"image": {"image_embeds": torch.cat([f for f, _ in newest]),
-                                "image_grid_thw": torch.tensor([list(g) for _, g in newest], dtype=torch.int64)}}
-            else:
-                mm = {"image": list(newest)}
-            return {"prompt_token_ids": self.question_ids + self.text_assistant + self._kv_images,
-                    "multi_modal_data": mm, "cache_salt": self.kv_key}
-        return {"prompt_token_ids": self.question_ids + self.assistant, "multi_modal_data": self._mm_data(originals=False)}
+            # Salted so that its blocks, whose entries were moved rather than computed, serve
+            # only this answer's later parts from the prefix cache.
+            prompt["cache_salt"] = self.kv_key
+        return prompt
 
     def streaming_chunk(self, bridge_and_images: list[int]) -> dict:
         """The next chunk of a streaming-input session: only the new tokens and images."""
@@ -1062,9 +1064,9 @@ class _Session:
         added = bridge_ids + images_ids
         if self.driver.pvc.mode == "kv":
             self.kv_link = self._kv_link(output, part)
-            self.text_assistant.extend(bridge_ids)
-            self._kv_images = images_ids
             self.grids = [self._item_grid(item) for item, _ in compressed]
+        self.text_assistant.extend(bridge_ids)
+        self._newest_blocks = images_ids
         self.pieces.append(bridge_text)
         self.assistant.extend(added)
         self.injected.extend(item for item, _ in compressed)
@@ -1179,8 +1181,9 @@ def generate(llm: Any, requests: Any, pvc: Optional[PVCConfig] = None) -> list[T
     Every request goes to the engine with TVC on (the processor must be loaded: it is, through
     the entry point, when tvc-rs is installed). A request that stops at a calibration is
     continued at once, in the same engine loop as the others: in ``relocate`` mode with the
-    prompt rebuilt without its images, followed by everything generated so far, the bridge
-    phrase and the compressed image(s) (a new prefill of all of it); in ``append`` mode with the
+    prompt rebuilt without its images, followed by everything generated so far with every
+    bridge phrase, and only the newest compressed image(s) (earlier copies dropped, as in
+    ``tvc_rs.hf``; a new prefill of all of it but what the prefix cache holds); in ``append`` mode with the
     same prompt plus the generated tokens, the bridge phrase and the compressed image(s), as
     token ids, so that vLLM's prefix cache serves everything before (a prefill of the new tokens
     only); in ``kv`` mode with relocate's sequence holding only the newest compressed image(s),
