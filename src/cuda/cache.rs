@@ -134,9 +134,10 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// `path` is no symbolic link, is a folder (`dir`) or a regular file, owned by the effective
 /// user and not writable by group or others.
 fn trusted(path: &Path, dir: bool) -> bool {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
+    std::fs::symlink_metadata(path).is_ok_and(|meta| trusted_meta(&meta, dir))
+}
+
+fn trusted_meta(meta: &std::fs::Metadata, dir: bool) -> bool {
     let kind_ok = if dir { meta.is_dir() } else { meta.is_file() };
     if !kind_ok || meta.file_type().is_symlink() {
         return false;
@@ -156,7 +157,7 @@ fn trusted(path: &Path, dir: bool) -> bool {
 /// The CUBIN in the cache file at `path`, if the file (and its folder) can be trusted and its
 /// digest matches; `None` otherwise (then it is compiled again).
 pub fn load(path: &Path) -> Option<Vec<u8>> {
-    if !path.parent().is_some_and(|dir| trusted(dir, true)) || !trusted(path, false) {
+    if !path.parent().is_some_and(|dir| trusted(dir, true)) {
         return None;
     }
     let mut options = std::fs::OpenOptions::new();
@@ -167,14 +168,11 @@ pub fn load(path: &Path) -> Option<Vec<u8>> {
         options.custom_flags(libc::O_NOFOLLOW);
     }
     let mut file = options.open(path).ok()?;
-    // The file opened is the one checked (not swapped in between).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let (opened, checked) = (file.metadata().ok()?, std::fs::symlink_metadata(path).ok()?);
-        if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
-            return None;
-        }
+    // The checks are on the file opened (fstat), not on the path: another process renaming a
+    // new cache file into place meanwhile is no reason to distrust it, and a swapped-in file
+    // is checked itself.
+    if !trusted_meta(&file.metadata().ok()?, false) {
+        return None;
     }
     let mut data = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut data).ok()?;
