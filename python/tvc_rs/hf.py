@@ -426,13 +426,6 @@ class _Rope:
             out["mrope_interleaved"] = True
         return out
 
-    @property
-    def native(self) -> bool:
-        """Whether the Rust kernels take every option of this rope (else the exact PyTorch path)."""
-        if not self.mrope_interleaved:
-            return True
-        return "mrope_interleaved" in inspect.signature(relocate_span).parameters
-
     def components(self) -> Any:
         """``[rotary_dim / 2]``: the axis (0 t, 1 h, 2 w) each frequency turns with."""
         torch = _torch()
@@ -912,10 +905,7 @@ class PVCSession:
         out = {}
         for index, q in captured.items():
             q = q.float().cpu().reshape(-1, self.rope.head_dim)[None].contiguous()  # [1, heads, d]
-            if self.rope.native:
-                rerotate_keys(q, position[None].clone(), **self.rope.kwargs())
-            else:
-                q = _rotate_torch(q.transpose(0, 1), position[None], self.rope).transpose(0, 1).contiguous()
+            rerotate_keys(q, position[None].clone(), **self.rope.kwargs())
             out[index] = q
         return out
 
@@ -987,7 +977,7 @@ class PVCSession:
             new = after.positions[:, start:length - n]
             keys = [layer.keys for layer in layers]
             values = [layer.values for layer in layers]
-            if self.rope.native and _native_ok(*keys, *values):
+            if _native_ok(*keys, *values):
                 relocate_span(keys, values, start, end, old_positions=old.contiguous(), new_positions=new.contiguous(),
                               length=length, **self.rope.kwargs())
             else:
