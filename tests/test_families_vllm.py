@@ -66,10 +66,18 @@ def test_driver_takes_the_image_block_tokens_from_the_config(qwen2_engine_config
         assert pad == tokenizer.convert_tokens_to_ids("<|image|>") != tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # A prompt with the family's block is accepted; one with another family's block is not.
     text = tokenizer.encode("How many?", add_special_tokens=False)
-    features = [(torch.zeros(4, 64 * (1 + deepstack_levels(config.model_config.hf_config))), (1, 4, 4))]
-    _Session(driver, TVCRequest(prompt=text + [start, pad, end], vision_features=features), "ok")
+    from PIL import Image
+
+    image = [Image.new("RGB", (64, 64))]
+    _Session(driver, TVCRequest(prompt=text + [start, pad, end], images=image), "ok")
     with pytest.raises(ValueError, match="blocks for 1 images"):
-        _Session(driver, TVCRequest(prompt=text + [start, 151643, end], vision_features=features), "bad")
+        _Session(driver, TVCRequest(prompt=text + [start, 151643, end], images=image), "bad")
+    features = [(torch.zeros(4, 64 * (1 + deepstack_levels(config.model_config.hf_config))), (1, 4, 4))]
+    if family.startswith("glm4v"):  # vLLM's GLM has no image_embeds input: refused with the reason
+        with pytest.raises(ValueError, match="takes no image_embeds"):
+            _Session(driver, TVCRequest(prompt=text + [start, pad, end], vision_features=features), "features")
+    else:
+        _Session(driver, TVCRequest(prompt=text + [start, pad, end], vision_features=features), "features")
 
 
 def test_qwen3_vl_pooled_image_embeds_unpack_in_vllm_as_pooled_deepstack_levels(qwen2_engine_config):

@@ -491,7 +491,8 @@ def _processor_grids(processor, images) -> list[list[int]]:
 def test_defaults_equal_the_processor_and_the_asset_config():
     config = json.loads(asset("qwen2-vl/preprocessor_config.json").read_text())
     defaults = tvc_rs.image_processor_settings(fast_module.Qwen2VLImageProcessor())
-    assert defaults == {"patch_size": 14, "merge_size": 2, "min_pixels": 3136, "max_pixels": 1003520}
+    assert defaults == {"patch_size": 14, "merge_size": 2, "min_pixels": 3136, "max_pixels": 1003520, "rule": "qwen2_vl",
+                        "temporal_patch_size": 2}
     assert tvc_rs.image_processor_settings(config) == defaults
     import inspect
 
@@ -559,7 +560,8 @@ def test_random_sizes_against_smart_resize_and_patch_count(height, width, patch_
     assert slow_module.smart_resize(height, width, factor, min_pixels, max_pixels) == expected
     assert tvc_rs.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels) == expected
     settings_ = tvc_rs.image_processor_settings(processor)
-    assert settings_ == dict(patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    assert settings_ == dict(patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                             rule="qwen2_vl", temporal_patch_size=2)
     patches = processor.get_number_of_image_patches(height, width, {})
     assert tvc_rs.image_token_count(height, width, **settings_) == patches // merge_size**2
     t, gh, gw = tvc_rs.image_grid_thw(height, width, **settings_)
@@ -626,7 +628,8 @@ def test_sizes_must_be_integers():
 
 def test_image_processor_settings_sources(tmp_path: Path):
     folder = asset("qwen2-vl")
-    expected = {"patch_size": 14, "merge_size": 2, "min_pixels": 3136, "max_pixels": 1003520}
+    expected = {"patch_size": 14, "merge_size": 2, "min_pixels": 3136, "max_pixels": 1003520, "rule": "qwen2_vl",
+                "temporal_patch_size": 2}
     assert tvc_rs.image_processor_settings(folder) == expected
     assert tvc_rs.image_processor_settings(folder / "preprocessor_config.json") == expected
     q25 = json.loads(asset("qwen2.5-vl/preprocessor_config.json").read_text())
@@ -643,3 +646,64 @@ def test_image_processor_settings_sources(tmp_path: Path):
         tvc_rs.image_processor_settings({"size": {"min_pixels": 10, "max_pixels": 20}})
     with pytest.raises(TypeError, match=re.escape("source must be")):
         tvc_rs.image_processor_settings(object())
+
+
+# ------------------------------------------------------------------ GLM-4.1V's resize rule
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    height=sizes, width=sizes, patch_size=st.sampled_from([14, 16]), temporal=st.sampled_from([1, 2, 3]),
+    min_pixels=st.integers(1, 200_000), extra=st.integers(0, 20_000_000),
+)
+def test_glm4v_random_sizes_against_its_smart_resize(height, width, patch_size, temporal, min_pixels, extra):
+    """GLM-4.1V's own rule (an image counted as temporal_patch_size frames, thin images scaled
+    up first): transformers' ``glm4v`` smart_resize as its image processor calls it."""
+    from transformers.models.glm4v import image_processing_glm4v as glm
+
+    max_pixels, factor = min_pixels + extra, patch_size * 2
+    kwargs = dict(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, rule="glm4v", temporal_patch_size=temporal)
+    try:
+        expected = glm.smart_resize(num_frames=temporal, height=height, width=width, temporal_factor=temporal,
+                                    factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError:
+        with pytest.raises(ValueError, match=re.escape("aspect ratio")):
+            tvc_rs.smart_resize(height, width, **kwargs)
+        return
+    assert tvc_rs.smart_resize(height, width, **kwargs) == expected
+    grid = tvc_rs.image_grid_thw(height, width, patch_size=patch_size, merge_size=2, min_pixels=min_pixels,
+                                 max_pixels=max_pixels, rule="glm4v", temporal_patch_size=temporal)
+    assert grid == (1, expected[0] // patch_size, expected[1] // patch_size)
+
+
+def test_glm4v_every_real_image_and_its_saved_processor(tmp_path: Path):
+    """The grids of GLM-4.1V's image processor on every real image, from the settings read off
+    the processor, and off the folder transformers 5 saves it to (processor_config.json)."""
+    from PIL import Image
+    from tiny_models import family_processor
+
+    processor = family_processor("glm4v", ASSETS)
+    processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    settings_ = tvc_rs.image_processor_settings(processor)
+    assert settings_["rule"] == "glm4v" and settings_["temporal_patch_size"] == 2
+    assert tvc_rs.image_processor_settings(tmp_path) == settings_
+    paths = sorted(p for p in asset("images").rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    images = [Image.open(p).convert("RGB") for p in paths] + [Image.new("RGB", (20, 300)), Image.new("RGB", (9, 9))]
+    grids = processor.image_processor(images=images, return_tensors="np")["image_grid_thw"].tolist()
+    for image, grid in zip(images, grids):
+        width, height = image.size
+        assert list(tvc_rs.image_grid_thw(height, width, **settings_)) == grid, image.size
+        assert tvc_rs.image_token_count(height, width, **settings_) == grid[1] * grid[2] // 4
+    # Qwen3-VL's processor keeps Qwen2-VL's rule (patch 16)
+    qwen3 = tvc_rs.image_processor_settings(family_processor("qwen3_vl", ASSETS))
+    assert (qwen3["rule"], qwen3["patch_size"]) == ("qwen2_vl", 16)
+
+
+def test_resize_rule_errors():
+    with pytest.raises(ValueError, match=re.escape('rule must be "qwen2_vl"')):
+        tvc_rs.smart_resize(100, 100, rule="glm5")
+    with pytest.raises(ValueError, match=re.escape("temporal_patch_size must be >= 1")):
+        tvc_rs.image_grid_thw(100, 100, rule="glm4v", temporal_patch_size=0)
+    with pytest.raises(TypeError, match="rule"):
+        tvc_rs.image_token_count(100, 100, rule=2)

@@ -210,7 +210,14 @@ def mrope_position_ids(
     Settings left None take the defaults of ``model_type``'s transformers config class."""
 
 def smart_resize(
-    height: int, width: int, *, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
+    height: int,
+    width: int,
+    *,
+    factor: int = 28,
+    min_pixels: int = 3136,
+    max_pixels: int = 1003520,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> tuple[int, int]: ...
 def image_grid_thw(
     height: int,
@@ -220,6 +227,8 @@ def image_grid_thw(
     merge_size: int = 2,
     min_pixels: int = 3136,
     max_pixels: int = 1003520,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> tuple[int, int, int]: ...
 def image_token_count(
     height: int,
@@ -229,6 +238,8 @@ def image_token_count(
     merge_size: int = 2,
     min_pixels: int = 3136,
     max_pixels: int = 1003520,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> int: ...
 
 # --- end rope ---

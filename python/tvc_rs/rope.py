@@ -228,6 +228,8 @@ def smart_resize(
     factor: int = 28,
     min_pixels: int = _MIN_PIXELS,
     max_pixels: int = _MAX_PIXELS,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> tuple[int, int]:
     """The ``(height, width)`` Qwen2-VL's image processor resizes an image to.
 
@@ -237,11 +239,17 @@ def smart_resize(
     ``[min_pixels, max_pixels]``, the aspect ratio is kept as far as rounding allows. Images
     smaller than ``factor`` are scaled up (5.24 no longer refuses them).
 
+    ``rule="glm4v"`` is GLM-4.1V's ``smart_resize`` instead (``Glm4vImageProcessor``): the image
+    counts as ``temporal_patch_size`` frames against the pixel bounds, and a side below
+    ``factor`` is scaled up first. Qwen2.5-VL, Qwen3-VL and Qwen3.5 use ``"qwen2_vl"``.
+
     Raises:
-        ValueError: a size, ``factor``, ``min_pixels`` or ``max_pixels`` < 1; an aspect ratio
-            above 200 (the processor refuses those); ``height * width >= 2**53``.
+        ValueError: a size, ``factor``, ``min_pixels``, ``max_pixels`` or
+            ``temporal_patch_size`` < 1; an unknown ``rule``; an aspect ratio above 200 (the
+            processor refuses those); ``height * width >= 2**53``.
     """
-    return _native.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return _native.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels,
+                                rule=rule, temporal_patch_size=temporal_patch_size)
 
 
 def image_grid_thw(
@@ -252,16 +260,20 @@ def image_grid_thw(
     merge_size: int = 2,
     min_pixels: int = _MIN_PIXELS,
     max_pixels: int = _MAX_PIXELS,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> tuple[int, int, int]:
     """``(1, grid_h, grid_w)``: the processor's ``image_grid_thw`` row for an image of this size.
 
     ``grid_h, grid_w`` are the resized sides divided by ``patch_size`` (patches before merging).
     ``min_pixels`` / ``max_pixels`` are the processor's ``size["shortest_edge"]`` /
-    ``size["longest_edge"]``; see :func:`image_processor_settings` to read them from a processor.
-    Errors as :func:`smart_resize` (also ``patch_size`` / ``merge_size`` < 1).
+    ``size["longest_edge"]``; ``rule`` / ``temporal_patch_size`` as in :func:`smart_resize`; see
+    :func:`image_processor_settings` to read them all from a processor. Errors as
+    :func:`smart_resize` (also ``patch_size`` / ``merge_size`` < 1).
     """
     return _native.image_grid_thw(
-        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels
+        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
+        rule=rule, temporal_patch_size=temporal_patch_size,
     )
 
 
@@ -273,29 +285,39 @@ def image_token_count(
     merge_size: int = 2,
     min_pixels: int = _MIN_PIXELS,
     max_pixels: int = _MAX_PIXELS,
+    rule: str = "qwen2_vl",
+    temporal_patch_size: int = 2,
 ) -> int:
     """How many ``<|image_pad|>`` tokens an image of this size becomes:
     ``grid_h * grid_w // merge_size**2`` (see :func:`image_grid_thw`). Errors as :func:`smart_resize`.
     """
     return _native.image_token_count(
-        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels
+        height, width, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
+        rule=rule, temporal_patch_size=temporal_patch_size,
     )
 
 
-def image_processor_settings(source: Any) -> dict[str, int]:
-    """``{"patch_size", "merge_size", "min_pixels", "max_pixels"}`` of a Qwen2-VL image processor,
-    to pass as ``**settings`` to :func:`image_grid_thw` / :func:`image_token_count`.
+def image_processor_settings(source: Any) -> dict[str, Any]:
+    """``{"patch_size", "merge_size", "min_pixels", "max_pixels", "rule", "temporal_patch_size"}``
+    of a Qwen2-VL-style image processor, to pass as ``**settings`` to :func:`image_grid_thw` /
+    :func:`image_token_count`. ``rule`` is ``"glm4v"`` for GLM-4.1V's processor
+    (``Glm4vImageProcessor``, its own resize rule), else ``"qwen2_vl"``.
 
-    ``source`` is a processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``), an image processor
-    (``Qwen2VLImageProcessor`` / ``Qwen2VLImageProcessorPil``), a ``preprocessor_config.json``
-    dict, or the path of that file or of the folder holding it. A dict is read as the processor's
-    constructor reads it: top-level ``min_pixels`` / ``max_pixels`` override
-    ``size["shortest_edge"]`` / ``size["longest_edge"]``; missing values take the defaults.
+    ``source`` is a processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``,
+    ``Glm4vProcessor``), an image processor, a ``preprocessor_config.json`` dict, or the path of
+    that file or of the folder holding it (a folder saved by transformers 5, which writes
+    ``processor_config.json`` with an ``image_processor`` entry instead, is read too). A dict is
+    read as the processor's constructor reads it: top-level ``min_pixels`` / ``max_pixels``
+    override ``size["shortest_edge"]`` / ``size["longest_edge"]``; missing values take the
+    defaults.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            path = os.path.join(path, "preprocessor_config.json")
+            folder = path
+            path = os.path.join(folder, "preprocessor_config.json")
+            if not os.path.exists(path) and os.path.exists(os.path.join(folder, "processor_config.json")):
+                path = os.path.join(folder, "processor_config.json")
         try:
             with open(path, encoding="utf-8") as f:
                 source = json.load(f)
@@ -305,6 +327,10 @@ def image_processor_settings(source: Any) -> dict[str, int]:
             raise OSError(f"source: cannot read {path}: {err}") from None
         except ValueError as err:  # invalid JSON or text
             raise ValueError(f"source: cannot read {path}: {err}") from None
+        if not isinstance(source, Mapping):
+            raise ValueError(f"source: {path} does not hold a JSON object")
+        if isinstance(source.get("image_processor"), Mapping):  # processor_config.json
+            source = source["image_processor"]
     if not isinstance(source, Mapping) and getattr(source, "image_processor", None) is not None:
         source = source.image_processor
     if isinstance(source, Mapping):
@@ -315,8 +341,10 @@ def image_processor_settings(source: Any) -> dict[str, int]:
         if source.get("max_pixels") is not None:
             size["longest_edge"] = source["max_pixels"]
         patch_size, merge_size = source.get("patch_size", 14), source.get("merge_size", 2)
+        kind, temporal = str(source.get("image_processor_type", "")), source.get("temporal_patch_size", 2)
     else:
         size, patch_size, merge_size = _get(source, "size"), _get(source, "patch_size"), _get(source, "merge_size")
+        kind, temporal = type(source).__name__, _get(source, "temporal_patch_size") or 2
         if patch_size is None or merge_size is None or size is None:
             raise TypeError(
                 "source must be a Qwen2-VL processor, image processor, preprocessor_config dict or path, "
@@ -326,4 +354,6 @@ def image_processor_settings(source: Any) -> dict[str, int]:
     if not min_pixels or not max_pixels:
         # The processor's own message for the same configuration.
         raise ValueError(f"size must contain 'shortest_edge' and 'longest_edge' (or min_pixels / max_pixels), got {size}")
-    return {"patch_size": patch_size, "merge_size": merge_size, "min_pixels": min_pixels, "max_pixels": max_pixels}
+    rule = "glm4v" if kind.startswith("Glm4v") else "qwen2_vl"
+    return {"patch_size": patch_size, "merge_size": merge_size, "min_pixels": min_pixels, "max_pixels": max_pixels,
+            "rule": rule, "temporal_patch_size": temporal}

@@ -631,6 +631,7 @@ class TVCRequest:
             as ``image_embeds`` (the engine needs ``enable_mm_embeds=True``) and the re-injected
             image is the features pooled ``pool x pool`` on the merged grid; otherwise the
             re-injected image is the image downscaled so that its token grid shrinks by ``pool``.
+            Not for GLM-4.1V (vLLM's GLM takes no ``image_embeds``: refused with a message).
         request_id: a name for the result (default: the request's index).
     """
 
@@ -731,6 +732,12 @@ _IMAGE_BLOCKS = {
 }
 
 
+# Families whose vLLM model cannot take precomputed features: vLLM 0.32 / 0.33's GLM-4.1V
+# processor uses the default input parser, which has no ``{"image_embeds", "image_grid_thw"}``
+# item (Qwen2-VL's, Qwen3-VL's and Qwen3.5's have one).
+_NO_IMAGE_EMBEDS = ("glm4v", "glm4v_moe")
+
+
 def _image_block_ids(vllm_config: Any, token_id: Callable[[str], int]) -> tuple[int, int, int]:
     """(start, placeholder, end) token ids of an image block for the engine's model."""
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
@@ -791,21 +798,26 @@ class _Driver:
         self.image_settings = self._image_settings()
 
     def _image_settings(self) -> dict:
-        """patch_size, merge_size, min_pixels and max_pixels of the engine's image processor."""
+        """patch_size, merge_size, min_pixels, max_pixels and the resize rule of the engine's image
+        processor (`tvc_rs.image_processor_settings`)."""
         model_config = self.vllm_config.model_config
         source: Any = model_config.model
         if not os.path.isdir(source):  # a hub name: the file vLLM's processor loaded, from the cache
             try:
                 from huggingface_hub import try_to_load_from_cache
 
-                cached = try_to_load_from_cache(source, "preprocessor_config.json", revision=getattr(model_config, "revision", None))
-                source = cached if isinstance(cached, str) else source
+                for name in ("preprocessor_config.json", "processor_config.json"):
+                    cached = try_to_load_from_cache(source, name, revision=getattr(model_config, "revision", None))
+                    if isinstance(cached, str):
+                        source = cached
+                        break
             except (ImportError, ValueError):
                 pass
         try:
             settings = dict(tvc_rs.image_processor_settings(source))
         except (OSError, ValueError, TypeError):
-            logger.warning("TVC: no preprocessor_config.json found for %s; re-injected images sized with Qwen2-VL's defaults", model_config.model)
+            logger.warning("TVC: no preprocessor_config.json / processor_config.json found for %s; re-injected images sized with "
+                           "Qwen2-VL's defaults", model_config.model)
             settings = {}
         # The engine's value: ModelConfig.mm_processor_kwargs is an InitVar (None once the config
         # is built); it lives on the multimodal config.
@@ -846,6 +858,12 @@ class _Session:
         self.question_ids = [t for i, t in enumerate(ids) if not any(a <= i < b for a, b in spans)]
         self.images = images
         self.features = None
+        model_type = getattr(getattr(driver.vllm_config.model_config, "hf_config", None), "model_type", None)
+        if features is not None and model_type in _NO_IMAGE_EMBEDS:
+            raise ValueError(
+                f"request {request_id}: vision_features: vLLM's {model_type} takes no image_embeds (its input parser "
+                "has no path for precomputed features with their grid); give the images instead"
+            )
         if features is not None:
             self.features = [(_as_tensor(f, f"vision_features[{i}][0]"), _grid(g, f"vision_features[{i}][1]")) for i, (f, g) in enumerate(features)]
             merge = driver.image_settings.get("merge_size", 2)
@@ -999,10 +1017,10 @@ class _Session:
 
             patch = settings.get("patch_size", 14)
             unit = patch * merge
-            bounds = {key: settings[key] for key in ("min_pixels", "max_pixels") if key in settings}
             for image in self.images:
                 width, height = image.size
-                rh, rw = tvc_rs.smart_resize(height, width, factor=unit, **bounds)
+                _, gh, gw = tvc_rs.image_grid_thw(height, width, **settings)
+                rh, rw = gh * patch, gw * patch
                 th, tw = -(-rh // unit // k) * unit, -(-rw // unit // k) * unit
                 small = image if k == 1 else image.resize((tw, th), Image.Resampling.BICUBIC)
                 out.append((small, tvc_rs.image_token_count(th, tw, **settings) if k > 1 else tvc_rs.image_token_count(height, width, **settings)))
@@ -1088,15 +1106,12 @@ class _Session:
 
     def _item_grid(self, item: Any) -> tuple[int, int, int]:
         """The (t, h, w) patch grid the engine gives an image item (features: their grid; a PIL
-        image: Qwen2-VL's resize rule with the engine's settings)."""
+        image: the processor's resize rule with the engine's settings)."""
         if isinstance(item, tuple):
             return tuple(int(v) for v in item[1])  # type: ignore[return-value]
         settings = self.driver.image_settings
-        patch, merge = settings.get("patch_size", 14), settings.get("merge_size", 2)
-        bounds = {key: settings[key] for key in ("min_pixels", "max_pixels") if key in settings}
         width, height = item.size
-        rh, rw = tvc_rs.smart_resize(height, width, factor=patch * merge, **bounds)
-        return (1, rh // patch, rw // patch)
+        return tuple(int(v) for v in tvc_rs.image_grid_thw(height, width, **settings))  # type: ignore[return-value]
 
     def _kv_link(self, output: Any, part: list[int]) -> dict:
         """What the connector moves into the continuation: runs ``[dst, src, n, dt, dh, dw]`` of

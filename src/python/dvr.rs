@@ -398,6 +398,7 @@ impl DVRBuilder {
             merge_size,
             min_pixels,
             max_pixels,
+            ..ImageSettings::default()
         };
         for (name, v) in [
             ("patch_size", patch_size),

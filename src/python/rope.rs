@@ -17,7 +17,7 @@ use pyo3::types::{PyBool, PyFloat, PyInt};
 
 use crate::rope::{
     self, BatchInput, GridThw, ImageSettings, MaskValue, ModelType, MropeConfig, PositionInt,
-    Seconds, SecondsValue, TokenId, TokenKinds, TokensPerSecond,
+    ResizeRule, Seconds, SecondsValue, TokenId, TokenKinds, TokensPerSecond,
 };
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -475,27 +475,37 @@ fn mrope_position_ids<'py>(
 
 /// Native `tvc_rs.smart_resize`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, factor = Arg::of(28), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, factor=28, min_pixels=3136, max_pixels=1003520)")]
+#[pyo3(signature = (height, width, *, factor = Arg::of(28), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520), rule = Arg::of("qwen2_vl".to_string()), temporal_patch_size = Arg::of(2)), text_signature = "(height, width, *, factor=28, min_pixels=3136, max_pixels=1003520, rule='qwen2_vl', temporal_patch_size=2)")]
 fn smart_resize(
     height: Arg<i64>,
     width: Arg<i64>,
     factor: Arg<i64>,
     min_pixels: Arg<i64>,
     max_pixels: Arg<i64>,
+    rule: Arg<String>,
+    temporal_patch_size: Arg<i64>,
 ) -> PyResult<(i64, i64)> {
     let height = height.get("height")?;
     let width = width.get("width")?;
     let factor = factor.get("factor")?;
     let min_pixels = min_pixels.get("min_pixels")?;
     let max_pixels = max_pixels.get("max_pixels")?;
-    Ok(rope::smart_resize(
-        height, width, factor, min_pixels, max_pixels,
+    let rule = resize_rule(rule, temporal_patch_size)?;
+    Ok(rope::resize(
+        height, width, factor, min_pixels, max_pixels, rule,
     )?)
+}
+
+fn resize_rule(rule: Arg<String>, temporal_patch_size: Arg<i64>) -> PyResult<ResizeRule> {
+    let name = rule.get("rule")?;
+    let temporal_patch_size = temporal_patch_size.get("temporal_patch_size")?;
+    Ok(ResizeRule::parse(&name, temporal_patch_size)?)
 }
 
 /// Native `tvc_rs.image_grid_thw`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
+#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520), rule = Arg::of("qwen2_vl".to_string()), temporal_patch_size = Arg::of(2)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520, rule='qwen2_vl', temporal_patch_size=2)")]
+#[allow(clippy::too_many_arguments)]
 fn image_grid_thw(
     height: Arg<i64>,
     width: Arg<i64>,
@@ -503,6 +513,8 @@ fn image_grid_thw(
     merge_size: Arg<i64>,
     min_pixels: Arg<i64>,
     max_pixels: Arg<i64>,
+    rule: Arg<String>,
+    temporal_patch_size: Arg<i64>,
 ) -> PyResult<(i64, i64, i64)> {
     let height = height.get("height")?;
     let width = width.get("width")?;
@@ -515,6 +527,7 @@ fn image_grid_thw(
         merge_size,
         min_pixels,
         max_pixels,
+        rule: resize_rule(rule, temporal_patch_size)?,
     };
     let [t, h, w] = rope::image_grid_thw(height, width, &settings)?;
     Ok((t, h, w))
@@ -522,7 +535,8 @@ fn image_grid_thw(
 
 /// Native `tvc_rs.image_token_count`.
 #[pyfunction]
-#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
+#[pyo3(signature = (height, width, *, patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520), rule = Arg::of("qwen2_vl".to_string()), temporal_patch_size = Arg::of(2)), text_signature = "(height, width, *, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520, rule='qwen2_vl', temporal_patch_size=2)")]
+#[allow(clippy::too_many_arguments)]
 fn image_token_count(
     height: Arg<i64>,
     width: Arg<i64>,
@@ -530,6 +544,8 @@ fn image_token_count(
     merge_size: Arg<i64>,
     min_pixels: Arg<i64>,
     max_pixels: Arg<i64>,
+    rule: Arg<String>,
+    temporal_patch_size: Arg<i64>,
 ) -> PyResult<i64> {
     let height = height.get("height")?;
     let width = width.get("width")?;
@@ -542,6 +558,7 @@ fn image_token_count(
         merge_size,
         min_pixels,
         max_pixels,
+        rule: resize_rule(rule, temporal_patch_size)?,
     };
     Ok(rope::image_token_count(height, width, &settings)?)
 }

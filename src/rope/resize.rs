@@ -1,7 +1,8 @@
 //! Qwen2-VL's image resizing rule and the token count it implies, as transformers 5.24's
 //! `Qwen2VLImageProcessor` (torchvision backend) and `Qwen2VLImageProcessorPil` apply it: both
 //! call the same `smart_resize(height, width, factor=patch_size * merge_size,
-//! min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])`.
+//! min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])`. Qwen2.5-VL, Qwen3-VL and
+//! Qwen3.5 use the same rule; GLM-4.1V's `Glm4vImageProcessor` has its own ([`ResizeRule::Glm4v`]).
 //!
 //! The float operations are those of the Python function, in the same order, in f64 (Python's
 //! `float`); `round` is Python's round-half-to-even. Integer ratios are exact in f64 as long as
@@ -12,6 +13,18 @@ use crate::value_err;
 
 /// 2^53: integers up to here are exact in f64, so Python's `int / int` equals the f64 quotient.
 const EXACT_F64_INT: i128 = 1 << 53;
+
+/// Which image processor's `smart_resize` decides the size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ResizeRule {
+    /// Qwen2-VL's (also Qwen2.5-VL, Qwen3-VL, Qwen3.5).
+    #[default]
+    Qwen2Vl,
+    /// GLM-4.1V's (`glm4v.image_processing_glm4v.smart_resize`): an image counts as
+    /// `temporal_patch_size` frames against the pixel bounds (so it gets half the pixels of
+    /// Qwen2-VL's rule at the same bounds), and a side below `factor` is scaled up first.
+    Glm4v { temporal_patch_size: i64 },
+}
 
 /// The settings of the image processor that decide the grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,6 +37,8 @@ pub struct ImageSettings {
     pub min_pixels: i64,
     /// `size["longest_edge"]`, alias `max_pixels` (28 * 28 * 1280 = 1003520).
     pub max_pixels: i64,
+    /// The processor family's resize rule.
+    pub rule: ResizeRule,
 }
 
 impl Default for ImageSettings {
@@ -34,6 +49,26 @@ impl Default for ImageSettings {
             merge_size: 2,
             min_pixels: 56 * 56,
             max_pixels: 28 * 28 * 1280,
+            rule: ResizeRule::Qwen2Vl,
+        }
+    }
+}
+
+impl ResizeRule {
+    /// The rule by its name: `"qwen2_vl"` or `"glm4v"` (with the processor's
+    /// `temporal_patch_size`).
+    pub fn parse(name: &str, temporal_patch_size: i64) -> Result<ResizeRule> {
+        match name {
+            "qwen2_vl" => Ok(ResizeRule::Qwen2Vl),
+            "glm4v" => {
+                positive("temporal_patch_size", temporal_patch_size)?;
+                Ok(ResizeRule::Glm4v {
+                    temporal_patch_size,
+                })
+            }
+            other => Err(value_err!(
+                "rule must be \"qwen2_vl\" (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) or \"glm4v\" (GLM-4.1V), got {other:?}"
+            )),
         }
     }
 }
@@ -84,16 +119,56 @@ pub fn smart_resize(
     min_pixels: i64,
     max_pixels: i64,
 ) -> Result<(i64, i64)> {
+    resize(
+        height,
+        width,
+        factor,
+        min_pixels,
+        max_pixels,
+        ResizeRule::Qwen2Vl,
+    )
+}
+
+/// [`smart_resize`] with the family's rule: `ResizeRule::Glm4v` is GLM-4.1V's `smart_resize`
+/// for an image (`num_frames = temporal_factor = temporal_patch_size`). Same errors, and
+/// `temporal_patch_size` < 1.
+pub fn resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+    rule: ResizeRule,
+) -> Result<(i64, i64)> {
     positive("height", height)?;
     positive("width", width)?;
     positive("factor", factor)?;
     positive("min_pixels", min_pixels)?;
     positive("max_pixels", max_pixels)?;
-    let pixels = height as i128 * width as i128;
-    below_2_53("height * width", pixels)?;
+    below_2_53("height * width", height as i128 * width as i128)?;
     below_2_53("factor", factor as i128)?;
     below_2_53("min_pixels", min_pixels as i128)?;
     below_2_53("max_pixels", max_pixels as i128)?;
+    let (mut height, mut width) = (height, width);
+    let frames = match rule {
+        ResizeRule::Qwen2Vl => 1,
+        ResizeRule::Glm4v {
+            temporal_patch_size,
+        } => {
+            positive("temporal_patch_size", temporal_patch_size)?;
+            if height < factor || width < factor {
+                // GLM scales a thin image up until both sides reach factor (int() truncates).
+                let f = factor as f64;
+                let scale = (f / height as f64).max(f / width as f64);
+                height = (height as f64 * scale) as i64;
+                width = (width as f64 * scale) as i64;
+            }
+            // t_bar = round(num_frames / temporal_factor) * temporal_factor with both equal.
+            temporal_patch_size as i128
+        }
+    };
+    let pixels = frames * height as i128 * width as i128;
+    below_2_53("frames * height * width", pixels)?;
 
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     let ratio = h.max(w) / h.min(w);
@@ -104,11 +179,11 @@ pub fn smart_resize(
     }
     let mut h_bar = (h / f).round_ties_even() as i128 * factor as i128;
     let mut w_bar = (w / f).round_ties_even() as i128 * factor as i128;
-    if h_bar * w_bar > max_pixels as i128 {
+    if frames * h_bar * w_bar > max_pixels as i128 {
         let beta = (pixels as f64 / max_pixels as f64).sqrt();
         h_bar = (factor as i128).max((h / beta / f).floor() as i128 * factor as i128);
         w_bar = (factor as i128).max((w / beta / f).floor() as i128 * factor as i128);
-    } else if h_bar * w_bar < min_pixels as i128 {
+    } else if frames * h_bar * w_bar < min_pixels as i128 {
         let beta = (min_pixels as f64 / pixels as f64).sqrt();
         h_bar = (h * beta / f).ceil() as i128 * factor as i128;
         w_bar = (w * beta / f).ceil() as i128 * factor as i128;
@@ -122,12 +197,13 @@ pub fn smart_resize(
 /// The processor's `image_grid_thw` row for one image: `(1, resized_h / patch, resized_w / patch)`.
 pub fn image_grid_thw(height: i64, width: i64, settings: &ImageSettings) -> Result<[i64; 3]> {
     let factor = settings.factor()?;
-    let (h, w) = smart_resize(
+    let (h, w) = resize(
         height,
         width,
         factor,
         settings.min_pixels,
         settings.max_pixels,
+        settings.rule,
     )?;
     Ok([1, h / settings.patch_size, w / settings.patch_size])
 }
