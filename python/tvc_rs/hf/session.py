@@ -17,7 +17,7 @@ from tvc_rs.compress import pool_visual_tokens, prune_visual_tokens, select_toke
 from tvc_rs.hf.inputs import _prepare_inputs
 from tvc_rs.hf.model import _check_model, _native_ok, _Rope, _rotate_torch, _torch
 from tvc_rs.kv import relocate_span, rerotate_keys
-from tvc_rs.pvc import PVCConfig
+from tvc_rs.pvc import PVCConfig, PVCMode
 from tvc_rs.rope import mrope_position_ids
 from tvc_rs.triggers import ReflectionDetector
 
@@ -35,7 +35,7 @@ class CalibrationRecord:
     """``"trigger"`` or ``"period"``."""
     phrase: Optional[str]
     """The reflection phrase that triggered it (None for a period calibration)."""
-    mode: str
+    mode: PVCMode
     visual_tokens: int
     """Image tokens injected (all images together)."""
     grids: list
@@ -165,7 +165,7 @@ class _Session:
         layer_types = list(getattr(self.text_config, "layer_types", None) or [])
         self.recurrent_layers = [i for i, t in enumerate(layer_types) if t != "full_attention"]
         if self.recurrent_layers:
-            if config.mode == "kv":
+            if config.mode == PVCMode.KV:
                 raise ValueError(
                     f"config.mode = 'kv' is not possible for {self.family.name} (model_type {mc.model_type!r}): "
                     f"its layers {self.recurrent_layers} are {layer_types[self.recurrent_layers[0]]!r}, a recurrent "
@@ -181,7 +181,7 @@ class _Session:
                 f"config.prune['merge'] = True: not supported for {self.family.name}: its DeepStack levels would "
                 "have to be merged with the main features' assignment; use merge=False or pool"
             )
-        if config.mode == "kv" and not self.rope.supported:
+        if config.mode == PVCMode.KV and not self.rope.supported:
             raise ValueError(f"config.mode = 'kv' needs default RoPE, the model uses rope_type {self.rope.rope_type!r}")
         layers = self.text_config.num_hidden_layers
         if self.prune is not None and self.prune.get("layer") is not None and not -layers <= self.prune["layer"] < layers:
@@ -569,9 +569,9 @@ class _Session:
         bridge = self._bridge_ids()
         before_len = len(self.layout.ids)
         evicted = 0
-        if mode == "append":
+        if mode == PVCMode.APPEND:
             start = len(self.layout.ids) - 1
-        elif mode == "relocate":
+        elif mode == PVCMode.RELOCATE:
             evicted = sum(b.tokens + 2 for b in self.blocks if isinstance(b, _Image))
             self.blocks = _merge_text([b for b in self.blocks if isinstance(b, _Text)])
             self.cache = self._new_cache()
