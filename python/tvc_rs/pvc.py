@@ -45,6 +45,26 @@ PVC_MODES = tuple(m.value for m in PVCMode)
 DEFAULT_BRIDGE = "Let me see the image again:"
 """The phrase put before a re-injected image (the TVC authors' wording)."""
 
+
+def bridge_text(bridge: str, text_before: str) -> str:
+    """The bridge as it goes into the answer after ``text_before``, the answer's text so far
+    (special tokens skipped, earlier bridges included): one space before ``bridge`` unless the
+    bridge starts with whitespace, or the text so far ends with it or is empty (the answer then
+    starts on the chat template's own line); ``""`` for an empty bridge. The one rule of both
+    drivers (``tvc_rs.hf``, ``tvc_rs.vllm``)."""
+    if not bridge:
+        return ""
+    if bridge[0].isspace() or not text_before or text_before[-1].isspace():
+        return bridge
+    return " " + bridge
+
+
+def bridge_ids(tokenizer: Any, bridge: str, text_before: str) -> list:
+    """The token ids of ``bridge_text(bridge, text_before)`` (no special tokens added)."""
+    text = bridge_text(bridge, text_before)
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
 DEFAULT_CALIBRATION_TOKEN = "<|vision_pad|>"
 """The token a serving engine is made to emit when a calibration is due, so that the request
 stops there: Qwen2-VL's ``<|vision_pad|>`` (id 151654 in the Qwen2-VL, Qwen2.5-VL and QVQ

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import tvc_rs
-from tvc_rs.pvc import DEFAULT_CALIBRATION_TOKEN, PVCConfig, PVCMode
+from tvc_rs.pvc import DEFAULT_CALIBRATION_TOKEN, PVCConfig, PVCMode, bridge_ids, bridge_text
 
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
@@ -1053,21 +1053,21 @@ class _Session:
                 "calibration there (different phrases in the engine?); continuing as if it had", self.request_id
             )
         compressed = self._compress()
-        text_before = self.pieces[-1] or (self.pieces[-2] if len(self.pieces) > 1 else "")
-        bridge_text = self.driver.pvc.bridge
-        if text_before and not text_before[-1].isspace() and bridge_text and not bridge_text[0].isspace():
-            bridge_text = " " + bridge_text
-        bridge_ids = tok.encode(bridge_text, add_special_tokens=False) if bridge_text else []
+        # The answer's text so far ends as its newest piece with any text (tvc_rs.hf reads its
+        # transcript so).
+        text_before = next((piece for piece in reversed(self.pieces) if piece), "")
+        bridge = bridge_text(self.driver.pvc.bridge, text_before)
+        bridge_tokens = bridge_ids(tok, self.driver.pvc.bridge, text_before)
         images_ids: list[int] = []
         for _ in compressed:
             images_ids += self.driver.image_block()
-        added = bridge_ids + images_ids
+        added = bridge_tokens + images_ids
         if self.driver.pvc.mode == PVCMode.KV:
             self.kv_link = self._kv_link(output, part)
             self.grids = [self._item_grid(item) for item, _ in compressed]
-        self.text_assistant.extend(bridge_ids)
+        self.text_assistant.extend(bridge_tokens)
         self._newest_blocks = images_ids
-        self.pieces.append(bridge_text)
+        self.pieces.append(bridge)
         self.assistant.extend(added)
         self.injected.extend(item for item, _ in compressed)
         self.calibrations.append(

@@ -37,8 +37,9 @@ generation goes on. Three modes (``PVCConfig.mode``):
 
 Layout of a calibration (all modes): ``... <token that confirmed the hit>`` + ``tokenizer(sep +
 bridge)`` + per image ``<|vision_start|> <|image_pad|> * n <|vision_end|>``, where ``sep`` is one
-space unless the bridge starts with whitespace or the text so far ends with it. Generation
-continues right after ``<|vision_end|>``.
+space unless the bridge starts with whitespace or the answer's text so far (special tokens
+skipped) ends with it or is empty: ``tvc_rs.pvc.bridge_text``, the vLLM driver's rule too.
+Generation continues right after ``<|vision_end|>``.
 
 Compression: the question's images go through the model's vision tower once; their features
 (``[tokens, hidden]``, on the merged ``(t, h/2, w/2)`` grid) are

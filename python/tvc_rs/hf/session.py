@@ -17,7 +17,7 @@ from tvc_rs.compress import pool_visual_tokens, prune_visual_tokens, select_toke
 from tvc_rs.hf.inputs import _prepare_inputs
 from tvc_rs.hf.model import _check_model, _native_ok, _Rope, _rotate_torch, _torch
 from tvc_rs.kv import relocate_span, rerotate_keys
-from tvc_rs.pvc import PVCConfig, PVCMode
+from tvc_rs.pvc import PVCConfig, PVCMode, bridge_ids
 from tvc_rs.rope import mrope_position_ids
 from tvc_rs.triggers import ReflectionDetector
 
@@ -512,12 +512,14 @@ class _Session:
     # ------------------------------------------------------------ calibration
 
     def _bridge_ids(self) -> list:
-        bridge = self.config.bridge
-        if not bridge:
-            return []
-        last_text = self.tokenizer.decode(self.layout.ids[-1:].tolist())
-        sep = "" if bridge[:1].isspace() or last_text[-1:].isspace() else " "
-        return self.tokenizer.encode(sep + bridge, add_special_tokens=False)
+        # The answer's text so far ends as its newest part that decodes to any text (as the
+        # vLLM driver reads its parts): PVCResult.text, up to here.
+        text_before = ""
+        for _, ids in reversed(self.transcript):
+            text_before = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text_before:
+                break
+        return bridge_ids(self.tokenizer, self.config.bridge, text_before)
 
     def _evict_images(self) -> int:
         """kv mode: drop every image block from the cache, re-rotating what follows to the
