@@ -951,6 +951,9 @@ SPECIAL = 151644  # <|im_start|>: a special token, which the answer's text skips
         # (tvc_rs.hf used to look at the last token's text with special tokens kept, "<|im_start|>",
         # and put a space; the vLLM driver did not.)
         (("I count 3 objects.\n", SPECIAL), PVCConfig().bridge, PVCConfig().bridge),
+        # More special tokens than tvc_rs.hf decodes first: the text before them counts.
+        ((ANSWER, *[SPECIAL] * 9), PVCConfig().bridge, " " + PVCConfig().bridge),
+        (ANSWER, PVCConfig().bridge, " " + PVCConfig().bridge),
         ("I count 3 objects. Wait,", "\nLet me look again:", "\nLet me look again:"),
         ("I count 3 objects. Wait,", "", ""),
     ],

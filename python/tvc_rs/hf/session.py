@@ -514,9 +514,13 @@ class _Session:
     def _bridge_ids(self) -> list:
         # The answer's text so far ends as its newest part that decodes to any text (as the
         # vLLM driver reads its parts): PVCResult.text, up to here.
+        # Its last character lies in the last few tokens (at most 4 bytes): decode those, not a
+        # whole long part, unless they are special tokens only.
         text_before = ""
         for _, ids in reversed(self.transcript):
-            text_before = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text_before = self.tokenizer.decode(ids[-8:], skip_special_tokens=True)
+            if not text_before and len(ids) > 8:
+                text_before = self.tokenizer.decode(ids, skip_special_tokens=True)
             if text_before:
                 break
         return bridge_ids(self.tokenizer, self.config.bridge, text_before)
