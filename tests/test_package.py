@@ -45,7 +45,7 @@ def test_docstrings_name_the_tested_transformers_versions():
     requirements/ (the main environment or LLaMA-Factory's), and the pinned versions are named."""
     pinned = {pins("test.txt")["transformers"], pins("llamafactory.txt")["transformers"]}
     named = set()
-    for module in sorted((ROOT / "python" / "tvc_rs").glob("*.py")):
+    for module in sorted((ROOT / "python" / "tvc_rs").rglob("*.py")):
         text = module.read_text()
         for m in re.finditer(r"transformers (\d+\.\d+(?:\.\d+)?)", text):
             version = m.group(1)

@@ -926,6 +926,64 @@ def test_driver_streaming_chunk_is_only_the_new_part(vllm_config, input_processo
     assert n == session.calibrations[0].image_tokens and chunk.prompt_token_ids[-1] == 151653
 
 
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny random Qwen2-VL in transformers (tests/tiny_models.py) with the real tokenizer and
+    processor files: tvc_rs.hf's side of the bridge comparison."""
+    from tiny_models import make_tiny_qwen2_vl
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    folder = make_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-hf"), asset("qwen2-vl").parent, hidden=128, layers=1)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+SPECIAL = 151644  # <|im_start|>: a special token, which the answer's text skips
+
+
+@pytest.mark.parametrize(
+    "answer, bridge, want",
+    [
+        ("I count 3 objects. Wait,", PVCConfig().bridge, " " + PVCConfig().bridge),
+        ("I count 3 objects.\n", PVCConfig().bridge, PVCConfig().bridge),
+        # The answer's text ends with the newline: the special token after it has no text.
+        # (tvc_rs.hf used to look at the last token's text with special tokens kept, "<|im_start|>",
+        # and put a space; the vLLM driver did not.)
+        (("I count 3 objects.\n", SPECIAL), PVCConfig().bridge, PVCConfig().bridge),
+        # More special tokens than tvc_rs.hf decodes first: the text before them counts.
+        ((ANSWER, *[SPECIAL] * 9), PVCConfig().bridge, " " + PVCConfig().bridge),
+        (ANSWER, PVCConfig().bridge, " " + PVCConfig().bridge),
+        ("I count 3 objects. Wait,", "\nLet me look again:", "\nLet me look again:"),
+        ("I count 3 objects. Wait,", "", ""),
+    ],
+)
+def test_both_drivers_put_the_same_bridge_ids(vllm_config, input_processor, tiny_hf, answer, bridge, want):
+    """tvc_rs.hf and tvc_rs.vllm, given the same generated tokens, inject the same bridge ids:
+    those of ``want`` (one rule, tvc_rs.pvc.bridge_text, and the same reading of the text so
+    far)."""
+    from tvc_rs import hf
+
+    tok = input_processor.tokenizer
+    text, *extra = answer if isinstance(answer, tuple) else (answer,)
+    ids = tok.encode(text, add_special_tokens=False) + list(extra)
+    want_ids = tok.encode(want, add_special_tokens=False) if want else []
+    pvc = PVCConfig(mode="append", pool=4, bridge=bridge)
+
+    model, processor = tiny_hf
+    session = hf.PVCSession(model, processor, images(1), "How many objects are left?", config=pvc)
+    session.extend(ids)
+    from_hf = session.calibrate().bridge_ids
+
+    driver = _Driver(vllm_config, tok, pvc)
+    vsession = _Session(driver, TVCRequest(prompt=PROMPT_1, images=images(1), sampling_params=SamplingParams(max_tokens=1000)), "b")
+    first = process(input_processor, *vsession.first())
+    added = vsession.take_part(finished_output(first, ids, stop_at_calibration=True))
+    from_vllm = added[: added.index(151652)]  # up to the image block's <|vision_start|>
+
+    assert from_hf == from_vllm == want_ids
+    assert vsession.pieces[-1] == want
+
 def test_driver_refuses_bad_requests(vllm_config, input_processor):
     tok = input_processor.tokenizer
     with pytest.raises(ValueError, match=re.escape("pvc.mode = 'kv': the engine has no TVC KV connector; start it with "

@@ -10,20 +10,60 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional, Sequence, Union
 
 from tvc_rs._native import Calibration, PVCSchedule
 
-__all__ = ["Calibration", "PVCSchedule", "PVCConfig", "PVC_MODES", "DEFAULT_BRIDGE", "DEFAULT_CALIBRATION_TOKEN"]
+__all__ = [
+    "Calibration", "PVCSchedule", "PVCConfig", "PVCMode", "PVC_MODES", "DEFAULT_BRIDGE", "DEFAULT_CALIBRATION_TOKEN",
+]
 
-PVC_MODES = ("relocate", "append", "kv")
-"""``relocate``: the method as published (rebuild the sequence without the first image, put the
-compressed image after the bridge, encode it all again); ``append``: keep everything and prefill
-bridge + compressed image on top of the cache; ``kv``: evict the first image's cache entries,
-re-rotate every later key to the position ``relocate`` gives it, then prefill bridge + image."""
+
+class PVCMode(str, Enum):
+    """How a calibration gives the image again (``PVCConfig.mode``; both drivers).
+
+    A ``str`` enum: a member equals its value (``PVCMode.KV == "kv"``) and prints as it, so
+    records, JSON and labels read as before."""
+
+    RELOCATE = "relocate"
+    """The method as published: rebuild the sequence without the first image, put the
+    compressed image after the bridge, encode it all again."""
+    APPEND = "append"
+    """Keep everything and prefill bridge + compressed image on top of the cache."""
+    KV = "kv"
+    """Evict the first image's cache entries, re-rotate every later key to the position
+    ``relocate`` gives it, then prefill bridge + image."""
+
+    def __str__(self) -> str:  # f-strings too (Python 3.11 formats a mixed-in Enum by its name)
+        return self.value
+
+
+PVC_MODES = tuple(m.value for m in PVCMode)
+"""The values of ``PVCMode``, as strings: ``("relocate", "append", "kv")``."""
 
 DEFAULT_BRIDGE = "Let me see the image again:"
 """The phrase put before a re-injected image (the TVC authors' wording)."""
+
+
+def bridge_text(bridge: str, text_before: str) -> str:
+    """The bridge as it goes into the answer after ``text_before``, the answer's text so far
+    (special tokens skipped, earlier bridges included): one space before ``bridge`` unless the
+    bridge starts with whitespace, or the text so far ends with it or is empty (the answer then
+    starts on the chat template's own line); ``""`` for an empty bridge. The one rule of both
+    drivers (``tvc_rs.hf``, ``tvc_rs.vllm``)."""
+    if not bridge:
+        return ""
+    if bridge[0].isspace() or not text_before or text_before[-1].isspace():
+        return bridge
+    return " " + bridge
+
+
+def bridge_ids(tokenizer: Any, bridge: str, text_before: str) -> list:
+    """The token ids of ``bridge_text(bridge, text_before)`` (no special tokens added)."""
+    text = bridge_text(bridge, text_before)
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
 
 DEFAULT_CALIBRATION_TOKEN = "<|vision_pad|>"
 """The token a serving engine is made to emit when a calibration is due, so that the request
@@ -32,6 +72,17 @@ tokenizers), a special token those models never generate (images use ``<|image_p
 
 _PRUNE_COUNTS = ("ratio", "mass", "keep")
 _PRUNE_OPTIONS = ("min_keep", "max_keep", "layer", "merge")
+
+
+def _mode(mode: Any) -> PVCMode:
+    if isinstance(mode, PVCMode):
+        return mode
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a tvc_rs.PVCMode or one of {list(PVC_MODES)}, got {type(mode).__name__}")
+    try:
+        return PVCMode(mode)
+    except ValueError:
+        raise ValueError(f"mode = {mode!r}: expected one of {', '.join(repr(m) for m in PVC_MODES)}") from None
 
 
 def _check_share(name: str, value: Any) -> float:
@@ -83,7 +134,8 @@ class PVCConfig:
     """Settings of Periodic Visual Calibration (shared by the transformers and vLLM drivers).
 
     Attributes:
-        mode: ``"relocate"`` (the method as published), ``"append"`` or ``"kv"``; see ``PVC_MODES``.
+        mode: a ``PVCMode``, or its value as a string: ``"relocate"`` (the method as
+            published), ``"append"`` or ``"kv"``; stored as the ``PVCMode``.
         pool: ``k`` for ``k x k`` average pooling of the re-injected image on its merged grid
             (4, the paper's released setting; 2; 1 = no pooling). Ignored when ``prune`` is set.
         prune: ``None``, a keep ratio in (0, 1], or a dict with exactly one of ``ratio`` (share
@@ -103,7 +155,7 @@ class PVCConfig:
     value) or TypeError (a value of the wrong type) on construction.
     """
 
-    mode: str = "relocate"
+    mode: Union[PVCMode, str] = PVCMode.RELOCATE
     pool: int = 4
     prune: Union[None, float, Mapping[str, Any]] = None
     bridge: str = DEFAULT_BRIDGE
@@ -112,8 +164,7 @@ class PVCConfig:
     calibration_token: str = DEFAULT_CALIBRATION_TOKEN
 
     def __post_init__(self) -> None:
-        if self.mode not in PVC_MODES:
-            raise ValueError(f"mode = {self.mode!r}: expected one of {', '.join(repr(m) for m in PVC_MODES)}")
+        self.mode = _mode(self.mode)
         if isinstance(self.pool, bool) or not isinstance(self.pool, int):
             raise TypeError(f"pool must be an int pooling factor (4, 2 or 1 for none), got {type(self.pool).__name__}")
         if self.pool < 1:

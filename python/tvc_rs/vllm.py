@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import tvc_rs
-from tvc_rs.pvc import DEFAULT_CALIBRATION_TOKEN, PVCConfig
+from tvc_rs.pvc import DEFAULT_CALIBRATION_TOKEN, PVCConfig, PVCMode, bridge_ids, bridge_text
 
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
@@ -654,14 +654,14 @@ class TVCCalibration:
             found no calibration there (different phrases configured, or the model produced the
             token itself).
         phrase: the trigger phrase (None for ``"period"``).
-        mode: ``"relocate"`` or ``"append"``.
+        mode: the ``PVCMode`` (equal to its string, ``"relocate"``, ``"append"`` or ``"kv"``).
         image_tokens: visual tokens injected (all images of the request, compressed).
     """
 
     token_index: int
     reason: str
     phrase: Optional[str]
-    mode: str
+    mode: PVCMode
     image_tokens: int
 
 
@@ -766,7 +766,7 @@ class _Driver:
 
     def __init__(self, vllm_config: "VllmConfig", tokenizer: Any, pvc: Optional[PVCConfig]) -> None:
         pvc = PVCConfig() if pvc is None else pvc
-        if pvc.mode == "kv":
+        if pvc.mode == PVCMode.KV:
             _check_kv_engine(vllm_config)
         if pvc.prune is not None:
             raise ValueError(
@@ -931,7 +931,7 @@ class _Session:
             tokens_since_last=0 if self.calibrations else None,
             max_tokens=remaining,
         )
-        if self.driver.pvc.mode == "kv":
+        if self.driver.pvc.mode == PVCMode.KV:
             # The connector holds this part's blocks when it stops at the calibration token, under
             # this part's key; a continuation names the part it continues and what to move.
             link = {"hold": self.driver.calibration_token, "key": f"{self.kv_key}-{len(self.calibrations)}"}
@@ -959,7 +959,7 @@ class _Session:
 
     def continuation(self) -> dict:
         """The next engine prompt, after the latest calibration."""
-        if self.driver.pvc.mode == "append":
+        if self.driver.pvc.mode == PVCMode.APPEND:
             return {"prompt_token_ids": self.prompt_ids + self.assistant, "multi_modal_data": self._mm_data()}
         # relocate (and kv, which approximates it): the question without its images, the text so
         # far with every bridge, and only the newest compressed image(s): earlier copies are
@@ -971,7 +971,7 @@ class _Session:
         else:
             mm = {"image": list(newest)}
         prompt = {"prompt_token_ids": self.question_ids + self.text_assistant + self._newest_blocks, "multi_modal_data": mm}
-        if self.driver.pvc.mode == "kv":
+        if self.driver.pvc.mode == PVCMode.KV:
             # Salted so that its blocks, whose entries were moved rather than computed, serve
             # only this answer's later parts from the prefix cache.
             prompt["cache_salt"] = self.kv_key
@@ -1071,21 +1071,21 @@ class _Session:
                 "calibration there (different phrases in the engine?); continuing as if it had", self.request_id
             )
         compressed = self._compress()
-        text_before = self.pieces[-1] or (self.pieces[-2] if len(self.pieces) > 1 else "")
-        bridge_text = self.driver.pvc.bridge
-        if text_before and not text_before[-1].isspace() and bridge_text and not bridge_text[0].isspace():
-            bridge_text = " " + bridge_text
-        bridge_ids = tok.encode(bridge_text, add_special_tokens=False) if bridge_text else []
+        # The answer's text so far ends as its newest piece with any text (tvc_rs.hf reads its
+        # transcript so).
+        text_before = next((piece for piece in reversed(self.pieces) if piece), "")
+        bridge = bridge_text(self.driver.pvc.bridge, text_before)
+        bridge_tokens = bridge_ids(tok, self.driver.pvc.bridge, text_before)
         images_ids: list[int] = []
         for _ in compressed:
             images_ids += self.driver.image_block()
-        added = bridge_ids + images_ids
-        if self.driver.pvc.mode == "kv":
+        added = bridge_tokens + images_ids
+        if self.driver.pvc.mode == PVCMode.KV:
             self.kv_link = self._kv_link(output, part)
             self.grids = [self._item_grid(item) for item, _ in compressed]
-        self.text_assistant.extend(bridge_ids)
+        self.text_assistant.extend(bridge_tokens)
         self._newest_blocks = images_ids
-        self.pieces.append(bridge_text)
+        self.pieces.append(bridge)
         self.assistant.extend(added)
         self.injected.extend(item for item, _ in compressed)
         self.calibrations.append(
@@ -1263,7 +1263,7 @@ async def generate_async(engine: Any, request: TVCRequest, pvc: Optional[PVCConf
         p.output_kind = RequestOutputKind.DELTA
         return p
 
-    if driver.pvc.mode in ("relocate", "kv"):
+    if driver.pvc.mode in (PVCMode.RELOCATE, PVCMode.KV):
         prompt, params = session.first()
         while prompt is not None:
             final = None
