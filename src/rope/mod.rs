@@ -18,5 +18,8 @@ pub use mrope::{
     BatchInput, GridThw, MaskValue, ModelType, MropeConfig, PositionInt, Segment,
     SequencePositions, TokenId, TokenKinds, KIND_IMAGE, KIND_TEXT, KIND_VIDEO,
 };
-pub use resize::{image_grid_thw, image_token_count, smart_resize, ImageSettings};
+pub use resize::{
+    family_image_grid_thw, glm4v_smart_resize, image_grid_thw, image_token_count, smart_resize,
+    ImageSettings,
+};
 pub use time::{Seconds, SecondsValue, TimeInterval, TokensPerSecond};

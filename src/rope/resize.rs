@@ -39,6 +39,29 @@ impl Default for ImageSettings {
 }
 
 impl ImageSettings {
+    /// The image settings of the family's released checkpoints (their preprocessor_config.json):
+    /// Qwen2-VL / Qwen2.5-VL as [`Default`]; Qwen3-VL and Qwen3.5 patch 16 (factor 32),
+    /// `shortest_edge` 65536, `longest_edge` 16777216; GLM-4.1V / GLM-4.5V patch 14,
+    /// `shortest_edge` 12544, `longest_edge` 9633792.
+    pub fn for_model(model_type: super::ModelType) -> ImageSettings {
+        use super::ModelType as M;
+        match model_type {
+            M::Qwen2Vl | M::Qwen2_5Vl => ImageSettings::default(),
+            M::Qwen3Vl | M::Qwen3VlMoe | M::Qwen3_5 | M::Qwen3_5Moe => ImageSettings {
+                patch_size: 16,
+                merge_size: 2,
+                min_pixels: 65536,
+                max_pixels: 16777216,
+            },
+            M::Glm4v | M::Glm4vMoe => ImageSettings {
+                patch_size: 14,
+                merge_size: 2,
+                min_pixels: 12544,
+                max_pixels: 9633792,
+            },
+        }
+    }
+
     /// `patch_size * merge_size`: both sides of the resized image are multiples of it.
     pub fn factor(&self) -> Result<i64> {
         positive("patch_size", self.patch_size)?;
@@ -117,6 +140,90 @@ pub fn smart_resize(
         i64::try_from(v).map_err(|_| value_err!("the resized {name} {v} does not fit in 64 bits"))
     };
     Ok((to_i64(h_bar, "height")?, to_i64(w_bar, "width")?))
+}
+
+/// GLM-4.1V's `smart_resize` (transformers' `Glm4vImageProcessor`) for one image: the image
+/// counts as `temporal` frames (its `temporal_patch_size`, 2) against the pixel bounds, a side
+/// below `factor` first scales the image up (Python `int` truncation), and rounding and scaling
+/// then follow Qwen2-VL's rule with the pixel count times `temporal`. Same float arithmetic as
+/// the Python function, in the same order.
+pub fn glm4v_smart_resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+    temporal: i64,
+) -> Result<(i64, i64)> {
+    positive("height", height)?;
+    positive("width", width)?;
+    positive("factor", factor)?;
+    positive("min_pixels", min_pixels)?;
+    positive("max_pixels", max_pixels)?;
+    positive("temporal_patch_size", temporal)?;
+    below_2_53(
+        "height * width * temporal_patch_size",
+        height as i128 * width as i128 * temporal as i128,
+    )?;
+    below_2_53("factor", factor as i128)?;
+    below_2_53("min_pixels", min_pixels as i128)?;
+    below_2_53("max_pixels", max_pixels as i128)?;
+    let (mut height, mut width) = (height, width);
+    let f = factor as f64;
+    if height < factor || width < factor {
+        let scale = (f / height as f64).max(f / width as f64);
+        height = (height as f64 * scale) as i64;
+        width = (width as f64 * scale) as i64;
+    }
+    let (h, w) = (height as f64, width as f64);
+    let ratio = h.max(w) / h.min(w);
+    if ratio > 200.0 {
+        return Err(value_err!(
+            "height = {height}, width = {width}: the aspect ratio must be at most 200 (the processor refuses it), got {ratio:.1}"
+        ));
+    }
+    let t = temporal as i128;
+    // t_bar = round(t / t) * t = t: an image is `temporal` identical frames.
+    let mut h_bar = (h / f).round_ties_even() as i128 * factor as i128;
+    let mut w_bar = (w / f).round_ties_even() as i128 * factor as i128;
+    let pixels = t * height as i128 * width as i128;
+    if t * h_bar * w_bar > max_pixels as i128 {
+        let beta = (pixels as f64 / max_pixels as f64).sqrt();
+        h_bar = (factor as i128).max((h / beta / f).floor() as i128 * factor as i128);
+        w_bar = (factor as i128).max((w / beta / f).floor() as i128 * factor as i128);
+    } else if t * h_bar * w_bar < min_pixels as i128 {
+        let beta = (min_pixels as f64 / pixels as f64).sqrt();
+        h_bar = (h * beta / f).ceil() as i128 * factor as i128;
+        w_bar = (w * beta / f).ceil() as i128 * factor as i128;
+    }
+    let to_i64 = |v: i128, name: &str| {
+        i64::try_from(v).map_err(|_| value_err!("the resized {name} {v} does not fit in 64 bits"))
+    };
+    Ok((to_i64(h_bar, "height")?, to_i64(w_bar, "width")?))
+}
+
+/// The `image_grid_thw` row of one image under the image processor of `model_type`: GLM-4.1V's
+/// resize rule ([`glm4v_smart_resize`], temporal patch 2) for `glm4v` / `glm4v_moe`, Qwen2-VL's
+/// ([`image_grid_thw`]) for the others.
+pub fn family_image_grid_thw(
+    model_type: super::ModelType,
+    height: i64,
+    width: i64,
+    settings: &ImageSettings,
+) -> Result<[i64; 3]> {
+    if !model_type.marks_videos_by_blocks() {
+        return image_grid_thw(height, width, settings);
+    }
+    let factor = settings.factor()?;
+    let (h, w) = glm4v_smart_resize(
+        height,
+        width,
+        factor,
+        settings.min_pixels,
+        settings.max_pixels,
+        2,
+    )?;
+    Ok([1, h / settings.patch_size, w / settings.patch_size])
 }
 
 /// The processor's `image_grid_thw` row for one image: `(1, resized_h / patch, resized_w / patch)`.
