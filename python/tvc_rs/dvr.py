@@ -546,6 +546,10 @@ def build_dataset(
     ``media_dir`` is the dataset folder), others absolute. The ``dataset_info.json`` next to
     ``output`` gets (or updates) the entry ``dataset_name`` (default: the output's stem).
 
+    ``model_type`` is the model family the data is for (``DVRBuilder``'s): the tokenizer must
+    have its vision tokens, and the report names its TVC template (``BuildReport.template``,
+    ``tvc_<model_type>``); the data itself is the same for every family.
+
     Records with no reflection point are written unchanged (question, answer, images) and
     counted (``no_reflection``). Bad records (invalid JSON, no answer, no question, missing
     image, unreadable image file, placeholder count mismatch) are not written; each is reported
