@@ -666,3 +666,53 @@ proptest! {
         prop_assert_eq!(got, expected);
     }
 }
+
+#[test]
+fn qwen3_vl_samples_carry_the_reasoning_templates_empty_thought() {
+    let Some(detector) = detector() else {
+        return;
+    };
+    let b = SampleBuilder::new(
+        detector.clone(),
+        Policy::default(),
+        ImageSettings::for_model(ModelType::Qwen3Vl),
+        ChatFormat::for_model(ModelType::Qwen3Vl, None, None),
+        ModelType::Qwen3Vl,
+    )
+    .unwrap();
+    assert_eq!(b.images.patch_size, 16);
+    let vocab = detector.vocab();
+    let thought = vocab.encode("<think>\n\n</think>\n\n").unwrap();
+    let plain = b
+        .build("<image>Q?", &[(300, 400)], "The answer.", None)
+        .unwrap();
+    let prompt = plain.prompt_tokens;
+    // No system block (LLaMA-Factory's qwen3_vl has no default system prompt).
+    assert_eq!(
+        &plain.input_ids[..3],
+        &vocab.encode("<|im_start|>user\n").unwrap()[..3]
+    );
+    assert_eq!(
+        &plain.input_ids[prompt..prompt + thought.len()],
+        &thought[..]
+    );
+    // The empty thought is trained on (LLaMA-Factory puts it in the response).
+    assert!(plain.labels[prompt..prompt + thought.len()]
+        .iter()
+        .all(|&l| l != IGNORE_INDEX));
+    // An answer that has its own thought gets none.
+    let own = b
+        .build(
+            "<image>Q?",
+            &[(300, 400)],
+            "<think>\nhm\n</think>\n\nThe answer.",
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        &own.input_ids[prompt..],
+        &vocab
+            .encode("<think>\nhm\n</think>\n\nThe answer.<|im_end|>\n")
+            .unwrap()[..]
+    );
+}

@@ -614,3 +614,189 @@ def test_dvr_build_input_errors(tmp_path, tokenizer_json):
     done = run("dvr", "build", str(empty), "-o", str(tmp_path / "o.jsonl"), "--tokenizer", str(tokenizer_json),
                expect=2)
     assert "0 records" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the newer families (issue 15)
+
+NEW_FAMILIES = ["qwen3_vl", "qwen3_5", "glm4v"]
+QVQ = "traces/qwen_blog_qvq72b_qwq32b_official.jsonl"
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"  # LLaMA-Factory's ReasoningTemplate, default thought words
+
+
+def qvq_with_local_images() -> list[dict]:
+    """The real QVQ-72B-Preview traces of the Qwen blog, each given a real local image in place of
+    its URL (the assets hold the answers, not the blog's pictures)."""
+    paths = sorted(p for p in asset("images").rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+    qvq = [r for r in records(QVQ) if r["model"] == "QVQ-72B-Preview"]
+    assert len(qvq) >= 5
+    return [{**r, "local_image": str(paths[i * 7 % len(paths)])} for i, r in enumerate(qvq)]
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def family(request, tmp_path_factory):
+    """(model type, HF tokenizer, its saved folder, processor, base model with get_rope_index)."""
+    import tiny_models
+
+    name = request.param
+    tokenizer = tiny_models.family_tokenizer(name, ASSETS)
+    folder = tmp_path_factory.mktemp(f"tok-{name}")
+    tokenizer.save_pretrained(folder)
+    processor = tiny_models.family_processor(name, ASSETS)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_models.family_model_class(name)(tiny_models.family_config(name, ASSETS)).model.eval()
+    return name, tokenizer, folder, processor, model
+
+
+def family_builder(family, **kwargs) -> tvc_rs.DVRBuilder:
+    name, tokenizer, _, processor, _ = family
+    ip = processor.image_processor
+    return tvc_rs.DVRBuilder(tokenizer, model_type=name, patch_size=ip.patch_size, merge_size=ip.merge_size,
+                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"],
+                             eos_token=tokenizer.eos_token, **kwargs)
+
+
+def family_reference(name, tokenizer, question, answer_text, counts) -> tuple[list[int], int]:
+    """The ids LLaMA-Factory 0.9.5's template of the family writes (qwen3_vl / qwen3_5: ChatML,
+    no default system, an empty thought before a thought-less answer; glm4v: [gMASK]<sop>, GLM
+    role tokens, the answer after a newline, efficient_eos), every image block expanded to its
+    processor token count; returns (ids, prompt length)."""
+    start, pad, end = FAMILY_BLOCKS[name]
+    blocks = [start + pad * n + end for n in counts]
+    answer = answer_text
+    for b in blocks[1:]:
+        answer = answer.replace("<image>", b, 1)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    if name.startswith("glm4v"):
+        prompt = encode("[gMASK]<sop><|user|>\n" + blocks[0] + question + "<|assistant|>")
+        return prompt + encode(EMPTY_THOUGHT) + encode("\n" + answer) + [tokenizer.eos_token_id], len(prompt)
+    prompt = encode("<|im_start|>user\n" + blocks[0] + question + "<|im_end|>\n<|im_start|>assistant\n")
+    return prompt + encode(EMPTY_THOUGHT) + encode(answer + "<|im_end|>\n"), len(prompt)
+
+
+FAMILY_BLOCKS = {
+    "qwen3_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "qwen3_5": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "glm4v": ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>"),
+}
+
+
+def test_family_samples_equal_the_template_the_processor_and_get_rope_index(family):
+    """For each family: ids as its LLaMA-Factory template writes them (see family_reference; the
+    LLaMA-Factory test compares with LLaMA-Factory itself), every image block the token count of
+    the family's own image processor (Qwen3-VL / Qwen3.5 patch 16, GLM's own resize rule),
+    every vision token masked, positions equal to the model's own get_rope_index."""
+    from PIL import Image
+
+    name, tokenizer, _, processor, model = family
+    builder = family_builder(family, policy=tvc_rs.DVRPolicy(min_gap=100))
+    assert builder.model_type == name
+    vision = set(builder.vision_token_ids)
+    image_pad = builder.vision_token_ids[2]
+    assert tokenizer.convert_ids_to_tokens([image_pad]) == [FAMILY_BLOCKS[name][1]]
+    merge = processor.image_processor.merge_size
+    checked = 0
+    for record in qvq_with_local_images() + [r for r, _ in emma_with_images()[:6]]:
+        with Image.open(ASSETS / record["local_image"]) as im:
+            image = im.convert("RGB")
+        sample = builder.build(record["question"], [(image.height, image.width)], record["response"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grids = processor.image_processor(images=[image] + [image.reduce(4)] * len(sample.insertions),
+                                              return_tensors="pt")["image_grid_thw"].tolist()
+        assert sample.image_grid_thw.tolist() == grids
+        ids, prompt_len = family_reference(name, tokenizer, record["question"], sample.answer_text,
+                                           [t * h * w // merge**2 for t, h, w in grids])
+        assert sample.input_ids.tolist() == ids
+        assert sample.prompt_tokens == prompt_len
+        labels = [IGNORE if i < prompt_len or t in vision else t for i, t in enumerate(ids)]
+        assert sample.labels.tolist() == labels
+        input_ids = torch.tensor([ids])
+        with torch.no_grad():
+            positions, delta = model.get_rope_index(input_ids, (input_ids == image_pad).long(),
+                                                    image_grid_thw=torch.tensor(grids))
+        assert np.array_equal(sample.position_ids, positions[:, 0].numpy())
+        assert sample.rope_delta == int(delta)
+        checked += len(sample.insertions) > 0
+    assert checked >= 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([(12544, 9633792), (56 * 56, 100 * 28 * 28),
+                                                                    (112 * 112, 28 * 28 * 15000)]))
+def test_glm4v_grids_equal_transformers_smart_resize(height, width, bounds):
+    """GLM-4.1V's resize rule (its own smart_resize: an image counts as two frames, small sides
+    scaled up first) against transformers' function."""
+    from transformers.models.glm4v.image_processing_glm4v import smart_resize as glm_smart_resize
+
+    try:
+        expected = glm_smart_resize(2, height, width, temporal_factor=2, factor=28, min_pixels=bounds[0],
+                                    max_pixels=bounds[1])
+    except ValueError:
+        expected = None
+    got = _glm_grid(height, width, *bounds)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == [1, expected[0] // 14, expected[1] // 14]
+
+
+_GLM_BUILDERS: dict = {}
+
+
+def _glm_grid(height, width, min_pixels, max_pixels):
+    import tiny_models
+
+    key = (min_pixels, max_pixels)
+    if key not in _GLM_BUILDERS:
+        _GLM_BUILDERS[key] = tvc_rs.DVRBuilder(tiny_models.family_tokenizer("glm4v", ASSETS), model_type="glm4v",
+                                               min_pixels=min_pixels, max_pixels=max_pixels, eos_token="<|im_end|>")
+    try:
+        sample = _GLM_BUILDERS[key].build("q", [(height, width)], "no reflection here")
+    except ValueError as err:
+        assert "aspect ratio must be at most 200" in str(err)
+        return None
+    return list(sample.images[0].grid_thw)
+
+
+def test_family_settings_and_unsupported_model_types(tokenizer_json):
+    assert tvc_rs.dvr_family("qwen3_vl")["patch_size"] == 16
+    assert tvc_rs.dvr_family("qwen3_5")["llamafactory_template"] == "qwen3_5"
+    assert tvc_rs.dvr_family("glm4v_moe")["llamafactory_template"] == "glm4_5v"
+    assert tvc_rs.DVRBuilder(tokenizer_json, model_type="qwen3_vl").image_settings == (16, 2, 65536, 16777216)
+    for bad in ("llava", "qwen2-vl"):
+        with pytest.raises(ValueError, match="model_type must be one of 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'"):
+            tvc_rs.DVRBuilder(tokenizer_json, model_type=bad)
+        with pytest.raises(ValueError, match="model_type must be one of"):
+            tvc_rs.dvr_family(bad)
+    # GLM's vision tokens are read by name: the plain Qwen2 tokenizer has none.
+    with pytest.raises(ValueError, match=re.escape("tokenizer: has no <|begin_of_image|> token; a glm4v tokenizer")):
+        tvc_rs.DVRBuilder(tokenizer_json, model_type="glm4v")
+
+
+def test_dvr_build_for_a_new_family_on_real_qvq_traces(tmp_path, family):
+    name, tokenizer, folder, _, _ = family
+    records_in = qvq_with_local_images()
+    path = tmp_path / "qvq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records_in))
+    out = tmp_path / "data" / "qvq_dvr.jsonl"
+    done = run("dvr", "build", str(path), "-o", str(out), "--tokenizer", str(folder / "tokenizer.json"),
+               "--model-type", name, "--image-field", "local_image", "--min-gap", "100")
+    assert f"template: tvc_{name}" in done.stdout
+    written = read_jsonl(out)
+    builder = tvc_rs.DVRBuilder(folder / "tokenizer.json", model_type=name, eos_token=tokenizer.eos_token,
+                                policy=tvc_rs.DVRPolicy(min_gap=100))
+    assert [w["tvc"]["id"] for w in written] == [r["id"] for r in records_in]
+    insertions = 0
+    for record, line in zip(records_in, written):
+        answer = line["messages"][1]["content"]
+        assert answer == builder.insert(record["response"], builder.plan(record["response"]))
+        assert len(line["images"]) == 1 + answer.count("<image>")
+        insertions += answer.count("<image>")
+    assert insertions >= 10
+    report = json.loads((out.parent / "qvq_dvr.report.json").read_text())
+    assert report["model_type"] == name and report["template"] == f"tvc_{name}"
+    done = run("dvr", "build", str(path), "-o", str(tmp_path / "x.jsonl"), "--tokenizer", str(folder),
+               "--model-type", "llava", expect=2)
+    assert "model_type must be one of" in done.stderr and "'glm4v'" in done.stderr

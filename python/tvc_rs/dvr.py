@@ -40,10 +40,12 @@ from tvc_rs._native import (
     Insertion,
     answer_cut,
     dvr_downscaled_size,
+    dvr_family,
     infer_seqlen,
     vision_blocks,
 )
 from tvc_rs._native import qwen2_vl_patches as _qwen2_vl_patches
+from tvc_rs.triggers import find_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -55,6 +57,7 @@ __all__ = [
     "DVRSample",
     "Insertion",
     "dvr_downscaled_size",
+    "dvr_family",
     "infer_seqlen",
     "vision_blocks",
     "answer_cut",
@@ -159,6 +162,9 @@ class BuildReport:
     output: str = ""
     dataset_info: str = ""
     dataset_name: str = ""
+    #: The model family and the TVC LLaMA-Factory template to train the data with.
+    model_type: str = ""
+    template: str = ""
 
     @property
     def samples_per_second(self) -> float:
@@ -521,6 +527,7 @@ def build_dataset(
     chunk_size: int = 64,
     limit: Optional[int] = None,
     progress: Optional[bool] = None,
+    model_type: str = "qwen2_vl",
 ) -> BuildReport:
     """Converts long-CoT records to LLaMA-Factory's sharegpt format with re-affirmed images.
 
@@ -538,6 +545,10 @@ def build_dataset(
     inside the output's folder are written relative to it (LLaMA-Factory's default
     ``media_dir`` is the dataset folder), others absolute. The ``dataset_info.json`` next to
     ``output`` gets (or updates) the entry ``dataset_name`` (default: the output's stem).
+
+    ``model_type`` is the model family the data is for (``DVRBuilder``'s): the tokenizer must
+    have its vision tokens, and the report names its TVC template (``BuildReport.template``,
+    ``tvc_<model_type>``); the data itself is the same for every family.
 
     Records with no reflection point are written unchanged (question, answer, images) and
     counted (``no_reflection``). Bad records (invalid JSON, no answer, no question, missing
@@ -562,7 +573,8 @@ def build_dataset(
                               "overwrite=True (--overwrite) to start again")
     if chunk_size < 1:
         raise ValueError(f"chunk_size = {chunk_size}: must be >= 1")
-    builder = tokenizer if isinstance(tokenizer, DVRBuilder) else DVRBuilder(tokenizer, phrases=phrases, policy=policy)
+    builder = tokenizer if isinstance(tokenizer, DVRBuilder) else DVRBuilder(tokenizer, phrases=phrases, policy=policy,
+                                                                              model_type=model_type)
     policy = builder.policy
     out_dir = output_path.resolve().parent
     copies_dir = Path(images_dir) if images_dir is not None else out_dir / "images"
@@ -578,7 +590,8 @@ def build_dataset(
         done, keep = _existing_indices(output_path)
     staging = _Staging(output_path, copies_dir)
     out = None
-    report = BuildReport(output=str(output_path), dataset_name=name)
+    report = BuildReport(output=str(output_path), dataset_name=name, model_type=builder.model_type,
+                         template=f"tvc_{builder.model_type}")
     records: Iterator[tuple[int, str, Any]] = _read_records(input_path)
     if limit is not None:
         records = itertools.islice(records, limit)
@@ -687,13 +700,12 @@ def build_dataset(
 def cli_build(args: Any) -> int:
     """``tvc-rs dvr build``: runs `build_dataset` with the parsed arguments and prints the
     report. Exit status 0 ok, 1 some bad records, 2 nothing written."""
-    from tvc_rs.cli import find_tokenizer
-
     policy = DVRPolicy(max_insertions=args.max_insertions, min_gap=args.min_gap, skip_first=args.skip_first,
                        bridge=args.bridge, downscale=args.downscale)
     phrases = [p.strip() for p in args.phrases.split(",")] if args.phrases else None
     report = build_dataset(
         args.input, args.output, tokenizer=str(find_tokenizer(args.tokenizer)), policy=policy, phrases=phrases,
+        model_type=args.model_type,
         question_field=args.question_field, answer_field=args.answer_field, image_field=args.image_field,
         id_field=args.id_field, image_root=args.image_root, images_dir=args.images_dir, dataset_name=args.name,
         allow_text_only=args.allow_text_only, resume=args.resume, overwrite=args.overwrite, workers=args.workers,
@@ -708,7 +720,7 @@ def cli_build(args: Any) -> int:
           f"{report.samples_per_second:.1f} samples/s")
     if report.written:
         print(f"tvc-rs dvr build: wrote {report.output}, {report.images_written} image copies, dataset "
-              f"{report.dataset_name!r} in {report.dataset_info}")
+              f"{report.dataset_name!r} in {report.dataset_info}; train it with template: {report.template}")
     else:
         print(f"tvc-rs dvr build: nothing to write; {report.output} and dataset_info.json left as they were")
     if report.written == 0 and report.skipped_existing == 0:

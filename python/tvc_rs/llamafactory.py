@@ -1,5 +1,9 @@
-"""LLaMA-Factory plugin for TVC's training stage (DVR): templates ``tvc_qwen2_vl`` and
-``tvc_qwen2_5_vl``.
+"""LLaMA-Factory plugin for TVC's training stage (DVR): templates ``tvc_<model_type>`` for every
+family LLaMA-Factory 0.9.5 has a template and a multimodal plugin for: ``tvc_qwen2_vl``,
+``tvc_qwen2_5_vl`` (LLaMA-Factory's ``qwen2_vl`` template), ``tvc_qwen3_vl``, ``tvc_qwen3_vl_moe``
+(``qwen3_vl``), ``tvc_qwen3_5``, ``tvc_qwen3_5_moe`` (``qwen3_5``), ``tvc_glm4v`` (``glm4v``) and
+``tvc_glm4v_moe`` (``glm4_5v``). Each has the text of its LLaMA-Factory template and one plugin
+class, `TvcPlugin`, set up for the family (its vision tokens and position rule).
 
 Tested with LLaMA-Factory 0.9.5, transformers 5.6.0 and torch 2.11.0 (requirements/llamafactory.txt;
 LLaMA-Factory 0.9.5 needs transformers <= 5.6).
@@ -13,10 +17,12 @@ tokens while preprocessing, once in the collator).
 
 `install()` registers, under the TVC template names:
 
-- a multimodal plugin (``TvcQwen2VLPlugin``) that counts image tokens from the image size with
-  the processor's ``smart_resize`` rule (Rust; no decoding, no image processor) and builds
-  ``pixel_values`` in the collator with the processor's own resize and a one-pass Rust
-  normalize-and-patchify (bit for bit the processor's output);
+- a multimodal plugin (`TvcPlugin`) that, for a Qwen2-VL-type image processor (Qwen2-VL,
+  Qwen2.5-VL, Qwen3-VL, Qwen3.5), counts image tokens from the image size with the processor's
+  ``smart_resize`` rule (Rust; no decoding, no image processor) and builds ``pixel_values`` in
+  the collator with the processor's own resize and a one-pass Rust normalize-and-patchify (bit
+  for bit the processor's output); with GLM's image processor (its own resize rule) both are
+  LLaMA-Factory's;
 - a dataset processor that masks every vision token of the answers out of the labels and
   truncates without cutting image blocks: the sequence is cut at ``cutoff_len`` as LLaMA-Factory
   cuts it, except that the prompt keeps its images whole (the answer gives way) and an answer cut
@@ -64,16 +70,27 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from tvc_rs.dvr import answer_cut, infer_seqlen, qwen2_vl_patches, vision_blocks
+from tvc_rs.dvr import answer_cut, dvr_family, infer_seqlen, qwen2_vl_patches, vision_blocks
 from tvc_rs.rope import image_grid_thw, image_processor_settings, mrope_position_ids, smart_resize
 
-__all__ = ["TVC_TEMPLATES", "TVC_SETTINGS", "install", "settings", "cli_train", "TvcQwen2VLPlugin",
-           "TvcQwen2_5VLPlugin", "TvcSupervisedDatasetProcessor", "TvcSFTDataCollator"]
+__all__ = ["TVC_TEMPLATES", "TVC_SETTINGS", "install", "settings", "cli_train", "TvcPlugin",
+           "TvcSupervisedDatasetProcessor", "TvcSFTDataCollator", "unsupported_families"]
 
 logger = get_logger(__name__)
 
-#: Template name -> the model type its positions follow.
-TVC_TEMPLATES = {"tvc_qwen2_vl": "qwen2_vl", "tvc_qwen2_5_vl": "qwen2_5_vl"}
+#: The model types (families) TVC has DVR for; a TVC template exists for those whose
+#: LLaMA-Factory template (``dvr_family(m)["llamafactory_template"]``) the installed
+#: LLaMA-Factory has (0.9.5: all of them).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5", "qwen3_5_moe")
+
+#: Template name -> the model type (family) it is for.
+TVC_TEMPLATES = {f"tvc_{m}": m for m in FAMILIES if dvr_family(m)["llamafactory_template"] in _template.TEMPLATES}
+
+
+def unsupported_families() -> dict[str, str]:
+    """Families with no TVC template here, and why (the installed LLaMA-Factory lacks their template)."""
+    return {m: f"LLaMA-Factory has no {dvr_family(m)['llamafactory_template']!r} template" for m in FAMILIES
+            if f"tvc_{m}" not in TVC_TEMPLATES}
 
 #: The YAML keys of `tvc-rs train` (removed before LLaMA-Factory reads the config) and defaults.
 TVC_SETTINGS: dict[str, Any] = {
@@ -189,11 +206,25 @@ def _image_pool() -> ThreadPoolExecutor:
 # ---------------------------------------------------------------- the multimodal plugin
 
 @dataclass
-class TvcQwen2VLPlugin(_mm.Qwen2VLPlugin):
-    """Qwen2-VL plugin that counts image tokens from image sizes (Rust) and builds
-    ``pixel_values`` with the processor's resize and a Rust normalize-and-patchify."""
+class TvcPlugin(_mm.Qwen2VLPlugin):
+    """The TVC plugin of one family (``model_type``; its vision tokens come from
+    ``dvr_family``): images only. With a Qwen2-VL-type image processor it counts image tokens
+    from image sizes (Rust) and builds ``pixel_values`` with the processor's resize and a Rust
+    normalize-and-patchify; with another (GLM's) it uses LLaMA-Factory's own path. The image
+    block text is the family's (LLaMA-Factory's ``qwen2_vl`` / ``qwen3_vl`` / ``glm4v`` plugins
+    write the same text for images)."""
 
     model_type: str = "qwen2_vl"
+
+    @classmethod
+    def for_family(cls, model_type: str) -> "TvcPlugin":
+        start, end, image, video = dvr_family(model_type)["vision_tokens"]
+        return cls(image_token=image, video_token=video, audio_token=None, vision_bos_token=start, vision_eos_token=end,
+                   model_type=model_type)
+
+    @property
+    def vision_token_names(self) -> tuple[str, str, str, str]:
+        return (self.vision_bos_token, self.vision_eos_token, self.image_token, self.video_token)
 
     def image_grid(self, image: Any, processor: Any) -> tuple[int, int, int]:
         """``image_grid_thw`` of one image, from its size only."""
@@ -207,7 +238,9 @@ class TvcQwen2VLPlugin(_mm.Qwen2VLPlugin):
         return [t * h * w // (merge * merge) for t, h, w in (self.image_grid(im, processor) for im in images)]
 
     def process_messages(self, messages, images, videos, audios, processor):
-        if videos or audios or not self.expand_mm_tokens:
+        if videos or audios:
+            raise ValueError("tvc_rs: the TVC templates take images only (this example has videos or audios)")
+        if not self.expand_mm_tokens or not _counts_in_rust(processor):
             return super().process_messages(messages, images, videos, audios, processor)
         self._validate_input(processor, images, videos, audios)
         self._validate_messages(messages, images, videos, audios)
@@ -233,7 +266,7 @@ class TvcQwen2VLPlugin(_mm.Qwen2VLPlugin):
             mm_inputs = self._fast_image_inputs(images, processor, ip)
         if _settings["tvc_check_grids"] and images:
             _check_blocks_against_grids(batch_ids, imglens, mm_inputs.get("image_grid_thw"), ip or
-                                        processor.image_processor, self.image_token)
+                                        processor.image_processor, _block_ids(processor.tokenizer, self))
         return mm_inputs
 
     def _fast_image_inputs(self, images: list, processor: Any, ip: Any) -> dict[str, torch.Tensor]:
@@ -291,14 +324,26 @@ def _image_key(image: Any) -> Any:
     return ("object", id(image))
 
 
-@dataclass
-class TvcQwen2_5VLPlugin(TvcQwen2VLPlugin):
-    """The same plugin for Qwen2.5-VL models (``tvc_qwen2_5_vl``)."""
-
-    model_type: str = "qwen2_5_vl"
+_RUST_RESIZE = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil", "Qwen2_5_VLImageProcessor")
 
 
-def _check_blocks_against_grids(batch_ids, imglens, grids, image_processor, image_token: str) -> None:
+def _counts_in_rust(processor: Any) -> bool:
+    """Whether the processor's image processor resizes by Qwen2-VL's ``smart_resize`` (which the
+    Rust token count reproduces); GLM's has its own rule."""
+    return type(getattr(processor, "image_processor", None)).__name__ in _RUST_RESIZE
+
+
+def _block_ids(tokenizer: Any, plugin: "TvcPlugin") -> dict[str, int]:
+    """The ids of the plugin's vision block tokens, as ``vision_blocks`` keywords."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in plugin.vision_token_names]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"tvc_rs: the tokenizer lacks the vision tokens {', '.join(plugin.vision_token_names)} of "
+                         f"{plugin.model_type}; use the TVC template of the model's family "
+                         f"({', '.join(TVC_TEMPLATES)})")
+    return dict(zip(("vision_start", "vision_end", "image_pad", "video_pad"), ids))
+
+
+def _check_blocks_against_grids(batch_ids, imglens, grids, image_processor, block_ids: dict[str, int]) -> None:
     """Every image block of the batch has the token count of its image's grid (a clear error
     instead of the model's "Image features and image tokens do not match")."""
     if grids is None:
@@ -307,7 +352,7 @@ def _check_blocks_against_grids(batch_ids, imglens, grids, image_processor, imag
     counts = (torch.as_tensor(grids).prod(-1) // (merge * merge)).tolist()
     k = 0
     for row, (ids, n) in enumerate(zip(batch_ids, imglens)):
-        blocks = vision_blocks(np.asarray(ids, dtype=np.int64))
+        blocks = vision_blocks(np.asarray(ids, dtype=np.int64), **block_ids)
         image_blocks = [b for b in blocks.tolist() if not b[4]]
         if len(image_blocks) != n:
             raise ValueError(f"tvc_rs: sample {row} of the batch has {len(image_blocks)} image blocks but {n} images")
@@ -321,13 +366,9 @@ def _check_blocks_against_grids(batch_ids, imglens, grids, image_processor, imag
 
 # ---------------------------------------------------------------- the dataset processor
 
-def _vision_ids(tokenizer: Any) -> tuple[int, int, int, int]:
-    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in
-                ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError("tvc_rs: the tokenizer lacks the Qwen2-VL vision tokens; the TVC templates are for "
-                         "Qwen2-VL / Qwen2.5-VL models")
-    return ids  # type: ignore[return-value]
+def _vision_ids(tokenizer: Any, plugin: "TvcPlugin") -> tuple[int, int, int, int]:
+    ids = _block_ids(tokenizer, plugin)
+    return ids["vision_start"], ids["vision_end"], ids["image_pad"], ids["video_pad"]
 
 
 @dataclass
@@ -337,7 +378,7 @@ class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
     cut is kept)."""
 
     def _is_tvc(self) -> bool:
-        return isinstance(self.template.mm_plugin, TvcQwen2VLPlugin)
+        return isinstance(self.template.mm_plugin, TvcPlugin)
 
     def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
         if not self._is_tvc():
@@ -380,7 +421,7 @@ class TvcSupervisedDatasetProcessor(SupervisedDatasetProcessor):
         bridge_ids = np.asarray(self.tokenizer.encode(bridge, add_special_tokens=False) if bridge else [],
                                 dtype=np.int64)
 
-        start, end, image_pad, video_pad = _vision_ids(self.tokenizer)
+        start, end, image_pad, video_pad = _vision_ids(self.tokenizer, self.template.mm_plugin)
         blocks_kw = dict(vision_start=start, vision_end=end, image_pad=image_pad, video_pad=video_pad)
         # Images of each turn in order (prompt images of turn t, then its answer's).
         turn_images = []
@@ -464,18 +505,17 @@ class TvcSFTDataCollator(SFTDataCollatorWith4DAttentionMask):
     def __post_init__(self):
         super().__post_init__()
         plugin = getattr(self.template, "mm_plugin", None)
-        self.tvc = isinstance(plugin, TvcQwen2VLPlugin)
+        self.tvc = isinstance(plugin, TvcPlugin)
         if not self.tvc:
             return
-        self._vision = _vision_ids(self.tokenizer)
+        self._vision = _vision_ids(self.tokenizer, plugin)
         self._dumped = 0
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         if model_type is not None and model_type != plugin.model_type:
             name = next(k for k, v in TVC_TEMPLATES.items() if v == model_type) if model_type in \
                 TVC_TEMPLATES.values() else None
             raise ValueError(f"tvc_rs: the template is for {plugin.model_type} models but the model is {model_type}"
-                             + (f"; use template: {name}" if name else "; the TVC templates are for Qwen2-VL and "
-                                                                    "Qwen2.5-VL"))
+                             + (f"; use template: {name}" if name else f"; the TVC templates are {', '.join(TVC_TEMPLATES)}"))
 
     def _checked_row(self, feature: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """``(input_ids, attention_mask, labels, images)`` of a feature with its image blocks checked
@@ -623,23 +663,24 @@ def install(values: Optional[Mapping[str, Any]] = None) -> None:
             _settings.update(_check_settings(values))
         if _installed:
             return
-        for name, plugin in (("tvc_qwen2_vl", TvcQwen2VLPlugin), ("tvc_qwen2_5_vl", TvcQwen2_5VLPlugin)):
-            if name not in _mm.PLUGINS:
-                _mm.register_mm_plugin(name, plugin)
-            if name not in _template.TEMPLATES:
-                base = _template.TEMPLATES["qwen2_vl"]
-                _template.register_template(
-                    name=name, format_user=base.format_user, format_assistant=base.format_assistant,
-                    format_system=base.format_system, format_function=base.format_function,
-                    format_observation=base.format_observation, format_tools=base.format_tools,
-                    format_prefix=base.format_prefix, default_system=base.default_system,
-                    stop_words=list(base.stop_words), thought_words=base.thought_words,
-                    tool_call_words=base.tool_call_words, efficient_eos=base.efficient_eos,
-                    replace_eos=base.replace_eos, replace_jinja_template=base.replace_jinja_template,
-                    enable_thinking=base.enable_thinking, preserve_thinking=base.preserve_thinking,
-                    mm_plugin=_mm.get_mm_plugin(name, image_token="<|image_pad|>", video_token="<|video_pad|>"),
-                    template_class=type(base),
-                )
+        if "tvc" not in _mm.PLUGINS:
+            _mm.register_mm_plugin("tvc", TvcPlugin)
+        for name, model_type in TVC_TEMPLATES.items():
+            if name in _template.TEMPLATES:
+                continue
+            base = _template.TEMPLATES[dvr_family(model_type)["llamafactory_template"]]
+            # The base template's text and settings, with the family's TVC plugin.
+            _template.register_template(
+                name=name, format_user=base.format_user, format_assistant=base.format_assistant,
+                format_system=base.format_system, format_function=base.format_function,
+                format_observation=base.format_observation, format_tools=base.format_tools,
+                format_prefix=base.format_prefix, default_system=base.default_system,
+                stop_words=list(base.stop_words), thought_words=base.thought_words,
+                tool_call_words=base.tool_call_words, efficient_eos=base.efficient_eos,
+                replace_eos=base.replace_eos, replace_jinja_template=base.replace_jinja_template,
+                enable_thinking=base.enable_thinking, preserve_thinking=base.preserve_thinking,
+                mm_plugin=TvcPlugin.for_family(model_type), template_class=type(base),
+            )
         # LLaMA-Factory looks these classes up by name at run time, with no hook: rebind the names.
         import llamafactory.data.loader as loader
         import llamafactory.train.sft.workflow as workflow

@@ -23,6 +23,7 @@ pub use policy::{
     DEFAULT_DOWNSCALE, DEFAULT_PLACEHOLDER,
 };
 pub use sample::{
-    vision_tokens, ChatFormat, Sample, SampleBuilder, SampleImage, IGNORE_INDEX, QWEN2_VL_SYSTEM,
+    llamafactory_template, vision_token_names, vision_tokens, ChatFormat, EmptyThought, Sample,
+    SampleBuilder, SampleImage, GLM4V_EOS, IGNORE_INDEX, QWEN2_VL_SYSTEM,
 };
 pub use truncate::{answer_cut, infer_seqlen, snap_cut, vision_blocks, Block, VisionTokens};

@@ -20,15 +20,47 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Qwen2-VL's default system prompt (LLaMA-Factory's `qwen2_vl` template and the chat template).
 pub const QWEN2_VL_SYSTEM: &str = "You are a helpful assistant.";
 
+/// LLaMA-Factory's `ReasoningTemplate` rule: an answer that holds neither thought marker gets
+/// an empty thought before it (encoded on its own, trained on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmptyThought {
+    /// `add_thought()`: `thought_words[0] + thought_words[1]` (`"<think>\n\n</think>\n\n"`).
+    pub text: String,
+    /// The stripped thought words; an answer holding either gets no empty thought.
+    pub markers: (String, String),
+}
+
+impl EmptyThought {
+    /// LLaMA-Factory's default thought words `("<think>\n", "\n</think>\n\n")`.
+    pub fn think() -> EmptyThought {
+        EmptyThought {
+            text: "<think>\n\n</think>\n\n".to_string(),
+            markers: ("<think>".to_string(), "</think>".to_string()),
+        }
+    }
+
+    /// Whether `answer` gets the empty thought.
+    pub fn applies_to(&self, answer: &str) -> bool {
+        !answer.contains(self.markers.0.as_str()) && !answer.contains(self.markers.1.as_str())
+    }
+}
+
 /// The text around a one-turn conversation, as LLaMA-Factory's template writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatFormat {
-    /// Before the question (system block and the user's header).
+    /// Before the question (prefix, system block and the user's header).
     pub prompt_prefix: String,
     /// After the question, up to where the answer starts.
     pub prompt_suffix: String,
+    /// Right before the answer, encoded with it (GLM's `"\n"`; empty for ChatML).
+    pub answer_lead: String,
     /// After the answer (part of the trained target).
     pub answer_suffix: String,
+    /// The empty thought of a reasoning template (None: a plain template).
+    pub empty_thought: Option<EmptyThought>,
+    /// `efficient_eos`: this token goes after the answer (trained on) and one token of the
+    /// cutoff is kept for it (None: the answer suffix ends the turn).
+    pub eos_token: Option<String>,
 }
 
 impl ChatFormat {
@@ -45,28 +77,119 @@ impl ChatFormat {
         ChatFormat {
             prompt_prefix,
             prompt_suffix: "<|im_end|>\n<|im_start|>assistant\n".to_string(),
+            answer_lead: String::new(),
             answer_suffix: "<|im_end|>\n".to_string(),
+            empty_thought: None,
+            eos_token: None,
+        }
+    }
+
+    /// LLaMA-Factory's `qwen3_vl` and `qwen3_5` templates: ChatML, no default system prompt, a
+    /// reasoning template (the empty thought before an answer without one).
+    pub fn qwen3_vl(system: &str) -> ChatFormat {
+        ChatFormat {
+            empty_thought: Some(EmptyThought::think()),
+            ..Self::qwen2_vl(system)
+        }
+    }
+
+    /// LLaMA-Factory's `glm4v` template (and `glm4_5v`, the same text): `[gMASK]<sop>`, GLM's
+    /// role tokens, the answer after a newline, a reasoning template, `efficient_eos` with
+    /// `eos_token` (the tokenizer's, GLM-4.1V's `<|endoftext|>`).
+    pub fn glm4v(system: &str, eos_token: &str) -> ChatFormat {
+        let mut prompt_prefix = "[gMASK]<sop>".to_string();
+        if !system.is_empty() {
+            prompt_prefix.push_str("<|system|>\n");
+            prompt_prefix.push_str(system);
+        }
+        prompt_prefix.push_str("<|user|>\n");
+        ChatFormat {
+            prompt_prefix,
+            prompt_suffix: "<|assistant|>".to_string(),
+            answer_lead: "\n".to_string(),
+            answer_suffix: String::new(),
+            empty_thought: Some(EmptyThought::think()),
+            eos_token: Some(eos_token.to_string()),
+        }
+    }
+
+    /// The format of LLaMA-Factory's template for `model_type` (see [`ModelType`]'s
+    /// `llamafactory_template`); `system` None: the template's default system prompt;
+    /// `eos_token` None: the family's released tokenizer's (used by `efficient_eos` only).
+    pub fn for_model(
+        model_type: ModelType,
+        system: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> ChatFormat {
+        match model_type {
+            ModelType::Qwen2Vl | ModelType::Qwen2_5Vl => {
+                Self::qwen2_vl(system.unwrap_or(QWEN2_VL_SYSTEM))
+            }
+            ModelType::Qwen3Vl
+            | ModelType::Qwen3VlMoe
+            | ModelType::Qwen3_5
+            | ModelType::Qwen3_5Moe => Self::qwen3_vl(system.unwrap_or("")),
+            ModelType::Glm4v | ModelType::Glm4vMoe => {
+                Self::glm4v(system.unwrap_or(""), eos_token.unwrap_or(GLM4V_EOS))
+            }
         }
     }
 }
 
-/// The ids of `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>` and `<|video_pad|>` in a
-/// tokenizer's vocabulary.
-pub fn vision_tokens(vocab: &Vocab) -> Result<VisionTokens> {
-    let id = |token: &str| {
-        vocab
-            .tokenizer()
-            .token_to_id(token)
-            .map(|i| i as i64)
-            .ok_or_else(|| {
-                value_err!("tokenizer: has no {token} token; a Qwen2-VL family tokenizer is needed")
-            })
-    };
+/// GLM-4.1V's and GLM-4.5V's eos token (their tokenizer_config.json).
+pub const GLM4V_EOS: &str = "<|endoftext|>";
+
+/// The names of a family's vision block tokens: `(start, end, image pad, video pad)`.
+pub fn vision_token_names(model_type: ModelType) -> [&'static str; 4] {
+    match model_type {
+        ModelType::Glm4v | ModelType::Glm4vMoe => [
+            "<|begin_of_image|>",
+            "<|end_of_image|>",
+            "<|image|>",
+            "<|video|>",
+        ],
+        _ => [
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ],
+    }
+}
+
+/// The LLaMA-Factory 0.9.5 template whose text a family's samples follow.
+pub fn llamafactory_template(model_type: ModelType) -> &'static str {
+    match model_type {
+        ModelType::Qwen2Vl | ModelType::Qwen2_5Vl => "qwen2_vl",
+        ModelType::Qwen3Vl | ModelType::Qwen3VlMoe => "qwen3_vl",
+        ModelType::Qwen3_5 | ModelType::Qwen3_5Moe => "qwen3_5",
+        ModelType::Glm4v => "glm4v",
+        ModelType::Glm4vMoe => "glm4_5v",
+    }
+}
+
+fn token_id(vocab: &Vocab, token: &str, model_type: ModelType) -> Result<i64> {
+    vocab
+        .tokenizer()
+        .token_to_id(token)
+        .map(|i| i as i64)
+        .ok_or_else(|| {
+            value_err!(
+                "tokenizer: has no {token} token; a {} tokenizer is needed",
+                model_type.name()
+            )
+        })
+}
+
+/// The ids of a family's vision block tokens ([`vision_token_names`]) in a tokenizer's
+/// vocabulary.
+pub fn vision_tokens(vocab: &Vocab, model_type: ModelType) -> Result<VisionTokens> {
+    let [start, end, image, video] = vision_token_names(model_type);
     Ok(VisionTokens {
-        vision_start: id("<|vision_start|>")?,
-        vision_end: id("<|vision_end|>")?,
-        image_pad: id("<|image_pad|>")?,
-        video_pad: id("<|video_pad|>")?,
+        vision_start: token_id(vocab, start, model_type)?,
+        vision_end: token_id(vocab, end, model_type)?,
+        image_pad: token_id(vocab, image, model_type)?,
+        video_pad: token_id(vocab, video, model_type)?,
     })
 }
 
@@ -118,6 +241,10 @@ pub struct SampleBuilder {
     pub format: ChatFormat,
     pub vision: VisionTokens,
     pub model_type: ModelType,
+    /// `get_rope_index`'s settings: the family's, with the tokenizer's ids.
+    pub mrope: MropeConfig,
+    /// The id of the format's `eos_token` (`efficient_eos`).
+    pub eos: Option<u32>,
 }
 
 /// A piece of the sequence under construction.
@@ -137,7 +264,27 @@ impl SampleBuilder {
     ) -> Result<SampleBuilder> {
         policy.check()?;
         images.factor()?;
-        let vision = vision_tokens(detector.vocab())?;
+        let vocab = detector.vocab();
+        let vision = vision_tokens(vocab, model_type)?;
+        let mut mrope = MropeConfig {
+            spatial_merge_size: images.merge_size,
+            image_token_id: vision.image_pad,
+            video_token_id: vision.video_pad,
+            ..MropeConfig::for_model(model_type)
+        };
+        if model_type.marks_videos_by_blocks() {
+            // GLM tells video frames from images by these markers (read, not assumed).
+            mrope.video_start_token_id = Some(token_id(vocab, "<|begin_of_video|>", model_type)?);
+            mrope.video_end_token_id = Some(token_id(vocab, "<|end_of_video|>", model_type)?);
+        }
+        let eos = match &format.eos_token {
+            Some(token) => Some(
+                token_id(vocab, token, model_type)
+                    .map_err(|_| value_err!("eos_token: the tokenizer has no {token} token"))?
+                    as u32,
+            ),
+            None => None,
+        };
         Ok(SampleBuilder {
             detector,
             policy,
@@ -145,17 +292,9 @@ impl SampleBuilder {
             format,
             vision,
             model_type,
+            mrope,
+            eos,
         })
-    }
-
-    fn mrope(&self) -> MropeConfig {
-        MropeConfig {
-            model_type: self.model_type,
-            spatial_merge_size: self.images.merge_size,
-            image_token_id: self.vision.image_pad,
-            video_token_id: self.vision.video_pad,
-            ..MropeConfig::qwen2_vl()
-        }
     }
 
     /// Insertion points of one answer (see [`plan_insertions`]).
@@ -301,9 +440,18 @@ impl SampleBuilder {
         let mut target = Vec::new();
         let mut target_blocks = Vec::new();
         let mut target_parts = Vec::with_capacity(n_images);
+        // A reasoning template's empty thought: its own encode, before the answer, when the
+        // answer as the template sees it (bridges included) holds no thought marker.
+        if let Some(thought) = &self.format.empty_thought {
+            if thought.applies_to(answer) && (insertions.is_empty() || thought.applies_to(bridge)) {
+                self.encode(&thought.text, &mut target)?;
+            }
+        }
+        let lead = self.format.answer_lead.as_str();
         for k in 0..insertions.len() {
+            let lead = if k == 0 { lead } else { "" };
             self.encode(
-                &format!("{}{bridge}", &answer[bounds[k]..bounds[k + 1]]),
+                &format!("{lead}{}{bridge}", &answer[bounds[k]..bounds[k + 1]]),
                 &mut target,
             )?;
             target_parts.clear();
@@ -312,7 +460,8 @@ impl SampleBuilder {
         }
         self.encode(
             &format!(
-                "{}{}",
+                "{}{}{}",
+                if insertions.is_empty() { lead } else { "" },
                 &answer[bounds[insertions.len()]..],
                 self.format.answer_suffix
             ),
@@ -323,6 +472,17 @@ impl SampleBuilder {
         // image block (or the bridge right before it) to its start: every copy wholly inside the
         // kept part stays, a copy that straddles the cut or lies beyond it goes.
         let (mut source_keep, mut target_keep) = (source.len(), target.len());
+        // efficient_eos: LLaMA-Factory keeps one token of the cutoff for the eos.
+        let cutoff = match (cutoff, self.eos) {
+            (Some(c), Some(_)) if c < 2 => {
+                return Err(value_err!(
+                    "cutoff = {c}: must be >= 2 (one token is the eos of model_type={:?})",
+                    self.model_type.name()
+                ))
+            }
+            (Some(c), Some(_)) => Some(c - 1),
+            (c, _) => c,
+        };
         if let Some(cutoff) = cutoff {
             // As LLaMA-Factory, the split is applied whether or not the turn fits.
             (source_keep, target_keep) = infer_seqlen(source.len(), target.len(), cutoff);
@@ -381,11 +541,15 @@ impl SampleBuilder {
             }
         }));
         input_ids.extend_from_slice(&target[..target_keep]);
+        if let Some(eos) = self.eos {
+            input_ids.push(eos);
+            labels.push(eos as i64);
+        }
 
         let sample_images: Vec<SampleImage> = kept_blocks.iter().map(|&i| images[i]).collect();
         let grids: Vec<GridThw> = sample_images.iter().map(|im| im.grid).collect();
         let ids64: Vec<i64> = input_ids.iter().map(|&i| i as i64).collect();
-        let positions = positions_for_sequence(&ids64, &grids, &[], None, &self.mrope())?;
+        let positions = positions_for_sequence(&ids64, &grids, &[], None, &self.mrope)?;
 
         // The answer text with the copies that are kept (an insertion none of whose copies is
         // kept loses its bridge too); the text itself is the whole answer.

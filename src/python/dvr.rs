@@ -35,6 +35,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vision_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(answer_cut, m)?)?;
     m.add_function(wrap_pyfunction!(qwen2_vl_patches, m)?)?;
+    m.add_function(wrap_pyfunction!(dvr_family, m)?)?;
     m.add("IGNORE_INDEX", dvr::IGNORE_INDEX)?;
     m.add("QWEN2_VL_SYSTEM", dvr::QWEN2_VL_SYSTEM)?;
     Ok(())
@@ -47,6 +48,38 @@ fn non_negative(name: &str, value: i64) -> PyResult<usize> {
         )));
     }
     Ok(value as usize)
+}
+
+/// What DVR reads from a model family (`model_type`): `llamafactory_template` (the LLaMA-Factory
+/// 0.9.5 template whose text its samples follow), `vision_tokens` (the names of the block's
+/// start, end, image pad and video pad tokens), the released processor's `patch_size`,
+/// `merge_size`, `min_pixels`, `max_pixels`, and `eos_token` (the token of an `efficient_eos`
+/// template, else None). ValueError listing the supported types for any other.
+#[pyfunction]
+#[pyo3(text_signature = "(model_type)")]
+fn dvr_family<'py>(
+    py: Python<'py>,
+    model_type: Arg<String>,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let model_type = ModelType::parse(&model_type.get("model_type")?)?;
+    let images = ImageSettings::for_model(model_type);
+    let format = ChatFormat::for_model(model_type, None, None);
+    let out = pyo3::types::PyDict::new(py);
+    out.set_item("model_type", model_type.name())?;
+    out.set_item(
+        "llamafactory_template",
+        dvr::llamafactory_template(model_type),
+    )?;
+    out.set_item(
+        "vision_tokens",
+        dvr::vision_token_names(model_type).to_vec(),
+    )?;
+    out.set_item("patch_size", images.patch_size)?;
+    out.set_item("merge_size", images.merge_size)?;
+    out.set_item("min_pixels", images.min_pixels)?;
+    out.set_item("max_pixels", images.max_pixels)?;
+    out.set_item("eos_token", format.eos_token)?;
+    Ok(out)
 }
 
 /// Where re-affirmed images go: after the sentence of a reflection phrase, at most
@@ -335,8 +368,12 @@ fn sample_to_py(py: Python<'_>, s: Sample, phrases: &[String]) -> PyResult<DVRSa
 /// tokenizer: a `ReflectionDetector` (its phrases are used), or a path to tokenizer.json / a
 /// model folder, a `tokenizers.Tokenizer` or a transformers fast tokenizer (a detector with
 /// `phrases` is made from it). The image settings are the processor's (`patch_size`,
-/// `merge_size`, `min_pixels`, `max_pixels`); `system` is the system prompt of the Qwen2-VL
-/// chat format ("" for none); `model_type` is "qwen2_vl" or "qwen2_5_vl".
+/// `merge_size`, `min_pixels`, `max_pixels`; None: the family's released processor's);
+/// `system` is the system prompt of the chat format ("" for none, None: the LLaMA-Factory
+/// template's default); `model_type` is the family ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+/// "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5", "qwen3_5_moe"): the chat format of its
+/// LLaMA-Factory template, its vision tokens (by name, from the tokenizer) and position rule;
+/// `eos_token`: the token `efficient_eos` templates (GLM) end a turn with (None: the family's).
 #[pyclass(name = "DVRBuilder", module = "tvc_rs", frozen)]
 pub struct DVRBuilder {
     inner: Arc<SampleBuilder>,
@@ -359,28 +396,31 @@ fn sizes_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(i64, i64)>> {
 #[pymethods]
 impl DVRBuilder {
     #[new]
-    #[pyo3(signature = (tokenizer, *, phrases=None, policy=None, system = Arg::of(dvr::QWEN2_VL_SYSTEM.to_string()), model_type = Arg::of("qwen2_vl".to_string()), patch_size = Arg::of(14), merge_size = Arg::of(2), min_pixels = Arg::of(3136), max_pixels = Arg::of(1003520)), text_signature = "(tokenizer, *, phrases=None, policy=None, system='You are a helpful assistant.', model_type='qwen2_vl', patch_size=14, merge_size=2, min_pixels=3136, max_pixels=1003520)")]
+    #[pyo3(signature = (tokenizer, *, phrases=None, policy=None, system=None, model_type = Arg::of("qwen2_vl".to_string()), patch_size=None, merge_size=None, min_pixels=None, max_pixels=None, eos_token=None), text_signature = "(tokenizer, *, phrases=None, policy=None, system=None, model_type='qwen2_vl', patch_size=None, merge_size=None, min_pixels=None, max_pixels=None, eos_token=None)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tokenizer: &Bound<'_, PyAny>,
         phrases: Option<&Bound<'_, PyAny>>,
         policy: Option<Arg<DVRPolicy>>,
-        system: Arg<String>,
+        system: Option<Arg<String>>,
         model_type: Arg<String>,
-        patch_size: Arg<i64>,
-        merge_size: Arg<i64>,
-        min_pixels: Arg<i64>,
-        max_pixels: Arg<i64>,
+        patch_size: Option<Arg<i64>>,
+        merge_size: Option<Arg<i64>>,
+        min_pixels: Option<Arg<i64>>,
+        max_pixels: Option<Arg<i64>>,
+        eos_token: Option<Arg<String>>,
     ) -> PyResult<Self> {
-        let system = system.get("system")?;
+        let system = opt_arg(system, "system")?;
+        let eos_token = opt_arg(eos_token, "eos_token")?;
         let policy = opt_arg(policy, "policy")?;
-        let model_type_owned = model_type.get("model_type")?;
-        let model_type: &str = &model_type_owned;
-        let patch_size = patch_size.get("patch_size")?;
-        let merge_size = merge_size.get("merge_size")?;
-        let min_pixels = min_pixels.get("min_pixels")?;
-        let max_pixels = max_pixels.get("max_pixels")?;
+        let model_type = ModelType::parse(&model_type.get("model_type")?)?;
+        // Every setting not given is the family's (its processor and LLaMA-Factory template).
+        let family = ImageSettings::for_model(model_type);
+        let patch_size = opt_arg(patch_size, "patch_size")?.unwrap_or(family.patch_size);
+        let merge_size = opt_arg(merge_size, "merge_size")?.unwrap_or(family.merge_size);
+        let min_pixels = opt_arg(min_pixels, "min_pixels")?.unwrap_or(family.min_pixels);
+        let max_pixels = opt_arg(max_pixels, "max_pixels")?.unwrap_or(family.max_pixels);
         let phrases = phrases_arg(phrases)?;
         let detector = match tokenizer.cast::<ReflectionDetector>() {
             Ok(d) => {
@@ -398,7 +438,7 @@ impl DVRBuilder {
             merge_size,
             min_pixels,
             max_pixels,
-            ..ImageSettings::default()
+            ..family
         };
         for (name, v) in [
             ("patch_size", patch_size),
@@ -416,8 +456,8 @@ impl DVRBuilder {
             detector,
             policy.map(|p| p.inner).unwrap_or_default(),
             images,
-            ChatFormat::qwen2_vl(&system),
-            ModelType::parse(model_type)?,
+            ChatFormat::for_model(model_type, system.as_deref(), eos_token.as_deref()),
+            model_type,
         )?;
         Ok(DVRBuilder {
             inner: Arc::new(builder),
@@ -434,6 +474,25 @@ impl DVRBuilder {
     #[getter]
     fn phrases(&self) -> Vec<String> {
         self.inner.detector.phrases().to_vec()
+    }
+
+    /// The model type (family) the samples are for.
+    #[getter]
+    fn model_type(&self) -> &'static str {
+        self.inner.model_type.name()
+    }
+
+    /// The LLaMA-Factory 0.9.5 template whose text the samples follow (train with `tvc_` + it).
+    #[getter]
+    fn llamafactory_template(&self) -> &'static str {
+        dvr::llamafactory_template(self.inner.model_type)
+    }
+
+    /// `(patch_size, merge_size, min_pixels, max_pixels)` in use.
+    #[getter]
+    fn image_settings(&self) -> (i64, i64, i64, i64) {
+        let i = self.inner.images;
+        (i.patch_size, i.merge_size, i.min_pixels, i.max_pixels)
     }
 
     /// `(vision_start, vision_end, image_pad, video_pad)` ids of the tokenizer.

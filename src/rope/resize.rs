@@ -74,6 +74,33 @@ impl ResizeRule {
 }
 
 impl ImageSettings {
+    /// The image settings of the family's released checkpoints (their preprocessor_config.json):
+    /// Qwen2-VL / Qwen2.5-VL as [`Default`]; Qwen3-VL and Qwen3.5 patch 16 (factor 32),
+    /// `shortest_edge` 65536, `longest_edge` 16777216; GLM-4.1V / GLM-4.5V patch 14,
+    /// `shortest_edge` 12544, `longest_edge` 9633792 and GLM's resize rule (temporal patch 2).
+    pub fn for_model(model_type: super::ModelType) -> ImageSettings {
+        use super::ModelType as M;
+        match model_type {
+            M::Qwen2Vl | M::Qwen2_5Vl => ImageSettings::default(),
+            M::Qwen3Vl | M::Qwen3VlMoe | M::Qwen3_5 | M::Qwen3_5Moe => ImageSettings {
+                patch_size: 16,
+                merge_size: 2,
+                min_pixels: 65536,
+                max_pixels: 16777216,
+                rule: ResizeRule::Qwen2Vl,
+            },
+            M::Glm4v | M::Glm4vMoe => ImageSettings {
+                patch_size: 14,
+                merge_size: 2,
+                min_pixels: 12544,
+                max_pixels: 9633792,
+                rule: ResizeRule::Glm4v {
+                    temporal_patch_size: 2,
+                },
+            },
+        }
+    }
+
     /// `patch_size * merge_size`: both sides of the resized image are multiples of it.
     pub fn factor(&self) -> Result<i64> {
         positive("patch_size", self.patch_size)?;
