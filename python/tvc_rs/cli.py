@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from tvc_rs.triggers import find_tokenizer
+from tvc_rs.pvc import PVC_MODES
 
 EXAMPLE = "examples/traces.jsonl"
 
@@ -415,7 +416,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model folder (Qwen2-VL / Qwen2.5-VL / QVQ / TVC)")
     p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
     p.add_argument("--question", required=True, help="the question about the image(s)")
-    p.add_argument("--mode", choices=["relocate", "append", "kv"], default="relocate",
+    p.add_argument("--mode", choices=PVC_MODES, default="relocate",
                    help="relocate: the published method (re-encode); append: prefill on top; kv: evict and re-rotate")
     p.add_argument("--pool", type=int, default=4, help="k x k pooling of the re-injected image (4, 2, 1 = none)")
     p.add_argument("--prune", type=_prune_arg, default=None,
