@@ -1,4 +1,5 @@
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -55,3 +56,13 @@ def test_docstrings_name_the_tested_transformers_versions():
             assert any(p.split(".")[0] == m.group(1) for p in pinned), (module.name, m.group(0))
     for version in pinned:
         assert any(version == n or version.startswith(n + ".") for n in named), (version, named)
+
+
+def test_native_stub_matches_the_compiled_module():
+    """``_native.pyi`` is written by hand: mypy's stubtest holds it against the compiled module
+    (every name, every signature with its defaults, classes final as pyo3 makes them). The
+    allowlist names what a stub cannot state (the module's ``__all__``)."""
+    allowlist = Path(__file__).parent / "stubtest-allowlist.txt"
+    result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "tvc_rs._native", "--allowlist", str(allowlist)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

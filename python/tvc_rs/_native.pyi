@@ -14,15 +14,16 @@ __version__: str
 # --- triggers (src/python/triggers.rs) ---
 
 from os import PathLike
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Self, Sequence, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-TokenIds = Union[Sequence[int], npt.NDArray[np.integer], Any]  # list, NumPy array or CPU tensor, 1-D
+_TokenIds = Union[Sequence[int], npt.NDArray[np.integer], Any]  # list, NumPy array or CPU tensor, 1-D
 
 DEFAULT_PHRASES: list[str]
 
+@final
 class Hit:
     """A phrase matched the decoded text at characters ``char_start:char_end`` (``str`` offsets);
     ``token_index`` is the token whose bytes confirmed the match's end (None for plain text)."""
@@ -33,6 +34,7 @@ class Hit:
     char_start: int
     char_end: int
 
+@final
 class TextScan:
     """What a schedule makes of one text (``ReflectionDetector.scan``)."""
 
@@ -41,6 +43,7 @@ class TextScan:
     calibrations: list[Calibration]
     error: Optional[str]
 
+@final
 class ReflectionDetector:
     """Finds reflection phrases where ``(?<!\\w)phrase(?!\\w)`` (case-insensitive) matches the
     text that tokens decode to.
@@ -50,13 +53,13 @@ class ReflectionDetector:
     Raises OSError (no such file), ValueError (bad tokenizer.json, empty or repeated phrase),
     TypeError (anything else as tokenizer)."""
 
-    def __init__(self, tokenizer: Union[str, PathLike[str], Any], phrases: Optional[Sequence[str]] = None) -> None: ...
+    def __new__(cls, tokenizer: Union[str, PathLike[str], Any], phrases: Optional[Sequence[str]] = None) -> Self: ...
     @property
     def phrases(self) -> list[str]: ...
     @property
     def vocab_size(self) -> int: ...
     def find_text(self, text: str) -> list[Hit]: ...
-    def find_tokens(self, tokens: TokenIds) -> list[Hit]:
+    def find_tokens(self, tokens: _TokenIds) -> list[Hit]:
         """Hits of a whole token list, as streaming it and calling ``finish()`` gives.
         IndexError for an id outside the vocabulary."""
     def encode(self, text: str) -> list[int]: ...
@@ -74,13 +77,14 @@ class ReflectionDetector:
     def scan(self, texts: Sequence[str], schedule: Optional[PVCSchedule] = None) -> list[TextScan]:
         """Tokenize each text and watch it as if generated (in parallel)."""
 
+@final
 class ReflectionStream:
     """One generation watched token by token, with its own schedule state."""
 
     def push(self, token_id: int) -> Optional[Calibration]:
         """Feed the next token; the calibration decided at it, or None. IndexError for a bad id
         (nothing changes)."""
-    def push_many(self, tokens: TokenIds) -> list[Calibration]: ...
+    def push_many(self, tokens: _TokenIds) -> list[Calibration]: ...
     def finish(self) -> Optional[Calibration]:
         """End of text: a phrase right at the end becomes a hit at the last token."""
     @property
@@ -98,6 +102,7 @@ class ReflectionStream:
     @property
     def schedule(self) -> PVCSchedule: ...
 
+@final
 class StreamBatch:
     """Streams in numbered slots following a serving engine's batch; one ``step`` per decoding
     step. IndexError for a slot outside ``0..capacity``."""
@@ -117,19 +122,19 @@ class StreamBatch:
     def swap(self, slot_a: int, slot_b: int) -> None: ...
     @property
     def out_of_vocab(self) -> Literal["raise", "no_text"]: ...
-    def feed(self, slot: int, tokens: TokenIds) -> list[Calibration]:
+    def feed(self, slot: int, tokens: _TokenIds) -> list[Calibration]:
         """Several tokens, in order, for the stream in ``slot``; the calibrations they make. Ids
         are checked first; ValueError for an empty slot, IndexError for a bad id."""
     def is_active(self, slot: int) -> bool: ...
-    def step(self, tokens: TokenIds) -> npt.NDArray[np.int32]:
+    def step(self, tokens: _TokenIds) -> npt.NDArray[np.int32]:
         """``tokens[i]``: newest token of slot i (negative or empty slot: skipped). Returns the
         slots that calibrate at this step. All ids are checked before anything changes."""
-    def advance(self, slots: TokenIds, token_index: TokenIds, tokens: TokenIds, sampling: Any) -> npt.NDArray[np.int32]:
+    def advance(self, slots: _TokenIds, token_index: _TokenIds, tokens: _TokenIds, sampling: Any) -> npt.NDArray[np.int32]:
         """An engine step whose rows name their stream: row i is slot ``slots[i]`` and
         ``tokens[i]`` is token number ``token_index[i]`` of that stream (fed if it is the next
         one); returns the rows with ``sampling[i]`` whose stream has a calibration due (returned
         again until a token follows). Everything is checked before anything changes."""
-    def advance_seq(self, slots: TokenIds, seq_lens: TokenIds, tokens: TokenIds, prompt_len: TokenIds, prefill_len: TokenIds) -> npt.NDArray[np.int32]:
+    def advance_seq(self, slots: _TokenIds, seq_lens: _TokenIds, tokens: _TokenIds, prompt_len: _TokenIds, prefill_len: _TokenIds) -> npt.NDArray[np.int32]:
         """``advance`` for rows described by sequence length (vLLM's V2 runner): row i's input
         token is token number ``seq_lens[i] - 1 - prompt_len[slots[i]]`` of its stream, and the
         row samples when ``seq_lens[i] >= prefill_len[slots[i]]``."""
@@ -148,18 +153,18 @@ class StreamBatch:
 
 # --- pvc (src/python/pvc.rs) ---
 
+@final
 class PVCSchedule:
     """When hits become calibrations: ``warmup`` tokens before the first, ``min_gap`` tokens
     between two, at most ``max_calibrations``, and every ``period`` tokens without a trigger.
     The default calibrates at every hit. ValueError for negative values or period 0."""
 
-    def __init__(
-        self,
+    def __new__(cls,
         warmup: int = 0,
         min_gap: int = 0,
         max_calibrations: Optional[int] = None,
         period: Optional[int] = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def warmup(self) -> int: ...
     @property
@@ -169,6 +174,7 @@ class PVCSchedule:
     @property
     def period(self) -> Optional[int]: ...
 
+@final
 class Calibration:
     """A calibration at generated token ``token_index``: ``reason`` "trigger" (with ``hit``) or
     "period"."""
@@ -274,6 +280,7 @@ def prune_visual_tokens(
 
 # --- tensor (src/python/tensor.rs) ---
 
+@final
 class Buffer:
     """A Rust-owned result exported through DLPack: ``np.from_dlpack(b)`` / ``torch.from_dlpack(b)``
     share its memory (no copy). bfloat16 buffers can only become torch tensors."""
@@ -366,6 +373,7 @@ def paged_reinject(
 IGNORE_INDEX: int  # -100
 QWEN2_VL_SYSTEM: str  # "You are a helpful assistant."
 
+@final
 class DVRPolicy:
     """Where re-affirmed images go: after the sentence of a reflection phrase, at most
     ``max_insertions`` per answer (None: no limit), ``min_gap`` answer tokens apart, none in the
@@ -373,15 +381,14 @@ class DVRPolicy:
     image with each side divided by ``downscale`` (rounded up). ValueError for negative values,
     ``downscale`` < 1, an empty placeholder, a bridge holding the placeholder."""
 
-    def __init__(
-        self,
+    def __new__(cls,
         max_insertions: Optional[int] = 4,
         min_gap: int = 200,
         skip_first: int = 50,
         bridge: Optional[str] = None,
         downscale: int = 4,
         placeholder: str = "<image>",
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def max_insertions(self) -> Optional[int]: ...
     @property
@@ -397,6 +404,7 @@ class DVRPolicy:
     def insertion_text(self, images: int = 1) -> str:
         """The bridge, then ``images`` placeholders."""
 
+@final
 class Insertion:
     """The re-affirmed image goes before character ``char_index`` (a ``str`` index) of the
     answer, after ``token_index`` answer tokens; ``hit`` is the reflection phrase whose sentence
@@ -408,6 +416,7 @@ class Insertion:
     @property
     def phrase(self) -> str: ...
 
+@final
 class DVRPlan:
     """``DVRBuilder.plan_many``'s result for one answer: ``insertions`` and ``answer_text`` (with
     bridge and placeholders), or ``error``."""
@@ -416,6 +425,7 @@ class DVRPlan:
     answer_text: Optional[str]
     error: Optional[str]
 
+@final
 class DVRImage:
     """One image of a sample: which question image it shows, whether it is a re-affirmed copy,
     the size handed to the processor, its ``grid_thw``."""
@@ -426,6 +436,7 @@ class DVRImage:
     width: int
     grid_thw: tuple[int, int, int]
 
+@final
 class DVRSample:
     """A DVR training sample. ``input_ids``, ``labels``: int64 ``(n,)`` (labels ``IGNORE_INDEX``
     on the prompt and every vision token of the answer); ``position_ids``: int64 ``(3, n)`` as
@@ -447,6 +458,7 @@ class DVRSample:
 
 _ModelType = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5", "qwen3_5_moe"]
 
+@final
 class DVRBuilder:
     """Insertion points and whole DVR samples for a model family (``model_type``).
 
@@ -457,8 +469,7 @@ class DVRBuilder:
     name from the tokenizer, the released processor's image settings, its position rule;
     ``eos_token``: the token an ``efficient_eos`` template (GLM) ends the turn with."""
 
-    def __init__(
-        self,
+    def __new__(cls,
         tokenizer: Union[str, PathLike[str], Any],
         *,
         phrases: Optional[Sequence[str]] = None,
@@ -470,7 +481,7 @@ class DVRBuilder:
         min_pixels: Optional[int] = None,
         max_pixels: Optional[int] = None,
         eos_token: Optional[str] = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def model_type(self) -> str: ...
     @property
@@ -518,7 +529,7 @@ def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, in
     """LLaMA-Factory's ``infer_seqlen``."""
 
 def vision_blocks(
-    input_ids: TokenIds,
+    input_ids: _TokenIds,
     *,
     vision_start: int = 151652,
     vision_end: int = 151653,
@@ -528,10 +539,10 @@ def vision_blocks(
     """int64 ``(blocks, 6)``: start, end (exclusive), pads_start, pads_end, video, complete."""
 
 def answer_cut(
-    input_ids: TokenIds,
+    input_ids: _TokenIds,
     keep: int,
     *,
-    bridge: Optional[TokenIds] = None,
+    bridge: Optional[_TokenIds] = None,
     vision_start: int = 151652,
     vision_end: int = 151653,
     image_pad: int = 151655,
