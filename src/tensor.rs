@@ -119,6 +119,15 @@ impl_element!(bf16, BF16);
 impl_element!(i32, I32);
 impl_element!(i64, I64);
 
+/// An integer array of rank 0, 1 or 2 read to the host (row-major), e.g. positions or deltas
+/// given as an int, a list, a nested list or an int32/int64 tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntArray {
+    pub values: Vec<i64>,
+    /// `[]` for a single int.
+    pub shape: Vec<usize>,
+}
+
 /// `(3, 4, 5)`, `(3,)`, `()`: shapes and strides written the way Python prints tuples.
 pub fn tuple_str<T: std::fmt::Display>(values: &[T]) -> String {
     match values {
@@ -178,6 +187,11 @@ pub struct TensorView<'a> {
     writable: bool,
     _owner: PhantomData<&'a ()>,
 }
+
+// SAFETY: a view is a borrow of memory owned elsewhere (like `&[T]` / `&mut [T]`): writes need
+// `&mut self`, so sharing or sending it across threads is as safe as for those borrows.
+unsafe impl Send for TensorView<'_> {}
+unsafe impl Sync for TensorView<'_> {}
 
 impl<'a> TensorView<'a> {
     /// A view of raw memory.
@@ -325,6 +339,20 @@ impl<'a> TensorView<'a> {
     /// `(3, 4, 5)`
     pub fn shape_str(&self) -> String {
         tuple_str(&self.shape)
+    }
+
+    /// The elements of an int32 / int64 CPU view as `i64`s, row-major (any rank and strides).
+    pub fn int_values(&self) -> Result<Vec<i64>> {
+        self.expect_dtypes(&[DType::I32, DType::I64])?;
+        Ok(match self.dtype {
+            DType::I32 => self
+                .strided::<i32>()?
+                .to_contiguous()?
+                .iter()
+                .map(|&v| v as i64)
+                .collect(),
+            _ => self.strided::<i64>()?.to_contiguous()?.into_owned(),
+        })
     }
 
     /// `x: expected a 2-D tensor [tokens, dim], got shape (3, 4, 5)`; `layout` may be empty.

@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::TestRng;
 use tvc_rs::dtype::Float;
+use tvc_rs::kv::cpu::{append_entries, paged_reinject, relocate_span, rerotate_keys};
 use tvc_rs::kv::*;
 use tvc_rs::Error;
 
@@ -1159,4 +1160,239 @@ fn interleaved_mrope_map_and_rotation() {
     assert!(four.with_mrope_interleaved(true).is_err());
     let none = RopeConfig::new(1e4, 16, None, false, None).unwrap();
     assert!(none.with_mrope_interleaved(true).is_err());
+}
+
+// ---------------------------------------------------------------- device dispatch (tensor views)
+
+mod views {
+    //! The view-taking entry points (`tvc_rs::kv::rerotate_keys`, ...): the same results as the
+    //! f64 reference on CPU views, one device for all tensors, and the CUDA path where a GPU is.
+
+    use super::*;
+    use tvc_rs::cuda::Launch;
+    use tvc_rs::kv as core;
+    use tvc_rs::tensor::{Device, IntArray, TensorView};
+
+    fn random(rng: &mut TestRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn rng() -> TestRng {
+        TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha)
+    }
+
+    #[test]
+    fn rerotate_on_cpu_views_matches_the_reference() {
+        let (tokens, heads, d) = (7, 3, 16);
+        let rope = rope_of(10000.0, d, 12, true, None);
+        let reference = RefRope::new(10000.0, 12, true, None);
+        let mut r = rng();
+        let keys0 = random(&mut r, tokens * heads * d);
+        let deltas: Vec<i64> = (0..tokens as i64).map(|t| 5 * t - 11).collect();
+        // Deltas as host ints and as an int32 CPU tensor: the same result.
+        let as_i32: Vec<i32> = deltas.iter().map(|&x| x as i32).collect();
+        for from_tensor in [false, true] {
+            let mut keys = keys0.clone();
+            {
+                let mut views =
+                    [TensorView::from_mut_slice("keys", &mut keys, &[tokens, heads, d]).unwrap()];
+                let source = if from_tensor {
+                    core::DeltaSource::Tensor(
+                        TensorView::from_slice("delta", &as_i32, &[tokens]).unwrap(),
+                    )
+                } else {
+                    core::DeltaSource::Host(Deltas::PerToken(&deltas))
+                };
+                core::rerotate_keys(&mut views, source, &rope, Launch::default()).unwrap();
+            }
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let at = (t * heads + h) * d;
+                    let src: Vec<f64> = keys0[at..at + d].iter().map(|&x| x as f64).collect();
+                    let want = reference.apply(&src, [deltas[t]; 3]);
+                    assert!(
+                        max_err(&keys[at..at + d], &want) < 2e-6,
+                        "token {t} head {h}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relocate_from_positions_on_cpu_views_matches_the_reference() {
+        // M-RoPE: the followers' (t, h, w) position ids before and after, as transformers
+        // lays them out ([3, n]); the core derives the deltas.
+        let (b, h, seq, d) = (2, 2, 10, 12);
+        let (start, end) = (3, 6);
+        let moved = seq - end;
+        let rope = rope_of(10000.0, d, d, false, Some(vec![2, 2, 2]));
+        let reference = RefRope::new(10000.0, d, false, Some(&[2, 2, 2]));
+        let mut r = rng();
+        let (k0, v0) = (
+            random(&mut r, b * h * seq * d),
+            random(&mut r, b * h * seq * d),
+        );
+        let old: Vec<i64> = (0..3 * moved as i64).map(|i| 40 + 3 * i).collect();
+        let new: Vec<i64> = (0..3 * moved as i64).map(|i| 7 + i * i % 13).collect();
+        let (mut k, mut v) = (k0.clone(), v0.clone());
+        let length = {
+            let mut keys = [TensorView::from_mut_slice("keys", &mut k, &[b, h, seq, d]).unwrap()];
+            let mut values =
+                [TensorView::from_mut_slice("values", &mut v, &[b, h, seq, d]).unwrap()];
+            let deltas = core::SpanDeltas::from_args(
+                None,
+                Some(IntArray {
+                    values: old.clone(),
+                    shape: vec![3, moved],
+                }),
+                Some(IntArray {
+                    values: new.clone(),
+                    shape: vec![3, moved],
+                }),
+            )
+            .unwrap();
+            core::relocate_span(
+                &mut keys,
+                &mut values,
+                start,
+                end,
+                None,
+                deltas,
+                &rope,
+                Launch::default(),
+            )
+            .unwrap()
+        };
+        assert_eq!(length, seq - (end - start));
+        for bh in 0..b * h {
+            let row = |x: &Vec<f32>, p: usize| x[(bh * seq + p) * d..][..d].to_vec();
+            for p in 0..start {
+                assert_eq!(row(&k, p), row(&k0, p));
+            }
+            for j in 0..moved {
+                let delta = [0, 1, 2].map(|c| new[c * moved + j] - old[c * moved + j]);
+                let src: Vec<f64> = row(&k0, end + j).iter().map(|&x| x as f64).collect();
+                assert!(max_err(&row(&k, start + j), &reference.apply(&src, delta)) < 2e-6);
+                assert_eq!(row(&v, start + j), row(&v0, end + j));
+            }
+        }
+    }
+
+    #[test]
+    fn one_device_for_all_tensors_checked_before_anything_is_written() {
+        let rope = rope_of(10000.0, 8, 8, false, None);
+        let mut k = vec![0.5f32; 2 * 4 * 8];
+        let mut v = vec![0.25f32; 2 * 4 * 8];
+        let k0 = k.clone();
+        // A delta tensor on another device than the CPU keys (never dereferenced: refused).
+        let elsewhere = [0i64; 4];
+        let cuda_delta = unsafe {
+            TensorView::from_raw_parts(
+                "delta",
+                elsewhere.as_ptr() as *mut u8,
+                tvc_rs::dtype::DType::I64,
+                vec![4],
+                vec![1],
+                Device::Cuda(0),
+                false,
+                false,
+            )
+        };
+        let mut keys = [TensorView::from_mut_slice("keys", &mut k, &[1, 2, 4, 8]).unwrap()];
+        let mut values = [TensorView::from_mut_slice("values", &mut v, &[1, 2, 4, 8]).unwrap()];
+        let err = core::relocate_span(
+            &mut keys,
+            &mut values,
+            0,
+            0,
+            None,
+            core::SpanDeltas::Given(core::DeltaSource::Tensor(cuda_delta)),
+            &rope,
+            Launch::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("delta") && err.contains("cuda:0") && err.contains("same device"),
+            "{err}"
+        );
+        // Positions and delta together, and one without the other: refused by argument name.
+        let both = core::SpanDeltas::from_args(
+            Some(core::DeltaSource::Host(Deltas::Same(1))),
+            Some(IntArray {
+                values: vec![1],
+                shape: vec![1],
+            }),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("pass one or the other"), "{both}");
+        let half = core::SpanDeltas::from_args(
+            None,
+            None,
+            Some(IntArray {
+                values: vec![1],
+                shape: vec![1],
+            }),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(half.contains("pass both"), "{half}");
+        drop((keys, values));
+        assert_eq!(k, k0);
+    }
+
+    #[test]
+    fn cuda_views_match_the_cpu_path() {
+        let Ok(dev) = tvc_rs::cuda::device(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        let (tokens, heads, d) = (33, 4, 64);
+        let rope = rope_of(1e6, d, d, false, None);
+        let mut r = rng();
+        let keys0 = random(&mut r, tokens * heads * d);
+        let deltas: Vec<i64> = (0..tokens as i64).map(|t| 1000 - 37 * t).collect();
+        let mut want = keys0.clone();
+        {
+            let mut views =
+                [TensorView::from_mut_slice("keys", &mut want, &[tokens, heads, d]).unwrap()];
+            let source = core::DeltaSource::Host(Deltas::PerToken(&deltas));
+            core::rerotate_keys(&mut views, source, &rope, Launch::default()).unwrap();
+        }
+        let stream = tvc_rs::cuda::Stream(0);
+        let bytes = keys0.len() * 4;
+        let ptr = dev.alloc_async(bytes, stream).unwrap();
+        let host: Vec<u8> = keys0.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let mut back = vec![0u8; bytes];
+        unsafe {
+            dev.copy_to_device(ptr, &host, stream).unwrap();
+            let view = TensorView::from_raw_parts(
+                "keys",
+                ptr as *mut u8,
+                tvc_rs::dtype::DType::F32,
+                vec![tokens, heads, d],
+                vec![(heads * d) as isize, d as isize, 1],
+                Device::Cuda(0),
+                false,
+                true,
+            );
+            let source = core::DeltaSource::Host(Deltas::PerToken(&deltas));
+            core::rerotate_keys(&mut [view], source, &rope, Launch::on(stream)).unwrap();
+            dev.copy_to_host(&mut back, ptr, stream).unwrap();
+            dev.free_async(ptr, stream).unwrap();
+        }
+        let got: Vec<f32> = back
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "max |cuda - cpu| = {err}");
+    }
 }

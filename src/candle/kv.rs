@@ -10,11 +10,11 @@ use super::access::{with_cpu, Locked, Operand};
 use super::{candle_err, IntoCandle, Result};
 use crate::dispatch_float;
 use crate::dtype::Float;
-use crate::kv::{
+use crate::kv::cpu::{
     append_entries as core_append, paged_reinject as core_paged, relocate_span as core_relocate,
-    rerotate_keys as core_rerotate, Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope,
-    Strided, StridedMut,
+    rerotate_keys as core_rerotate,
 };
+use crate::kv::{Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope, Strided, StridedMut};
 use crate::value_err;
 
 /// How a paged cache tensor is laid out (the layouts of [`PagedLayout`]).

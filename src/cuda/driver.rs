@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// A CUDA stream handle as PyTorch gives it (`torch.cuda.current_stream().cuda_stream`); 0 is
 /// the legacy default stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stream(pub usize);
 
 impl Stream {
@@ -304,6 +304,24 @@ impl Device {
         cu::memcpy_dtoh_async(dst, src, stream.raw())
             .map_err(|e| driver_error("cuMemcpyDtoHAsync", e))?;
         cu::stream::synchronize(stream.raw()).map_err(|e| driver_error("cuStreamSynchronize", e))
+    }
+
+    /// Allocates `bytes` of device memory ordered on `stream` (the device's default memory
+    /// pool); free it with [`Device::free_async`] on the same stream.
+    pub fn alloc_async(&self, bytes: usize, stream: Stream) -> Result<u64> {
+        self.bind()?;
+        // SAFETY: a plain allocation; the pointer is only handed out.
+        unsafe { cu::malloc_async(stream.raw(), bytes.max(1)) }
+            .map_err(|e| driver_error("cuMemAllocAsync", e))
+    }
+
+    /// Frees memory from [`Device::alloc_async`] once the work queued on `stream` is done.
+    ///
+    /// # Safety
+    /// `ptr` must come from `alloc_async` and nothing queued later may use it.
+    pub unsafe fn free_async(&self, ptr: u64, stream: Stream) -> Result<()> {
+        self.bind()?;
+        cu::free_async(ptr, stream.raw()).map_err(|e| driver_error("cuMemFreeAsync", e))
     }
 
     /// Copies device to device on `stream`.

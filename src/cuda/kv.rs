@@ -12,10 +12,11 @@
 
 use super::driver::{device, Device, Stream};
 use super::sources::KernelFile;
+use super::Launch;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::kv::{
-    check_append, check_delta_shape, check_paged, check_relocate, check_rerotate, Deltas, LayerKv,
+    check_append, check_paged, check_relocate, check_rerotate, Deltas, KernelDeltas, LayerKv,
     LayerKvRef, PagedCache, Rope, StridedMut,
 };
 use crate::value_err;
@@ -174,45 +175,18 @@ fn rope_args(rope: &Rope) -> Result<RopeArgs> {
     Ok(args)
 }
 
-/// Per-token deltas held in a CUDA int32 / int64 tensor `[n]` or `[n, 3]` (read in place).
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceDeltas {
-    pub ptr: u64,
-    pub is_i64: bool,
-    pub len: usize,
-    /// `[n, 3]` (t, h, w) rather than `[n]`.
-    pub thw: bool,
-    /// Strides in elements.
-    pub token_stride: i64,
-    pub comp_stride: i64,
-}
-
-/// Deltas from the host (int, list, CPU array) or from a CUDA tensor.
-#[derive(Debug, Clone, Copy)]
-pub enum DeltaSource<'a> {
-    Host(Deltas<'a>),
-    Device(DeviceDeltas),
-}
-
-impl DeltaSource<'_> {
-    fn check(&self, tokens: usize, rope: &Rope, what: &str) -> Result<()> {
-        match self {
-            DeltaSource::Host(d) => d.check(tokens, rope.config(), what),
-            DeltaSource::Device(d) => check_delta_shape(d.len, d.thw, tokens, rope.config(), what),
-        }
-    }
-
+impl KernelDeltas<'_> {
     /// The deltas as the kernel reads them, per token; host arrays are added to `up`.
     fn direct(&self, tokens: usize, up: &mut Uploads) -> (DeltaArgs, Option<usize>) {
         match *self {
-            DeltaSource::Host(Deltas::Same(d)) => (
+            KernelDeltas::Host(Deltas::Same(d)) => (
                 DeltaArgs {
                     same: [d; 3],
                     ..Default::default()
                 },
                 None,
             ),
-            DeltaSource::Host(deltas) => {
+            KernelDeltas::Host(deltas) => {
                 let rows: Vec<i64> = (0..tokens)
                     .flat_map(|t| Rope::delta_of(&deltas, t))
                     .collect();
@@ -228,7 +202,7 @@ impl DeltaSource<'_> {
                     Some(offset),
                 )
             }
-            DeltaSource::Device(d) => (
+            KernelDeltas::Device(d) => (
                 DeltaArgs {
                     ptr: d.ptr,
                     kind: if d.thw { 2 } else { 1 },
@@ -250,7 +224,7 @@ impl DeltaSource<'_> {
         tokens: usize,
         up: &mut Uploads,
     ) -> (DeltaArgs, AngleSource, Option<usize>, Option<usize>) {
-        if let DeltaSource::Host(Deltas::Same(d)) = *self {
+        if let KernelDeltas::Host(Deltas::Same(d)) = *self {
             return (
                 DeltaArgs {
                     same: [d; 3],
@@ -265,7 +239,7 @@ impl DeltaSource<'_> {
                 None,
             );
         }
-        if let DeltaSource::Host(deltas) = *self {
+        if let KernelDeltas::Host(deltas) = *self {
             let mut rows: Vec<[i64; 3]> = Vec::new();
             let mut map = Vec::with_capacity(tokens);
             let mut too_many = false;
@@ -386,7 +360,7 @@ fn kernel_name(op: &str, dtype: DType, packed: bool, interleaved: bool) -> Strin
 }
 
 /// One kernel launch of a prepared operation; device pointers to uploads are resolved at launch.
-enum Launch {
+enum Step {
     Rerotate(RerotateArgs, Option<usize>),
     Relocate(RelocateArgs, Option<usize>, Option<usize>, u32),
     Append(AppendArgs, Option<usize>, Option<usize>),
@@ -398,7 +372,7 @@ enum Launch {
 pub struct Prepared {
     ordinal: i32,
     uploads: Uploads,
-    launches: Vec<(String, (u32, u32, u32), u32, Launch)>,
+    launches: Vec<(String, (u32, u32, u32), u32, Step)>,
     staging_elements: usize,
     /// The operation's result for the caller (new length, entries moved).
     pub result: usize,
@@ -413,6 +387,53 @@ impl Prepared {
     /// Elements (of the cache dtype) of staging memory paged moves on cycles need (0: none).
     pub fn staging_elements(&self) -> usize {
         self.staging_elements
+    }
+
+    /// Launches on `launch.stream` with buffers from `launch.scratch` (or the driver's); `T` is
+    /// the cache's element type (for the staging buffer).
+    ///
+    /// # Safety
+    /// As [`Prepared::launch`] for the views this was prepared from.
+    pub unsafe fn run<T>(&self, launch: Launch<'_>) -> Result<()> {
+        if self.launches.is_empty() {
+            return Ok(());
+        }
+        let sizes = [
+            self.upload_words() * 8,
+            self.staging_elements * std::mem::size_of::<T>(),
+        ];
+        let stream = launch.stream;
+        match launch.scratch {
+            Some(alloc) => {
+                let mut ptrs = [0u64; 2];
+                for (ptr, &bytes) in ptrs.iter_mut().zip(&sizes) {
+                    if bytes > 0 {
+                        *ptr = alloc(bytes)?;
+                    }
+                }
+                self.launch(stream, ptrs[0], ptrs[1])
+            }
+            None => {
+                let dev = device(self.ordinal)?;
+                let mut ptrs = [0u64; 2];
+                let mut result = Ok(());
+                for (ptr, &bytes) in ptrs.iter_mut().zip(&sizes) {
+                    if bytes > 0 && result.is_ok() {
+                        match dev.alloc_async(bytes, stream) {
+                            Ok(p) => *ptr = p,
+                            Err(e) => result = Err(e),
+                        }
+                    }
+                }
+                if result.is_ok() {
+                    result = self.launch(stream, ptrs[0], ptrs[1]);
+                }
+                for ptr in ptrs.into_iter().filter(|&p| p != 0) {
+                    dev.free_async(ptr, stream)?;
+                }
+                result
+            }
+        }
     }
 
     /// Copies the upload to `upload` (device memory of `upload_words()` int64 words), then
@@ -432,24 +453,24 @@ impl Prepared {
         for (name, grid, block, launch) in &self.launches {
             let f = dev.function(KernelFile::Kv, name)?;
             match launch {
-                Launch::Rerotate(args, delta) => {
+                Step::Rerotate(args, delta) => {
                     let mut a = *args;
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     dev.launch(f, *grid, *block, 0, stream, &a)?;
                 }
-                Launch::Relocate(args, delta, map, shared) => {
+                Step::Relocate(args, delta, map, shared) => {
                     let mut a = *args;
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     a.angles.map = at(*map, 0);
                     dev.launch(f, *grid, *block, *shared, stream, &a)?;
                 }
-                Launch::Append(args, delta, positions) => {
+                Step::Append(args, delta, positions) => {
                     let mut a = *args;
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     a.positions = at(*positions, 0);
                     dev.launch(f, *grid, *block, 0, stream, &a)?;
                 }
-                Launch::Paged(args, delta, map, entries, uses_staging, shared) => {
+                Step::Paged(args, delta, map, entries, uses_staging, shared) => {
                     let mut a = *args;
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     a.angles.map = at(*map, 0);
@@ -496,25 +517,14 @@ fn device_of(ordinal: i32) -> Result<std::sync::Arc<Device>> {
 pub fn rerotate_keys<T: Float>(
     ordinal: i32,
     keys: &[StridedMut<'_, T, 3>],
-    deltas: DeltaSource<'_>,
+    deltas: KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let tokens = check_rerotate(keys, &deltas_for_check(&deltas), rope)?;
-    if let DeltaSource::Device(_) = deltas {
-        deltas.check(
-            tokens,
-            rope,
-            if keys.len() == 1 {
-                "keys' first dimension (tokens)"
-            } else {
-                "each layer's first dimension (tokens)"
-            },
-        )?;
-    }
+    let tokens = check_rerotate(keys, &deltas, rope)?;
     let args_rope = rope_args(rope)?;
     let mut uploads = Uploads::default();
     let mut launches = Vec::new();
-    if tokens > 0 && !keys.is_empty() && !matches!(deltas, DeltaSource::Host(Deltas::Same(0))) {
+    if tokens > 0 && !keys.is_empty() && !matches!(deltas, KernelDeltas::Host(Deltas::Same(0))) {
         let (delta, offset) = deltas.direct(tokens, &mut uploads);
         let config = rope.config();
         let w = pack::<T>();
@@ -552,7 +562,7 @@ pub fn rerotate_keys<T: Float>(
                 kernel_name("rerotate", T::DTYPE, packed, config.interleaved),
                 (tokens as u32, 1, 1),
                 128,
-                Launch::Rerotate(args, offset),
+                Step::Rerotate(args, offset),
             ));
         }
     }
@@ -563,15 +573,6 @@ pub fn rerotate_keys<T: Float>(
         staging_elements: 0,
         result: tokens,
     })
-}
-
-/// Host-side stand-in used only for the shape checks shared with the CPU path (device deltas
-/// are checked separately by [`DeltaSource::check`]).
-fn deltas_for_check<'a>(deltas: &DeltaSource<'a>) -> Deltas<'a> {
-    match deltas {
-        DeltaSource::Host(d) => *d,
-        DeltaSource::Device(_) => Deltas::Same(0),
-    }
 }
 
 fn grid_rows(moved: usize, lanes: usize, multiprocessors: i32, overlap: bool) -> (i64, u32) {
@@ -593,12 +594,10 @@ pub fn relocate_span<T: Float>(
     start: usize,
     end: usize,
     length: Option<usize>,
-    deltas: DeltaSource<'_>,
+    deltas: KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let (length, moved) =
-        check_relocate(layers, start, end, length, &deltas_for_check(&deltas), rope)?;
-    deltas.check(moved, rope, "the span's followers (length - end)")?;
+    let (length, moved) = check_relocate(layers, start, end, length, &deltas, rope)?;
     let args_rope = rope_args(rope)?;
     let dev = device_of(ordinal)?;
     let mut uploads = Uploads::default();
@@ -666,7 +665,7 @@ pub fn relocate_span<T: Float>(
                 kernel_name("relocate", T::DTYPE, packed, config.interleaved),
                 (lanes as u32, segments, 1),
                 256,
-                Launch::Relocate(args, delta_offset, map_offset, shared),
+                Step::Relocate(args, delta_offset, map_offset, shared),
             ));
         }
     }
@@ -685,21 +684,10 @@ pub fn append_entries<T: Float>(
     layers: &[LayerKv<'_, T>],
     new: &[LayerKvRef<'_, T>],
     positions: &[i64],
-    rotate: Option<(DeltaSource<'_>, &Rope)>,
+    rotate: Option<(KernelDeltas<'_>, &Rope)>,
 ) -> Result<Prepared> {
-    let host = rotate.as_ref().map(|(d, _)| deltas_for_check(d));
-    check_append(
-        layers,
-        new,
-        positions,
-        rotate
-            .as_ref()
-            .map(|(_, r)| (host.as_ref().expect("set with rotate"), *r)),
-    )?;
+    check_append(layers, new, positions, rotate)?;
     let n = positions.len();
-    if let Some((d, rope)) = &rotate {
-        d.check(n, rope, "positions")?;
-    }
     let mut uploads = Uploads::default();
     let mut launches = Vec::new();
     if n > 0 && !layers.is_empty() {
@@ -804,7 +792,7 @@ pub fn append_entries<T: Float>(
                 kernel_name("append", T::DTYPE, packed, interleaved),
                 (n as u32, batch as u32, 1),
                 128,
-                Launch::Append(args, delta_offset, positions_offset),
+                Step::Append(args, delta_offset, positions_offset),
             ));
         }
     }
@@ -862,17 +850,10 @@ pub fn paged_reinject<T: Float>(
     caches: &[PagedCache<'_, T>],
     src_slots: &[i64],
     dst_slots: &[i64],
-    deltas: DeltaSource<'_>,
+    deltas: KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let (entries, dst_seen) = check_paged(
-        caches,
-        src_slots,
-        dst_slots,
-        &deltas_for_check(&deltas),
-        rope,
-    )?;
-    deltas.check(src_slots.len(), rope, "src_slots")?;
+    let (entries, dst_seen) = check_paged(caches, src_slots, dst_slots, &deltas, rope)?;
     let args_rope = rope_args(rope)?;
     let dev = device_of(ordinal)?;
     let mut uploads = Uploads::default();
@@ -959,7 +940,7 @@ pub fn paged_reinject<T: Float>(
                     kernel_name("paged", T::DTYPE, packed, config.interleaved),
                     (lanes as u32, segments, 1),
                     256,
-                    Launch::Paged(
+                    Step::Paged(
                         args,
                         delta_offset,
                         map_offset,

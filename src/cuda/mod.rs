@@ -24,6 +24,29 @@ pub use sources::KernelFile;
 
 use crate::error::Result;
 
+/// What a CUDA launch takes from its caller: the stream to queue the work on (the kernels run
+/// asynchronously in its order) and, optionally, the caller's allocator for the small device
+/// buffers an operation needs (uploaded indices, staging). Without one, the buffers come from
+/// the driver's stream-ordered allocator and are freed on the stream after the kernels.
+/// CPU operations ignore it.
+#[derive(Default)]
+pub struct Launch<'a> {
+    pub stream: Stream,
+    /// Returns a device pointer to at least the given number of bytes (16-byte aligned) on the
+    /// operation's device, valid in stream order until the operation's call returns.
+    pub scratch: Option<&'a mut dyn FnMut(usize) -> Result<u64>>,
+}
+
+impl<'a> Launch<'a> {
+    /// The work on `stream`, buffers from the driver.
+    pub fn on(stream: Stream) -> Self {
+        Launch {
+            stream,
+            scratch: None,
+        }
+    }
+}
+
 /// One kernel's resources as ptxas reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KernelResources {

@@ -8,7 +8,7 @@ use crate::dtype::Float;
 use crate::error::Result;
 use crate::{index_err, value_err};
 
-use super::rope::{AngleTable, Deltas, Rope};
+use super::rope::{AngleTable, Deltas, KernelDeltas, Rope};
 use super::strided::{
     check_disjoint, copy_row, rotate_row, rotate_row_into, Row, SendPtr, Strided, StridedMut,
 };
@@ -138,7 +138,14 @@ pub fn relocate_span<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
-    let (length, moved) = check_relocate(layers, start, end, length, &deltas, rope)?;
+    let (length, moved) = check_relocate(
+        layers,
+        start,
+        end,
+        length,
+        &KernelDeltas::Host(deltas),
+        rope,
+    )?;
     let config = rope.config();
     if moved == 0 || layers.is_empty() {
         return Ok(length - (end - start));
@@ -165,7 +172,7 @@ pub(crate) fn check_relocate<T: Float>(
     start: usize,
     end: usize,
     length: Option<usize>,
-    deltas: &Deltas<'_>,
+    deltas: &KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<(usize, usize)> {
     let config = rope.config();
@@ -239,7 +246,7 @@ pub fn append_entries<T: Float>(
         layers,
         new,
         positions,
-        rotate.as_ref().map(|(d, r)| (d, *r)),
+        rotate.as_ref().map(|(d, r)| (KernelDeltas::Host(*d), *r)),
     )?;
     let n = positions.len();
     let table = match rotate {
@@ -283,7 +290,7 @@ pub(crate) fn check_append<T: Float>(
     layers: &[LayerKv<'_, T>],
     new: &[LayerKvRef<'_, T>],
     positions: &[i64],
-    rotate: Option<(&Deltas<'_>, &Rope)>,
+    rotate: Option<(KernelDeltas<'_>, &Rope)>,
 ) -> Result<()> {
     if new.len() != layers.len() {
         return Err(value_err!(

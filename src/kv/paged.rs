@@ -19,7 +19,7 @@ use crate::dtype::Float;
 use crate::error::Result;
 use crate::{index_err, value_err};
 
-use super::rope::{Deltas, Rope};
+use super::rope::{Deltas, KernelDeltas, Rope};
 use super::strided::{copy_row, is_non_overlapping, rotate_row, rotate_row_into, Row, SendPtr};
 
 /// Where entry (block, slot-in-block, head, dim) of the keys lies, in elements from the cache's
@@ -245,7 +245,13 @@ pub fn paged_reinject<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
-    let (entries, dst_seen) = check_paged(caches, src_slots, dst_slots, &deltas, rope)?;
+    let (entries, dst_seen) = check_paged(
+        caches,
+        src_slots,
+        dst_slots,
+        &KernelDeltas::Host(deltas),
+        rope,
+    )?;
     let config = rope.config();
     let first = caches[0].layout;
     if entries.is_empty() || first.kv_heads == 0 {
@@ -268,7 +274,7 @@ pub(crate) fn check_paged<T>(
     caches: &[PagedCache<'_, T>],
     src_slots: &[i64],
     dst_slots: &[i64],
-    deltas: &Deltas<'_>,
+    deltas: &KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<(Vec<(usize, usize, usize)>, SlotIndex)> {
     let config = rope.config();

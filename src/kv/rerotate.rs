@@ -6,7 +6,7 @@ use crate::dtype::Float;
 use crate::error::Result;
 use crate::value_err;
 
-use super::rope::{Deltas, Rope};
+use super::rope::{Deltas, KernelDeltas, Rope};
 use super::strided::{check_disjoint, rotate_row, Row, SendPtr, StridedMut};
 
 /// Rows handed to one rayon task at a time: enough to amortise scheduling.
@@ -19,7 +19,7 @@ pub fn rerotate_keys<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<()> {
-    let tokens = check_rerotate(keys, &deltas, rope)?;
+    let tokens = check_rerotate(keys, &KernelDeltas::Host(deltas), rope)?;
     if tokens == 0 || keys.is_empty() {
         return Ok(());
     }
@@ -67,7 +67,7 @@ pub fn rerotate_keys<T: Float>(
 /// Shared with the CUDA backend.
 pub(crate) fn check_rerotate<T: Float>(
     keys: &[StridedMut<'_, T, 3>],
-    deltas: &Deltas<'_>,
+    deltas: &KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
     let config = rope.config();

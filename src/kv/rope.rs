@@ -195,9 +195,40 @@ impl Deltas<'_> {
     }
 }
 
+/// Per-token deltas held in a CUDA int32 / int64 tensor `[n]` or `[n, 3]` (read in place by
+/// the kernels).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceDeltas {
+    pub ptr: u64,
+    pub is_i64: bool,
+    pub len: usize,
+    /// `[n, 3]` (t, h, w) rather than `[n]`.
+    pub thw: bool,
+    /// Strides in elements.
+    pub token_stride: i64,
+    pub comp_stride: i64,
+}
+
+/// The deltas a kernel reads: from the host, or from device memory.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelDeltas<'a> {
+    Host(Deltas<'a>),
+    Device(DeviceDeltas),
+}
+
+impl KernelDeltas<'_> {
+    /// Checks the count against `tokens` and the kind against the configuration.
+    pub(crate) fn check(&self, tokens: usize, config: &RopeConfig, what: &str) -> Result<()> {
+        match self {
+            KernelDeltas::Host(d) => d.check(tokens, config, what),
+            KernelDeltas::Device(d) => check_delta_shape(d.len, d.thw, tokens, config, what),
+        }
+    }
+}
+
 /// [`Deltas::check`] for deltas held elsewhere (e.g. on a GPU): `len` per-token deltas, with
 /// (t, h, w) components when `thw`.
-pub(crate) fn check_delta_shape(
+fn check_delta_shape(
     len: usize,
     thw: bool,
     tokens: usize,

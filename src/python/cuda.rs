@@ -161,21 +161,65 @@ impl<'py> CudaCall<'py> {
         PyTensor::extract_with_stream(obj, name, dtypes, Some(self.dlpack_stream()))
     }
 
-    /// Like [`CudaCall::tensor`] for a tensor or a list / tuple of them (`name[i]`).
-    pub fn tensors(
+    /// The call on the device of `obj` (or of the first of a list of tensors) when it is a CUDA
+    /// tensor, else `f(None)`: a CPU call.
+    pub fn maybe<T>(
+        py: Python<'py>,
+        obj: &Bound<'py, PyAny>,
+        primary: &str,
+        f: impl FnOnce(Option<&CudaCall<'py>>) -> PyResult<T>,
+    ) -> PyResult<T> {
+        match cuda_ordinal(obj)? {
+            Some(ordinal) => Self::run(py, ordinal, primary, |call| f(Some(call))),
+            None => f(None),
+        }
+    }
+
+    /// `obj` imported when it is a CUDA tensor (deltas read in place), `None` for host data.
+    pub fn device_tensor(
         &self,
         obj: &Bound<'py, PyAny>,
         name: &str,
         dtypes: &[DType],
-    ) -> PyResult<Vec<PyTensor>> {
-        if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
-            obj.try_iter()?
-                .enumerate()
-                .map(|(i, item)| self.tensor(&item?, &format!("{name}[{i}]"), dtypes))
-                .collect()
-        } else {
-            Ok(vec![self.tensor(obj, name, dtypes)?])
+    ) -> PyResult<Option<PyTensor>> {
+        match device_of(obj)? {
+            Some(Device::Cuda(_)) => Ok(Some(self.tensor(obj, name, dtypes)?)),
+            _ => Ok(None),
         }
+    }
+
+    /// Runs a core operation with this call's stream and PyTorch's allocator for its device
+    /// buffers (stream-ordered: they go back to the cache after the kernels).
+    pub fn launch<T>(
+        &self,
+        f: impl FnOnce(cuda::Launch<'_>) -> crate::error::Result<T>,
+    ) -> PyResult<T> {
+        let mut buffers = Vec::new();
+        let mut failed: Option<PyErr> = None;
+        let result = {
+            let mut alloc = |bytes: usize| -> crate::error::Result<u64> {
+                match self.empty(&[bytes.div_ceil(8)], DType::I64) {
+                    Ok((tensor, view)) => {
+                        let ptr = view.view().data_ptr() as u64;
+                        buffers.push((tensor, view));
+                        Ok(ptr)
+                    }
+                    Err(err) => {
+                        let text = err.to_string();
+                        failed = Some(err);
+                        Err(crate::error::Error::Runtime(text))
+                    }
+                }
+            };
+            f(cuda::Launch {
+                stream: self.stream,
+                scratch: Some(&mut alloc),
+            })
+        };
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        Ok(result?)
     }
 
     /// A new contiguous torch tensor on this device and its imported view.
@@ -199,6 +243,36 @@ impl<'py> CudaCall<'py> {
         // SAFETY: a fresh tensor of values.len() int64 on this device.
         unsafe { cuda::compress::write_indices(self.ordinal, self.stream, ptr, values)? };
         Ok((tensor, ptr))
+    }
+}
+
+/// `obj`, or its `.cpu()` copy when it is a CUDA tensor (host data such as slots).
+pub fn on_host<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    match device_of(obj)? {
+        Some(Device::Cuda(_)) => obj.call_method0("cpu"),
+        _ => Ok(obj.clone()),
+    }
+}
+
+/// A tensor argument or a list / tuple of them (`name[i]`): through `call` on a CUDA call
+/// ([`CudaCall::tensor`]), else as plain DLPack imports (whose device the core checks).
+pub fn tensors_arg<'py>(
+    call: Option<&CudaCall<'py>>,
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    dtypes: &[DType],
+) -> PyResult<Vec<PyTensor>> {
+    let one = |item: &Bound<'py, PyAny>, name: &str| match call {
+        Some(call) => call.tensor(item, name, dtypes),
+        None => PyTensor::extract(item, name, dtypes),
+    };
+    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        obj.try_iter()?
+            .enumerate()
+            .map(|(i, item)| one(&item?, &format!("{name}[{i}]")))
+            .collect()
+    } else {
+        Ok(vec![one(obj, name)?])
     }
 }
 

@@ -29,7 +29,7 @@ use super::errors::type_name;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::dtype::DType;
-use crate::tensor::{contiguous_strides, dtype_list, Device, OwnedTensor, TensorView};
+use crate::tensor::{contiguous_strides, dtype_list, Device, IntArray, OwnedTensor, TensorView};
 use crate::{type_err, value_err};
 
 /// Float dtypes of data arguments.
@@ -358,15 +358,7 @@ pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> 
         let view = tensor.view();
         view.expect_cpu()?;
         view.expect_rank(1, "")?;
-        return Ok(match view.dtype() {
-            DType::I32 => view
-                .strided::<i32>()?
-                .to_contiguous()?
-                .iter()
-                .map(|&v| v as i64)
-                .collect(),
-            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
-        });
+        return Ok(view.int_values()?);
     }
     obj.extract::<Vec<i64>>().map_err(|_| {
         type_err!(
@@ -375,6 +367,57 @@ pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> 
         )
         .into()
     })
+}
+
+/// An integer argument of rank <= 2 (an int, an int32/int64 array, a sequence of ints or of
+/// equal-length sequences of ints), row-major: positions, deltas.
+pub fn int_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<IntArray> {
+    if obj.hasattr("__dlpack__")? {
+        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
+        let view = tensor.view();
+        view.expect_cpu()?;
+        if view.ndim() > 2 {
+            return Err(value_err!(
+                "{name}: expected an int array of rank <= 2, got shape {}",
+                view.shape_str()
+            )
+            .into());
+        }
+        return Ok(IntArray {
+            values: view.int_values()?,
+            shape: view.shape().to_vec(),
+        });
+    }
+    if let Ok(v) = obj.extract::<i64>() {
+        return Ok(IntArray {
+            values: vec![v],
+            shape: vec![],
+        });
+    }
+    if let Ok(values) = obj.extract::<Vec<i64>>() {
+        let shape = vec![values.len()];
+        return Ok(IntArray { values, shape });
+    }
+    if let Ok(rows) = obj.extract::<Vec<Vec<i64>>>() {
+        let cols = rows.first().map_or(0, |r| r.len());
+        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
+            return Err(value_err!(
+                "{name}[{i}] has {} entries but {name}[0] has {cols}: rows must be equal",
+                row.len()
+            )
+            .into());
+        }
+        let shape = vec![rows.len(), cols];
+        return Ok(IntArray {
+            values: rows.into_iter().flatten().collect(),
+            shape,
+        });
+    }
+    Err(type_err!(
+        "{name}: expected an int, an int32/int64 array or a sequence of ints, got {}",
+        type_name(obj)
+    )
+    .into())
 }
 
 /// A table of integers with `cols` columns (e.g. `grid_thw`, `[n, 3]`) given as an int32/int64
@@ -396,15 +439,7 @@ pub fn int_table_arg(
                 value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into(),
             );
         }
-        let flat: Vec<i64> = match view.dtype() {
-            DType::I32 => view
-                .strided::<i32>()?
-                .to_contiguous()?
-                .iter()
-                .map(|&v| v as i64)
-                .collect(),
-            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
-        };
+        let flat = view.int_values()?;
         return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
     }
     let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
