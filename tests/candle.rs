@@ -564,7 +564,7 @@ proptest! {
                         let mut slice: Vec<T> = old.iter().map(|&v| T::from_f32(v as f32)).collect();
                         let strides = [(heads * d) as isize, d as isize, 1];
                         let mut views = vec![core_kv::StridedMut::new(&mut slice, 0, [tokens, heads, d], strides, "keys").unwrap()];
-                        core_kv::rerotate_keys(&mut views, deltas_arg, &case.rope()).unwrap();
+                        core_kv::cpu::rerotate_keys(&mut views, deltas_arg, &case.rope()).unwrap();
                         drop(views);
                         assert_same(k, &slice, &format!("rerotate {dtype:?} {view:?}"));
                     });
@@ -649,7 +649,7 @@ proptest! {
                         keys: core_kv::StridedMut::new(k, 0, shape, strides, "keys").unwrap(),
                         values: core_kv::StridedMut::new(v, 0, shape, strides, "values").unwrap(),
                     }).collect();
-                    core_kv::relocate_span(&mut core_layers, start, end, None, deltas_arg, &case.rope()).unwrap();
+                    core_kv::cpu::relocate_span(&mut core_layers, start, end, None, deltas_arg, &case.rope()).unwrap();
                     drop(core_layers);
                     for l in 0..layers {
                         assert_same(&keys[l], &ks[l], &format!("relocate keys {dtype:?} {view:?}"));
@@ -712,7 +712,7 @@ proptest! {
                             keys: core_kv::Strided::new(&nks, 0, new_shape, s(n), "new_keys").unwrap(),
                             values: core_kv::Strided::new(&nvs, 0, new_shape, s(n), "new_values").unwrap(),
                         }];
-                        core_kv::append_entries(&mut cache, &new, &positions, rotate.then_some((deltas_arg, &rope))).unwrap();
+                        core_kv::cpu::append_entries(&mut cache, &new, &positions, rotate.then_some((deltas_arg, &rope))).unwrap();
                         drop(cache);
                         assert_same(&keys[l], &ks, &format!("append keys {dtype:?} {view:?}"));
                         assert_same(&values[l], &vs, &format!("append values {dtype:?} {view:?}"));
@@ -763,7 +763,7 @@ proptest! {
                     let strides = [(heads * block_size * 2 * d) as isize, (block_size * 2 * d) as isize, (2 * d) as isize, 1];
                     let layout = core_kv::PagedLayout::vllm(shape, strides, d, "cache").unwrap();
                     let mut caches = vec![core_kv::PagedCache::new(&mut data, 0, layout, "cache").unwrap()];
-                    core_kv::paged_reinject(&mut caches, &src, &dst, deltas_arg, &case.rope()).unwrap();
+                    core_kv::cpu::paged_reinject(&mut caches, &src, &dst, deltas_arg, &case.rope()).unwrap();
                     drop(caches);
                     assert_same(&cache, &data, &format!("paged {dtype:?} {view:?}"));
                 });

@@ -88,23 +88,6 @@ impl Locked {
         })
     }
 
-    /// Dims and strides as fixed-size arrays, after checking the rank (error names the operand).
-    pub fn fixed<const N: usize>(&self, layout: &str) -> Result<([usize; N], [isize; N])> {
-        let dims: [usize; N] = self.dims.as_slice().try_into().map_err(|_| {
-            candle_err(crate::value_err!(
-                "{}: expected a {N}-D tensor {layout}, got shape {}",
-                self.name,
-                crate::tensor::tuple_str(&self.dims)
-            ))
-        })?;
-        let strides: [isize; N] = self
-            .strides
-            .as_slice()
-            .try_into()
-            .expect("same rank as dims");
-        Ok((dims, strides))
-    }
-
     /// Refuses an operand whose dtype differs from `expected` (the first operand's, `of`).
     pub fn expect_dtype(&self, expected: DType, of: &str) -> Result<()> {
         if self.core_dtype() != Some(expected) {

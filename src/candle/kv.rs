@@ -8,62 +8,23 @@ use candle_core::Tensor;
 
 use super::access::{with_cpu, Locked, Operand};
 use super::{candle_err, IntoCandle, Result};
-use crate::dispatch_float;
-use crate::dtype::Float;
-use crate::kv::cpu::{
-    append_entries as core_append, paged_reinject as core_paged, relocate_span as core_relocate,
-    rerotate_keys as core_rerotate,
-};
-use crate::kv::{Deltas, LayerKv, LayerKvRef, PagedCache, PagedLayout, Rope, Strided, StridedMut};
+use crate::cuda::Launch;
+use crate::kv::{self as core, DeltaSource, Deltas, Positions, Rope, SpanDeltas};
+use crate::tensor::TensorView;
 use crate::value_err;
 
-/// How a paged cache tensor is laid out (the layouts of [`PagedLayout`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PagedLayoutKind {
-    /// vLLM 0.33: `[num_blocks, kv_heads, block_size, 2 * head_dim]`, keys then values in the
-    /// last dimension (any strides, so NHD and HND both fit).
-    Vllm,
-    /// Earlier vLLM FlashAttention: `[2, num_blocks, block_size, kv_heads, head_dim]`.
-    KvBlocks,
-    /// Earlier vLLM FlashInfer: `[num_blocks, 2, block_size, kv_heads, head_dim]`.
-    BlocksKv,
-}
+pub use crate::kv::PagedLayoutKind;
 
-const KEYS_3D: &str = "[tokens, heads, head_dim]";
-const CACHE_4D: &str = "[batch, kv_heads, seq, head_dim]";
-const NEW_4D: &str = "[batch, kv_heads, n, head_dim]";
-
-fn writable<'l, T: Float, const N: usize>(
-    locked: &'l Locked,
-    layout: &str,
-) -> Result<StridedMut<'l, T, N>> {
-    let (dims, strides) = locked.fixed::<N>(layout)?;
-    // SAFETY: the write lock of the tensor's storage is held while `locked` lives; candle keeps
-    // every layout inside its storage and aligns it for the dtype (checked by the caller);
-    // `from_raw` refuses strides that address an element twice.
-    unsafe { StridedMut::from_raw(locked.ptr as *mut T, dims, strides, &locked.name) }.candle()
-}
-
-fn readable<'l, T: Float, const N: usize>(
-    locked: &'l Locked,
-    layout: &str,
-) -> Result<Strided<'l, T, N>> {
-    let (dims, strides) = locked.fixed::<N>(layout)?;
-    // SAFETY: as in `writable`, under a read lock (or the write lock of a shared storage,
-    // whose overlap with the written tensors the core checks).
-    unsafe { Strided::from_raw(locked.ptr as *const T, dims, strides, &locked.name) }.candle()
-}
-
-/// The dtype of the first operand (f32 / f16 / bf16) after checking that all share it.
-fn common_float_dtype(locked: &[Locked]) -> Result<crate::dtype::DType> {
-    let Some(first) = locked.first() else {
-        return Ok(crate::dtype::DType::F32);
-    };
-    let dtype = first.float_dtype()?;
-    for other in &locked[1..] {
-        other.expect_dtype(dtype, &first.name)?;
+/// The views of the locked operands, after checking that they share the first one's float
+/// dtype (the core checks the rest).
+fn views(locked: &[Locked]) -> Result<Vec<TensorView<'_>>> {
+    if let Some(first) = locked.first() {
+        let dtype = first.float_dtype()?;
+        for other in &locked[1..] {
+            other.expect_dtype(dtype, &first.name)?;
+        }
     }
-    Ok(dtype)
+    locked.iter().map(Locked::view).collect()
 }
 
 fn named<'t>(tensors: &'t [Tensor], name: &str, write: bool) -> Vec<Operand<'t>> {
@@ -95,14 +56,14 @@ fn same_layer_count(a: &[Tensor], a_name: &str, b: &[Tensor], b_name: &str) -> R
 /// cache pass `k.i(b)?.transpose(0, 1)?`, a view); all layers hold the same tokens.
 pub fn rerotate_keys(keys: &[Tensor], deltas: Deltas<'_>, rope: &Rope) -> Result<()> {
     with_cpu(&named(keys, "keys", true), |locked| {
-        let dtype = common_float_dtype(locked)?;
-        dispatch_float!(dtype, T => {
-            let mut views: Vec<StridedMut<T, 3>> = locked
-                .iter()
-                .map(|l| writable::<T, 3>(l, KEYS_3D))
-                .collect::<Result<_>>()?;
-            core_rerotate(&mut views, deltas, rope).candle()
-        })
+        let mut keys = views(locked)?;
+        core::rerotate_keys(
+            &mut keys,
+            DeltaSource::Host(deltas),
+            rope,
+            Launch::default(),
+        )
+        .candle()
     })
 }
 
@@ -124,21 +85,10 @@ pub fn relocate_span(
     let mut operands = named(keys, "keys", true);
     operands.extend(named(values, "values", true));
     with_cpu(&operands, |locked| {
-        let dtype = common_float_dtype(locked)?;
-        let (k, v) = locked.split_at(keys.len());
-        dispatch_float!(dtype, T => {
-            let mut layers: Vec<LayerKv<T>> = k
-                .iter()
-                .zip(v)
-                .map(|(k, v)| {
-                    Ok(LayerKv {
-                        keys: writable::<T, 4>(k, CACHE_4D)?,
-                        values: writable::<T, 4>(v, CACHE_4D)?,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            core_relocate(&mut layers, start, end, length, deltas, rope).candle()
-        })
+        let mut all = views(locked)?;
+        let (k, v) = all.split_at_mut(keys.len());
+        let deltas = SpanDeltas::Given(DeltaSource::Host(deltas));
+        core::relocate_span(k, v, start, end, length, deltas, rope, Launch::default()).candle()
     })
 }
 
@@ -163,55 +113,22 @@ pub fn append_entries(
     operands.extend(named(new_keys, "new_keys", false));
     operands.extend(named(new_values, "new_values", false));
     with_cpu(&operands, |locked| {
-        let dtype = common_float_dtype(locked)?;
-        let (k, rest) = locked.split_at(layers);
-        let (v, rest) = rest.split_at(layers);
+        let mut all = views(locked)?;
+        let (k, rest) = all.split_at_mut(layers);
+        let (v, rest) = rest.split_at_mut(layers);
         let (nk, nv) = rest.split_at(new_keys.len());
-        dispatch_float!(dtype, T => {
-            let mut cache: Vec<LayerKv<T>> = k
-                .iter()
-                .zip(v)
-                .map(|(k, v)| {
-                    Ok(LayerKv {
-                        keys: writable::<T, 4>(k, CACHE_4D)?,
-                        values: writable::<T, 4>(v, CACHE_4D)?,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let new: Vec<LayerKvRef<T>> = nk
-                .iter()
-                .zip(nv)
-                .map(|(k, v)| {
-                    Ok(LayerKvRef {
-                        keys: readable::<T, 4>(k, NEW_4D)?,
-                        values: readable::<T, 4>(v, NEW_4D)?,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            core_append(&mut cache, &new, positions, rotate).candle()
-        })
+        let rotate = rotate.map(|(d, r)| (DeltaSource::Host(d), r));
+        core::append_entries(
+            k,
+            v,
+            nk,
+            nv,
+            Positions::List(positions),
+            rotate,
+            Launch::default(),
+        )
+        .candle()
     })
-}
-
-fn paged_layout(locked: &Locked, kind: PagedLayoutKind, head_dim: usize) -> Result<PagedLayout> {
-    let name = &locked.name;
-    match kind {
-        PagedLayoutKind::Vllm => {
-            let (dims, strides) = locked
-                .fixed::<4>("[num_blocks, kv_heads, block_size, 2 * head_dim] (layout Vllm)")?;
-            PagedLayout::vllm(dims, strides, head_dim, name).candle()
-        }
-        PagedLayoutKind::KvBlocks => {
-            let (dims, strides) = locked
-                .fixed::<5>("[2, num_blocks, block_size, kv_heads, head_dim] (layout KvBlocks)")?;
-            PagedLayout::kv_blocks(dims, strides, head_dim, name).candle()
-        }
-        PagedLayoutKind::BlocksKv => {
-            let (dims, strides) = locked
-                .fixed::<5>("[num_blocks, 2, block_size, kv_heads, head_dim] (layout BlocksKv)")?;
-            PagedLayout::blocks_kv(dims, strides, head_dim, name).candle()
-        }
-    }
 }
 
 /// For every layer of a paged (vLLM) cache: reads the entries at `src_slots[i]` (keys and
@@ -226,26 +143,18 @@ pub fn paged_reinject(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
-    if kv_caches.is_empty() {
-        return Err(candle_err(value_err!(
-            "kv_caches is empty: pass one cache tensor per layer"
-        )));
-    }
-    let head_dim = rope.config().head_dim;
     with_cpu(&named(kv_caches, "kv_caches", true), |locked| {
-        let dtype = common_float_dtype(locked)?;
-        dispatch_float!(dtype, T => {
-            let mut caches: Vec<PagedCache<T>> = locked
-                .iter()
-                .map(|l| {
-                    let layout = paged_layout(l, layout, head_dim)?;
-                    // SAFETY: the storage's write lock is held while `l` lives; the layout is
-                    // candle's own (inside the storage, aligned); `from_raw` refuses layouts in
-                    // which keys and values share elements.
-                    unsafe { PagedCache::from_raw(l.ptr as *mut T, layout, &l.name) }.candle()
-                })
-                .collect::<Result<_>>()?;
-            core_paged(&mut caches, src_slots, dst_slots, deltas, rope).candle()
-        })
+        let mut caches = views(locked)?;
+        let deltas = DeltaSource::Host(deltas);
+        core::paged_reinject(
+            &mut caches,
+            layout,
+            src_slots,
+            dst_slots,
+            deltas,
+            rope,
+            Launch::default(),
+        )
+        .candle()
     })
 }

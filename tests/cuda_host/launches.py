@@ -334,7 +334,7 @@ class Deltas:
         return np.repeat(v[:, None], 3, 1) if v.ndim == 1 else v.reshape(n, 3)
 
     def direct(self, n) -> DeltaArgs:
-        """kv.rs `DeltaSource::direct`."""
+        """kv.rs `KernelDeltas::direct`."""
         if self.kind == "same":
             return DeltaArgs(same=(int(self.value),) * 3)
         if self.kind == "host":
@@ -347,7 +347,7 @@ class Deltas:
                          comp_stride=s[1] if d.ndim == 2 else 0)
 
     def tabled(self, n):
-        """kv.rs `DeltaSource::tabled`: (DeltaArgs, AngleSource)."""
+        """kv.rs `KernelDeltas::tabled`: (DeltaArgs, AngleSource)."""
         if self.kind == "same":
             return DeltaArgs(same=(int(self.value),) * 3), AngleSource(table_rows=1)
         if self.kind == "host":
