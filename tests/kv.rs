@@ -1342,6 +1342,34 @@ mod views {
         assert!(half.contains("pass both"), "{half}");
         drop((keys, values));
         assert_eq!(k, k0);
+        // float64 caches are CPU only: a float64 view on a GPU is refused before any launch.
+        let cache = [0f64; 2 * 4 * 8];
+        let f64_on_gpu = unsafe {
+            TensorView::from_raw_parts(
+                "keys",
+                cache.as_ptr() as *mut u8,
+                tvc_rs::dtype::DType::F64,
+                vec![2, 4, 8],
+                vec![32, 8, 1],
+                Device::Cuda(0),
+                false,
+                true,
+            )
+        };
+        let err = core::rerotate_keys(
+            &mut [f64_on_gpu],
+            core::DeltaSource::Host(Deltas::Same(1)),
+            &rope,
+            Launch::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "keys: float64 tensors are supported on the CPU only, got one on cuda:0"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

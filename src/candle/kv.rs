@@ -1,6 +1,6 @@
 //! KV-cache re-injection on candle tensors, in place (see [`crate::kv`]): key re-rotation, span
 //! relocation and entry writes in contiguous caches, paged gather-rotate-scatter. Every tensor
-//! of one call has the same dtype (f32, f16 or bf16); any strides candle produces are accepted
+//! of one call has the same dtype (f32, f16, bf16 or f64); any strides candle produces are accepted
 //! (a broadcast view cannot be written and is refused). Everything is checked before anything is
 //! written.
 

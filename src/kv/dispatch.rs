@@ -24,7 +24,7 @@ use crate::cuda::{kv as gpu, Launch};
 use crate::dtype::{DType, Float};
 use crate::error::Result;
 use crate::tensor::{tuple_str, Device, IntArray, TensorView};
-use crate::{dispatch_float, value_err};
+use crate::{dispatch_float, type_err, value_err};
 
 use super::contiguous::{self, LayerKv, LayerKvRef};
 use super::paged::{self, PagedCache, PagedLayout};
@@ -33,8 +33,9 @@ use super::rope::Deltas;
 use super::rope::{DeviceDeltas, KernelDeltas};
 use super::{Rope, Strided, StridedMut};
 
-/// The dtypes of cache tensors.
-pub const KV_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// The dtypes of cache tensors: float64 on the CPU only (computed in f32 like the others; the
+/// CUDA kernels are built for f32, f16 and bf16).
+pub const KV_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16, DType::F64];
 
 /// Position deltas as a caller gives them.
 #[derive(Debug)]
@@ -307,10 +308,18 @@ fn typed<'v, 'a, T: Float>(view: &'v TensorView<'a>) -> Result<&'v TensorView<'a
 
 /// The dtype of a call's tensors: the first one's (each is checked against it).
 fn float_dtype(first: Option<&TensorView<'_>>) -> Result<DType> {
-    match first {
-        Some(view) => Ok(view.expect_dtypes(KV_DTYPES)?.dtype()),
-        None => Ok(DType::F32),
+    let Some(view) = first else {
+        return Ok(DType::F32);
+    };
+    let dtype = view.expect_dtypes(KV_DTYPES)?.dtype();
+    if dtype == DType::F64 && view.device() != Device::Cpu {
+        return Err(type_err!(
+            "{}: float64 tensors are supported on the CPU only, got one on {} (use float32, float16 or bfloat16)",
+            view.name(),
+            view.device()
+        ));
     }
+    Ok(dtype)
 }
 
 fn same_layer_count(a: usize, a_name: &str, b: usize, b_name: &str) -> Result<()> {

@@ -14,7 +14,7 @@ use crate::kv::{
     self, DeltaSource, OwnedDeltas, PagedLayoutKind, Positions, Rope, RopeConfig, SpanDeltas,
 };
 use crate::python::cuda::{on_host, tensors_arg, CudaCall};
-use crate::python::tensor::{int_array, int_vector_arg, PyTensor, FLOAT_DTYPES, INDEX_DTYPES};
+use crate::python::tensor::{int_array, int_vector_arg, PyTensor, INDEX_DTYPES, KV_DTYPES};
 use crate::tensor::{IntArray, TensorView};
 use crate::value_err;
 
@@ -168,7 +168,7 @@ fn rerotate_keys(
         mrope_interleaved,
     )?;
     CudaCall::maybe(py, keys, "keys", |call| {
-        let mut tensors = tensors_arg(call, keys, "keys", FLOAT_DTYPES)?;
+        let mut tensors = tensors_arg(call, keys, "keys", KV_DTYPES)?;
         let delta = DeltaArg::parse(call, delta)?;
         let (mut keys, delta) = (views(&mut tensors), delta.source());
         run(py, call, |launch| {
@@ -222,8 +222,8 @@ fn relocate_span(
     }
     let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
     CudaCall::maybe(py, keys, "keys", |call| {
-        let mut k = tensors_arg(call, keys, "keys", FLOAT_DTYPES)?;
-        let mut v = tensors_arg(call, values, "values", FLOAT_DTYPES)?;
+        let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
+        let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
         let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
         let old = old_positions
             .map(|o| host_array(call, o, "old_positions"))
@@ -293,10 +293,10 @@ fn append_entries(
     };
     CudaCall::maybe(py, keys, "keys", |call| {
         let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
-        let mut k = tensors_arg(call, keys, "keys", FLOAT_DTYPES)?;
-        let mut v = tensors_arg(call, values, "values", FLOAT_DTYPES)?;
-        let nk = tensors_arg(call, new_keys, "new_keys", FLOAT_DTYPES)?;
-        let nv = tensors_arg(call, new_values, "new_values", FLOAT_DTYPES)?;
+        let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
+        let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
+        let nk = tensors_arg(call, new_keys, "new_keys", KV_DTYPES)?;
+        let nv = tensors_arg(call, new_values, "new_values", KV_DTYPES)?;
         let list = match positions.extract::<i64>() {
             // One int: the new entries go to start, start + 1, ...
             Ok(start) if !positions.hasattr("__len__")? => Err(start),
@@ -356,7 +356,7 @@ fn paged_reinject(
         mrope_interleaved,
     )?;
     CudaCall::maybe(py, kv_caches, "kv_caches", |call| {
-        let mut tensors = tensors_arg(call, kv_caches, "kv_caches", FLOAT_DTYPES)?;
+        let mut tensors = tensors_arg(call, kv_caches, "kv_caches", KV_DTYPES)?;
         let src = host_vector(call, src_slots, "src_slots")?;
         let dst = host_vector(call, dst_slots, "dst_slots")?;
         let delta = DeltaArg::parse(call, delta)?;
