@@ -350,14 +350,35 @@ unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
     None
 }
 
-/// An integer argument given as an int32/int64 array or a Python sequence of ints, as `i64`s:
-/// `indices`-like arguments. Arrays must be 1-D (any strides); `name` is used in errors.
-pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+/// Integer array arguments (indices, slots, positions, grids): an int32/int64 array (CPU, any
+/// strides) or nested Python sequences of ints, as row-major `i64`s. `cols`: `None` for a
+/// vector `[n]`, `Some(c)` for a table `[n, c]`; `layout` names the table's shape in errors
+/// (`"[n, 3] of (t, h, w)"`). Every integer-array argument goes through here.
+pub fn int_array(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    cols: Option<usize>,
+    layout: &str,
+) -> PyResult<Vec<i64>> {
     if obj.hasattr("__dlpack__")? {
         let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
         let view = tensor.view();
         view.expect_cpu()?;
-        view.expect_rank(1, "")?;
+        match cols {
+            None => {
+                view.expect_rank(1, "")?;
+            }
+            Some(cols) => {
+                view.expect_rank(2, layout)?;
+                if view.dim(1) != cols {
+                    return Err(value_err!(
+                        "{name}: expected shape {layout}, got {}",
+                        view.shape_str()
+                    )
+                    .into());
+                }
+            }
+        }
         return Ok(match view.dtype() {
             DType::I32 => view
                 .strided::<i32>()?
@@ -368,45 +389,15 @@ pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> 
             _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
         });
     }
-    obj.extract::<Vec<i64>>().map_err(|_| {
-        type_err!(
-            "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
-            type_name(obj)
-        )
-        .into()
-    })
-}
-
-/// A table of integers with `cols` columns (e.g. `grid_thw`, `[n, 3]`) given as an int32/int64
-/// array `[n, cols]` or a sequence of `cols`-sequences of ints; `layout` names the columns in
-/// errors (`"[n, 3] of (t, h, w)"`).
-pub fn int_table_arg(
-    obj: &Bound<'_, PyAny>,
-    name: &str,
-    cols: usize,
-    layout: &str,
-) -> PyResult<Vec<Vec<i64>>> {
-    if obj.hasattr("__dlpack__")? {
-        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
-        let view = tensor.view();
-        view.expect_cpu()?;
-        view.expect_rank(2, layout)?;
-        if view.dim(1) != cols {
-            return Err(
-                value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into(),
-            );
-        }
-        let flat: Vec<i64> = match view.dtype() {
-            DType::I32 => view
-                .strided::<i32>()?
-                .to_contiguous()?
-                .iter()
-                .map(|&v| v as i64)
-                .collect(),
-            _ => view.strided::<i64>()?.to_contiguous()?.into_owned(),
-        };
-        return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
-    }
+    let Some(cols) = cols else {
+        return obj.extract::<Vec<i64>>().map_err(|_| {
+            type_err!(
+                "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
+                type_name(obj)
+            )
+            .into()
+        });
+    };
     let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
         PyErr::from(type_err!(
             "{name}: expected an int32/int64 array {layout} or a sequence of {cols}-tuples of ints, got {}",
@@ -420,7 +411,23 @@ pub fn int_table_arg(
         )
         .into());
     }
-    Ok(rows)
+    Ok(rows.concat())
+}
+
+/// [`int_array`] of a vector `[n]` (`indices`-like arguments).
+pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+    int_array(obj, name, None, "")
+}
+
+/// [`int_array`] of a table `[n, cols]` (e.g. `grid_thw`), one `Vec` per row.
+pub fn int_table_arg(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    cols: usize,
+    layout: &str,
+) -> PyResult<Vec<Vec<i64>>> {
+    let flat = int_array(obj, name, Some(cols), layout)?;
+    Ok(flat.chunks(cols.max(1)).map(|row| row.to_vec()).collect())
 }
 
 // ---- export ----
