@@ -128,8 +128,12 @@ impl DeviceTensor {
     }
     /// A read-only view named `name` (to pass the tensor to an operation).
     pub fn view(&self, name: &str) -> TensorView<'_> {
+        self.raw_view(name, false)
+    }
+
+    fn raw_view(&self, name: &str, writable: bool) -> TensorView<'_> {
         // SAFETY: the allocation holds the row-major elements of `shape` and lives as long as
-        // `self`.
+        // `self`; only the allocator's outputs are writable.
         unsafe {
             TensorView::from_raw_parts(
                 name,
@@ -139,7 +143,7 @@ impl DeviceTensor {
                 contiguous_strides(&self.shape),
                 crate::tensor::Device::Cuda(self.memory.device.ordinal),
                 false,
-                false,
+                writable,
             )
         }
     }
@@ -225,19 +229,7 @@ impl DeviceAlloc for DriverAlloc {
         })
     }
     fn view<'t>(&self, tensor: &'t DeviceTensor) -> TensorView<'t> {
-        // SAFETY: as in `DeviceTensor::view`; the allocation is ours to write.
-        unsafe {
-            TensorView::from_raw_parts(
-                "output",
-                tensor.memory.ptr as *mut u8,
-                tensor.dtype,
-                tensor.shape.clone(),
-                contiguous_strides(&tensor.shape),
-                crate::tensor::Device::Cuda(tensor.memory.device.ordinal),
-                false,
-                true,
-            )
-        }
+        tensor.raw_view("output", true)
     }
     fn narrow(&self, mut tensor: DeviceTensor, len: usize) -> Result<DeviceTensor> {
         if tensor.shape.first().is_none_or(|&n| len > n) {

@@ -209,45 +209,6 @@ pub struct TorchTensor<'py> {
     view: PyTensor,
 }
 
-impl<'py> DeviceAlloc for CudaCall<'py> {
-    type Tensor = TorchTensor<'py>;
-
-    fn ordinal(&self) -> i32 {
-        self.ordinal
-    }
-    fn stream(&self) -> Stream {
-        self.stream
-    }
-    fn empty(&self, shape: &[usize], dtype: DType) -> crate::error::Result<TorchTensor<'py>> {
-        let (tensor, view) = CudaCall::empty(self, shape, dtype).map_err(runtime)?;
-        Ok(TorchTensor { tensor, view })
-    }
-    fn view<'t>(&self, tensor: &'t TorchTensor<'py>) -> TensorView<'t> {
-        tensor.view.view()
-    }
-    fn narrow(
-        &self,
-        tensor: TorchTensor<'py>,
-        len: usize,
-    ) -> crate::error::Result<TorchTensor<'py>> {
-        let narrowed = tensor
-            .tensor
-            .call_method1("narrow", (0, 0, len))
-            .map_err(runtime)?;
-        let view = PyTensor::extract_with_stream(
-            &narrowed,
-            "output",
-            &[tensor.view.view().dtype()],
-            Some(self.dlpack_stream()),
-        )
-        .map_err(runtime)?;
-        Ok(TorchTensor {
-            tensor: narrowed,
-            view,
-        })
-    }
-}
-
 /// A PyTorch failure inside an operation of the core (allocation, narrowing).
 fn runtime(err: PyErr) -> crate::error::Error {
     crate::error::Error::Runtime(format!("torch: {err}"))
@@ -349,7 +310,10 @@ impl<'py> DeviceAlloc for Place<'_, 'py> {
             Place::Cpu(_) => Err(crate::error::Error::Runtime(
                 "internal error: a device result for a call on the CPU".into(),
             )),
-            Place::Cuda(call) => DeviceAlloc::empty(*call, shape, dtype),
+            Place::Cuda(call) => {
+                let (tensor, view) = call.empty(shape, dtype).map_err(runtime)?;
+                Ok(TorchTensor { tensor, view })
+            }
         }
     }
     fn view<'t>(&self, tensor: &'t TorchTensor<'py>) -> TensorView<'t> {
@@ -362,7 +326,23 @@ impl<'py> DeviceAlloc for Place<'_, 'py> {
     ) -> crate::error::Result<TorchTensor<'py>> {
         match self {
             Place::Cpu(_) => Ok(tensor),
-            Place::Cuda(call) => call.narrow(tensor, len),
+            Place::Cuda(call) => {
+                let narrowed = tensor
+                    .tensor
+                    .call_method1("narrow", (0, 0, len))
+                    .map_err(runtime)?;
+                let view = PyTensor::extract_with_stream(
+                    &narrowed,
+                    "output",
+                    &[tensor.view.view().dtype()],
+                    Some(call.dlpack_stream()),
+                )
+                .map_err(runtime)?;
+                Ok(TorchTensor {
+                    tensor: narrowed,
+                    view,
+                })
+            }
         }
     }
     /// The CPU kernels run with the GIL released.
