@@ -39,6 +39,10 @@ macro_rules! dispatch_float {
                 type $t = $crate::tensor::bf16;
                 $body
             }
+            $crate::dtype::DType::F64 => {
+                type $t = f64;
+                $body
+            }
             other => unreachable!("dtype {other} was refused by the argument check"),
         }
     };
@@ -116,6 +120,7 @@ macro_rules! impl_element {
 impl_element!(f32, F32);
 impl_element!(f16, F16);
 impl_element!(bf16, BF16);
+impl_element!(f64, F64);
 impl_element!(i32, I32);
 impl_element!(i64, I64);
 
@@ -1015,6 +1020,7 @@ pub enum TensorData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    F64(Vec<f64>),
     I32(Vec<i32>),
     I64(Vec<i64>),
 }
@@ -1048,6 +1054,7 @@ impl OwnedTensor {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
+            TensorData::F64(_) => DType::F64,
             TensorData::I32(_) => DType::I32,
             TensorData::I64(_) => DType::I64,
         }
@@ -1071,6 +1078,7 @@ impl OwnedTensor {
             TensorData::F32(v) => v.as_ptr() as *const u8,
             TensorData::F16(v) => v.as_ptr() as *const u8,
             TensorData::BF16(v) => v.as_ptr() as *const u8,
+            TensorData::F64(v) => v.as_ptr() as *const u8,
             TensorData::I32(v) => v.as_ptr() as *const u8,
             TensorData::I64(v) => v.as_ptr() as *const u8,
         }

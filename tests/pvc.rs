@@ -58,7 +58,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use tvc_rs::pvc::{Calibration, MonitorBatch, OutOfVocab};
+use tvc_rs::pvc::{Calibration, ListRead, MonitorBatch, OutOfVocab};
 use tvc_rs::triggers::Detector;
 
 fn detector() -> Option<Arc<Detector>> {
@@ -260,11 +260,12 @@ proptest! {
             let mut got_seq = Vec::new();
             by_seq.advance_seq(&[0, 1], &[PROMPT + 1, PROMPT + index + 1, 99], &[ids[0], token], &[PROMPT; 3], &prefill, |row| got_seq.push(row)).unwrap();
             prop_assert_eq!(&got_seq, &want);
-            // The same through lists: slot 2 gains the token when one is fed.
-            let fed_before = lists.get(2).unwrap().unwrap().state.tokens as usize;
-            let spans = if fed_before < seen { vec![(2usize, fed_before, seen)] } else { vec![] };
+            // The same through lists (vLLM's legacy runner): slot 2's list is the tokens so far.
+            let fed_before = lists.tokens_seen(2).unwrap();
+            let read = ListRead { slot: 2, len: seen, start: fed_before, end: seen };
             let mut got_lists = Vec::new();
-            lists.feed_and_collect(&ids, &spans, if sampling { 3 } else { 2 }, |slot| got_lists.push(slot)).unwrap();
+            let blind = lists.advance_lists(&[read], &ids, if sampling { 3 } else { 2 }, |slot| got_lists.push(slot)).unwrap();
+            prop_assert!(blind.is_empty());
             prop_assert_eq!(got_lists, want.iter().map(|_| 2usize).collect::<Vec<_>>());
         }
         prop_assert_eq!(batch.get(1).unwrap().unwrap().state.tokens as usize, seen);
@@ -311,4 +312,66 @@ fn advance_checks_before_it_changes_anything() {
         .advance(&[0], &[3], &[151700], &[true], |_| {})
         .unwrap();
     assert_eq!(batch.get(0).unwrap().unwrap().state.tokens, 0);
+}
+
+#[test]
+fn advance_lists_reports_blind_slots_and_checks_before_it_feeds() {
+    let Some(detector) = detector() else { return };
+    let mut batch = MonitorBatch::new(detector.clone(), 3);
+    for slot in 0..2 {
+        batch
+            .add(slot, Schedule::default(), ScheduleState::default())
+            .unwrap();
+    }
+    let read = |slot, len, start, end| ListRead {
+        slot,
+        len,
+        start,
+        end,
+    };
+    // Slot 0 gains two tokens; slot 1 one placeholder (-1): blind, not fed; slot 2 is empty.
+    let tokens = [14190, 11, -1];
+    let blind = batch
+        .advance_lists(
+            &[read(0, 2, 0, 2), read(1, 1, 2, 3), read(2, 5, 3, 3)],
+            &tokens,
+            3,
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(blind, vec![1]);
+    assert_eq!(batch.tokens_seen(0), Some(2));
+    assert_eq!(batch.tokens_seen(1), Some(0));
+    assert_eq!(batch.tokens_seen(2), None);
+    // A list shorter than what was fed: blind.
+    let blind = batch
+        .advance_lists(&[read(0, 1, 0, 0)], &[], 3, |_| {})
+        .unwrap();
+    assert_eq!(blind, vec![0]);
+    // Refused before anything changes: too many rows, an id outside the vocabulary (slot 0's
+    // good token is not fed either), a read that does not match the list.
+    let err = batch
+        .advance_lists(&[], &[], 4, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rows = 4: more than the batch's 3 slots"),
+        "{err}"
+    );
+    let err = batch
+        .advance_lists(
+            &[read(0, 3, 0, 1), read(1, 1, 1, 2)],
+            &[14190, 151700],
+            3,
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outputs[1][0]"), "{err}");
+    assert_eq!(batch.tokens_seen(0), Some(2));
+    let err = batch
+        .advance_lists(&[read(0, 4, 0, 1)], &[14190], 3, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("slot 0 has 2 new tokens"), "{err}");
 }

@@ -531,6 +531,9 @@ def test_gpu_bad_input():
     x = torch.randn(42, 8, device="cuda")
     with pytest.raises(TypeError, match="^" + re.escape("x: expected dtype float32, float16 or bfloat16, got float64")):
         pool_visual_tokens(x.double(), [(1, 6, 7)], 2)
+    # float64 caches are taken on the CPU only.
+    with pytest.raises(TypeError, match="^" + re.escape("keys: float64 tensors are supported on the CPU only, got one on cuda:0")):
+        rerotate_keys(torch.randn(5, 2, 8, device="cuda", dtype=torch.float64), 1, rope_theta=1e4, head_dim=8)
     with pytest.raises(ValueError, match="^" + re.escape("grid_thw: the grids hold 36 tokens")):
         pool_visual_tokens(x, [(1, 6, 6)], 2)
     with pytest.raises(ValueError, match="^" + re.escape("keys: expected a tensor on cuda:0 (the device of query), got one on cpu")):

@@ -435,11 +435,11 @@ def test_relocate_rebuilds_the_documented_sequence(model_dirs, clevr, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32-rust", "bf16-rust", "f64-torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
 def test_kv_cache_equals_relocate_positions_and_layer0_keys(model_dirs, clevr, mathv, family, dtype):
     """kv: after each calibration the sequence and positions are relocate's, and layer-0 keys and
     values (which see no context) equal those of relocate's fresh encode of the same sequence.
-    float32 / bfloat16 caches go through the Rust kernel, float64 through the PyTorch path."""
+    Every dtype goes through the Rust kernel (float64 computed in float32)."""
     model = model_for(model_dirs, family, dtype)
     processor = processor_for(model_dirs, family)
     script = trace_tokens(processor, 60, min_hits=0)
@@ -493,6 +493,82 @@ def test_kv_pruned_image_positions(model_dirs, clevr):
     cells[injected.kept] = True
     keep[start + 1:start + 100] = cells
     assert torch.equal(kv.positions, pos[:, 0, keep])
+
+
+@pytest.mark.parametrize("mode", ["relocate", "append", "kv"])
+@pytest.mark.parametrize("compression", [dict(pool=2), dict(prune={"mass": 0.5})], ids=["pool", "prune"])
+def test_incremental_layout_equals_the_whole_sequence_laid_out(model_dirs, clevr, mathv, mode, compression):
+    """A calibration lays out only what it adds; after three of them (two prompt images, pruned
+    copies at their full-grid cells) ids, positions, spans and masks equal the whole block list
+    laid out again from scratch."""
+    model = model_for(model_dirs, "qwen2_vl")
+    processor = processor_for(model_dirs, "qwen2_vl")
+    script = trace_tokens(processor, 40, min_hits=0)
+    session = hf.PVCSession(model, processor, [clevr, mathv], QUESTION, config=PVCConfig(mode=mode, **compression))
+    for a, b in [(0, 9), (9, 20), (20, 31)]:
+        session.extend(script[a:b])
+        session.calibrate()
+        whole = session._layout(session.blocks)
+        assert torch.equal(session.layout.ids, whole.ids)
+        assert torch.equal(session.layout.positions, whole.positions)
+        assert [(s, e, id(block)) for s, e, block in session.layout.spans] == [(s, e, id(block)) for s, e, block in whole.spans]
+        assert torch.equal(session.layout.image_mask, whole.image_mask)
+        assert torch.equal(session.layout.injected_mask, whole.injected_mask)
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("compression", ["pool", "prune"])
+def test_compression_and_kv_run_in_tvc_rs_on_the_model_device(model_dirs, clevr, mathv, monkeypatch, device, compression):
+    """Every compression and KV step of a calibration is a tvc-rs call on the model's own tensors:
+    features, queries and cache layers on its device (the CUDA kernels on a GPU), the cache
+    layers passed as they are (no copies); kv's cache then equals relocate's fresh encode."""
+    from tvc_rs.hf import session as session_module
+
+    model = MODEL_CLASSES["qwen2_vl"].from_pretrained(model_dirs["qwen2_vl"], dtype=torch.float32).to(device).eval()
+    processor = processor_for(model_dirs, "qwen2_vl")
+    script = trace_tokens(processor, 40, min_hits=0)
+    calls: list = []
+    names = ["pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "relocate_span", "rerotate_keys"]
+    for name in names:
+        real = getattr(session_module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if _name == "relocate_span":  # the kv session's cache layers as they are now?
+                layers = sessions["kv"].cache.layers
+                in_place = all(k is layer.keys for k, layer in zip(args[0], layers))
+                in_place &= all(v is layer.values for v, layer in zip(args[1], layers))
+                assert in_place and len(args[0]) == len(layers), "relocate_span was not given the cache's own layers"
+            calls.append((_name, args))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(session_module, name, spy)
+    config = dict(pool=2) if compression == "pool" else dict(prune={"ratio": 0.3, "layer": 1})
+    sessions = {m: hf.PVCSession(model, processor, [clevr, mathv], QUESTION, config=PVCConfig(mode=m, **config))
+                for m in ("kv", "relocate")}
+    for a, b in [(0, 12), (12, 30)]:
+        for mode, s in sessions.items():
+            s.extend(script[a:b])
+            if mode == "kv":
+                calls.clear()
+            s.calibrate()
+        kv, rel = sessions["kv"], sessions["relocate"]
+        called = {name for name, _ in calls}
+        want = {"relocate_span"} | ({"pool_visual_tokens"} if compression == "pool" and a == 0 else set())
+        if compression == "prune":
+            want |= {"rerotate_keys", "visual_token_scores", "select_tokens", "prune_visual_tokens"}
+        assert want <= called, f"not called: {want - called}"
+        for name, args in calls:
+            first = args[0]
+            tensors = list(first) if isinstance(first, (list, tuple)) else [first]
+            if name == "visual_token_scores":
+                tensors.append(args[1])
+            assert all(t.device.type == device for t in tensors), name
+        assert torch.equal(kv.sequence, rel.sequence) and torch.equal(kv.positions, rel.positions)
+        torch.testing.assert_close(kv.cache.layers[0].keys, rel.cache.layers[0].keys, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(kv.cache.layers[0].values, rel.cache.layers[0].values, atol=2e-5, rtol=2e-5)
 
 
 # ------------------------------------------------------------------ generate's arguments

@@ -63,10 +63,12 @@ KINDS = [
     ("torch", torch.float32),
     ("torch", torch.float16),
     ("torch", torch.bfloat16),
+    ("numpy", np.float64),  # CPU only, computed in f32
+    ("torch", torch.float64),
 ]
 KIND_IDS = [f"{k}-{str(d).split('.')[-1].strip(chr(39) + '>')}" for k, d in KINDS]
 # One rounding of the result plus the f32 arithmetic, for values of magnitude <= ~2.
-ATOL = {np.float32: 2e-6, torch.float32: 2e-6, np.float16: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = {np.float32: 2e-6, torch.float32: 2e-6, np.float64: 2e-6, torch.float64: 2e-6, np.float16: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make(values, kind):
@@ -601,8 +603,8 @@ def test_rerotate_bad_input(lib):
     ]
     if lib == "numpy":
         cases += [
-            (TypeError, re.escape("keys: expected dtype float32, float16 or bfloat16, got float64"),
-             lambda: rerotate_keys(keys.astype(np.float64), 1, **CASE)),
+            (TypeError, re.escape("keys: expected dtype float32, float16, bfloat16 or float64, got int32"),
+             lambda: rerotate_keys(keys.astype(np.int32), 1, **CASE)),
             (TypeError, re.escape("keys[1]: expected dtype float32, got float16"),
              lambda: rerotate_keys([keys, keys.astype(np.float16)], 1, **CASE)),
         ]

@@ -1,11 +1,13 @@
 """KV-cache re-injection: key re-rotation, span relocation, paged re-injection (Rust: src/kv).
 
 Every function writes the caller's tensors in place (NumPy arrays or PyTorch CPU tensors,
-float32 / float16 / bfloat16, read through DLPack without copies), checks every argument before
+float32 / float16 / bfloat16, or float64 (computed in float32, as the others), read through DLPack
+without copies), checks every argument before
 writing anything, and runs with the GIL released (rayon over layers, heads and tokens).
 PyTorch CUDA tensors are rotated and moved by the kernels of kernels/kv.cu (see ``tvc_rs.cuda``)
 on the current stream, with the same checks, without waiting for the GPU; deltas may be CUDA
-tensors (read in place), slots and positions are host data.
+tensors (read in place), slots and positions are host data. float64 is CPU only (the kernels take
+float32, float16 and bfloat16; a float64 CUDA tensor is refused with a TypeError).
 
 RoPE is described by the same keywords everywhere:
 
@@ -121,7 +123,7 @@ def rerotate_keys(
 ) -> None:
     """Rotate cached (already RoPE-rotated) keys in place by a position delta per token.
 
-    ``keys``: ``[tokens, heads, head_dim]`` float32/float16/bfloat16, or a list/tuple of such
+    ``keys``: ``[tokens, heads, head_dim]`` float32/float16/bfloat16/float64, or a list/tuple of such
     tensors (one per layer, same ``tokens``, all rotated in one call). Any strides: for a
     transformers cache layer ``[batch, kv_heads, seq, head_dim]`` pass
     ``layer.keys[b].transpose(0, 1)`` (a view; no copy). Written in place.

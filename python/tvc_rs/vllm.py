@@ -1009,8 +1009,9 @@ class _Session:
                 if k == 1:
                     out.append(((f, (t, h, w)), f.shape[0]))
                     continue
+                # On the features' own device (the CUDA kernels for CUDA features): no host copy.
                 pooled = tvc_rs.pool_visual_tokens(f, [(t, h // merge, w // merge)], k)
-                pt, ph, pw = (int(v) for v in np.asarray(pooled.grid_thw)[0])
+                pt, ph, pw = t, -(-h // merge // k), -(-w // merge // k)
                 out.append(((pooled.tokens, (pt, ph * merge, pw * merge)), pt * ph * pw))
         else:
             from PIL import Image

@@ -46,7 +46,7 @@ pub(crate) struct Locked {
 }
 
 impl Locked {
-    /// The core's dtype (f32, f16, bf16, i32, i64); `None` for candle's other dtypes.
+    /// The core's dtype (f32, f16, bf16, f64, i32, i64); `None` for candle's other dtypes.
     pub fn core_dtype(&self) -> Option<DType> {
         core_dtype(self.dtype)
     }
@@ -56,7 +56,7 @@ impl Locked {
         match self.core_dtype() {
             Some(d) if d.is_float() => Ok(d),
             _ => Err(candle_err(crate::type_err!(
-                "{}: expected dtype f32, f16 or bf16, got {:?}",
+                "{}: expected dtype f32, f16, bf16 or f64, got {:?}",
                 self.name,
                 self.dtype
             ))),
@@ -124,6 +124,7 @@ pub(crate) fn core_dtype(dtype: CandleDType) -> Option<DType> {
         CandleDType::F32 => Some(DType::F32),
         CandleDType::F16 => Some(DType::F16),
         CandleDType::BF16 => Some(DType::BF16),
+        CandleDType::F64 => Some(DType::F64),
         CandleDType::I32 => Some(DType::I32),
         CandleDType::I64 => Some(DType::I64),
         _ => None,
@@ -135,6 +136,7 @@ pub(crate) fn candle_dtype(dtype: DType) -> CandleDType {
         DType::F32 => CandleDType::F32,
         DType::F16 => CandleDType::F16,
         DType::BF16 => CandleDType::BF16,
+        DType::F64 => CandleDType::F64,
         DType::I32 => CandleDType::I32,
         DType::I64 => CandleDType::I64,
     }

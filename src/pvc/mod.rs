@@ -246,6 +246,17 @@ pub enum OutOfVocab {
     NoText,
 }
 
+/// What a caller read of one slot's token list for [`MonitorBatch::advance_lists`]: the list's
+/// length, and its tokens past [`MonitorBatch::tokens_seen`] as `tokens[start..end]` (an empty
+/// range when it did not grow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListRead {
+    pub slot: usize,
+    pub len: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
 /// Monitors in numbered slots, fed one token per slot per decoding step.
 #[derive(Debug, Clone)]
 pub struct MonitorBatch {
@@ -528,6 +539,74 @@ impl MonitorBatch {
             sampling.push(seq >= prefill);
         }
         self.advance(slots, &token_index, tokens, &sampling, on_force)
+    }
+
+    /// Tokens the stream in `slot` has taken (None for an empty or out-of-range slot): where a
+    /// caller reading token lists ([`advance_lists`](Self::advance_lists)) starts reading.
+    pub fn tokens_seen(&self, slot: usize) -> Option<usize> {
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .map(|m| m.state.tokens as usize)
+    }
+
+    /// One step of a serving engine that keeps each stream's generated tokens in a list (vLLM's
+    /// legacy model runner). For each [`ListRead`] (a list's length and, when it grew past
+    /// [`tokens_seen`](Self::tokens_seen), its new tokens as `tokens[start..end]`): a list
+    /// shorter than what was fed, or new tokens holding a negative placeholder id, make the slot
+    /// *blind* (returned, not fed); otherwise the stream is fed its new tokens. Then
+    /// `on_force(slot)` for every slot below `rows` with a calibration due. Everything
+    /// (`rows`, the reads, and under `OutOfVocab::Raise` every id) is checked before any stream
+    /// changes. Returns the blind slots, ascending as read.
+    pub fn advance_lists(
+        &mut self,
+        reads: &[ListRead],
+        tokens: &[i64],
+        rows: usize,
+        on_force: impl FnMut(usize),
+    ) -> Result<Vec<usize>> {
+        if rows > self.slots.len() {
+            return Err(crate::value_err!(
+                "rows = {rows}: more than the batch's {} slots",
+                self.slots.len()
+            ));
+        }
+        let mut spans = Vec::with_capacity(reads.len());
+        let mut blind = Vec::new();
+        for read in reads {
+            let Some(seen) = self.tokens_seen(read.slot) else {
+                continue;
+            };
+            if read.len < seen {
+                blind.push(read.slot);
+                continue;
+            }
+            let new = read.len - seen;
+            let part = tokens.get(read.start..read.end).filter(|p| p.len() == new);
+            let Some(part) = part else {
+                return Err(crate::value_err!(
+                    "reads: slot {} has {new} new tokens (list length {} after {seen} seen) but tokens[{}..{}] of {} were given",
+                    read.slot, read.len, read.start, read.end, tokens.len()
+                ));
+            };
+            if new == 0 {
+                continue;
+            }
+            if part.iter().any(|&t| t < 0) {
+                blind.push(read.slot);
+                continue;
+            }
+            if self.out_of_vocab == OutOfVocab::Raise {
+                for (k, &t) in part.iter().enumerate() {
+                    self.detector.check_token(t).map_err(|e| {
+                        crate::index_err!("outputs[{}][{}]: {e}", read.slot, seen + k)
+                    })?;
+                }
+            }
+            spans.push((read.slot, read.start, read.end));
+        }
+        self.feed_and_collect(tokens, &spans, rows, on_force)?;
+        Ok(blind)
     }
 
     /// Feeds, for each `(slot, start, end)` of `spans`, `tokens[start..end]` to the stream in

@@ -17,7 +17,7 @@ use crate::kv::{
     RopeConfig, Strided, StridedMut,
 };
 use crate::python::cuda::{cuda_ordinal, device_of, CudaCall};
-use crate::python::tensor::{int_vector_arg, PyTensor, FLOAT_DTYPES, INDEX_DTYPES};
+use crate::python::tensor::{int_vector_arg, PyTensor, INDEX_DTYPES, KV_DTYPES};
 use crate::tensor::Device;
 use crate::tensor::{tuple_str, TensorView};
 use crate::{type_err, value_err};
@@ -151,10 +151,10 @@ fn tensor_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<PyTensor>> {
     if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         obj.try_iter()?
             .enumerate()
-            .map(|(i, item)| PyTensor::extract(&item?, &format!("{name}[{i}]"), FLOAT_DTYPES))
+            .map(|(i, item)| PyTensor::extract(&item?, &format!("{name}[{i}]"), KV_DTYPES))
             .collect()
     } else {
-        Ok(vec![PyTensor::extract(obj, name, FLOAT_DTYPES)?])
+        Ok(vec![PyTensor::extract(obj, name, KV_DTYPES)?])
     }
 }
 
@@ -730,7 +730,7 @@ fn cuda_rerotate_keys(
     rope: &Rope,
 ) -> PyResult<()> {
     CudaCall::run(py, ordinal, "keys", |call| {
-        let mut tensors = call.tensors(keys, "keys", FLOAT_DTYPES)?;
+        let mut tensors = call.tensors(keys, "keys", KV_DTYPES)?;
         let device = device_delta(call, delta)?;
         let host = if device.is_none() {
             Some(delta_arg(delta)?)
@@ -769,8 +769,8 @@ fn cuda_relocate_span(
     rope: &Rope,
 ) -> PyResult<usize> {
     CudaCall::run(py, ordinal, "keys", |call| {
-        let mut k = call.tensors(keys, "keys", FLOAT_DTYPES)?;
-        let mut v = call.tensors(values, "values", FLOAT_DTYPES)?;
+        let mut k = call.tensors(keys, "keys", KV_DTYPES)?;
+        let mut v = call.tensors(values, "values", KV_DTYPES)?;
         let device = match delta {
             Some(d) if old_positions.is_none() && new_positions.is_none() => device_delta(call, d)?,
             _ => None,
@@ -814,10 +814,10 @@ fn cuda_append_entries(
     rope: Option<&Rope>,
 ) -> PyResult<()> {
     CudaCall::run(py, ordinal, "keys", |call| {
-        let mut k = call.tensors(keys, "keys", FLOAT_DTYPES)?;
-        let mut v = call.tensors(values, "values", FLOAT_DTYPES)?;
-        let nk = call.tensors(new_keys, "new_keys", FLOAT_DTYPES)?;
-        let nv = call.tensors(new_values, "new_values", FLOAT_DTYPES)?;
+        let mut k = call.tensors(keys, "keys", KV_DTYPES)?;
+        let mut v = call.tensors(values, "values", KV_DTYPES)?;
+        let nk = call.tensors(new_keys, "new_keys", KV_DTYPES)?;
+        let nv = call.tensors(new_values, "new_values", KV_DTYPES)?;
         if nk.len() != nv.len() {
             return Err(value_err!(
                 "new_values has {} layers but new_keys has {}: one of each per layer",
@@ -879,7 +879,7 @@ fn cuda_paged_reinject(
     rope: &Rope,
 ) -> PyResult<usize> {
     CudaCall::run(py, ordinal, "kv_caches", |call| {
-        let mut tensors = call.tensors(kv_caches, "kv_caches", FLOAT_DTYPES)?;
+        let mut tensors = call.tensors(kv_caches, "kv_caches", KV_DTYPES)?;
         let src = int_vector_arg(&on_host(src_slots)?, "src_slots")?;
         let dst = int_vector_arg(&on_host(dst_slots)?, "dst_slots")?;
         let device = device_delta(call, delta)?;

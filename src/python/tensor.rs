@@ -34,6 +34,9 @@ use crate::{type_err, value_err};
 
 /// Float dtypes of data arguments.
 pub const FLOAT_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// What the KV functions take: float64 too (CPU only; computed in f32), so that float64 models'
+/// caches go through the same code as the others.
+pub const KV_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16, DType::F64];
 /// Integer dtypes of index arguments.
 pub const INDEX_DTYPES: &[DType] = &[DType::I32, DType::I64];
 
@@ -115,6 +118,7 @@ fn dtype_from_dl(dtype: DLDataType) -> Result<DType, String> {
         (DL_FLOAT, 32, 1) => Some(DType::F32),
         (DL_FLOAT, 16, 1) => Some(DType::F16),
         (DL_BFLOAT, 16, 1) => Some(DType::BF16),
+        (DL_FLOAT, 64, 1) => Some(DType::F64),
         (DL_INT, 32, 1) => Some(DType::I32),
         (DL_INT, 64, 1) => Some(DType::I64),
         _ => None,
@@ -142,6 +146,7 @@ fn dl_dtype(dtype: DType) -> DLDataType {
         DType::F32 => (DL_FLOAT, 32),
         DType::F16 => (DL_FLOAT, 16),
         DType::BF16 => (DL_BFLOAT, 16),
+        DType::F64 => (DL_FLOAT, 64),
         DType::I32 => (DL_INT, 32),
         DType::I64 => (DL_INT, 64),
     };
@@ -307,6 +312,13 @@ impl PyTensor {
         };
         let ptr = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
         let device = device_from_dl(tensor.device);
+        if dtype == DType::F64 && device != Device::Cpu {
+            // The CUDA kernels are built for f32 / f16 / bf16 only.
+            return Err(type_err!(
+                "{name}: float64 tensors are supported on the CPU only, got one on {device} (use float32, float16 or bfloat16)"
+            )
+            .into());
+        }
         // SAFETY: the producer's memory stays valid until the deleter runs in `Drop`; the view
         // is only handed out borrowed from the PyTensor.
         guard.view = unsafe {
@@ -671,7 +683,14 @@ fn _tensor_info<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let name_owned = name.get("name")?;
     let name: &str = &name_owned;
-    let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
+    let all = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F64,
+        DType::I32,
+        DType::I64,
+    ];
     let tensor = PyTensor::extract(x, name, &all)?;
     let view = tensor.view();
     let info = PyDict::new(py);
@@ -689,7 +708,14 @@ fn _tensor_info<'py>(
 /// reader and the export; for tests).
 #[pyfunction]
 fn _tensor_copy<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Buffer>> {
-    let all = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64];
+    let all = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F64,
+        DType::I32,
+        DType::I64,
+    ];
     let tensor = PyTensor::extract(x, "x", &all)?;
     let view = tensor.view();
     view.expect_cpu()?;

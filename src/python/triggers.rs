@@ -14,7 +14,7 @@ use crate::python::errors::{about, opt_arg, type_name, Arg};
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
-use crate::pvc::{Monitor, MonitorBatch, OutOfVocab, Schedule, ScheduleState};
+use crate::pvc::{ListRead, Monitor, MonitorBatch, OutOfVocab, Schedule, ScheduleState};
 use crate::triggers::{Detector, Hit as CoreHit, DEFAULT_PHRASES};
 
 /// A reflection phrase found in decoded text: `phrase` (as configured) matched the characters
@@ -724,19 +724,14 @@ impl StreamBatch {
                 type_name(outputs)
             ))
         })?;
-        if rows > self.inner.capacity() {
-            return Err(PyValueError::new_err(format!(
-                "rows = {rows}: more than the batch's {} slots",
-                self.inner.capacity()
-            )));
-        }
+        // Only the lists are read here (their new items); what they mean is the core's
+        // `advance_lists`.
         let mut tokens: Vec<i64> = Vec::new();
-        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (slot, start, end) in `tokens`
-        let mut blind: Vec<usize> = Vec::new();
+        let mut reads: Vec<ListRead> = Vec::new();
         let count = outputs.len().min(self.inner.capacity());
         let list_ptr = outputs.as_ptr();
         for slot in 0..count {
-            let Some(monitor) = self.inner.get(slot as i64)? else {
+            let Some(seen) = self.inner.tokens_seen(slot) else {
                 continue;
             };
             // Raw list access: this runs for every request at every decoding step, and the
@@ -758,18 +753,9 @@ impl StreamBatch {
                     "outputs[{slot}]: expected a list of token ids or None"
                 )));
             }
-            let seen = monitor.state.tokens as usize;
             // SAFETY: `item` is a list.
             let len = unsafe { pyo3::ffi::PyList_Size(item) } as usize;
-            if len < seen {
-                blind.push(slot);
-                continue;
-            }
-            if len == seen {
-                continue;
-            }
             let start = tokens.len();
-            let mut placeholder = false;
             for k in seen..len {
                 // SAFETY: `item` is a list and `k` is below its length; the reference is borrowed.
                 let value = unsafe { pyo3::ffi::PyList_GetItem(item, k as pyo3::ffi::Py_ssize_t) };
@@ -786,30 +772,19 @@ impl StreamBatch {
                         )));
                     }
                 }
-                placeholder |= token < 0;
                 tokens.push(token);
             }
-            if placeholder {
-                tokens.truncate(start);
-                blind.push(slot);
-                continue;
-            }
-            if self.inner.out_of_vocab() == OutOfVocab::Raise {
-                for (k, &t) in tokens[start..].iter().enumerate() {
-                    self.inner.detector().check_token(t).map_err(|e| {
-                        pyo3::exceptions::PyIndexError::new_err(format!(
-                            "outputs[{slot}][{}]: {e}",
-                            seen + k
-                        ))
-                    })?;
-                }
-            }
-            spans.push((slot, start, tokens.len()));
+            reads.push(ListRead {
+                slot,
+                len,
+                start,
+                end: tokens.len(),
+            });
         }
         let inner = &mut self.inner;
         let mut forced: Vec<i32> = Vec::new();
-        py.detach(|| {
-            inner.feed_and_collect(&tokens, &spans, rows, |slot| forced.push(slot as i32))
+        let blind = py.detach(|| {
+            inner.advance_lists(&reads, &tokens, rows, |slot| forced.push(slot as i32))
         })?;
         Ok((PyArray1::from_vec(py, forced), blind))
     }

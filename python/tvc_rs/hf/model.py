@@ -39,7 +39,7 @@ _FAMILIES = {
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
-_NATIVE_DTYPES = ("float32", "float16", "bfloat16")
+_COMPRESS_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _check_model(model: Any) -> _Family:
@@ -110,42 +110,10 @@ class _Rope:
             out["mrope_interleaved"] = True
         return out
 
-    def components(self) -> Any:
-        """``[rotary_dim / 2]``: the axis (0 t, 1 h, 2 w) each frequency turns with."""
-        torch = _torch()
-        n = self.rotary_dim // 2
-        if self.mrope_interleaved:
-            # transformers' apply_interleaved_mrope: j % 3 == 1 -> h if j < 3 s_h, == 2 -> w if j < 3 s_w.
-            j = torch.arange(n)
-            out = torch.zeros(n, dtype=torch.long)
-            out[(j % 3 == 1) & (j < 3 * self.section[1])] = 1
-            out[(j % 3 == 2) & (j < 3 * self.section[2])] = 2
-            return out
-        return torch.cat([torch.full((m,), i % 3, dtype=torch.long) for i, m in enumerate(self.section)])
 
-
-def _rotate_torch(x: Any, delta: Any, rope: _Rope) -> Any:
-    """``x`` ``[..., n, head_dim]`` rotated by the integer M-RoPE deltas ``[n, 3]`` (float64 angles)."""
-    torch = _torch()
-    rot = rope.rotary_dim
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=x.device) / rot))
-    component = rope.components().to(x.device)
-    angle = delta.to(x.device, torch.float64)[:, component] * inv_freq  # [n, rot / 2]
-    cos, sin = angle.cos(), angle.sin()
-    xd = x.to(torch.float64)
-    out = xd.clone()
-    if rope.adjacent_pairs:
-        x1, x2 = xd[..., 0:rot:2], xd[..., 1:rot:2]
-        out[..., 0:rot:2] = x1 * cos - x2 * sin
-        out[..., 1:rot:2] = x2 * cos + x1 * sin
-    else:
-        half = rot // 2
-        x1, x2 = xd[..., :half], xd[..., half:rot]
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:rot] = x2 * cos + x1 * sin
-    return out.to(x.dtype)
-
-
-def _native_ok(*tensors: Any) -> bool:
-    return all(t.device.type == "cpu" and str(t.dtype).replace("torch.", "") in _NATIVE_DTYPES for t in tensors)
+def _compressible(x: Any) -> Any:
+    """``x`` (detached, on its device) in a dtype the compression kernels take: float64 features
+    (float64 models) are cast to float32, where the kernels compute anyway."""
+    x = x.detach()
+    return x if str(x.dtype).replace("torch.", "") in _COMPRESS_DTYPES else x.float()
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from tvc_rs.compress import pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores
 from tvc_rs.hf.inputs import _prepare_inputs
-from tvc_rs.hf.model import _check_model, _native_ok, _Rope, _rotate_torch, _torch
+from tvc_rs.hf.model import _check_model, _compressible, _Rope, _torch
 from tvc_rs.kv import relocate_span, rerotate_keys
 from tvc_rs.pvc import PVCConfig, PVCMode, bridge_ids
 from tvc_rs.rope import mrope_position_ids
@@ -109,6 +109,38 @@ def _merge_text(blocks: list) -> list:
     return out
 
 
+def _drop_images(layout: _Layout) -> tuple:
+    """The layout without its image blocks, and the kept entries (BoolTensor ``[L]``). Every token
+    after a block moves to where the block started: its positions shift by ``p(start) - p(end)``
+    (text positions have three equal components; later blocks shift with them)."""
+    torch = _torch()
+    n = len(layout.ids)
+    kept = torch.ones(n, dtype=torch.bool)
+    shift = torch.zeros(n, dtype=layout.positions.dtype)
+    for start, end, _ in layout.spans:
+        kept[start:end] = False
+        if end < n:
+            shift[end:] += layout.positions[0, start] - layout.positions[0, end]
+    positions = (layout.positions + shift)[:, kept]
+    none = torch.zeros(int(kept.sum()), dtype=torch.bool)
+    return _Layout(layout.ids[kept], positions, [], none, none.clone()), kept
+
+
+def _concat(head: _Layout, tail: _Layout) -> _Layout:
+    """``head`` followed by ``tail`` (laid out on its own, from position 0)."""
+    torch = _torch()
+    n = len(head.ids)
+    offset = int(head.positions[:, -1].max()) + 1 if n else 0
+    spans = head.spans + [(start + n, end + n, block) for start, end, block in tail.spans]
+    return _Layout(
+        torch.cat([head.ids, tail.ids]),
+        torch.cat([head.positions, tail.positions + offset], dim=1),
+        spans,
+        torch.cat([head.image_mask, tail.image_mask]),
+        torch.cat([head.injected_mask, tail.injected_mask]),
+    )
+
+
 _DETECTORS: dict = {}
 
 
@@ -190,6 +222,11 @@ class _Session:
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
+        if config.mode == PVCMode.KV and self.device.type != "cpu" and self.dtype == torch.float64:
+            raise ValueError(
+                f"config.mode = 'kv' with a float64 model on {self.device}: the KV kernels take float32, float16 "
+                "or bfloat16 there (float64 on the CPU only); use relocate or append, or another dtype"
+            )
         forward_args = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
@@ -430,10 +467,10 @@ class _Session:
                 if k == 1:
                     out.append(_Image(i, grid, feats, injected=True))
                     continue
-                x = feats if _native_ok(feats) else feats.detach().float().cpu()
-                pooled = pool_visual_tokens(x.detach(), [grid], k)
-                tokens = pooled.tokens.to(self.dtype).to(self.device)
-                new_grid = tuple(int(v) for v in pooled.grid_thw[0])
+                # On the features' device (the CUDA kernels for a GPU model), no host copy.
+                pooled = pool_visual_tokens(_compressible(feats), [grid], k)
+                tokens = pooled.tokens.to(self.dtype)
+                new_grid = (grid[0], -(-grid[1] // k), -(-grid[2] // k))
                 out.append(_Image(i, new_grid, tokens, injected=True))
             self._pooled[k] = out
         return self._pooled[k]
@@ -465,7 +502,7 @@ class _Session:
         position = self.layout.positions[:, a]  # [3]
         out = {}
         for index, q in captured.items():
-            q = q.float().cpu().reshape(-1, self.rope.head_dim)[None].contiguous()  # [1, heads, d]
+            q = q.float().reshape(-1, self.rope.head_dim)[None].contiguous()  # [1, heads, d], on its device
             rerotate_keys(q, position[None].clone(), **self.rope.kwargs())
             out[index] = q
         return out
@@ -485,8 +522,7 @@ class _Session:
             scores = None
             for index, q in queries.items():
                 keys = self.cache.layers[index].keys[0, :, start + 1:end - 1]  # [kv_heads, n, d]
-                k = keys.transpose(0, 1).float().cpu()
-                s = visual_token_scores(q, k)
+                s = visual_token_scores(q, keys.transpose(0, 1).float())  # the cache in place (f32 models)
                 scores = s if scores is None else scores + s
             present = block.tokens
             full = grid[0] * grid[1] * grid[2]
@@ -500,13 +536,11 @@ class _Session:
             if select["max_keep"] is not None and select["min_keep"] > select["max_keep"]:
                 raise ValueError(f"prune: min_keep {select['min_keep']} > max_keep {select['max_keep']}")
             chosen = select_tokens(scores, **select)
-            source_feats = block.features.detach()
-            x = source_feats if _native_ok(source_feats) else source_feats.float().cpu()
-            pruned = prune_visual_tokens(x, chosen, merge=bool(spec.get("merge", False)))
-            cells = chosen if block.kept is None else block.kept.cpu()[chosen]
-            out.append(
-                _Image(source, grid, pruned.tokens.to(self.dtype).to(self.device), kept=cells.clone(), injected=True)
-            )
+            pruned = prune_visual_tokens(_compressible(block.features), chosen, merge=bool(spec.get("merge", False)))
+            # The kept cells place the tokens (host-side layout): a few integers to the host.
+            chosen = chosen.cpu()
+            cells = chosen if block.kept is None else block.kept[chosen]
+            out.append(_Image(source, grid, pruned.tokens.to(self.dtype), kept=cells.clone(), injected=True))
         return out
 
     # ------------------------------------------------------------ calibration
@@ -527,36 +561,29 @@ class _Session:
 
     def _evict_images(self) -> int:
         """kv mode: drop every image block from the cache, re-rotating what follows to the
-        positions of the sequence without them. Returns the entries dropped."""
-        cached = len(self.layout.ids) - 1
+        positions of the sequence without them (``self.layout`` becomes that sequence).
+        Returns the entries dropped."""
+        torch = _torch()
+        lay = self.layout
+        cached = len(lay.ids) - 1  # the pending last token is not in the cache
+        after, kept = _drop_images(lay)
+        # Each kept entry's final delta (new - old position); entries of later image blocks are
+        # dropped too and move unrotated (delta 0).
+        delta = torch.zeros(len(lay.ids), 3, dtype=torch.long)
+        delta[kept] = (after.positions - lay.positions[:, kept]).T
+        keys = [layer.keys for layer in self.cache.layers]
+        values = [layer.values for layer in self.cache.layers]
         dropped = 0
-        blocks = list(self.blocks)
-        layers = self.cache.layers
-        while any(isinstance(b, _Image) for b in blocks):
-            before = self._layout(blocks)
-            first = next(i for i, b in enumerate(blocks) if isinstance(b, _Image))
-            blocks = _merge_text(blocks[:first] + blocks[first + 1:])
-            after = self._layout(blocks)
-            start, end, _ = before.spans[0]
-            length = cached - dropped
-            n = end - start
-            old = before.positions[:, end:length]
-            new = after.positions[:, start:length - n]
-            keys = [layer.keys for layer in layers]
-            values = [layer.values for layer in layers]
-            if _native_ok(*keys, *values):
-                relocate_span(keys, values, start, end, old_positions=old.contiguous(), new_positions=new.contiguous(),
-                              length=length, **self.rope.kwargs())
-            else:
-                delta = (new - old).T.contiguous()
-                for k, v in zip(keys, values):
-                    moved_k = _rotate_torch(k[:, :, end:length], delta, self.rope)
-                    moved_v = v[:, :, end:length].clone()
-                    k[:, :, start:length - n] = moved_k
-                    v[:, :, start:length - n] = moved_v
-            self.cache.crop(-n)
-            dropped += n
-        self.blocks = blocks
+        for start, end, _ in lay.spans:
+            # The first span's move rotates every later entry to its final position; the later
+            # spans' moves only shift (the rotation by 0 is skipped by the kernels).
+            moved = delta[end:cached] if dropped == 0 else 0
+            relocate_span(keys, values, start - dropped, end - dropped, delta=moved, length=cached - dropped,
+                          **self.rope.kwargs())
+            dropped += end - start
+        self.cache.crop(-dropped)
+        self.blocks = _merge_text([b for b in self.blocks if isinstance(b, _Text)])
+        self.layout = after
         return dropped
 
     def calibrate(self, calibration: Any = None) -> CalibrationRecord:
@@ -580,13 +607,17 @@ class _Session:
         elif mode == PVCMode.RELOCATE:
             evicted = sum(b.tokens + 2 for b in self.blocks if isinstance(b, _Image))
             self.blocks = _merge_text([b for b in self.blocks if isinstance(b, _Text)])
+            self.layout = _drop_images(self.layout)[0]
             self.cache = self._new_cache()
             start = 0
         else:  # kv
             evicted = self._evict_images()
             start = before_len - 1 - evicted
-        self.blocks = _merge_text(self.blocks + [_Text(list(bridge))] + list(images))
-        self.layout = self._layout(self.blocks)
+        tail = _merge_text([_Text(list(bridge))] + list(images))
+        self.blocks = _merge_text(self.blocks + tail)
+        # Positions of what is added, counted on from the sequence so far (M-RoPE positions of a
+        # suffix only depend on where it starts): the earlier sequence is not laid out again.
+        self.layout = _concat(self.layout, self._layout(tail))
         # The last <|vision_end|> is left out: it is the first input of the next generate segment.
         end = len(self.layout.ids) - 1
         self._forward(self.layout, start, end)
