@@ -258,7 +258,7 @@ proptest! {
                 with_type!(dtype, T => {
                     let slice = values_t::<T>(&x);
                     let rows = tvc_rs::tensor::Strided::contiguous(&slice, &[tokens, dim]).unwrap();
-                    let (core, _) = core_compress::pool_visual_tokens(&rows, &to_grids(&grids), kh, kw).unwrap();
+                    let (core, _) = core_compress::cpu::pool_visual_tokens(&rows, &to_grids(&grids), kh, kw).unwrap();
                     assert_same(&pooled, &core, &format!("pool {dtype:?} {view:?}"));
                 });
             }
@@ -322,7 +322,7 @@ proptest! {
                 assert_close(&values_f64(&scores), &want, 1e-5, &format!("scores {dtype:?} {view:?}"));
                 with_type!(dtype, T => {
                     let (qs, ks) = (values_t::<T>(&qt), values_t::<T>(&kt));
-                    let core = core_compress::visual_token_scores::<T, f32>(
+                    let core = core_compress::cpu::visual_token_scores::<T, f32>(
                         &tvc_rs::tensor::Strided::contiguous(&qs, &[q_tokens, q_heads, d]).unwrap(),
                         &tvc_rs::tensor::Strided::contiguous(&ks, &[k_tokens, kv_heads, d]).unwrap(),
                         None, None).unwrap();
@@ -390,17 +390,18 @@ proptest! {
                 let stored_scores = values_f64(&scores);
                 let scores_f32: Vec<f32> = stored_scores.iter().map(|&s| s as f32).collect();
                 // select_tokens: top-k against the reference, every budget against the core
-                let kept = tc::select_tokens(&scores, tc::Budget::Keep(keep), 0, None).unwrap();
+                let kept = tc::select_tokens(&scores, tc::Budget::keep(keep)).unwrap();
                 prop_assert_eq!(kept.to_vec1::<i64>().unwrap(), ref_top(&stored_scores, keep));
-                for budget in [tc::Budget::Keep(keep), tc::Budget::Ratio(0.3), tc::Budget::Mass(0.8)] {
-                    let got = tc::select_tokens(&scores, budget, 1, Some(10)).unwrap();
-                    let core: Vec<i64> = core_compress::select_tokens(&scores_f32, budget, 1, Some(10)).unwrap().iter().map(|&i| i as i64).collect();
+                for rule in [core_compress::Rule::Keep(keep), core_compress::Rule::Ratio(0.3), core_compress::Rule::Mass(0.8)] {
+                    let budget = tc::Budget::new(rule, 1, Some(10)).unwrap();
+                    let got = tc::select_tokens(&scores, budget).unwrap();
+                    let core: Vec<i64> = core_compress::cpu::select_tokens(&scores_f32, budget).unwrap().iter().map(|&i| i as i64).collect();
                     assert_same(&got, &core, &format!("select {budget:?} {dtype:?} {view:?}"));
                 }
                 // prune_visual_tokens from scores, with the grid cells
                 let x = make(&values, &[tokens, dim], dtype, view, &mut rng);
                 let stored = values_f64(&x);
-                let pruned = tc::prune_visual_tokens(&x, tc::Keep::Scores { scores: &scores, budget: tc::Budget::Keep(keep), min_keep: 0, max_keep: None }, Some(&grids), merge).unwrap();
+                let pruned = tc::prune_visual_tokens(&x, tc::Keep::Scores { scores: &scores, budget: tc::Budget::keep(keep) }, Some(&grids), merge).unwrap();
                 let want_indices = ref_top(&stored_scores, keep);
                 prop_assert_eq!(pruned.indices.to_vec1::<i64>().unwrap(), want_indices.clone());
                 let idx: Vec<usize> = want_indices.iter().map(|&i| i as usize).collect();
@@ -421,7 +422,7 @@ proptest! {
                 with_type!(dtype, T => {
                     let slice = values_t::<T>(&x);
                     let rows = tvc_rs::tensor::Strided::contiguous(&slice, &[tokens, dim]).unwrap();
-                    let core = core_compress::prune_visual_tokens(&rows, &idx, merge).unwrap();
+                    let core = core_compress::cpu::prune_visual_tokens(&rows, &idx, merge).unwrap();
                     assert_same(&pruned.tokens, &core, &format!("prune {dtype:?} {view:?}"));
                 });
                 // from an index tensor (u32, as candle's argmax and arange give)
@@ -1014,10 +1015,12 @@ fn push_token_and_step_batch_match_the_core_monitor() {
 
 #[test]
 fn errors_name_the_argument() {
+    // f64 passes candle's float check (the KV functions take it) and the core's compression
+    // refuses it, naming its dtypes.
     let x = Tensor::zeros((4, 3), DType::F64, &CPU).unwrap();
     let msg = err_msg(tc::pool_visual_tokens(&x, &[[1, 2, 2]], (2, 2)));
     assert!(
-        msg.starts_with("x:") && msg.contains("f32, f16 or bf16"),
+        msg.starts_with("x:") && msg.contains("float32, float16 or bfloat16, got float64"),
         "{msg}"
     );
     let x = Tensor::zeros((4, 3, 1), DType::F32, &CPU).unwrap();

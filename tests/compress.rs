@@ -5,10 +5,10 @@
 
 use half::{bf16, f16};
 use proptest::prelude::*;
-use tvc_rs::compress::{
-    check_grids, check_indices, pool_visual_tokens, pooled_grid, prune_visual_tokens,
-    select_tokens, token_cells, visual_token_scores, Budget, Grid,
+use tvc_rs::compress::cpu::{
+    pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores,
 };
+use tvc_rs::compress::{check_grids, check_indices, pooled_grid, token_cells, Budget, Grid, Rule};
 use tvc_rs::dtype::Float;
 use tvc_rs::tensor::Strided;
 use tvc_rs::Error;
@@ -341,16 +341,16 @@ fn scores_refuse_bad_shapes() {
 
 fn select_reference(
     scores: &[f32],
-    budget: Budget,
+    budget: Rule,
     min_keep: usize,
     max_keep: Option<usize>,
 ) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
     let n = match budget {
-        Budget::Keep(n) => n,
-        Budget::Ratio(r) => (r * scores.len() as f64).round() as usize,
-        Budget::Mass(m) => {
+        Rule::Keep(n) => n,
+        Rule::Ratio(r) => (r * scores.len() as f64).round() as usize,
+        Rule::Mass(m) => {
             let total: f64 = order.iter().map(|&i| scores[i] as f64).sum();
             let mut running = 0.0;
             let mut n = 0;
@@ -373,6 +373,16 @@ fn select_reference(
     kept
 }
 
+/// The CPU selection with a checked budget.
+fn select(
+    scores: &[f32],
+    rule: Rule,
+    min_keep: usize,
+    max_keep: Option<usize>,
+) -> Result<Vec<usize>, Error> {
+    select_tokens(scores, Budget::new(rule, min_keep, max_keep)?)
+}
+
 fn scores_strategy() -> impl Strategy<Value = Vec<f32>> {
     // Few distinct values so that ties are common.
     prop::collection::vec(
@@ -388,8 +398,8 @@ proptest! {
     fn selection_matches_a_full_sort(scores in scores_strategy(), keep in 0usize..70, ratio in 0f64..=1.0,
                                      mass in 0f64..=1.0, min_keep in 0usize..5, extra in prop::option::of(0usize..40)) {
         let max_keep = extra.map(|e| e + min_keep);
-        for budget in [Budget::Keep(keep), Budget::Ratio(ratio), Budget::Mass(mass)] {
-            let got = select_tokens(&scores, budget, min_keep, max_keep).unwrap();
+        for budget in [Rule::Keep(keep), Rule::Ratio(ratio), Rule::Mass(mass)] {
+            let got = select(&scores, budget, min_keep, max_keep).unwrap();
             prop_assert_eq!(&got, &select_reference(&scores, budget, min_keep, max_keep), "{:?}", budget);
             prop_assert!(got.windows(2).all(|w| w[0] < w[1]));
         }
@@ -398,40 +408,33 @@ proptest! {
 
 #[test]
 fn selection_refuses_nan_and_bad_budgets() {
-    let err = select_tokens(&[0.1, f32::NAN], Budget::Keep(1), 1, None).unwrap_err();
+    let err = select(&[0.1, f32::NAN], Rule::Keep(1), 1, None).unwrap_err();
     assert_eq!(
         err,
         Error::Value("scores[1] is NaN: scores must not contain NaN".into())
     );
-    let err = select_tokens(&[0.1, -0.2], Budget::Mass(0.5), 1, None).unwrap_err();
+    let err = select(&[0.1, -0.2], Rule::Mass(0.5), 1, None).unwrap_err();
     assert!(
         matches!(&err, Error::Value(m) if m.starts_with("scores[1] = -0.2: mass selection")),
         "{err:?}"
     );
-    assert!(select_tokens(&[0.1, -0.2], Budget::Keep(1), 1, None).is_ok());
-    let err = select_tokens(&[0.1], Budget::Ratio(1.5), 1, None).unwrap_err();
+    assert!(select(&[0.1, -0.2], Rule::Keep(1), 1, None).is_ok());
+    let err = select(&[0.1], Rule::Ratio(1.5), 1, None).unwrap_err();
     assert!(
         matches!(&err, Error::Value(m) if m.starts_with("ratio:")),
         "{err:?}"
     );
-    let err = select_tokens(&[0.1], Budget::Keep(1), 3, Some(2)).unwrap_err();
+    let err = select(&[0.1], Rule::Keep(1), 3, Some(2)).unwrap_err();
     assert!(
         matches!(&err, Error::Value(m) if m.starts_with("min_keep (3)")),
         "{err:?}"
     );
-    assert!(select_tokens(&[], Budget::Keep(3), 1, None)
-        .unwrap()
-        .is_empty());
+    assert!(select(&[], Rule::Keep(3), 1, None).unwrap().is_empty());
     // Ratio rounding: halves up, 0.1 * 30 = 3.0000000000000004 stays 3.
     let thirty = vec![1.0f32; 30];
+    assert_eq!(select(&thirty, Rule::Ratio(0.1), 0, None).unwrap().len(), 3);
     assert_eq!(
-        select_tokens(&thirty, Budget::Ratio(0.1), 0, None)
-            .unwrap()
-            .len(),
-        3
-    );
-    assert_eq!(
-        select_tokens(&[1.0, 1.0, 1.0], Budget::Ratio(0.5), 0, None).unwrap(),
+        select(&[1.0, 1.0, 1.0], Rule::Ratio(0.5), 0, None).unwrap(),
         vec![0, 1]
     );
 }
@@ -569,4 +572,215 @@ fn cells_of_kept_tokens() {
         ]
     );
     assert!(matches!(token_cells(&grids, &[14]), Err(Error::Index(_))));
+}
+
+// ---------- the operations on tensor views (one per operation, any device) ----------
+
+mod views {
+    use super::*;
+    use tvc_rs::compress::{self as ops, HostOnly, KeepFrom, Output};
+    use tvc_rs::dtype::DType;
+    use tvc_rs::tensor::{Device, OwnedTensor, TensorView};
+
+    fn host(out: Output<std::convert::Infallible>) -> OwnedTensor {
+        let Output::Host(out) = out;
+        out
+    }
+
+    fn f64s(out: &OwnedTensor) -> Vec<f64> {
+        out.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    }
+
+    fn rows(grids: &[Grid]) -> Vec<[i64; 3]> {
+        grids
+            .iter()
+            .map(|g| [g.t as i64, g.h as i64, g.w as i64])
+            .collect()
+    }
+
+    /// A view that says it lives on `device` (never read: the checks refuse it first).
+    fn on(device: Device, name: &str, data: &[f32], shape: &[usize]) -> TensorView<'static> {
+        let strides = tvc_rs::tensor::contiguous_strides(shape);
+        // SAFETY: the data is leaked (lives for 'static) and holds the shape's elements.
+        let data: &'static [f32] = Box::leak(data.to_vec().into_boxed_slice());
+        unsafe {
+            TensorView::from_raw_parts(
+                name,
+                data.as_ptr() as *mut u8,
+                DType::F32,
+                shape.to_vec(),
+                strides,
+                device,
+                false,
+                false,
+            )
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn operations_on_cpu_views_match_the_references(seed: u64, grids in grids_strategy(), dim in 1usize..12,
+                                                         k in 1usize..4, ratio in 0f64..=1.0, merge: bool) {
+            let tokens: usize = grids.iter().map(Grid::tokens).sum();
+            let x = random_values(seed, tokens * dim);
+            let xv = TensorView::from_slice("x", &x, &[tokens, dim]).unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+
+            let (pooled, new_grids) = ops::pool_visual_tokens(&xv, &rows(&grids), (k, k), &HostOnly).unwrap();
+            let pooled = host(pooled);
+            prop_assert_eq!(new_grids.clone(), grids.iter().map(|&g| pooled_grid(g, k, k)).collect::<Vec<_>>());
+            assert_close(&f64s(&pooled), &pool_reference(&x64, dim, &grids, k, k), 1e-5, "pool");
+
+            // Scores of the tokens as keys of one head, queried by two of the tokens.
+            let q_tokens = tokens.min(2);
+            let keys = TensorView::from_slice("keys", &x, &[tokens, 1, dim]).unwrap();
+            let query = TensorView::from_slice("query", &x[..q_tokens * dim], &[q_tokens, 1, dim]).unwrap();
+            if q_tokens > 0 {
+                let scores = host(ops::visual_token_scores(&query, &keys, None, None, &HostOnly).unwrap());
+                let want = scores_reference(&x64[..q_tokens * dim], &x64, None, q_tokens, 1, tokens, 1, dim,
+                                            1.0 / (dim as f64).sqrt());
+                assert_close(&f64s(&scores), &want, 1e-5, "scores");
+            }
+
+            let scores: Vec<f32> = x.iter().step_by(dim).map(|v| v.abs()).collect();
+            let sv = TensorView::from_slice("scores", &scores, &[tokens]).unwrap();
+            let budget = Budget::new(Rule::Ratio(ratio), 1, None).unwrap();
+            let kept = host(ops::select_tokens(&sv, budget, &HostOnly).unwrap());
+            let want = select_reference(&scores, Rule::Ratio(ratio), 1, None);
+            prop_assert_eq!(kept.as_slice::<i64>().unwrap().to_vec(), want.iter().map(|&i| i as i64).collect::<Vec<_>>());
+
+            let pruned = ops::prune_visual_tokens(&xv, KeepFrom::Scores((&sv, budget)), Some(&rows(&grids)), merge,
+                                                  &HostOnly).unwrap();
+            prop_assert_eq!(host(pruned.indices).as_slice::<i64>().unwrap().to_vec(),
+                            want.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let cells = host(pruned.cells.unwrap());
+            let want_cells: Vec<i64> = token_cells(&grids, &want).unwrap().into_iter().flatten().collect();
+            prop_assert_eq!(cells.as_slice::<i64>().unwrap().to_vec(), want_cells);
+            let tokens_out = f64s(&host(pruned.tokens));
+            let want_rows: Option<Vec<f64>> = if merge {
+                merge_reference(&x64, dim, &want)
+            } else {
+                Some(want.iter().flat_map(|&i| x64[i * dim..(i + 1) * dim].to_vec()).collect())
+            };
+            if let Some(want_rows) = want_rows {
+                assert_close(&tokens_out, &want_rows, 1e-5, "prune");
+            }
+        }
+    }
+
+    #[test]
+    fn budgets_are_checked_when_made_naming_the_argument() {
+        let err = |r: Result<Budget, Error>| match r.unwrap_err() {
+            Error::Value(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            err(Budget::from_args(Some(1), Some(0.5), None, 1, None)),
+            "keep, ratio, mass: give exactly one of them, got keep and ratio"
+        );
+        assert_eq!(
+            err(Budget::from_args(None, None, None, 1, None)),
+            "keep, ratio, mass: give exactly one of them, got none"
+        );
+        assert_eq!(
+            err(Budget::from_args(Some(-1), None, None, 1, None)),
+            "keep: expected an int >= 0, got -1"
+        );
+        assert_eq!(
+            err(Budget::from_args(None, None, Some(0.5), -2, None)),
+            "min_keep: expected an int >= 0, got -2"
+        );
+        assert_eq!(
+            err(Budget::from_args(None, None, Some(0.5), 0, Some(-3))),
+            "max_keep: expected an int >= 0, got -3"
+        );
+        assert!(err(Budget::from_args(None, Some(1.5), None, 0, None)).starts_with("ratio:"));
+        assert!(err(Budget::from_args(None, None, Some(-0.1), 0, None)).starts_with("mass:"));
+        assert!(err(Budget::from_args(Some(2), None, None, 3, Some(2))).starts_with("min_keep (3)"));
+        let budget = Budget::from_args(None, Some(0.5), None, 2, Some(3)).unwrap();
+        assert_eq!(
+            (budget.rule(), budget.min_keep(), budget.max_keep()),
+            (Rule::Ratio(0.5), 2, Some(3))
+        );
+        assert_eq!(
+            [0, 2, 5, 10].map(|n| budget.count(n)),
+            [Some(0), Some(2), Some(3), Some(3)]
+        );
+        assert_eq!(
+            Budget::new(Rule::Mass(0.5), 0, None).unwrap().count(4),
+            None
+        );
+    }
+
+    #[test]
+    fn tensors_on_different_devices_are_refused() {
+        let data = [0.5f32; 24];
+        let cpu = |name: &str, shape: &[usize]| {
+            on(Device::Cpu, name, &data[..shape.iter().product()], shape)
+        };
+        let gpu = |name: &str, shape: &[usize]| {
+            on(
+                Device::Cuda(0),
+                name,
+                &data[..shape.iter().product()],
+                shape,
+            )
+        };
+        let msg = |e: &Error| e.to_string();
+        let e = ops::visual_token_scores(
+            &cpu("query", &[1, 2, 4]),
+            &gpu("keys", &[3, 2, 4]),
+            None,
+            None,
+            &HostOnly,
+        )
+        .unwrap_err();
+        assert!(msg(&e)
+            .contains("keys: expected a CPU tensor like the other arguments, got one on cuda:0"),);
+        let e = ops::visual_token_scores(
+            &gpu("query", &[1, 2, 4]),
+            &cpu("keys", &[3, 2, 4]),
+            None,
+            None,
+            &HostOnly,
+        )
+        .unwrap_err();
+        assert!(msg(&e)
+            .contains("keys: expected a tensor on cuda:0 (the device of query), got one on cpu"));
+        // A CUDA tensor without a device allocator: said, nothing launched.
+        let e = ops::pool_visual_tokens(&gpu("x", &[4, 2]), &[[1, 2, 2]], (2, 2), &HostOnly)
+            .unwrap_err();
+        assert!(msg(&e).contains("x: a CUDA tensor needs a device allocator"));
+        // Argument checks come first, on every device.
+        let e = ops::pool_visual_tokens(&gpu("x", &[4, 2]), &[[1, 2, 3]], (2, 2), &HostOnly)
+            .unwrap_err();
+        assert!(msg(&e).contains("grid_thw: the grids hold 6 tokens"), "{e}");
+        let e =
+            ops::select_tokens(&gpu("scores", &[2, 2]), Budget::keep(1), &HostOnly).unwrap_err();
+        assert!(
+            msg(&e).contains("scores: expected a 1-D tensor [tokens]"),
+            "{e}"
+        );
+        let other = on(
+            Device::Other {
+                device_type: 8,
+                id: 0,
+            },
+            "x",
+            &data[..8],
+            &[4, 2],
+        );
+        let e = ops::prune_visual_tokens(&other, KeepFrom::Indices(&[0]), None, false, &HostOnly)
+            .unwrap_err();
+        assert!(
+            msg(&e).contains("x: tensors on DLPack device type 8"),
+            "{e}"
+        );
+    }
 }

@@ -248,3 +248,139 @@ fn nvrtc_candidates_are_absolute_paths_or_sonames() {
         );
     }
 }
+
+/// The operations of `tvc_rs::compress` on CUDA views (device memory from `DriverAlloc`) give
+/// what they give on CPU views of the same data. Skips (saying why) without a GPU.
+#[test]
+fn compress_operations_on_cuda_views_match_the_cpu_path() {
+    use tvc_rs::compress::{self as ops, Budget, DeviceAlloc, HostOnly, KeepFrom, Output, Rule};
+    use tvc_rs::cuda::alloc::DriverAlloc;
+    use tvc_rs::tensor::{OwnedTensor, TensorView};
+
+    if !configure_nvrtc() {
+        return;
+    }
+    let alloc = match DriverAlloc::new(0, cuda::Stream(0)) {
+        Ok(alloc) => alloc,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let host = |out: Output<std::convert::Infallible>| {
+        let Output::Host(out) = out;
+        out
+    };
+    let back = |out: Output<_>| -> OwnedTensor {
+        let Output::Device(tensor) = out else {
+            panic!("a CUDA input gave a host result")
+        };
+        let tensor: tvc_rs::cuda::alloc::DeviceTensor = tensor;
+        tensor.to_host(alloc.stream()).unwrap()
+    };
+    let close = |got: &OwnedTensor, want: &OwnedTensor, what: &str| {
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        let (g, w) = (
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap(),
+        );
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                "{what}[{i}]: {a} vs {b}"
+            );
+        }
+    };
+    let (tokens, dim) = (2 * 6 * 5 + 3 * 4, 40);
+    let grid_thw = [[2i64, 6, 5], [1, 3, 4]];
+    let x: Vec<f32> = (0..tokens * dim)
+        .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+        .collect();
+    let x_cpu = TensorView::from_slice("x", &x, &[tokens, dim]).unwrap();
+    let x_dev = alloc.upload(&x, &[tokens, dim]).unwrap();
+    let x_gpu = x_dev.view("x");
+
+    let (pooled_cpu, grids_cpu) =
+        ops::pool_visual_tokens(&x_cpu, &grid_thw, (2, 3), &HostOnly).unwrap();
+    let (pooled_gpu, grids_gpu) =
+        ops::pool_visual_tokens(&x_gpu, &grid_thw, (2, 3), &alloc).unwrap();
+    assert_eq!(grids_cpu, grids_gpu);
+    close(&back(pooled_gpu), &host(pooled_cpu), "pool");
+
+    // x as the keys of 4 kv heads of dim 10, its first 3 rows as queries of 8 heads (GQA).
+    let keys_cpu = TensorView::from_slice("keys", &x, &[tokens, 4, 10]).unwrap();
+    let query_cpu = TensorView::from_slice("query", &x[..3 * dim], &[3, 8, 5]).unwrap();
+    let keys_dev = alloc.upload(&x, &[tokens, 4, 10]).unwrap();
+    let query_dev = alloc.upload(&x[..3 * dim], &[3, 8, 5]).unwrap();
+    let err = ops::visual_token_scores(&query_cpu, &keys_cpu, None, None, &HostOnly).unwrap_err();
+    assert!(
+        err.to_string().contains("keys: head_dim 10 differs"),
+        "{err}"
+    );
+    let query_cpu = TensorView::from_slice("query", &x[..3 * 80], &[3, 8, 10]).unwrap();
+    let query_dev2 = alloc.upload(&x[..3 * 80], &[3, 8, 10]).unwrap();
+    drop(query_dev);
+    let scores_cpu =
+        host(ops::visual_token_scores(&query_cpu, &keys_cpu, None, None, &HostOnly).unwrap());
+    let scores_gpu = back(
+        ops::visual_token_scores(
+            &query_dev2.view("query"),
+            &keys_dev.view("keys"),
+            None,
+            None,
+            &alloc,
+        )
+        .unwrap(),
+    );
+    close(&scores_gpu, &scores_cpu, "scores");
+
+    let scores = scores_cpu.as_slice::<f32>().unwrap().to_vec();
+    let scores_dev = alloc.upload(&scores, &[tokens]).unwrap();
+    let scores_view = TensorView::from_slice("scores", &scores, &[tokens]).unwrap();
+    for rule in [Rule::Keep(17), Rule::Ratio(0.3), Rule::Mass(0.6)] {
+        let budget = Budget::new(rule, 2, Some(40)).unwrap();
+        let want = host(ops::select_tokens(&scores_view, budget, &HostOnly).unwrap());
+        let got = back(ops::select_tokens(&scores_dev.view("scores"), budget, &alloc).unwrap());
+        assert_eq!(got, want, "select {rule:?}");
+        for merge in [false, true] {
+            for (source, scores) in [
+                ("device scores", scores_dev.view("scores")),
+                ("host scores", scores_view.reborrow()),
+            ] {
+                let cpu = ops::prune_visual_tokens(
+                    &x_cpu,
+                    KeepFrom::Scores((&scores_view, budget)),
+                    Some(&grid_thw),
+                    merge,
+                    &HostOnly,
+                )
+                .unwrap();
+                let gpu = ops::prune_visual_tokens(
+                    &x_gpu,
+                    KeepFrom::Scores((&scores, budget)),
+                    Some(&grid_thw),
+                    merge,
+                    &alloc,
+                )
+                .unwrap();
+                let what = format!("prune {rule:?} merge={merge} {source}");
+                assert_eq!(back(gpu.indices), host(cpu.indices), "{what}");
+                assert_eq!(back(gpu.cells.unwrap()), host(cpu.cells.unwrap()), "{what}");
+                close(&back(gpu.tokens), &host(cpu.tokens), &what);
+            }
+        }
+    }
+    let indices: Vec<i64> = (0..tokens as i64).step_by(3).collect();
+    let cpu = ops::prune_visual_tokens(&x_cpu, KeepFrom::Indices(&indices), None, false, &HostOnly)
+        .unwrap();
+    let gpu =
+        ops::prune_visual_tokens(&x_gpu, KeepFrom::Indices(&indices), None, false, &alloc).unwrap();
+    close(&back(gpu.tokens), &host(cpu.tokens), "prune by indices");
+    let err = ops::prune_visual_tokens(&x_gpu, KeepFrom::Indices(&[3, 3]), None, false, &alloc)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("indices[1] = 3 repeats indices[0]"),
+        "{err}"
+    );
+}

@@ -175,7 +175,7 @@ def budget(scores, rule, amount, keep, min_keep, max_keep):
 )
 def test_select(scores, rule, amount, keep, min_keep, extra, dtype, stride):
     """Top-k (radix select) and mass (bitonic sort, f64 sums in order) give exactly the reference's
-    indices, ties to the lower index. Top-k is given the budget's count (budget_count is host code)."""
+    indices, ties to the lower index. Top-k is given the budget's count (Budget::count is host code)."""
     s = torch.tensor(scores, dtype=torch.float32).to(dtype).repeat_interleave(stride)[::stride]
     max_keep = None if extra is None else min_keep + extra
     want = budget(s.float().numpy(), rule, amount, keep, min_keep, max_keep)

@@ -566,7 +566,7 @@ def qwen2_vl_patches(
 
 # --- end dvr ---
 
-# --- cuda (src/python/cuda.rs, src/python/cuda_compress.rs; src/cuda) ---
+# --- cuda (src/python/cuda.rs; src/cuda) ---
 #
 # The compress and kv functions above dispatch on their main tensor's device: for a torch CUDA
 # tensor they run the kernels of kernels/*.cu on torch.cuda.current_stream() of that device and

@@ -4,12 +4,9 @@
 
 use candle_core::{DType as CandleDType, Device, Tensor};
 
-use super::access::{expect_cpu, with_cpu, Locked, Operand};
+use super::access::{expect_cpu, with_cpu, Operand};
 use super::{IntoCandle, Result};
-use crate::compress::{self as core, Budget, Grid};
-use crate::dispatch_float;
-use crate::dtype::Float;
-use crate::tensor::Strided;
+use crate::compress::{self as core, Budget, HostOnly, KeepFrom, Output};
 
 /// Where [`prune_visual_tokens`] takes the kept tokens from.
 #[derive(Debug, Clone, Copy)]
@@ -17,12 +14,7 @@ pub enum Keep<'a> {
     /// The indices to keep: an integer tensor `[kept]`, sorted and unique.
     Indices(&'a Tensor),
     /// Select from scores `[tokens]` (float) with a budget, as [`select_tokens`] does.
-    Scores {
-        scores: &'a Tensor,
-        budget: Budget,
-        min_keep: usize,
-        max_keep: Option<usize>,
-    },
+    Scores { scores: &'a Tensor, budget: Budget },
 }
 
 /// What [`prune_visual_tokens`] returns.
@@ -37,12 +29,20 @@ pub struct Pruned {
     pub cells: Option<Tensor>,
 }
 
-fn grids_arg(grid_thw: &[[usize; 3]], tokens: usize) -> Result<Vec<Grid>> {
-    let rows: Vec<[i64; 3]> = grid_thw
+fn grid_rows(grid_thw: &[[usize; 3]]) -> Vec<[i64; 3]> {
+    grid_thw
         .iter()
         .map(|g| g.map(|d| i64::try_from(d).unwrap_or(i64::MAX)))
-        .collect();
-    core::check_grids(&rows, tokens, &format!("x has {tokens} rows")).candle()
+        .collect()
+}
+
+/// A result of the core (CPU tensors only here) as a candle tensor.
+fn from_core(out: Output<std::convert::Infallible>) -> Result<Tensor> {
+    // No device allocator, so no device result.
+    let Output::Host(out) = out;
+    crate::dispatch_dtype!(out.dtype(), T => {
+        Tensor::from_slice(out.as_slice::<T>().expect("the dtype matches"), out.shape(), &Device::Cpu)
+    })
 }
 
 /// The values of a rank-1 integer tensor (u8, u32, i16, i32 or i64), named `name` in errors.
@@ -66,21 +66,6 @@ pub(crate) fn int_vector(tensor: &Tensor, name: &str) -> Result<Vec<i64>> {
     }
 }
 
-/// The values of a rank-`rank` float tensor as f32 (exact for f16 / bf16), row-major.
-fn float_values(locked: &Locked, rank: usize, layout: &str) -> Result<Vec<f32>> {
-    let dtype = locked.float_dtype()?;
-    let view = locked.view()?;
-    view.expect_rank(rank, layout).candle()?;
-    Ok(dispatch_float!(dtype, T => {
-        view.strided::<T>().candle()?.to_contiguous().candle()?.iter().map(|v| v.to_f32()).collect()
-    }))
-}
-
-fn index_tensor(indices: &[usize]) -> Result<Tensor> {
-    let values: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-    Tensor::from_vec(values, indices.len(), &Device::Cpu)
-}
-
 /// k_h x k_w average pooling of `x` (`[tokens, dim]`, the tokens of `grid_thw`'s grids one
 /// after the other, row-major on each) within each frame; edge windows average only the cells
 /// they cover. Returns the pooled tokens `[new_tokens, dim]` and the new grids
@@ -92,19 +77,14 @@ pub fn pool_visual_tokens(
     factor: (usize, usize),
 ) -> Result<(Tensor, Vec<[usize; 3]>)> {
     with_cpu(&[Operand::read(x, "x")], |locked| {
-        let dtype = locked[0].float_dtype()?;
-        let view = locked[0].view()?;
-        view.expect_rank(2, "[tokens, dim]").candle()?;
-        let (tokens, dim) = (view.dim(0), view.dim(1));
-        let grids = grids_arg(grid_thw, tokens)?;
-        dispatch_float!(dtype, T => {
-            let rows = view.strided::<T>().candle()?;
-            let (pooled, new_grids) =
-                core::pool_visual_tokens(&rows, &grids, factor.0, factor.1).candle()?;
-            let count = new_grids.iter().map(Grid::tokens).sum::<usize>();
-            let pooled = Tensor::from_vec(pooled, (count, dim), &Device::Cpu)?;
-            Ok((pooled, new_grids.iter().map(|g| [g.t, g.h, g.w]).collect()))
-        })
+        locked[0].float_dtype()?;
+        let (pooled, grids) =
+            core::pool_visual_tokens(&locked[0].view()?, &grid_rows(grid_thw), factor, &HostOnly)
+                .candle()?;
+        Ok((
+            from_core(pooled)?,
+            grids.iter().map(|g| [g.t, g.h, g.w]).collect(),
+        ))
     })
 }
 
@@ -123,43 +103,27 @@ pub fn visual_token_scores(
     if let Some(lse) = lse {
         operands.push(Operand::read(lse, "lse"));
     }
-    let scores = with_cpu(&operands, |locked| {
+    with_cpu(&operands, |locked| {
         let dtype = locked[0].float_dtype()?;
         locked[1].expect_dtype(dtype, "query")?;
+        if let Some(lse) = locked.get(2) {
+            lse.float_dtype()?;
+        }
         let (q, k) = (locked[0].view()?, locked[1].view()?);
-        q.expect_rank(3, "[q_tokens, q_heads, head_dim]").candle()?;
-        k.expect_rank(3, "[k_tokens, kv_heads, head_dim]")
-            .candle()?;
-        let lse = match locked.get(2) {
-            Some(l) => {
-                let values = float_values(l, 2, "[q_tokens, q_heads]")?;
-                Some(Strided::from_vec(values, &l.dims))
-            }
-            None => None,
-        };
-        dispatch_float!(dtype, T => {
-            let (q, k) = (q.strided::<T>().candle()?, k.strided::<T>().candle()?);
-            core::visual_token_scores(&q, &k, lse.as_ref(), scale).candle()
-        })
-    })?;
-    let count = scores.len();
-    Tensor::from_vec(scores, count, &Device::Cpu)
+        let lse = locked.get(2).map(|l| l.view()).transpose()?;
+        from_core(core::visual_token_scores(&q, &k, lse.as_ref(), scale, &HostOnly).candle()?)
+    })
 }
 
 /// Indices (i64 `[kept]`, increasing) of the tokens to keep by `scores` (`[tokens]`, float):
-/// the top `keep`, a `ratio` of the tokens, or the fewest holding `mass` of the total score
-/// ("dynamic pruning"), clamped to `[min_keep, max_keep]`; ties go to the lower index.
-pub fn select_tokens(
-    scores: &Tensor,
-    budget: Budget,
-    min_keep: usize,
-    max_keep: Option<usize>,
-) -> Result<Tensor> {
-    let scores = with_cpu(&[Operand::read(scores, "scores")], |l| {
-        float_values(&l[0], 1, "[tokens]")
-    })?;
-    let kept = core::select_tokens(&scores, budget, min_keep, max_keep).candle()?;
-    index_tensor(&kept)
+/// as many as `budget` says (the top `keep`, a `ratio` of the tokens, or the fewest holding
+/// `mass` of the total score, "dynamic pruning", clamped to its bounds); ties go to the lower
+/// index.
+pub fn select_tokens(scores: &Tensor, budget: Budget) -> Result<Tensor> {
+    with_cpu(&[Operand::read(scores, "scores")], |locked| {
+        locked[0].float_dtype()?;
+        from_core(core::select_tokens(&locked[0].view()?, budget, &HostOnly).candle()?)
+    })
 }
 
 /// Keeps the rows of `x` (`[tokens, dim]`) chosen by `keep`, in their original order. With
@@ -171,55 +135,33 @@ pub fn prune_visual_tokens(
     grid_thw: Option<&[[usize; 3]]>,
     merge: bool,
 ) -> Result<Pruned> {
-    // Small integer and score arguments are read first, the tokens in place after.
-    enum From {
-        Indices(Vec<i64>),
-        Scores(Vec<f32>, Budget, usize, Option<usize>),
-    }
-    let from = match keep {
-        Keep::Indices(indices) => From::Indices(int_vector(indices, "indices")?),
-        Keep::Scores {
-            scores,
-            budget,
-            min_keep,
-            max_keep,
-        } => {
-            let values = with_cpu(&[Operand::read(scores, "scores")], |l| {
-                float_values(&l[0], 1, "[tokens]")
-            })?;
-            From::Scores(values, budget, min_keep, max_keep)
+    let mut operands = vec![Operand::read(x, "x")];
+    let indices = match keep {
+        Keep::Indices(indices) => Some(int_vector(indices, "indices")?),
+        Keep::Scores { scores, .. } => {
+            operands.push(Operand::read(scores, "scores"));
+            None
         }
     };
-    with_cpu(&[Operand::read(x, "x")], |locked| {
-        let dtype = locked[0].float_dtype()?;
-        let view = locked[0].view()?;
-        view.expect_rank(2, "[tokens, dim]").candle()?;
-        let (tokens, dim) = (view.dim(0), view.dim(1));
-        let indices = match &from {
-            From::Indices(indices) => core::check_indices(indices, tokens).candle()?,
-            From::Scores(scores, budget, min_keep, max_keep) => {
-                core::check_score_count(scores.len(), tokens).candle()?;
-                core::select_tokens(scores, *budget, *min_keep, *max_keep).candle()?
+    let rows = grid_thw.map(grid_rows);
+    with_cpu(&operands, |locked| {
+        locked[0].float_dtype()?;
+        let x = locked[0].view()?;
+        let scores = locked.get(1).map(|s| s.view()).transpose()?;
+        let from = match (&indices, &scores, keep) {
+            (Some(indices), _, _) => KeepFrom::Indices(indices.as_slice()),
+            (None, Some(scores), Keep::Scores { budget, .. }) => {
+                locked[1].float_dtype()?;
+                KeepFrom::Scores((scores, budget))
             }
+            _ => unreachable!("scores are read when given"),
         };
-        let grids = grid_thw.map(|g| grids_arg(g, tokens)).transpose()?;
-        let kept = dispatch_float!(dtype, T => {
-            let rows = view.strided::<T>().candle()?;
-            let kept = core::prune_visual_tokens(&rows, &indices, merge).candle()?;
-            Tensor::from_vec(kept, (indices.len(), dim), &Device::Cpu)?
-        });
-        let cells = match grids {
-            Some(grids) => {
-                let cells = core::token_cells(&grids, &indices).candle()?;
-                let flat: Vec<i64> = cells.iter().flatten().copied().collect();
-                Some(Tensor::from_vec(flat, (indices.len(), 3), &Device::Cpu)?)
-            }
-            None => None,
-        };
+        let pruned =
+            core::prune_visual_tokens(&x, from, rows.as_deref(), merge, &HostOnly).candle()?;
         Ok(Pruned {
-            tokens: kept,
-            indices: index_tensor(&indices)?,
-            cells,
+            tokens: from_core(pruned.tokens)?,
+            indices: from_core(pruned.indices)?,
+            cells: pruned.cells.map(from_core).transpose()?,
         })
     })
 }

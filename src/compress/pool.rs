@@ -14,6 +14,41 @@ pub fn pooled_grid(grid: Grid, kh: usize, kw: usize) -> Grid {
     Grid::new(grid.t, grid.h.div_ceil(kh), grid.w.div_ceil(kw))
 }
 
+/// The checks of [`pool_visual_tokens`] (shared by the CPU and CUDA paths): `x` is
+/// `[tokens, dim]`, the factors >= 1, the grids hold `tokens`. Returns the factors clamped to
+/// the largest grid side.
+pub(crate) fn check_pool(
+    x: &[usize],
+    grids: &[Grid],
+    kh: usize,
+    kw: usize,
+) -> Result<(usize, usize)> {
+    if x.len() != 2 {
+        return Err(value_err!(
+            "x: expected a 2-D tensor [tokens, dim], got {} dimensions",
+            x.len()
+        ));
+    }
+    if kh == 0 || kw == 0 {
+        return Err(value_err!(
+            "factor: every pooling factor must be >= 1, got ({kh}, {kw})"
+        ));
+    }
+    let tokens = x[0];
+    check_grid_list(grids, tokens, &format!("x has {tokens} rows"))?;
+    // A factor beyond the largest grid side pools the same as that side: clamp it, so that no
+    // size below is computed from a huge factor (`factor=2**31`).
+    let kh = kh.min(grids.iter().map(|g| g.h).max().unwrap_or(1).max(1));
+    let kw = kw.min(grids.iter().map(|g| g.w).max().unwrap_or(1).max(1));
+    Ok((kh, kw))
+}
+
+/// The pooled tokens' count and grids (checked arguments).
+pub fn pool_shape(grids: &[Grid], kh: usize, kw: usize) -> (usize, Vec<Grid>) {
+    let new: Vec<Grid> = grids.iter().map(|&g| pooled_grid(g, kh, kw)).collect();
+    (new.iter().map(Grid::tokens).sum(), new)
+}
+
 /// One output token: the input window it averages.
 #[derive(Clone, Copy)]
 struct Window {
@@ -35,24 +70,8 @@ pub fn pool_visual_tokens<T: Float>(
     kh: usize,
     kw: usize,
 ) -> Result<(Vec<T>, Vec<Grid>)> {
-    if x.ndim() != 2 {
-        return Err(value_err!(
-            "x: expected a 2-D tensor [tokens, dim], got {} dimensions",
-            x.ndim()
-        ));
-    }
-    if kh == 0 || kw == 0 {
-        return Err(value_err!(
-            "factor: every pooling factor must be >= 1, got ({kh}, {kw})"
-        ));
-    }
-    let (tokens, dim) = (x.shape()[0], x.shape()[1]);
-    check_grid_list(grids, tokens, &format!("x has {tokens} rows"))?;
-    // A factor beyond the largest grid side pools the same as that side: clamp it, so that no
-    // size below is computed from a huge factor (`factor=2**31`).
-    let kh = kh.min(grids.iter().map(|g| g.h).max().unwrap_or(1).max(1));
-    let kw = kw.min(grids.iter().map(|g| g.w).max().unwrap_or(1).max(1));
-
+    let (kh, kw) = check_pool(x.shape(), grids, kh, kw)?;
+    let dim = x.shape()[1];
     let mut windows = Vec::new();
     let mut new_grids = Vec::with_capacity(grids.len());
     let mut start = 0;

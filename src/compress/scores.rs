@@ -31,57 +31,9 @@ pub fn visual_token_scores<T: Float, L: Float>(
     lse: Option<&Strided<'_, L>>,
     scale: Option<f32>,
 ) -> Result<Vec<f32>> {
-    if query.ndim() != 3 {
-        return Err(value_err!(
-            "query: expected a 3-D tensor [q_tokens, q_heads, head_dim], got shape {}",
-            tuple_str(query.shape())
-        ));
-    }
-    if keys.ndim() != 3 {
-        return Err(value_err!(
-            "keys: expected a 3-D tensor [k_tokens, kv_heads, head_dim], got shape {}",
-            tuple_str(keys.shape())
-        ));
-    }
+    let scale = check_scores(query.shape(), keys.shape(), lse.map(|l| l.shape()), scale)?;
     let (q_tokens, q_heads, head_dim) = (query.shape()[0], query.shape()[1], query.shape()[2]);
-    let (k_tokens, kv_heads, key_dim) = (keys.shape()[0], keys.shape()[1], keys.shape()[2]);
-    if key_dim != head_dim {
-        return Err(value_err!(
-            "keys: head_dim {key_dim} differs from query's {head_dim} (query {}, keys {})",
-            tuple_str(query.shape()),
-            tuple_str(keys.shape())
-        ));
-    }
-    if head_dim == 0 {
-        return Err(value_err!(
-            "query: head_dim must be >= 1, got shape {}",
-            tuple_str(query.shape())
-        ));
-    }
-    if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
-        return Err(value_err!(
-            "keys: q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads}) for grouped-query attention"
-        ));
-    }
-    if q_tokens == 0 {
-        return Err(value_err!(
-            "query: expected at least one query token to average over, got shape {}",
-            tuple_str(query.shape())
-        ));
-    }
-    if let Some(lse) = lse {
-        if lse.shape() != [q_tokens, q_heads] {
-            return Err(value_err!(
-                "lse: expected shape [q_tokens, q_heads] = ({q_tokens}, {q_heads}), got {} \
-                 (flash-attention's softmax_lse is [heads, tokens]: pass its transpose)",
-                tuple_str(lse.shape())
-            ));
-        }
-    }
-    let scale = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-    if !scale.is_finite() {
-        return Err(value_err!("scale: expected a finite number, got {scale}"));
-    }
+    let (k_tokens, kv_heads) = (keys.shape()[0], keys.shape()[1]);
     if k_tokens == 0 {
         return Ok(Vec::new());
     }
@@ -176,4 +128,67 @@ pub fn visual_token_scores<T: Float, L: Float>(
     }
     let rows = (q_tokens * q_heads) as f64;
     Ok(total.iter().map(|&t| (t / rows) as f32).collect())
+}
+
+/// The checks of [`visual_token_scores`] on shapes alone (shared by the CPU and CUDA paths):
+/// ranks, head_dim, grouped-query heads, at least one query token, the `lse` shape and a finite
+/// scale. Returns the scale (`1 / sqrt(head_dim)` by default).
+pub(crate) fn check_scores(
+    query: &[usize],
+    keys: &[usize],
+    lse: Option<&[usize]>,
+    scale: Option<f32>,
+) -> Result<f32> {
+    if query.len() != 3 {
+        return Err(value_err!(
+            "query: expected a 3-D tensor [q_tokens, q_heads, head_dim], got shape {}",
+            tuple_str(query)
+        ));
+    }
+    if keys.len() != 3 {
+        return Err(value_err!(
+            "keys: expected a 3-D tensor [k_tokens, kv_heads, head_dim], got shape {}",
+            tuple_str(keys)
+        ));
+    }
+    let (q_tokens, q_heads, head_dim) = (query[0], query[1], query[2]);
+    let (kv_heads, key_dim) = (keys[1], keys[2]);
+    if key_dim != head_dim {
+        return Err(value_err!(
+            "keys: head_dim {key_dim} differs from query's {head_dim} (query {}, keys {})",
+            tuple_str(query),
+            tuple_str(keys)
+        ));
+    }
+    if head_dim == 0 {
+        return Err(value_err!(
+            "query: head_dim must be >= 1, got shape {}",
+            tuple_str(query)
+        ));
+    }
+    if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(value_err!(
+            "keys: q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads}) for grouped-query attention"
+        ));
+    }
+    if q_tokens == 0 {
+        return Err(value_err!(
+            "query: expected at least one query token to average over, got shape {}",
+            tuple_str(query)
+        ));
+    }
+    if let Some(lse) = lse {
+        if lse != [q_tokens, q_heads] {
+            return Err(value_err!(
+                "lse: expected shape [q_tokens, q_heads] = ({q_tokens}, {q_heads}), got {} \
+                 (flash-attention's softmax_lse is [heads, tokens]: pass its transpose)",
+                tuple_str(lse)
+            ));
+        }
+    }
+    let scale = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(value_err!("scale: expected a finite number, got {scale}"));
+    }
+    Ok(scale)
 }

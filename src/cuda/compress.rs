@@ -1,15 +1,16 @@
 //! Visual-token compression on a GPU: the launchers of `kernels/compress.cu`.
 //!
-//! Inputs and outputs are [`TensorView`]s of device memory (outputs allocated by the caller with
-//! the shapes the `*_shape` helpers give). Host-side arguments (grids, budgets, indices) are
-//! checked with the CPU path's own functions before anything is launched. Everything runs on the
+//! Inputs and outputs are [`TensorView`]s of device memory (outputs allocated by the caller).
+//! Every argument is checked by [`crate::compress`]'s operations, which call these after the
+//! checks they share with the CPU path; the launchers only make sure of their outputs' shapes. Everything runs on the
 //! caller's stream without waiting for the GPU, except mass selection, whose output size depends
 //! on the data: [`select_mass`] copies a 32-byte header (the count, or the first bad score) back to
 //! the host, one synchronisation of the stream.
 
 use super::driver::{device, Stream};
 use super::sources::KernelFile;
-use crate::compress::{pooled_grid, select_tokens, Budget, Grid};
+use crate::compress::cpu::select_tokens;
+use crate::compress::{pool_shape, Budget, Grid, Rule};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::{tuple_str, Device, TensorView};
@@ -248,12 +249,6 @@ fn expect_output(out: &TensorView<'_>, dtype: DType, shape: &[usize], device: i3
     Ok(())
 }
 
-/// Shape of the pooled tokens and the new grids.
-pub fn pool_shape(grids: &[Grid], kh: usize, kw: usize) -> (usize, Vec<Grid>) {
-    let new: Vec<Grid> = grids.iter().map(|&g| pooled_grid(g, kh, kw)).collect();
-    (new.iter().map(Grid::tokens).sum(), new)
-}
-
 /// Average-pools `x` `[tokens, dim]` (checked grids) into `out` `[pool_shape().0, dim]`.
 pub fn pool_visual_tokens(
     stream: Stream,
@@ -315,62 +310,8 @@ pub fn pool_visual_tokens(
     Ok(())
 }
 
-/// The scores output: `[k_tokens + q_tokens * q_heads]` float32 (the tail is workspace).
-pub fn scores_workspace_len(query: &TensorView<'_>, keys: &TensorView<'_>) -> usize {
-    keys.dim(0) + query.dim(0) * query.dim(1)
-}
-
-/// Checks of `visual_token_scores` (the CPU path's messages); returns the scale.
-pub fn check_scores(
-    query: &TensorView<'_>,
-    keys: &TensorView<'_>,
-    lse: Option<&TensorView<'_>>,
-    scale: Option<f32>,
-) -> Result<f32> {
-    let (q_tokens, q_heads, head_dim) = (query.dim(0), query.dim(1), query.dim(2));
-    let (kv_heads, key_dim) = (keys.dim(1), keys.dim(2));
-    if key_dim != head_dim {
-        return Err(value_err!(
-            "keys: head_dim {key_dim} differs from query's {head_dim} (query {}, keys {})",
-            query.shape_str(),
-            keys.shape_str()
-        ));
-    }
-    if head_dim == 0 {
-        return Err(value_err!(
-            "query: head_dim must be >= 1, got shape {}",
-            query.shape_str()
-        ));
-    }
-    if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
-        return Err(value_err!(
-            "keys: q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads}) for grouped-query attention"
-        ));
-    }
-    if q_tokens == 0 {
-        return Err(value_err!(
-            "query: expected at least one query token to average over, got shape {}",
-            query.shape_str()
-        ));
-    }
-    if let Some(lse) = lse {
-        if lse.shape() != [q_tokens, q_heads] {
-            return Err(value_err!(
-                "lse: expected shape [q_tokens, q_heads] = ({q_tokens}, {q_heads}), got {} \
-                 (flash-attention's softmax_lse is [heads, tokens]: pass its transpose)",
-                lse.shape_str()
-            ));
-        }
-    }
-    let scale = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-    if !scale.is_finite() {
-        return Err(value_err!("scale: expected a finite number, got {scale}"));
-    }
-    Ok(scale)
-}
-
-/// Scores of the keys into `out` (`[scores_workspace_len]` float32; the first k_tokens are the
-/// result).
+/// Scores of the keys into `out` (`[k_tokens]` float32), with `workspace` (`[q_tokens *
+/// q_heads]` float32: each attention row's log-sum-exp when `lse` is not given).
 pub fn visual_token_scores(
     stream: Stream,
     query: &TensorView<'_>,
@@ -378,15 +319,17 @@ pub fn visual_token_scores(
     lse: Option<&TensorView<'_>>,
     scale: f32,
     out: &TensorView<'_>,
+    workspace: &TensorView<'_>,
 ) -> Result<()> {
     let ordinal = ordinal(query)?;
+    let k_tokens = keys.dim(0);
+    expect_output(out, DType::F32, &[k_tokens], ordinal)?;
     expect_output(
-        out,
+        workspace,
         DType::F32,
-        &[scores_workspace_len(query, keys)],
+        &[query.dim(0) * query.dim(1)],
         ordinal,
     )?;
-    let k_tokens = keys.dim(0);
     if k_tokens == 0 {
         return Ok(());
     }
@@ -403,7 +346,7 @@ pub fn visual_token_scores(
         query: ptr(query),
         keys: ptr(keys),
         lse: lse.map_or(0, ptr),
-        row_lse: ptr(out) + 4 * k_tokens as u64,
+        row_lse: ptr(workspace),
         out: ptr(out),
         query_strides: s3(query),
         key_strides: s3(keys),
@@ -418,7 +361,7 @@ pub fn visual_token_scores(
         pad: 0,
     };
     let t = tag(query.dtype());
-    // SAFETY: live device views, shapes checked; `out` holds k_tokens + rows floats.
+    // SAFETY: live device views, shapes checked; the workspace holds one float per row.
     unsafe {
         if lse.is_none() {
             let f = dev.function(KernelFile::Compress, &format!("scores_rows_{t}"))?;
@@ -435,43 +378,6 @@ pub fn visual_token_scores(
         )?;
     }
     Ok(())
-}
-
-/// How many tokens `keep` / `ratio` keep (as the CPU path: clamped to `[min_keep, max_keep]`,
-/// then to `tokens`); `None` for `mass` (data-dependent).
-pub fn budget_count(
-    tokens: usize,
-    budget: Budget,
-    min_keep: usize,
-    max_keep: Option<usize>,
-) -> Result<Option<usize>> {
-    if let Some(max_keep) = max_keep {
-        if min_keep > max_keep {
-            return Err(value_err!(
-                "min_keep ({min_keep}) must not exceed max_keep ({max_keep})"
-            ));
-        }
-    }
-    let clamp = |n: usize| {
-        n.max(min_keep)
-            .min(max_keep.unwrap_or(usize::MAX))
-            .min(tokens)
-    };
-    match budget {
-        Budget::Keep(n) => Ok(Some(clamp(n))),
-        Budget::Ratio(ratio) => {
-            if !(0.0..=1.0).contains(&ratio) {
-                return Err(value_err!("ratio: expected a share in [0, 1], got {ratio}"));
-            }
-            Ok(Some(clamp((ratio * tokens as f64).round() as usize)))
-        }
-        Budget::Mass(mass) => {
-            if !(0.0..=1.0).contains(&mass) {
-                return Err(value_err!("mass: expected a share in [0, 1], got {mass}"));
-            }
-            Ok(None)
-        }
-    }
 }
 
 /// The `count` highest scores' indices, increasing, into `out` (int64 device memory of `count`
@@ -506,7 +412,8 @@ pub fn mass_workspace_len(n: usize) -> usize {
     n + 4
 }
 
-/// Mass ("dynamic") selection into `workspace` (`mass_workspace_len(n)` int64 at `ws_ptr`):
+/// Mass ("dynamic") selection (`budget`'s rule is [`Rule::Mass`]) into `workspace`
+/// (`mass_workspace_len(n)` int64 at `ws_ptr`):
 /// returns the count; the sorted indices are `workspace[..count]`. Waits for the GPU once (the
 /// count decides the output size). Scores that fit in shared memory are sorted and summed on the
 /// GPU (in f64, in the CPU path's order, so the count is the same); larger inputs are copied to
@@ -517,13 +424,16 @@ pub fn mass_workspace_len(n: usize) -> usize {
 pub unsafe fn select_mass(
     stream: Stream,
     scores: &TensorView<'_>,
-    mass: f64,
-    min_keep: usize,
-    max_keep: Option<usize>,
+    budget: Budget,
     ws_ptr: u64,
 ) -> Result<usize> {
     let n = scores.dim(0);
-    budget_count(n, Budget::Mass(mass), min_keep, max_keep)?;
+    let Rule::Mass(mass) = budget.rule() else {
+        return Err(Error::Runtime(format!(
+            "internal error: mass selection with {budget:?}"
+        )));
+    };
+    let (min_keep, max_keep) = (budget.min_keep(), budget.max_keep());
     let dev = device(ordinal(scores)?)?;
     let pow2 = n.next_power_of_two().max(1);
     if n > 0 && pow2 * 8 <= dev.max_shared_optin.max(0) as usize && n < (1 << 30) {
@@ -562,7 +472,7 @@ pub unsafe fn select_mass(
     }
     // Too many scores for one block's shared memory: select on the host.
     let values = read_scores(&dev, stream, scores)?;
-    let kept = select_tokens(&values, Budget::Mass(mass), min_keep, max_keep)?;
+    let kept = select_tokens(&values, budget)?;
     let kept: Vec<i64> = kept.into_iter().map(|i| i as i64).collect();
     let bytes: Vec<u8> = kept.iter().flat_map(|v| v.to_ne_bytes()).collect();
     dev.copy_to_device(ws_ptr, &bytes, stream)?;

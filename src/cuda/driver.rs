@@ -324,6 +324,23 @@ impl Device {
         cu::free_async(ptr, stream.raw()).map_err(|e| driver_error("cuMemFreeAsync", e))
     }
 
+    /// Allocates `bytes` of device memory (`cuMemAlloc`; at least one byte, so that the
+    /// pointer is a real allocation). Free it with [`Device::free`].
+    pub fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        // SAFETY: a plain allocation in the bound context.
+        unsafe { cu::malloc_sync(bytes.max(1)) }.map_err(|e| driver_error("cuMemAlloc", e))
+    }
+
+    /// Frees memory from [`Device::alloc`] (after the work queued on it, as `cuMemFree` waits).
+    ///
+    /// # Safety
+    /// `ptr` must come from [`Device::alloc`] of this device and not be used afterwards.
+    pub unsafe fn free(&self, ptr: u64) -> Result<()> {
+        self.bind()?;
+        cu::free_sync(ptr).map_err(|e| driver_error("cuMemFree", e))
+    }
+
     /// Copies device to device on `stream`.
     ///
     /// # Safety

@@ -12,6 +12,7 @@
 //! Without a driver, a GPU or NVRTC every function here returns [`Error::Runtime`]; nothing
 //! panics, and the CPU paths never touch this module.
 
+pub mod alloc;
 pub mod cache;
 pub mod compress;
 pub mod driver;

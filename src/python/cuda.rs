@@ -14,10 +14,11 @@ use pyo3::prelude::*;
 use crate::python::errors::{opt_arg, Arg};
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
+use crate::cuda::alloc::{DeviceAlloc, Output};
 use crate::cuda::{self, KernelFile, Stream};
 use crate::dtype::DType;
-use crate::python::tensor::PyTensor;
-use crate::tensor::Device;
+use crate::python::tensor::{buffer, PyTensor};
+use crate::tensor::{Device, OwnedTensor, TensorView};
 use crate::{type_err, value_err};
 
 const DL_CUDA: i32 = 2;
@@ -273,6 +274,154 @@ pub fn tensors_arg<'py>(
             .collect()
     } else {
         Ok(vec![one(obj, name)?])
+    }
+}
+
+/// A torch tensor made by [`CudaCall`] for a result, and its view.
+pub struct TorchTensor<'py> {
+    pub tensor: Bound<'py, PyAny>,
+    view: PyTensor,
+}
+
+/// A PyTorch failure inside an operation of the core (allocation, narrowing).
+fn runtime(err: PyErr) -> crate::error::Error {
+    crate::error::Error::Runtime(format!("torch: {err}"))
+}
+
+/// Where a binding's call runs: on the CPU, or on the CUDA device of its main tensor (under
+/// [`CudaCall`]). The glue around one call of the core: tensors imported for that device, results
+/// made into what Python gets (`Buffer`s on the CPU, torch tensors on a GPU).
+pub enum Place<'c, 'py> {
+    Cpu(Python<'py>),
+    Cuda(&'c CudaCall<'py>),
+}
+
+impl<'py> Place<'_, 'py> {
+    /// Runs `f` on the device of `main` (argument `primary`).
+    pub fn run<T>(
+        py: Python<'py>,
+        main: &Bound<'py, PyAny>,
+        primary: &str,
+        f: impl FnOnce(&Place<'_, 'py>) -> PyResult<T>,
+    ) -> PyResult<T> {
+        match cuda_ordinal(main)? {
+            Some(ordinal) => CudaCall::run(py, ordinal, primary, |call| f(&Place::Cuda(call))),
+            None => f(&Place::Cpu(py)),
+        }
+    }
+
+    /// Imports tensor argument `obj`: on a GPU with the call's stream (a tensor on another device
+    /// is refused, one on the CPU imported as it is: the core decides where it may be).
+    pub fn tensor(
+        &self,
+        obj: &Bound<'py, PyAny>,
+        name: &str,
+        dtypes: &[DType],
+    ) -> PyResult<PyTensor> {
+        match self {
+            Place::Cuda(call) if device_of(obj)? != Some(Device::Cpu) => {
+                call.tensor(obj, name, dtypes)
+            }
+            _ => PyTensor::extract(obj, name, dtypes),
+        }
+    }
+
+    /// Host metadata (grids, indices) as given, or copied to the host from the call's device.
+    pub fn host(&self, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Place::Cuda(call) if matches!(device_of(obj)?, Some(Device::Cuda(_))) => {
+                call.expect_here(obj, name)?;
+                obj.call_method0("cpu")
+            }
+            _ => Ok(obj.clone()),
+        }
+    }
+
+    /// A result for Python: a `Buffer` (host) or the torch tensor (device).
+    pub fn output(&self, out: Output<TorchTensor<'py>>) -> PyResult<Bound<'py, PyAny>> {
+        match out {
+            Output::Host(tensor) => Ok(buffer(self.py(), tensor)?.into_any()),
+            Output::Device(tensor) => Ok(tensor.tensor),
+        }
+    }
+
+    /// Host int64 values `[rows, cols]` on the call's device.
+    pub fn int_output(&self, values: Vec<i64>, shape: Vec<usize>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Place::Cpu(py) => Ok(buffer(*py, OwnedTensor::new(values, shape)?)?.into_any()),
+            Place::Cuda(call) => call
+                .upload_i64(&values)?
+                .0
+                .call_method1("view", PyTuple::new(call.py, shape)?),
+        }
+    }
+
+    pub fn py(&self) -> Python<'py> {
+        match self {
+            Place::Cpu(py) => *py,
+            Place::Cuda(call) => call.py,
+        }
+    }
+}
+
+impl<'py> DeviceAlloc for Place<'_, 'py> {
+    type Tensor = TorchTensor<'py>;
+
+    fn ordinal(&self) -> i32 {
+        match self {
+            Place::Cpu(_) => -1,
+            Place::Cuda(call) => call.ordinal,
+        }
+    }
+    fn stream(&self) -> Stream {
+        match self {
+            Place::Cpu(_) => Stream(0),
+            Place::Cuda(call) => call.stream,
+        }
+    }
+    fn empty(&self, shape: &[usize], dtype: DType) -> crate::error::Result<TorchTensor<'py>> {
+        match self {
+            Place::Cpu(_) => Err(crate::error::Error::Runtime(
+                "internal error: a device result for a call on the CPU".into(),
+            )),
+            Place::Cuda(call) => {
+                let (tensor, view) = call.empty(shape, dtype).map_err(runtime)?;
+                Ok(TorchTensor { tensor, view })
+            }
+        }
+    }
+    fn view<'t>(&self, tensor: &'t TorchTensor<'py>) -> TensorView<'t> {
+        tensor.view.view()
+    }
+    fn narrow(
+        &self,
+        tensor: TorchTensor<'py>,
+        len: usize,
+    ) -> crate::error::Result<TorchTensor<'py>> {
+        match self {
+            Place::Cpu(_) => Ok(tensor),
+            Place::Cuda(call) => {
+                let narrowed = tensor
+                    .tensor
+                    .call_method1("narrow", (0, 0, len))
+                    .map_err(runtime)?;
+                let view = PyTensor::extract_with_stream(
+                    &narrowed,
+                    "output",
+                    &[tensor.view.view().dtype()],
+                    Some(call.dlpack_stream()),
+                )
+                .map_err(runtime)?;
+                Ok(TorchTensor {
+                    tensor: narrowed,
+                    view,
+                })
+            }
+        }
+    }
+    /// The CPU kernels run with the GIL released.
+    fn cpu_work<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.py().detach(work)
     }
 }
 

@@ -14,7 +14,9 @@ use crate::kv::{
     self, DeltaSource, OwnedDeltas, PagedLayoutKind, Positions, Rope, RopeConfig, SpanDeltas,
 };
 use crate::python::cuda::{on_host, tensors_arg, CudaCall};
-use crate::python::tensor::{int_array, int_vector_arg, PyTensor, INDEX_DTYPES, KV_DTYPES};
+use crate::python::tensor::{
+    int_array, int_vector_arg, IntShape, PyTensor, INDEX_DTYPES, KV_DTYPES,
+};
 use crate::tensor::{IntArray, TensorView};
 use crate::value_err;
 
@@ -91,7 +93,9 @@ impl DeltaArg {
             }
         }
         Ok(DeltaArg::Host(OwnedDeltas::from_array(int_array(
-            obj, "delta",
+            obj,
+            "delta",
+            IntShape::Any,
         )?)?))
     }
 
@@ -110,8 +114,8 @@ fn host_array(
     name: &str,
 ) -> PyResult<IntArray> {
     match call {
-        Some(_) => int_array(&on_host(obj)?, name),
-        None => int_array(obj, name),
+        Some(_) => int_array(&on_host(obj)?, name, IntShape::Any),
+        None => int_array(obj, name, IntShape::Any),
     }
 }
 

@@ -6,7 +6,6 @@ use pyo3::prelude::*;
 
 mod compress;
 mod cuda;
-mod cuda_compress;
 mod dvr;
 mod errors;
 mod kv;

@@ -362,112 +362,133 @@ unsafe fn consume_capsule(capsule: &Bound<'_, PyAny>) -> Option<Managed> {
     None
 }
 
-/// An integer argument given as an int32/int64 array or a Python sequence of ints, as `i64`s:
-/// `indices`-like arguments. Arrays must be 1-D (any strides); `name` is used in errors.
-pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
-    if obj.hasattr("__dlpack__")? {
-        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
-        let view = tensor.view();
-        view.expect_cpu()?;
-        view.expect_rank(1, "")?;
-        return Ok(view.int_values()?);
-    }
-    obj.extract::<Vec<i64>>().map_err(|_| {
-        type_err!(
-            "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
-            type_name(obj)
-        )
-        .into()
-    })
+/// The shape an integer argument must have (see [`int_array`]).
+#[derive(Clone, Copy)]
+pub enum IntShape<'a> {
+    /// An int, a vector `[n]` or a table `[n, m]` (positions, deltas).
+    Any,
+    /// A vector `[n]` (indices, slots).
+    Vector,
+    /// A table `[n, cols]`; `layout` names it in errors (`"[n, 3] of (t, h, w)"`).
+    Table { cols: usize, layout: &'a str },
 }
 
-/// An integer argument of rank <= 2 (an int, an int32/int64 array, a sequence of ints or of
-/// equal-length sequences of ints), row-major: positions, deltas.
-pub fn int_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<IntArray> {
+/// Every integer-array argument (indices, slots, positions, deltas, grids) goes through here:
+/// an int32/int64 array (CPU, any strides, read through DLPack) or Python ints / sequences of
+/// ints, as row-major `i64`s with their shape, checked against `want`.
+pub fn int_array(obj: &Bound<'_, PyAny>, name: &str, want: IntShape<'_>) -> PyResult<IntArray> {
     if obj.hasattr("__dlpack__")? {
         let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
         let view = tensor.view();
         view.expect_cpu()?;
-        if view.ndim() > 2 {
-            return Err(value_err!(
-                "{name}: expected an int array of rank <= 2, got shape {}",
-                view.shape_str()
-            )
-            .into());
+        match want {
+            IntShape::Any if view.ndim() > 2 => {
+                return Err(value_err!(
+                    "{name}: expected an int array of rank <= 2, got shape {}",
+                    view.shape_str()
+                )
+                .into());
+            }
+            IntShape::Any => {}
+            IntShape::Vector => {
+                view.expect_rank(1, "")?;
+            }
+            IntShape::Table { cols, layout } => {
+                view.expect_rank(2, layout)?;
+                if view.dim(1) != cols {
+                    return Err(value_err!(
+                        "{name}: expected shape {layout}, got {}",
+                        view.shape_str()
+                    )
+                    .into());
+                }
+            }
         }
         return Ok(IntArray {
             values: view.int_values()?,
             shape: view.shape().to_vec(),
         });
     }
-    if let Ok(v) = obj.extract::<i64>() {
-        return Ok(IntArray {
-            values: vec![v],
-            shape: vec![],
-        });
-    }
-    if let Ok(values) = obj.extract::<Vec<i64>>() {
-        let shape = vec![values.len()];
-        return Ok(IntArray { values, shape });
-    }
-    if let Ok(rows) = obj.extract::<Vec<Vec<i64>>>() {
-        let cols = rows.first().map_or(0, |r| r.len());
-        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
-            return Err(value_err!(
-                "{name}[{i}] has {} entries but {name}[0] has {cols}: rows must be equal",
-                row.len()
+    let vector = |values: Vec<i64>| IntArray {
+        shape: vec![values.len()],
+        values,
+    };
+    match want {
+        IntShape::Any => {
+            if let Ok(v) = obj.extract::<i64>() {
+                return Ok(IntArray {
+                    values: vec![v],
+                    shape: vec![],
+                });
+            }
+            if let Ok(values) = obj.extract::<Vec<i64>>() {
+                return Ok(vector(values));
+            }
+            if let Ok(rows) = obj.extract::<Vec<Vec<i64>>>() {
+                let cols = rows.first().map_or(0, |r| r.len());
+                if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
+                    return Err(value_err!(
+                        "{name}[{i}] has {} entries but {name}[0] has {cols}: rows must be equal",
+                        row.len()
+                    )
+                    .into());
+                }
+                let shape = vec![rows.len(), cols];
+                return Ok(IntArray {
+                    values: rows.into_iter().flatten().collect(),
+                    shape,
+                });
+            }
+            Err(type_err!(
+                "{name}: expected an int, an int32/int64 array or a sequence of ints, got {}",
+                type_name(obj)
             )
-            .into());
+            .into())
         }
-        let shape = vec![rows.len(), cols];
-        return Ok(IntArray {
-            values: rows.into_iter().flatten().collect(),
-            shape,
-        });
+        IntShape::Vector => obj.extract::<Vec<i64>>().map(vector).map_err(|_| {
+            type_err!(
+                "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
+                type_name(obj)
+            )
+            .into()
+        }),
+        IntShape::Table { cols, layout } => {
+            let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
+                PyErr::from(type_err!(
+                    "{name}: expected an int32/int64 array {layout} or a sequence of {cols}-tuples of ints, got {}",
+                    type_name(obj)
+                ))
+            })?;
+            if let Some((i, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != cols) {
+                return Err(value_err!(
+                    "{name}[{i}] has {} entries, expected {cols} ({layout})",
+                    row.len()
+                )
+                .into());
+            }
+            let shape = vec![rows.len(), cols];
+            Ok(IntArray {
+                values: rows.concat(),
+                shape,
+            })
+        }
     }
-    Err(type_err!(
-        "{name}: expected an int, an int32/int64 array or a sequence of ints, got {}",
-        type_name(obj)
-    )
-    .into())
 }
 
-/// A table of integers with `cols` columns (e.g. `grid_thw`, `[n, 3]`) given as an int32/int64
-/// array `[n, cols]` or a sequence of `cols`-sequences of ints; `layout` names the columns in
-/// errors (`"[n, 3] of (t, h, w)"`).
+/// [`int_array`] of a vector `[n]` (`indices`-like arguments).
+pub fn int_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
+    Ok(int_array(obj, name, IntShape::Vector)?.values)
+}
+
+/// [`int_array`] of a table `[n, cols]` (e.g. `grid_thw`), one `Vec` per row.
 pub fn int_table_arg(
     obj: &Bound<'_, PyAny>,
     name: &str,
     cols: usize,
     layout: &str,
 ) -> PyResult<Vec<Vec<i64>>> {
-    if obj.hasattr("__dlpack__")? {
-        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
-        let view = tensor.view();
-        view.expect_cpu()?;
-        view.expect_rank(2, layout)?;
-        if view.dim(1) != cols {
-            return Err(
-                value_err!("{name}: expected shape {layout}, got {}", view.shape_str()).into(),
-            );
-        }
-        let flat = view.int_values()?;
-        return Ok(flat.chunks(cols).map(|row| row.to_vec()).collect());
-    }
-    let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
-        PyErr::from(type_err!(
-            "{name}: expected an int32/int64 array {layout} or a sequence of {cols}-tuples of ints, got {}",
-            type_name(obj)
-        ))
-    })?;
-    if let Some((i, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != cols) {
-        return Err(value_err!(
-            "{name}[{i}] has {} entries, expected {cols} ({layout})",
-            row.len()
-        )
-        .into());
-    }
-    Ok(rows)
+    let flat = int_array(obj, name, IntShape::Table { cols, layout })?.values;
+    Ok(flat.chunks(cols.max(1)).map(|row| row.to_vec()).collect())
 }
 
 // ---- export ----
