@@ -141,6 +141,14 @@ def _concat(head: _Layout, tail: _Layout) -> _Layout:
     )
 
 
+def _text_layout(ids: list) -> _Layout:
+    """Text tokens laid out on their own, from position 0 (three equal components)."""
+    torch = _torch()
+    none = torch.zeros(len(ids), dtype=torch.bool)
+    positions = torch.arange(len(ids), dtype=torch.long).expand(3, -1)
+    return _Layout(torch.tensor(ids, dtype=torch.long), positions, [], none, none.clone())
+
+
 _DETECTORS: dict = {}
 
 
@@ -373,21 +381,13 @@ class _Session:
 
     def _append_text(self, ids: list) -> None:
         """Extend the last text block (and the layout) by generated tokens: positions count on."""
-        torch = _torch()
         if not ids:
             return
         if self.blocks and isinstance(self.blocks[-1], _Text):
             self.blocks[-1].ids.extend(ids)
         else:
             self.blocks.append(_Text(list(ids)))
-        lay = self.layout
-        last = int(lay.positions[:, -1].max()) if lay.positions.shape[1] else -1
-        new_pos = torch.arange(last + 1, last + 1 + len(ids), dtype=lay.positions.dtype).expand(3, -1)
-        lay.ids = torch.cat([lay.ids, torch.tensor(ids, dtype=lay.ids.dtype)])
-        lay.positions = torch.cat([lay.positions, new_pos], dim=1)
-        zeros = torch.zeros(len(ids), dtype=torch.bool)
-        lay.image_mask = torch.cat([lay.image_mask, zeros])
-        lay.injected_mask = torch.cat([lay.injected_mask, zeros])
+        self.layout = _concat(self.layout, _text_layout(ids))
 
     def _embeds(self, layout: _Layout, a: int, b: int) -> tuple:
         """(inputs_embeds ``[1, b - a, hidden]`` of layout positions ``a .. b``, DeepStack
