@@ -16,14 +16,20 @@ real tokenizer and processor files from the assets and a real image:
    real reasoning text from the assets' traces), the session is prefilled once, then for each mode
    the state is restored and ``PVCSession.calibrate()`` timed (4x4 pooled image; the median of
    ``--repeats`` runs). ``relocate`` re-encodes everything; ``append`` prefills bridge + image;
-   ``kv`` evicts the image, re-rotates the rest of the cache (tvc-rs kernel on CPU float32; an
-   exact PyTorch path on CUDA) and prefills bridge + image.
+   ``kv`` evicts the image, re-rotates the rest of the cache (tvc-rs: the CPU kernels, or kernels/kv.cu on
+   CUDA) and prefills bridge + image.
 2. End to end. ``--new-tokens`` tokens after the prompt: plain ``model.generate`` (no PVC) against
    ``tvc_rs.hf.generate`` with no calibration (the detector and segment machinery only) and with a
    calibration every ``--period`` tokens in each mode. Tokens per second count the model's own
    tokens; every run generates exactly that many (``min_new_tokens``).
 
+3. ``--layout``: only the sequence layout step (ids and M-RoPE positions on the host) at
+   ``--lengths``, a calibration adding bridge + pooled image to a two-image prompt: laying out the
+   whole sequence again (as before the layout was kept incrementally) against the incremental
+   append (append / relocate modes) and kv's (drop the image blocks, append the tail).
+
 Run: python benches/bench_hf.py            (writes benches/results/hf-cpu.json)
+     python benches/bench_hf.py --layout --lengths 8192,32768   (writes benches/results/hf-layout-cpu.json)
      python benches/bench_hf.py --device cuda --shape 2b   (writes benches/results/hf-cuda-2b.json)
 """
 
@@ -193,6 +199,33 @@ def end_to_end(model, processor, image, question, new_tokens, period, repeats, d
     return rows
 
 
+def layout_costs(model, processor, image, lengths, repeats) -> list:
+    from tvc_rs.hf.session import _concat, _drop_images, _Text
+
+    def median_ms(run) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    rows = []
+    for length in lengths:
+        session = hf.PVCSession(model, processor, [image, image], "Describe the image.",
+                                config=PVCConfig(mode="kv", pool=4))
+        session._append_text(filler_tokens(processor.tokenizer, length - len(session.sequence)))
+        tail = [_Text([1, 2, 3])] + session._pooled_images()  # a bridge and the pooled images
+        whole = median_ms(lambda: session._layout(session.blocks + tail))
+        incremental = median_ms(lambda: _concat(session.layout, session._layout(tail)))
+        kv = median_ms(lambda: _concat(_drop_images(session.layout)[0], session._layout(tail)))
+        rows.append({"context": len(session.sequence), "whole_ms": round(whole, 3),
+                     "incremental_ms": round(incremental, 3), "kv_ms": round(kv, 3),
+                     "whole/incremental": round(whole / incremental, 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -203,6 +236,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--period", type=int, default=24, help="end to end: a calibration every N tokens")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--layout", action="store_true", help="only the layout step's cost (whole vs incremental)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,6 +257,16 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()}", flush=True)
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    device_name = "cpu" if args.device == "cpu" else args.device.split(":")[0]
+    command = " ".join(["python", "benches/bench_hf.py", *sys.argv[1:]])
+    if args.layout:
+        rows = layout_costs(model, processor, image, lengths, max(args.repeats, 5))
+        print()
+        print(markdown_table(rows, ["context", "whole_ms", "incremental_ms", "kv_ms", "whole/incremental"]))
+        path = write_results(f"hf-layout-{device_name}", rows, shape=args.shape, load_average=os.getloadavg(),
+                             command=command)
+        print(f"\nwrote {path}")
+        return
     print("calibration cost:", flush=True)
     costs = calibration_costs(model, processor, image, question, lengths, args.repeats, args.device)
     print("end to end:", flush=True)
@@ -233,12 +277,11 @@ def main() -> None:
                                  "relocate_prefilled", "append_prefilled", "kv_prefilled"]))
     print()
     print(markdown_table(e2e, ["run", "tokens", "calibrations", "tokens_per_s", "vs_plain"]))
-    device_name = "cpu" if args.device == "cpu" else args.device.split(":")[0]
     name = f"hf-{device_name}" if args.shape == "cpu" and device_name == "cpu" else f"hf-{device_name}-{args.shape}"
     extra = {"shape": args.shape, "model": SHAPES[args.shape], "parameters": params, "dtype": str(dtype),
              "device": args.device, "load_average": os.getloadavg(), "repeats": args.repeats,
              "new_tokens": args.new_tokens, "period": args.period, "image_tokens": costs[0]["image_tokens"],
-             "command": " ".join(["python", "benches/bench_hf.py", *sys.argv[1:]])}
+             "command": command}
     if args.device.startswith("cuda"):
         extra["gpu"] = torch.cuda.get_device_name()
     path = write_results(name, [{"table": "calibration", **r} for r in costs] + [{"table": "end_to_end", **r} for r in e2e],
