@@ -151,7 +151,7 @@ pub fn relocate_deltas(
                 format!("({moved},)")
             };
             Err(value_err!(
-                "old_positions has shape {}: expected {expected}, the position ids of the length - end = {moved} entries after the span{}",
+                "old_positions has shape {}: expected {expected}, the position ids of the {moved} entries that move (after one span: length - end){}",
                 tuple_str(shape),
                 if mrope {
                     " as transformers lays them out ([3, n]: t, h, w)"

@@ -146,6 +146,54 @@ fn run<T: Send>(
     }
 }
 
+/// `length` (the valid entries), when given: >= 0.
+fn length_arg(length: Option<Arg<i64>>) -> PyResult<Option<usize>> {
+    match opt_arg(length, "length")? {
+        Some(l) if l < 0 => Err(value_err!("length = {l}: must be >= 0").into()),
+        l => Ok(l.map(|l| l as usize)),
+    }
+}
+
+/// The cache layers, `delta`, `old_positions`, `new_positions` of `relocate_span` /
+/// `relocate_spans`.
+type RelocateArgs<'a, 'py> = (
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    Option<&'a Bound<'py, PyAny>>,
+    Option<&'a Bound<'py, PyAny>>,
+    Option<&'a Bound<'py, PyAny>>,
+);
+
+/// Parses the arguments `relocate_span` and `relocate_spans` share, once, and runs `op` (the
+/// core function) on them.
+fn relocate_call(
+    py: Python<'_>,
+    call: Option<&CudaCall<'_>>,
+    (keys, values, delta, old_positions, new_positions): RelocateArgs<'_, '_>,
+    op: impl FnOnce(
+            &mut [TensorView<'_>],
+            &mut [TensorView<'_>],
+            SpanDeltas<'_>,
+            crate::cuda::Launch<'_>,
+        ) -> crate::error::Result<usize>
+        + Send,
+) -> PyResult<usize> {
+    let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
+    let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
+    let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
+    let old = old_positions
+        .map(|o| host_array(call, o, "old_positions"))
+        .transpose()?;
+    let new = new_positions
+        .map(|n| host_array(call, n, "new_positions"))
+        .transpose()?;
+    let deltas = SpanDeltas::from_args(delta.as_ref().map(DeltaArg::source), old, new)?;
+    let (mut keys, mut values) = (views(&mut k), views(&mut v));
+    run(py, call, |launch| {
+        op(&mut keys, &mut values, deltas, launch)
+    })
+}
+
 // ---- functions ----
 
 /// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
@@ -205,7 +253,6 @@ fn relocate_span(
 ) -> PyResult<usize> {
     let start = start.get("start")?;
     let end = end.get("end")?;
-    let length = opt_arg(length, "length")?;
     let rope = rope_kwargs(
         rope_theta,
         head_dim,
@@ -219,35 +266,11 @@ fn relocate_span(
             "start = {start}, end = {end}: the span [start, end) must lie inside the cache (>= 0)"
         )));
     }
-    if let Some(l) = length {
-        if l < 0 {
-            return Err(value_err!("length = {l}: must be >= 0").into());
-        }
-    }
-    let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
+    let (start, end, length) = (start as usize, end as usize, length_arg(length)?);
     CudaCall::maybe(py, keys, "keys", |call| {
-        let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
-        let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
-        let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
-        let old = old_positions
-            .map(|o| host_array(call, o, "old_positions"))
-            .transpose()?;
-        let new = new_positions
-            .map(|n| host_array(call, n, "new_positions"))
-            .transpose()?;
-        let deltas = SpanDeltas::from_args(delta.as_ref().map(DeltaArg::source), old, new)?;
-        let (mut keys, mut values) = (views(&mut k), views(&mut v));
-        run(py, call, |launch| {
-            kv::relocate_span(
-                &mut keys,
-                &mut values,
-                start,
-                end,
-                length,
-                deltas,
-                &rope,
-                launch,
-            )
+        let moves = (keys, values, delta, old_positions, new_positions);
+        relocate_call(py, call, moves, |keys, values, deltas, launch| {
+            kv::relocate_span(keys, values, start, end, length, deltas, &rope, launch)
         })
     })
 }
@@ -274,7 +297,6 @@ fn relocate_spans(
     mrope_section: Option<Arg<Vec<i64>>>,
     mrope_interleaved: Arg<bool>,
 ) -> PyResult<usize> {
-    let length = opt_arg(length, "length")?;
     let rope = rope_kwargs(
         rope_theta,
         head_dim,
@@ -283,12 +305,7 @@ fn relocate_spans(
         mrope_section,
         mrope_interleaved,
     )?;
-    if let Some(l) = length {
-        if l < 0 {
-            return Err(value_err!("length = {l}: must be >= 0").into());
-        }
-    }
-    let length = length.map(|l| l as usize);
+    let length = length_arg(length)?;
     CudaCall::maybe(py, keys, "keys", |call| {
         let layout = "[n, 2] of (start, end)";
         let rows = match call {
@@ -308,27 +325,9 @@ fn relocate_spans(
                 },
             )
             .collect::<PyResult<Vec<_>>>()?;
-        let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
-        let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
-        let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
-        let old = old_positions
-            .map(|o| host_array(call, o, "old_positions"))
-            .transpose()?;
-        let new = new_positions
-            .map(|n| host_array(call, n, "new_positions"))
-            .transpose()?;
-        let deltas = SpanDeltas::from_args(delta.as_ref().map(DeltaArg::source), old, new)?;
-        let (mut keys, mut values) = (views(&mut k), views(&mut v));
-        run(py, call, |launch| {
-            kv::relocate_spans(
-                &mut keys,
-                &mut values,
-                &spans,
-                length,
-                deltas,
-                &rope,
-                launch,
-            )
+        let moves = (keys, values, delta, old_positions, new_positions);
+        relocate_call(py, call, moves, |keys, values, deltas, launch| {
+            kv::relocate_spans(keys, values, &spans, length, deltas, &rope, launch)
         })
     })
 }
