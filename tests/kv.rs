@@ -445,6 +445,23 @@ fn strided_keys_match_contiguous() {
 
 // ---------------------------------------------------------------- relocate / append
 
+/// One f32 layer over `k` and `v`: keys `shape` with `key_strides`, values the same with head
+/// size `value_dim` and `value_strides`.
+fn kv_layer<'a>(
+    k: &'a mut [f32],
+    v: &'a mut [f32],
+    shape: [usize; 4],
+    key_strides: [isize; 4],
+    value_dim: usize,
+    value_strides: [isize; 4],
+) -> LayerKv<'a, f32> {
+    let [b, h, s, _] = shape;
+    LayerKv {
+        keys: StridedMut::new(k, 0, shape, key_strides, "keys").unwrap(),
+        values: StridedMut::new(v, 0, [b, h, s, value_dim], value_strides, "values").unwrap(),
+    }
+}
+
 fn check_relocate(case: &Case, span: (usize, usize), batch: usize, layers: usize, same: bool) {
     let mut rng = TestRng::from_seed(
         proptest::test_runner::RngAlgorithm::ChaCha,
@@ -514,33 +531,23 @@ fn check_relocate(case: &Case, span: (usize, usize), batch: usize, layers: usize
         let mut views: Vec<LayerKv<f32>> = ks
             .iter_mut()
             .zip(vs.iter_mut())
-            .map(|(k, v)| LayerKv {
-                keys: StridedMut::new(
+            .map(|(k, v)| {
+                let contiguous = |dim: usize| {
+                    [
+                        (heads * seq * dim) as isize,
+                        (seq * dim) as isize,
+                        dim as isize,
+                        1,
+                    ]
+                };
+                kv_layer(
                     k,
-                    0,
-                    [batch, heads, seq, d],
-                    [
-                        (heads * seq * d) as isize,
-                        (seq * d) as isize,
-                        d as isize,
-                        1,
-                    ],
-                    "keys",
-                )
-                .unwrap(),
-                values: StridedMut::new(
                     v,
-                    0,
-                    [batch, heads, seq, dv],
-                    [
-                        (heads * seq * dv) as isize,
-                        (seq * dv) as isize,
-                        dv as isize,
-                        1,
-                    ],
-                    "values",
+                    [batch, heads, seq, d],
+                    contiguous(d),
+                    dv,
+                    contiguous(dv),
                 )
-                .unwrap(),
             })
             .collect();
         let flat: Vec<i64> = deltas3.iter().map(|x| x[0]).collect();
@@ -668,33 +675,21 @@ fn check_relocate_spans(
         let mut views: Vec<LayerKv<f32>> = ks
             .iter_mut()
             .zip(vs.iter_mut())
-            .map(|(k, v)| LayerKv {
-                keys: StridedMut::new(
-                    k,
-                    0,
-                    [batch, heads, seq, d],
-                    [
-                        (heads * seq * d) as isize,
-                        (seq * d) as isize,
-                        d as isize,
-                        1,
-                    ],
-                    "keys",
-                )
-                .unwrap(),
-                values: StridedMut::new(
-                    v,
-                    0,
-                    [batch, heads, seq, dv],
-                    [
-                        (seq * heads * dv) as isize,
-                        dv as isize,
-                        (heads * dv) as isize,
-                        1,
-                    ],
-                    "values",
-                )
-                .unwrap(),
+            .map(|(k, v)| {
+                let keys = [
+                    (heads * seq * d) as isize,
+                    (seq * d) as isize,
+                    d as isize,
+                    1,
+                ];
+                // Values stored [batch, seq, heads, dim].
+                let values = [
+                    (seq * heads * dv) as isize,
+                    dv as isize,
+                    (heads * dv) as isize,
+                    1,
+                ];
+                kv_layer(k, v, [batch, heads, seq, d], keys, dv, values)
             })
             .collect();
         let flat: Vec<i64> = deltas3.iter().map(|x| x[0]).collect();
@@ -739,24 +734,15 @@ fn relocate_spans_bad_spans_write_nothing() {
     let mut v = k.clone();
     let before = (k.clone(), v.clone());
     {
-        let mut layers = vec![LayerKv {
-            keys: StridedMut::new(
-                &mut k,
-                0,
-                [1, 1, seq, d],
-                [(seq * d) as isize, (seq * d) as isize, d as isize, 1],
-                "keys",
-            )
-            .unwrap(),
-            values: StridedMut::new(
-                &mut v,
-                0,
-                [1, 1, seq, d],
-                [(seq * d) as isize, (seq * d) as isize, d as isize, 1],
-                "values",
-            )
-            .unwrap(),
-        }];
+        let strides = [(seq * d) as isize, (seq * d) as isize, d as isize, 1];
+        let mut layers = vec![kv_layer(
+            &mut k,
+            &mut v,
+            [1, 1, seq, d],
+            strides,
+            d,
+            strides,
+        )];
         let cases: Vec<(Vec<(usize, usize)>, Option<usize>, &str)> = vec![
             (
                 vec![(2, 5), (4, 6)],
