@@ -8,13 +8,18 @@ transformers' layout [batch, kv_heads, seq, head_dim] per layer (vLLM: NHD pages
   plain RoPE and M-RoPE (mrope_section [16, 24, 24]).
 - relocate_span: evict a 1296-token image and shift the rest down, re-rotated: `torch.cat` +
   rotate-half against `tvc_rs.relocate_span` (in place).
+- relocate_spans: evict 3 image blocks in one pass (float32 and bfloat16, M-RoPE (t,h,w) deltas):
+  `tvc_rs.relocate_spans` against `tvc_rs.relocate_span` once per block (the first call rotating
+  every later entry to its final position, the others only shifting) and against PyTorch the way
+  a user writes it: `index_select` of the kept entries + a float32 rotate-half + `torch.cat`.
 - paged reinject: the same move in a vLLM 0.33 paged cache: advanced-index gather, rotate-half,
   scatter against `tvc_rs.paged_reinject`.
 
 Each operation is checked for equal results first, then timed; throughput is reported as a share
 of this machine's copy bandwidth (`memcpy_bandwidth()`, measured in the same run).
 
-Run: python benches/bench_kv.py  (writes benches/results/kv-cpu.json)
+Run: python benches/bench_kv.py  (writes benches/results/kv-cpu.json);
+python benches/bench_kv.py --only spans  (the relocate_spans rows alone: kv-spans-cpu.json)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ LAYERS, KV_HEADS, SEQ, HEAD_DIM = 28, 4, 8192, 128
 THETA = 1_000_000.0
 SECTIONS = [16, 24, 24]
 IMAGE_START, IMAGE_TOKENS = 64, 1296
+SPAN_GAP = 2400  # relocate_spans: blocks at 64, 2464, 4864
 BLOCK = 16
 
 
@@ -100,6 +106,92 @@ def time_pair(reference, ours, rounds: int = 5) -> tuple[float, float]:
     return statistics.median(ref_times), statistics.median(our_times)
 
 
+def torch_relocate_spans(keys, values, kept, start, delta):
+    """PyTorch: gather the kept entries from `start` on, rotate them in float32, concatenate."""
+    cos, sin = cos_sin(delta, True)
+    out_k, out_v = [], []
+    for k, v in zip(keys, values):
+        moved = k.index_select(2, kept).float()
+        out_k.append(torch.cat([k[:, :, :start], (moved * cos + rotate_half(moved) * sin).to(k.dtype)], dim=2))
+        out_v.append(torch.cat([v[:, :, :start], v.index_select(2, kept)], dim=2))
+    return out_k, out_v
+
+
+def repeated_relocate_span(keys, values, spans, delta):
+    """One relocate_span per block, first to last, as hf/session.py did before relocate_spans:
+    the first call rotates every later entry to its final delta (the later blocks' entries by 0:
+    they go next), the later calls only shift."""
+    moved = torch.ones(SEQ, dtype=torch.bool)
+    moved[: spans[0][0]] = False
+    for s, e in spans:
+        moved[s:e] = False
+    full = torch.zeros(SEQ, 3, dtype=torch.int64)
+    full[moved] = delta
+    length, dropped = SEQ, 0
+    for s, e in spans:
+        d = full[e:] if dropped == 0 else 0
+        length = tvc_rs.relocate_span(keys, values, s - dropped, e - dropped, delta=d, length=length, **rope_kwargs(True))
+        dropped += e - s
+    return length
+
+
+def time_three(reference, *ours, rounds: int = 5) -> list[float]:
+    """Median seconds per call of each, measured alternately (as time_pair)."""
+    fns = [reference, *ours]
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(1 if i == 0 else 3):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def bench_spans(keys, values, g, bandwidth) -> list[dict]:
+    """3 image blocks evicted at once, float32 and bfloat16."""
+    spans = [(IMAGE_START + i * SPAN_GAP, IMAGE_START + i * SPAN_GAP + IMAGE_TOKENS) for i in range(3)]
+    kept_mask = torch.ones(SEQ, dtype=torch.bool)
+    kept_mask[: spans[0][0]] = False
+    for s, e in spans:
+        kept_mask[s:e] = False
+    kept = kept_mask.nonzero()[:, 0]
+    moved = len(kept)
+    start = spans[0][0]
+    delta = torch.from_numpy(g.integers(-6000, 0, (moved, 3)))
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        k0 = [k.to(dtype) for k in keys]
+        v0 = [v.to(dtype) for v in values]
+        size = k0[0].element_size()
+        moved_bytes = 2 * 2 * LAYERS * KV_HEADS * moved * HEAD_DIM * size  # K and V, read and write
+        wk, wv = [k.clone() for k in k0], [v.clone() for v in v0]
+        rk, rv = [k.clone() for k in k0], [v.clone() for v in v0]
+        new_len = tvc_rs.relocate_spans(wk, wv, spans, delta=delta, **rope_kwargs(True))
+        assert repeated_relocate_span(rk, rv, spans, delta) == new_len == start + moved
+        ref_k, ref_v = torch_relocate_spans(k0, v0, kept, start, delta)
+        diff = max(
+            max((a[:, :, :new_len].float() - b.float()).abs().max().item() for a, b in zip(wk, ref_k)),
+            max((a[:, :, :new_len].float() - b.float()).abs().max().item() for a, b in zip(wv, ref_v)),
+        )
+        diff_repeated = max((a[:, :, :new_len].float() - b[:, :, :new_len].float()).abs().max().item() for a, b in zip(wk, rk))
+        del ref_k, ref_v
+        t_torch, t_rs, t_rep = time_three(
+            lambda: torch_relocate_spans(k0, v0, kept, start, delta),
+            lambda: tvc_rs.relocate_spans(wk, wv, spans, delta=delta, **rope_kwargs(True)),
+            lambda: repeated_relocate_span(rk, rv, spans, delta),
+        )
+        name = f"M-RoPE (t,h,w), {str(dtype).split('.')[-1]}"
+        r = row("relocate_spans (3 x 1296-token images)", name, moved_bytes, t_torch, t_rs, bandwidth, diff)
+        r.update({"relocate_span x3 s": t_rep, "speedup vs relocate_span x3": t_rep / t_rs,
+                  "max |diff| vs relocate_span x3": diff_repeated})
+        rows.append(r)
+        del k0, v0, wk, wv, rk, rv
+    return rows
+
+
 def rope_kwargs(mrope: bool) -> dict:
     return dict(rope_theta=THETA, head_dim=HEAD_DIM, mrope_section=SECTIONS if mrope else None)
 
@@ -120,6 +212,7 @@ def row(operation, variant, nbytes, t_torch, t_rs, bandwidth, max_diff):
 
 
 def main() -> None:
+    only_spans = sys.argv[1:] == ["--only", "spans"]
     torch.manual_seed(0)
     g = np.random.default_rng(0)
     bandwidth = memcpy_bandwidth()
@@ -127,6 +220,17 @@ def main() -> None:
     rows = []
     keys = [torch.randn(1, KV_HEADS, SEQ, HEAD_DIM) for _ in range(LAYERS)]
     values = [torch.randn(1, KV_HEADS, SEQ, HEAD_DIM) for _ in range(LAYERS)]
+    if only_spans:
+        rows = bench_spans(keys, values, g, bandwidth)
+        columns = ["operation", "variant", "MB moved", "torch s", "tvc_rs s", "relocate_span x3 s", "speedup",
+                   "speedup vs relocate_span x3", "tvc_rs GB/s", "tvc_rs share of memcpy", "max |diff|",
+                   "max |diff| vs relocate_span x3"]
+        print(markdown_table(rows, columns))
+        path = write_results("kv-spans-cpu", rows, memcpy_bandwidth_bytes_per_s=bandwidth,
+                             shape=dict(layers=LAYERS, kv_heads=KV_HEADS, seq=SEQ, head_dim=HEAD_DIM, spans=3,
+                                        image_tokens=IMAGE_TOKENS), command="python benches/bench_kv.py --only spans")
+        print(f"written {path}")
+        return
     key_bytes = sum(k.numel() * k.element_size() for k in keys)
 
     # ---- re-rotate every key
@@ -183,6 +287,9 @@ def main() -> None:
         )
         rows.append(row("relocate_span (1296-token image)", name, moved_bytes, t_torch, t_rs, bandwidth, diff))
         del wk, wv, ref_k, ref_v
+
+    # ---- relocate_spans: 3 image blocks in one pass
+    rows += bench_spans(keys, values, g, bandwidth)
 
     # ---- paged reinject: vLLM 0.33 NHD pages, the same move
     del values

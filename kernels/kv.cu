@@ -107,6 +107,9 @@ struct RelocateArgs {
     i64 value_strides[4];
     i64 start, end, moved;
     i64 seg_rows;          // moved rows per block (all of them when moves overlap)
+    i64 removed;           // rows evicted (0: nothing moves, keys may still rotate in place)
+    i64 n_runs;            // 1: moved row t comes from end + t; more: from the table `runs`
+    const i64* runs;       // per span (first, end): rows t >= first come from end + (t - first)
     DeltaArgs delta;
     AngleSource angles;
     RopeArgs rope;
@@ -114,10 +117,23 @@ struct RelocateArgs {
     int pad;
 };
 
+// The source row of moved entry t: one span, end + t; several, the last run starting at or
+// before t (runs of evicted spans that end next to another are empty and share `first`).
+__device__ __forceinline__ i64 source_row(const RelocateArgs& a, i64 t) {
+    if (a.n_runs <= 1) return a.end + t;
+    int lo = 0, hi = (int)a.n_runs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (a.runs[2 * mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return a.runs[2 * lo + 1] + (t - a.runs[2 * lo]);
+}
+
 // One block per (layer, batch, head, keys|values) lane and segment of rows. Rows go up in
 // order, a tile at a time: the whole tile is loaded (and rotated) into registers, the block
 // synchronises, then the tile is stored. A row is only ever written after every row that reads
-// it was loaded (destinations lie below their sources), so overlapping moves are safe.
+// it was loaded (destinations lie at or below their sources, in the same order), so
+// overlapping moves are safe, several spans included.
 template <typename T, int W, bool CONTIG, bool INTERLEAVED>
 __device__ void relocate(const RelocateArgs& a) {
     extern __shared__ float2 table[];
@@ -125,7 +141,7 @@ __device__ void relocate(const RelocateArgs& a) {
     const int part = blockIdx.x & 1;
     const int lane = blockIdx.x >> 1;
     const int h = lane % a.heads, b = (lane / a.heads) % a.batch, l = lane / (a.heads * a.batch);
-    if (part == 1 && a.start == a.end) return;  // values stay where they are
+    if (part == 1 && a.removed == 0) return;  // values stay where they are
     if (part == 0) {
         table_fill(a.rope, a.delta, a.angles, table, identity);
         __syncthreads();
@@ -150,14 +166,16 @@ __device__ void relocate(const RelocateArgs& a) {
             int item;
             split_index(idx, items, t, item);
             t += r0;
-            const T* src = base + (a.end + t) * s[2];
+            const i64 row = source_row(a, t);
+            const bool in_place = row == a.start + t;
+            const T* src = base + row * s[2];
             if (part == 1 || item >= rot) {
-                if (a.start == a.end) continue;  // unrotated data moved onto itself
+                if (in_place) continue;  // unrotated data moved onto itself
                 load_pass<T, W, CONTIG>(src, s[3], part ? 0 : 2 * a.rope.half, dim, item - rot, it[k]);
             } else {
                 float2 local[W];
                 const float2* cs = unit_angles<INTERLEAVED, W>(a.rope, a.delta, a.angles, table, identity, t, item, local);
-                if (cs == nullptr && a.start == a.end) continue;  // in place and unrotated: nothing to do
+                if (cs == nullptr && in_place) continue;  // in place and unrotated: nothing to do
                 load_key_item<T, W, CONTIG, INTERLEAVED>(src, s[3], item, a.rope.half, dim, cs, it[k]);
             }
         }

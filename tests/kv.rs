@@ -5,7 +5,9 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::TestRng;
 use tvc_rs::dtype::Float;
-use tvc_rs::kv::cpu::{append_entries, paged_reinject, relocate_span, rerotate_keys};
+use tvc_rs::kv::cpu::{
+    append_entries, paged_reinject, relocate_span, relocate_spans, rerotate_keys,
+};
 use tvc_rs::kv::*;
 use tvc_rs::Error;
 
@@ -308,6 +310,11 @@ proptest! {
     }
 
     #[test]
+    fn relocate_spans_matches_reference(case in case(), cuts in proptest::collection::vec(0usize..12, 0..8), batch in 1usize..3, layers in 1usize..3, shift in any::<bool>()) {
+        check_relocate_spans(&case, cuts, batch, layers, shift);
+    }
+
+    #[test]
     fn paged_round_trip_every_layout(case in case(), blocks in 1usize..6, block_size in 1usize..5, layout in 0usize..4, mode in 0usize..4) {
         check_paged(&case, blocks, block_size, layout, mode);
     }
@@ -438,6 +445,23 @@ fn strided_keys_match_contiguous() {
 
 // ---------------------------------------------------------------- relocate / append
 
+/// One f32 layer over `k` and `v`: keys `shape` with `key_strides`, values the same with head
+/// size `value_dim` and `value_strides`.
+fn kv_layer<'a>(
+    k: &'a mut [f32],
+    v: &'a mut [f32],
+    shape: [usize; 4],
+    key_strides: [isize; 4],
+    value_dim: usize,
+    value_strides: [isize; 4],
+) -> LayerKv<'a, f32> {
+    let [b, h, s, _] = shape;
+    LayerKv {
+        keys: StridedMut::new(k, 0, shape, key_strides, "keys").unwrap(),
+        values: StridedMut::new(v, 0, [b, h, s, value_dim], value_strides, "values").unwrap(),
+    }
+}
+
 fn check_relocate(case: &Case, span: (usize, usize), batch: usize, layers: usize, same: bool) {
     let mut rng = TestRng::from_seed(
         proptest::test_runner::RngAlgorithm::ChaCha,
@@ -507,33 +531,23 @@ fn check_relocate(case: &Case, span: (usize, usize), batch: usize, layers: usize
         let mut views: Vec<LayerKv<f32>> = ks
             .iter_mut()
             .zip(vs.iter_mut())
-            .map(|(k, v)| LayerKv {
-                keys: StridedMut::new(
+            .map(|(k, v)| {
+                let contiguous = |dim: usize| {
+                    [
+                        (heads * seq * dim) as isize,
+                        (seq * dim) as isize,
+                        dim as isize,
+                        1,
+                    ]
+                };
+                kv_layer(
                     k,
-                    0,
-                    [batch, heads, seq, d],
-                    [
-                        (heads * seq * d) as isize,
-                        (seq * d) as isize,
-                        d as isize,
-                        1,
-                    ],
-                    "keys",
-                )
-                .unwrap(),
-                values: StridedMut::new(
                     v,
-                    0,
-                    [batch, heads, seq, dv],
-                    [
-                        (heads * seq * dv) as isize,
-                        (seq * dv) as isize,
-                        dv as isize,
-                        1,
-                    ],
-                    "values",
+                    [batch, heads, seq, d],
+                    contiguous(d),
+                    dv,
+                    contiguous(dv),
                 )
-                .unwrap(),
             })
             .collect();
         let flat: Vec<i64> = deltas3.iter().map(|x| x[0]).collect();
@@ -564,6 +578,200 @@ fn check_relocate(case: &Case, span: (usize, usize), batch: usize, layers: usize
             }
         }
     }
+}
+
+/// Several spans out in one pass: spans from sorted cut points (pairs, adjacent and empty ones
+/// included), values seen through a [batch, seq, heads, dim] layout (strided).
+fn check_relocate_spans(
+    case: &Case,
+    mut cuts: Vec<usize>,
+    batch: usize,
+    layers: usize,
+    shift: bool,
+) {
+    let mut rng = TestRng::from_seed(
+        proptest::test_runner::RngAlgorithm::ChaCha,
+        &case.seed.to_le_bytes().repeat(4),
+    );
+    let (heads, d, seq) = (case.heads.max(1), case.head_dim, case.tokens);
+    cuts.iter_mut().for_each(|c| *c = (*c).min(seq));
+    cuts.sort_unstable();
+    let spans: Vec<(usize, usize)> = cuts.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+    let length = seq;
+    let start = spans.first().map_or(length, |s| s.0);
+    let kept: Vec<usize> = (start..length)
+        .filter(|&p| !spans.iter().any(|&(s, e)| s <= p && p < e))
+        .collect();
+    let plain = case.sections.is_none() || shift;
+    let deltas3: Vec<[i64; 3]> = kept
+        .iter()
+        .map(|&p| {
+            if plain && shift {
+                let gone: usize = spans
+                    .iter()
+                    .filter(|s| s.0 <= p)
+                    .map(|s| s.1.min(p) - s.0)
+                    .sum();
+                [-(gone as i64); 3]
+            } else if plain {
+                [rng.random_range(-500..500); 3]
+            } else {
+                [0, 1, 2].map(|_| rng.random_range(-500..500))
+            }
+        })
+        .collect();
+    let reference = RefRope::new(
+        case.theta,
+        case.rotary_dim,
+        case.interleaved,
+        case.sections.as_deref(),
+    );
+    let rope = rope_of(
+        case.theta,
+        d,
+        case.rotary_dim,
+        case.interleaved,
+        case.sections.clone(),
+    );
+    let dv = d + 2;
+    let mut ks: Vec<Vec<f32>> = (0..layers)
+        .map(|_| {
+            (0..batch * heads * seq * d)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        })
+        .collect();
+    let mut vs: Vec<Vec<f32>> = (0..layers)
+        .map(|_| {
+            (0..batch * seq * heads * dv)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        })
+        .collect();
+    let k_at = |b: usize, h: usize, p: usize| ((b * heads + h) * seq + p) * d;
+    let v_at = |b: usize, h: usize, p: usize| ((b * seq + p) * heads + h) * dv;
+    let mut want_k = ks.clone();
+    let mut want_v = vs.clone();
+    for l in 0..layers {
+        for b in 0..batch {
+            for h in 0..heads {
+                for (t, &p) in kept.iter().enumerate() {
+                    let src: Vec<f64> = ks[l][k_at(b, h, p)..][..d]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect();
+                    let rot = reference.apply(&src, deltas3[t]);
+                    for k in 0..d {
+                        want_k[l][k_at(b, h, start + t) + k] = rot[k] as f32;
+                    }
+                    for k in 0..dv {
+                        want_v[l][v_at(b, h, start + t) + k] = vs[l][v_at(b, h, p) + k];
+                    }
+                }
+            }
+        }
+    }
+    let new_len = {
+        let mut views: Vec<LayerKv<f32>> = ks
+            .iter_mut()
+            .zip(vs.iter_mut())
+            .map(|(k, v)| {
+                let keys = [
+                    (heads * seq * d) as isize,
+                    (seq * d) as isize,
+                    d as isize,
+                    1,
+                ];
+                // Values stored [batch, seq, heads, dim].
+                let values = [
+                    (seq * heads * dv) as isize,
+                    dv as isize,
+                    (heads * dv) as isize,
+                    1,
+                ];
+                kv_layer(k, v, [batch, heads, seq, d], keys, dv, values)
+            })
+            .collect();
+        let flat: Vec<i64> = deltas3.iter().map(|x| x[0]).collect();
+        let deltas = if plain {
+            Deltas::PerToken(&flat)
+        } else {
+            Deltas::PerTokenThw(&deltas3)
+        };
+        relocate_spans(&mut views, &spans, None, deltas, &rope).unwrap()
+    };
+    assert_eq!(new_len, start + kept.len());
+    for l in 0..layers {
+        for b in 0..batch {
+            for h in 0..heads {
+                for p in 0..seq {
+                    for k in 0..d {
+                        let i = k_at(b, h, p) + k;
+                        let tol = if p < new_len { 2e-6 } else { 0.0 };
+                        let want = if p < new_len { want_k[l][i] } else { ks[l][i] };
+                        assert!(
+                            (ks[l][i] as f64 - want as f64).abs() <= tol,
+                            "layer {l} row {p}"
+                        );
+                    }
+                    if p < new_len {
+                        for k in 0..dv {
+                            let i = v_at(b, h, p) + k;
+                            assert_eq!(vs[l][i], want_v[l][i], "values layer {l} row {p}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn relocate_spans_bad_spans_write_nothing() {
+    let (seq, d) = (10, 8);
+    let rope = rope_of(10000.0, d, d, false, None);
+    let mut k: Vec<f32> = (0..seq * d).map(|x| x as f32).collect();
+    let mut v = k.clone();
+    let before = (k.clone(), v.clone());
+    {
+        let strides = [(seq * d) as isize, (seq * d) as isize, d as isize, 1];
+        let mut layers = vec![kv_layer(
+            &mut k,
+            &mut v,
+            [1, 1, seq, d],
+            strides,
+            d,
+            strides,
+        )];
+        let cases: Vec<(Vec<(usize, usize)>, Option<usize>, &str)> = vec![
+            (
+                vec![(2, 5), (4, 6)],
+                None,
+                "spans[1] = (4, 6) starts before spans[0] = (2, 5) ends",
+            ),
+            (
+                vec![(5, 3)],
+                None,
+                "spans[0] = (5, 3): the span [start, end) needs start <= end",
+            ),
+            (
+                vec![(1, 2), (8, 11)],
+                None,
+                "spans[1] = (8, 11): end must be <= length = 10",
+            ),
+            (vec![(1, 2)], Some(11), "length = 11"),
+        ];
+        for (spans, length, msg) in cases {
+            let e =
+                relocate_spans(&mut layers, &spans, length, Deltas::Same(0), &rope).unwrap_err();
+            assert!(e.to_string().contains(msg), "{e} lacks {msg}");
+        }
+        assert_eq!(
+            relocate_spans(&mut layers, &[], None, Deltas::Same(3), &rope).unwrap(),
+            seq
+        );
+    }
+    assert_eq!((k, v), before);
 }
 
 #[test]

@@ -42,7 +42,8 @@ from tvc_rs import (
 
 # The references of the CPU tests (tests/ is on sys.path under pytest's default import mode).
 from test_compress import TOLERANCE, cells_reference, merge_reference, pool_reference, scores_reference, select_reference
-from test_kv import ATOL, paged_cache, read_slots, ref_relocate, ref_rotate, rope_cases, write_slots
+from test_kv import (ATOL, paged_cache, read_slots, ref_relocate, ref_relocate_spans, ref_rotate, rope_cases, shift_deltas,
+                     span_lists, write_slots)
 
 RUNTIME = tvc_cuda.info()
 HAS_GPU = torch.cuda.is_available() and RUNTIME["device_count"] > 0
@@ -378,6 +379,67 @@ def test_relocate_long_cache(device, dtype, span, family):
     delta = np.array([-3, -17, -8])
     new_len = relocate_span(keys, values, start, end, delta=np.tile(delta, (seq - end, 1)), **case)
     want_k, want_v = ref_relocate(kb, vb, start, end, seq, np.tile(delta, (seq - end, 1)), dict(case, rotary_dim=128))
+    for l in range(2):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    case=rope_cases(),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    layers=st.integers(1, 3),
+    seq=st.integers(0, 90),
+    dtype=st.sampled_from(DTYPES),
+    delta_kind=st.sampled_from(["default", "int", "per_token", "thw", "device"]),
+    seed=st.integers(0, 2**32 - 1),
+    device=st.sampled_from(["cpu", "cuda"] if HAS_GPU else ["cpu"]),
+)
+def test_relocate_spans(data, case, batch, heads, layers, seq, dtype, delta_kind, seed, device):
+    """Several spans in one call (adjacent and empty ones included), spans given as host data."""
+    g = rng(seed)
+    spans, length = data.draw(span_lists(seq))
+    start = spans[0][0] if spans else length
+    kept = [p for p in range(start, length) if not any(s <= p < e for s, e in spans)]
+    mrope = case["mrope_section"] is not None
+    d = case["head_dim"]
+    keys = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype, device) for _ in range(layers)]
+    values = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d + 2)), dtype, device) for _ in range(layers)]
+    kb, vb = [f64(k) for k in keys], [f64(v) for v in values]
+    kwargs = {}
+    if delta_kind == "default" and not mrope:
+        delta = shift_deltas(spans, kept)
+    else:
+        kwargs["delta"], delta = delta_for({"default": "per_token"}.get(delta_kind, delta_kind), g, len(kept), mrope, 1000, device)
+    new_len = tvc_rs.relocate_spans(keys, values, spans, length=length, **kwargs, **rope_kwargs(case))
+    assert new_len == start + len(kept)
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, length, delta if kept else 0, case)
+    for l in range(layers):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+        np.testing.assert_array_equal(f64(keys[l])[:, :, length:], kb[l][:, :, length:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spans", [[(40, 100), (300, 900), (1000, 1010)], [(10, 1200), (1300, 1310), (1310, 1320)]],
+                         ids=["overlapping", "segments"])
+def test_relocate_spans_long_cache(device, dtype, spans):
+    """Qwen2-VL shapes, 3 spans: sources overlapping destinations (one block per lane) and not
+    (rows split over blocks, each looking its run up)."""
+    g = rng(spans[0][1])
+    case = dict(rope_theta=1e6, head_dim=128, mrope_section=[16, 24, 24])
+    seq = 1500
+    keys = [tensor(g.uniform(-1, 1, size=(1, 4, seq, 128)), dtype, device) for _ in range(2)]
+    values = [tensor(g.uniform(-1, 1, size=(1, 4, seq, 128)), dtype, device) for _ in range(2)]
+    kb, vb = [f64(k) for k in keys], [f64(v) for v in values]
+    n = seq - spans[0][0] - sum(e - s for s, e in spans)
+    delta = g.integers(-3000, 0, size=(n, 3))
+    new_len = tvc_rs.relocate_spans(keys, values, spans, delta=delta, **case)
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, seq, delta, dict(case, rotary_dim=128))
+    assert new_len == spans[0][0] + n
     for l in range(2):
         np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
         np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 import cuda_host
 from cuda_host import launches as L
 from test_compress import TOLERANCE, cells_reference, merge_reference, pool_reference, scores_reference, select_reference
-from test_kv import ATOL, paged_cache, read_slots, ref_relocate, ref_rotate, rope_cases, write_slots
+from test_kv import (ATOL, paged_cache, read_slots, ref_relocate, ref_relocate_spans, ref_rotate, rope_cases, shift_deltas,
+                     span_lists, write_slots)
 
 pytestmark = pytest.mark.skipif(cuda_host.compiler() is None, reason="no g++: the host build of the CUDA kernels needs one")
 
@@ -398,6 +399,73 @@ def test_relocate_long_cache(dtype, span):
     delta = np.tile(np.array([-3, -17, -8]), (seq - end, 1))
     new_len = L.relocate(keys, values, start, end, seq, L.Deltas("host", delta), rope_args(case))
     want_k, want_v = ref_relocate(kb, vb, start, end, seq, delta, case)
+    for l in range(2):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+
+
+@settings(max_examples=EXAMPLES, **SETTINGS)
+@given(
+    data=st.data(),
+    case=rope_cases(),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    layers=st.integers(1, 3),
+    seq=st.integers(0, 90),
+    dtype=st.sampled_from(DTYPES),
+    delta_kind=st.sampled_from(["default", "int", "per_token", "many", "thw", "device", "device-thw"]),
+    multiprocessors=st.sampled_from([1, 132]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_relocate_spans(data, case, batch, heads, layers, seq, dtype, delta_kind, multiprocessors, seed):
+    """Several spans in one launch (kv.rs `relocate_spans`): adjacent and empty spans, one span
+    (no run table), overlapping moves (one block per lane) and moves split over row segments."""
+    g = rng(seed)
+    spans, length = data.draw(span_lists(seq))
+    start = spans[0][0] if spans else length
+    kept = [p for p in range(start, length) if not any(s <= p < e for s, e in spans)]
+    n = len(kept)
+    mrope = case["mrope_section"] is not None
+    d = case["head_dim"]
+    keys = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d)), dtype) for _ in range(layers)]
+    values = [tensor(g.uniform(-1, 1, size=(batch, heads, seq, d + 2)), dtype) for _ in range(layers)]
+    kb, vb = [f64(k) for k in keys], [f64(v) for v in values]
+    if delta_kind == "default" and not mrope:
+        delta = shift_deltas(spans, kept)
+        deltas = L.Deltas("host", delta)
+    elif delta_kind == "many":
+        delta = g.integers(-1000, 1000, size=n)
+        deltas = L.Deltas("host", delta)
+    else:
+        deltas, delta = deltas_of({"default": "per_token"}.get(delta_kind, delta_kind), g, n, mrope, 1000)
+    new_len = L.relocate_spans(keys, values, spans, length, deltas, rope_args(case), multiprocessors)
+    assert new_len == start + n
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, length, delta if n else 0, case)
+    for l in range(layers):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+        np.testing.assert_array_equal(f64(keys[l])[:, :, length:], kb[l][:, :, length:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spans", [[(40, 100), (300, 900), (1000, 1010)], [(10, 1200), (1300, 1310), (1310, 1320)]],
+                         ids=["overlapping", "segments"])
+@pytest.mark.parametrize("rope", ["qwen2-vl", "glm4v-gptj-partial"])
+def test_relocate_spans_long_cache(dtype, spans, rope):
+    """Many tiles per lane and a run table: sources overlapping destinations (one block per lane,
+    order matters) and not (rows split over blocks, each looking its runs up); GQA-sized heads."""
+    g = rng(len(spans[0]) + spans[0][1])
+    case = (dict(rope_theta=1e6, head_dim=128, rotary_dim=128, mrope_section=[16, 24, 24]) if rope == "qwen2-vl" else
+            dict(rope_theta=1e4, head_dim=128, rotary_dim=64, interleaved=True, mrope_section=[8, 12, 12]))
+    seq = 1500
+    keys = [tensor(g.uniform(-1, 1, size=(1, 2, seq, 128)), dtype) for _ in range(2)]
+    values = [tensor(g.uniform(-1, 1, size=(1, 2, seq, 128)), dtype) for _ in range(2)]
+    kb, vb = [f64(k) for k in keys], [f64(v) for v in values]
+    n = seq - spans[0][0] - sum(e - s for s, e in spans)
+    delta = g.integers(-3000, 0, size=(n, 3))
+    new_len = L.relocate_spans(keys, values, spans, seq, L.Deltas("host", delta), rope_args(case))
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, seq, delta, case)
+    assert new_len == spans[0][0] + n
     for l in range(2):
         np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[dtype], rtol=0)
         np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])

@@ -531,16 +531,16 @@ def test_compression_and_kv_run_in_tvc_rs_on_the_model_device(model_dirs, clevr,
     processor = processor_for(model_dirs, "qwen2_vl")
     script = trace_tokens(processor, 40, min_hits=0)
     calls: list = []
-    names = ["pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "relocate_span", "rerotate_keys"]
+    names = ["pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "relocate_spans", "rerotate_keys"]
     for name in names:
         real = getattr(session_module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            if _name == "relocate_span":  # the kv session's cache layers as they are now?
+            if _name == "relocate_spans":  # the kv session's cache layers as they are now?
                 layers = sessions["kv"].cache.layers
                 in_place = all(k is layer.keys for k, layer in zip(args[0], layers))
                 in_place &= all(v is layer.values for v, layer in zip(args[1], layers))
-                assert in_place and len(args[0]) == len(layers), "relocate_span was not given the cache's own layers"
+                assert in_place and len(args[0]) == len(layers), "relocate_spans was not given the cache's own layers"
             calls.append((_name, args))
             return _real(*args, **kwargs)
 
@@ -556,10 +556,13 @@ def test_compression_and_kv_run_in_tvc_rs_on_the_model_device(model_dirs, clevr,
             s.calibrate()
         kv, rel = sessions["kv"], sessions["relocate"]
         called = {name for name, _ in calls}
-        want = {"relocate_span"} | ({"pool_visual_tokens"} if compression == "pool" and a == 0 else set())
+        want = {"relocate_spans"} | ({"pool_visual_tokens"} if compression == "pool" and a == 0 else set())
         if compression == "prune":
             want |= {"rerotate_keys", "visual_token_scores", "select_tokens", "prune_visual_tokens"}
         assert want <= called, f"not called: {want - called}"
+        # Every image block (two images: two or more) leaves the cache in one call.
+        evictions = [args[2] for name, args in calls if name == "relocate_spans"]
+        assert len(evictions) == 1 and len(evictions[0]) >= 2, evictions
         for name, args in calls:
             first = args[0]
             tensors = list(first) if isinstance(first, (list, tuple)) else [first]

@@ -696,3 +696,170 @@ def test_paged_bad_input(layout):
 def test_exports():
     for name in ["rerotate_keys", "relocate_span", "append_entries", "paged_reinject"]:
         assert name in tvc_rs.__all__ and getattr(tvc_rs, name).__doc__
+
+
+# ------------------------------------------------------------------ relocate_spans
+
+
+def ref_relocate_spans(keys, values, spans, length, delta, case):
+    """Several spans out at once: the kept entries from the first span's start on, gathered
+    (index_select-style) and rotated in float64; keys/values [batch, heads, seq, dim] arrays."""
+    start = spans[0][0] if spans else length
+    kept = [p for p in range(start, length) if not any(s <= p < e for s, e in spans)]
+    out_k, out_v = [], []
+    for k, v in zip(keys, values):
+        moved = np.moveaxis(k[:, :, kept], 2, 0)
+        rotated = np.moveaxis(ref_rotate(moved, delta, **case), 0, 2) if kept else k[:, :, :0]
+        out_k.append(np.concatenate([k[:, :, :start], rotated], axis=2))
+        out_v.append(np.concatenate([v[:, :, :start], v[:, :, kept]], axis=2))
+    return out_k, out_v, kept
+
+
+def shift_deltas(spans, kept):
+    """Plain RoPE: each kept entry moves back by the entries evicted before it."""
+    return np.array([-sum(min(e, p) - s for s, e in spans if s <= p) for p in kept], np.int64)
+
+
+@st.composite
+def span_lists(draw, seq):
+    """Sorted, disjoint spans inside [0, seq] (adjacent and empty ones included), and a length."""
+    cuts = sorted(draw(st.lists(st.integers(0, seq), min_size=0, max_size=8)))
+    pairs = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    if pairs and draw(st.booleans()):  # make two spans adjacent
+        i = draw(st.integers(0, len(pairs) - 1))
+        if i + 1 < len(pairs):
+            pairs[i] = (pairs[i][0], pairs[i + 1][0])
+    ends = [e for _, e in pairs]
+    length = draw(st.integers(max(ends, default=0), seq))
+    return pairs, length
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    case=rope_cases(),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    layers=st.integers(1, 3),
+    seq=st.integers(0, 24),
+    kind=st.sampled_from(KINDS),
+    delta_kind=st.sampled_from(["default", "int", "per_token", "thw", "positions", "array"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_relocate_spans_matches_reference(data, case, batch, heads, layers, seq, kind, delta_kind, seed):
+    g = rng(seed)
+    spans, length = data.draw(span_lists(seq))
+    mrope = case["mrope_section"] is not None
+    if delta_kind == "default" and mrope or delta_kind == "thw" and not mrope:
+        delta_kind = "per_token"
+    d = case["head_dim"]
+    keys = [make(g.uniform(-1, 1, size=(batch, heads, seq, d)), kind) for _ in range(layers)]
+    values = [make(g.uniform(-1, 1, size=(batch, heads, seq, d + 2)), kind) for _ in range(layers)]
+    kb, vb = snapshot(keys), snapshot(values)
+    start = spans[0][0] if spans else length
+    n = (length - start) - sum(e - s for s, e in spans)
+    kwargs = {}
+    if delta_kind == "default":
+        delta = None
+    elif delta_kind == "int":
+        delta = kwargs["delta"] = int(g.integers(-1000, 1000))
+    elif delta_kind == "per_token":
+        delta = kwargs["delta"] = g.integers(-1000, 1000, size=n)
+    elif delta_kind == "thw":
+        delta = kwargs["delta"] = g.integers(-1000, 1000, size=(n, 3))
+    elif delta_kind == "positions":
+        old = g.integers(0, 5000, size=(3, n) if mrope else (n,))
+        new = g.integers(0, 5000, size=old.shape)
+        kwargs.update(old_positions=old, new_positions=new)
+        delta = (new - old).T if mrope else new - old
+    else:  # spans as an int array [k, 2], deltas as an int32 tensor
+        delta = g.integers(-1000, 1000, size=(n, 3) if mrope else n)
+        kwargs["delta"] = torch.from_numpy(delta.astype(np.int32))
+    arg = np.array(spans, np.int64).reshape(-1, 2) if delta_kind == "array" else spans
+    new_len = tvc_rs.relocate_spans(keys, values, arg, length=length, **kwargs, **case)
+    kept = [p for p in range(start, length) if not any(s <= p < e for s, e in spans)]
+    if delta is None:
+        delta = shift_deltas(spans, kept)
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, length, delta if kept else 0, case)
+    assert new_len == start + n == length - sum(e - s for s, e in spans)
+    for l in range(layers):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[kind[1]], rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+        np.testing.assert_array_equal(f64(keys[l])[:, :, length:], kb[l][:, :, length:])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize(
+    "spans",
+    [[], [(3, 7)], [(2, 5), (9, 14), (20, 26)], [(2, 5), (5, 8), (11, 12)], [(4, 6), (22, 30)], [(0, 30)], [(6, 6), (8, 12)]],
+    ids=["none", "one", "three", "adjacent", "at-end", "all", "empty-first"],
+)
+def test_relocate_spans_equals_repeated_relocate_span(kind, spans):
+    """Plain RoPE, default deltas: one pass equals relocate_span once per span from the last
+    to the first (each of those rotating the entries after its span by minus its length)."""
+    g = rng(21)
+    case = dict(rope_theta=1e4, head_dim=16, rotary_dim=12)
+    keys = [make(g.uniform(-1, 1, size=(2, 3, 30, 16)), kind) for _ in range(2)]
+    values = [make(g.uniform(-1, 1, size=(2, 3, 30, 10)), kind) for _ in range(2)]
+    copies_k, copies_v = [make(f64(k).copy(), kind) for k in keys], [make(f64(v).copy(), kind) for v in values]
+    kb, vb = snapshot(keys), snapshot(values)
+    new_len = tvc_rs.relocate_spans(keys, values, spans, **case)
+    length = 30
+    for s, e in reversed(spans):
+        length = relocate_span(copies_k, copies_v, s, e, length=length, **case)
+    assert new_len == length
+    _, want_v, kept = ref_relocate_spans(kb, vb, spans, 30, 0, case)
+    # Repeated calls round once per call; the one pass once: both within the dtype's tolerance
+    # of the float64 reference, values bit-exact.
+    want_k, _, _ = ref_relocate_spans(kb, vb, spans, 30, shift_deltas(spans, kept) if kept else 0, case)
+    for l in range(2):
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], f64(copies_v[l])[:, :, :new_len])
+        np.testing.assert_array_equal(f64(values[l])[:, :, :new_len], want_v[l])
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], want_k[l], atol=ATOL[kind[1]], rtol=0)
+        np.testing.assert_allclose(f64(keys[l])[:, :, :new_len], f64(copies_k[l])[:, :, :new_len], atol=2 * len(spans) * ATOL[kind[1]], rtol=0)
+
+
+def test_relocate_spans_strided_layers_mrope():
+    """Views ([batch, seq, heads, dim] memory as [batch, heads, seq, dim]), M-RoPE (t, h, w) deltas."""
+    g = rng(8)
+    case = dict(rope_theta=1e6, head_dim=16, rotary_dim=12, mrope_section=[2, 2, 2])
+    store_k = [torch.from_numpy(g.standard_normal((2, 40, 3, 16))).float() for _ in range(2)]
+    store_v = [torch.from_numpy(g.standard_normal((2, 40, 3, 16))).float() for _ in range(2)]
+    keys, values = [s.transpose(1, 2) for s in store_k], [s.transpose(1, 2) for s in store_v]
+    kb, vb = snapshot(keys), snapshot(values)
+    spans = [(4, 9), (15, 22), (30, 33)]
+    delta = g.integers(-50, 50, size=(40 - 4 - 15, 3))
+    assert tvc_rs.relocate_spans(keys, values, spans, delta=delta, **case) == 25
+    want_k, want_v, _ = ref_relocate_spans(kb, vb, spans, 40, delta, case)
+    for l in range(2):
+        np.testing.assert_allclose(f64(keys[l])[:, :, :25], want_k[l], atol=2e-6, rtol=0)
+        np.testing.assert_array_equal(f64(values[l])[:, :, :25], want_v[l])
+
+
+def test_relocate_spans_bad_input():
+    g = rng(13)
+    keys = [torch.from_numpy(g.standard_normal((1, 2, 10, 8))).float() for _ in range(2)]
+    values = [torch.from_numpy(g.standard_normal((1, 2, 10, 8))).float() for _ in range(2)]
+    mrope = dict(CASE, mrope_section=[1, 2, 1])
+    f = tvc_rs.relocate_spans
+    cases = [
+        (ValueError, re.escape("spans[1] = (3, 6) starts before spans[0] = (2, 5) ends"), lambda: f(keys, values, [(2, 5), (3, 6)], **CASE)),
+        (ValueError, re.escape("spans[1] = (0, 1) starts before spans[0] = (2, 5) ends"), lambda: f(keys, values, [(2, 5), (0, 1)], **CASE)),
+        (ValueError, re.escape("spans[0] = (5, 3): the span [start, end) needs start <= end"), lambda: f(keys, values, [(5, 3)], **CASE)),
+        (IndexError, re.escape("spans[1] = (7, 11): end must be <= length = 10"), lambda: f(keys, values, [(1, 2), (7, 11)], **CASE)),
+        (IndexError, re.escape("spans[0] = (1, 9): end must be <= length = 8"), lambda: f(keys, values, [(1, 9)], length=8, **CASE)),
+        (IndexError, re.escape("spans[0] = (-1, 3)"), lambda: f(keys, values, [(-1, 3)], **CASE)),
+        (ValueError, re.escape("spans[0] has 3 entries, expected 2"), lambda: f(keys, values, [(1, 2, 3)], **CASE)),
+        (ValueError, re.escape("spans: expected shape [n, 2]"), lambda: f(keys, values, np.zeros((2, 3), np.int64), **CASE)),
+        (TypeError, re.escape("spans"), lambda: f(keys, values, [(1.5, 2)], **CASE)),
+        (TypeError, re.escape("spans"), lambda: f(keys, values, np.array([[1.0, 2.0]]), **CASE)),
+        (TypeError, re.escape("spans"), lambda: f(keys, values, "spans", **CASE)),
+        (IndexError, re.escape("length = 12"), lambda: f(keys, values, [(2, 3)], length=12, **CASE)),
+        (ValueError, re.escape("delta: required with mrope_section"), lambda: f(keys, values, [(2, 3)], **mrope)),
+        (ValueError, re.escape("delta has 6 entries but the entries kept after spans[0]'s start has 5"), lambda: f(keys, values, [(2, 3), (5, 7)], delta=np.zeros(6, np.int64), **CASE)),
+        (ValueError, re.escape("values has 1 layers"), lambda: f(keys, values[:1], [(2, 3)], **CASE)),
+        (ValueError, re.escape("keys[0] and values[0] share memory"), lambda: f(keys, [keys[0], values[1]], [(2, 3)], **CASE)),
+    ]
+    for exc, match, fn in cases:
+        _raises(exc, match, fn, keys + values)
+    assert "relocate_spans" in tvc_rs.__all__ and tvc_rs.relocate_spans.__doc__

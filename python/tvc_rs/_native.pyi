@@ -366,6 +366,23 @@ def paged_reinject(
     mrope_interleaved: bool = False,
 ) -> int: ...
 
+def relocate_spans(
+    keys: object,
+    values: object,
+    spans: object,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    delta: object | None = None,
+    old_positions: object | None = None,
+    new_positions: object | None = None,
+    length: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> int: ...
+
 # --- end kv ---
 
 # --- dvr (src/python/dvr.rs) ---

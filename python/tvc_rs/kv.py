@@ -284,3 +284,66 @@ def paged_reinject(
         mrope_section=mrope_section,
         mrope_interleaved=mrope_interleaved,
     )
+
+
+def relocate_spans(
+    keys: Any,
+    values: Any,
+    spans: Any,
+    *,
+    rope_theta: float,
+    head_dim: int,
+    delta: Any = None,
+    old_positions: Any = None,
+    new_positions: Any = None,
+    length: int | None = None,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> int:
+    """Evict several spans (e.g. every image block) from every layer in one pass.
+
+    ``spans``: ``(start, end)`` pairs (a sequence of 2-tuples or an int array ``[k, 2]``),
+    sorted and disjoint (``end`` of one <= ``start`` of the next; adjacent and empty spans
+    allowed), each inside ``length``. ``keys`` and ``values`` as for ``relocate_span``, modified
+    in place: every entry from ``spans[0][0]`` to ``length`` that lies in no span moves down to
+    close the gaps, order kept, and each moved key is re-rotated to its new position. The same
+    result as ``relocate_span`` once per span from the last to the first, with each entry rotated
+    once by its total delta. No spans: nothing is touched.
+
+    The moved entries' deltas (``n`` of them: the entries from ``spans[0][0]`` on outside the
+    spans), one of:
+
+    - ``delta``: int, ``[n]`` or ``[n, 3]`` (t, h, w);
+    - ``old_positions`` and ``new_positions``: their position ids before and after, ``[n]`` or,
+      for M-RoPE, ``[3, n]`` as transformers lays position ids out;
+    - neither (plain RoPE only): each entry moves back by the number of evicted entries before it.
+
+    ``length``: valid entries (default ``seq``). Returns the new valid length ``length`` minus the
+    evicted entries.
+
+    Raises:
+        ValueError: ``spans`` unsorted, overlapping, a span with ``start > end`` or rows that are
+            not pairs; shapes, deltas as for ``relocate_span``.
+        IndexError: a span outside ``[0, length]``; ``length`` above ``seq``.
+        TypeError: ``spans`` not integer pairs.
+    """
+    return _native.relocate_spans(
+        keys,
+        values,
+        spans,
+        rope_theta=rope_theta,
+        head_dim=head_dim,
+        delta=delta,
+        old_positions=old_positions,
+        new_positions=new_positions,
+        length=length,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        mrope_section=mrope_section,
+        mrope_interleaved=mrope_interleaved,
+    )
+
+
+__all__ += ["relocate_spans"]

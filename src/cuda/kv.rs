@@ -17,7 +17,7 @@ use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::kv::{
     check_append, check_paged, check_relocate, check_rerotate, Deltas, KernelDeltas, LayerKv,
-    LayerKvRef, PagedCache, Rope, StridedMut,
+    LayerKvRef, PagedCache, Rope, SpanNames, StridedMut,
 };
 use crate::value_err;
 
@@ -82,6 +82,9 @@ struct RelocateArgs {
     end: i64,
     moved: i64,
     seg_rows: i64,
+    removed: i64,
+    n_runs: i64,
+    runs: u64,
     delta: DeltaArgs,
     angles: AngleSource,
     rope: RopeArgs,
@@ -362,7 +365,14 @@ fn kernel_name(op: &str, dtype: DType, packed: bool, interleaved: bool) -> Strin
 /// One kernel launch of a prepared operation; device pointers to uploads are resolved at launch.
 enum Step {
     Rerotate(RerotateArgs, Option<usize>),
-    Relocate(RelocateArgs, Option<usize>, Option<usize>, u32),
+    /// args, delta upload, map upload, runs upload, shared bytes
+    Relocate(
+        RelocateArgs,
+        Option<usize>,
+        Option<usize>,
+        Option<usize>,
+        u32,
+    ),
     Append(AppendArgs, Option<usize>, Option<usize>),
     /// args, delta upload, map upload, entries upload, uses the staging buffer, shared bytes
     Paged(PagedArgs, Option<usize>, Option<usize>, usize, bool, u32),
@@ -458,10 +468,11 @@ impl Prepared {
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     dev.launch(f, *grid, *block, 0, stream, &a)?;
                 }
-                Step::Relocate(args, delta, map, shared) => {
+                Step::Relocate(args, delta, map, runs, shared) => {
                     let mut a = *args;
                     a.delta.ptr = at(*delta, a.delta.ptr);
                     a.angles.map = at(*map, 0);
+                    a.runs = at(*runs, 0);
                     dev.launch(f, *grid, *block, *shared, stream, &a)?;
                 }
                 Step::Append(args, delta, positions) => {
@@ -587,25 +598,37 @@ fn grid_rows(moved: usize, lanes: usize, multiprocessors: i32, overlap: bool) ->
     (rows as i64, moved.div_ceil(rows) as u32)
 }
 
-/// Evicts `[start, end)` from every layer of a contiguous cache (the CUDA `relocate_span`).
-pub fn relocate_span<T: Float>(
+/// Evicts every span of `spans` from every layer of a contiguous cache in one launch per
+/// group of layers (the CUDA `relocate_spans`; `relocate_span` is its one-span case).
+pub(crate) fn relocate_spans<T: Float>(
     ordinal: i32,
     layers: &[LayerKv<'_, T>],
-    start: usize,
-    end: usize,
+    spans: &[(usize, usize)],
+    names: SpanNames,
     length: Option<usize>,
     deltas: KernelDeltas<'_>,
     rope: &Rope,
 ) -> Result<Prepared> {
-    let (length, moved) = check_relocate(layers, start, end, length, &deltas, rope)?;
+    let plan = check_relocate(layers, spans, names, length, &deltas, rope)?;
+    let (start, moved, removed) = (plan.start, plan.moved, plan.removed());
     let args_rope = rope_args(rope)?;
     let dev = device_of(ordinal)?;
     let mut uploads = Uploads::default();
     let mut launches = Vec::new();
-    let new_length = length - (end - start);
     if moved > 0 && !layers.is_empty() {
         let config = rope.config();
         let (delta, angles, delta_offset, map_offset) = deltas.tabled(moved, &mut uploads);
+        // One span: its source rows follow from `end`; several: the kernel looks each moved
+        // entry's run up in a table of (first, end) pairs.
+        let end = plan.first_source();
+        let runs_offset = (plan.moves().filter(|m| m.2 > 0).count() > 1).then(|| {
+            let flat: Vec<i64> = plan
+                .runs
+                .iter()
+                .flat_map(|&(first, end)| [first as i64, end as i64])
+                .collect();
+            uploads.push_i64(&flat)
+        });
         let shared = (angles.table_rows.max(0) as usize * args_rope.half as usize * 8) as u32;
         let w = pack::<T>();
         let indices: Vec<usize> = (0..layers.len()).collect();
@@ -640,7 +663,9 @@ pub fn relocate_span<T: Float>(
             if lanes == 0 {
                 continue;
             }
-            let overlap = start != end && moved > end - start;
+            // Sources never lie below their destinations; with every source above every
+            // destination, row segments of a lane can run in parallel blocks.
+            let overlap = removed > 0 && moved > end - start;
             let (seg_rows, segments) = grid_rows(moved, lanes, dev.multiprocessors, overlap);
             let args = RelocateArgs {
                 keys: ptr_array(kp.into_iter()),
@@ -651,6 +676,13 @@ pub fn relocate_span<T: Float>(
                 end: end as i64,
                 moved: moved as i64,
                 seg_rows,
+                removed: removed as i64,
+                n_runs: if runs_offset.is_some() {
+                    plan.runs.len() as i64
+                } else {
+                    1
+                },
+                runs: 0,
                 delta,
                 angles,
                 rope: args_rope,
@@ -665,7 +697,7 @@ pub fn relocate_span<T: Float>(
                 kernel_name("relocate", T::DTYPE, packed, config.interleaved),
                 (lanes as u32, segments, 1),
                 256,
-                Step::Relocate(args, delta_offset, map_offset, shared),
+                Step::Relocate(args, delta_offset, map_offset, runs_offset, shared),
             ));
         }
     }
@@ -674,7 +706,7 @@ pub fn relocate_span<T: Float>(
         uploads,
         launches,
         staging_elements: 0,
-        result: new_length,
+        result: plan.new_length(),
     })
 }
 

@@ -130,6 +130,7 @@ fn lanes<T: Float>(layers: &mut [LayerKv<'_, T>]) -> Vec<Lane<T>> {
 /// t-th moved entry; plain RoPE after evicting a span: `Same(-(end - start))`). Returns the new
 /// valid length; entries from there to `length` are left stale for the caller to drop.
 /// Positions before `start` are not touched. `length` defaults to the layers' `seq`.
+/// The one-span case of [`relocate_spans`].
 pub fn relocate_span<T: Float>(
     layers: &mut [LayerKv<'_, T>],
     start: usize,
@@ -138,19 +139,52 @@ pub fn relocate_span<T: Float>(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
-    let (length, moved) = check_relocate(
+    relocate_with(
         layers,
-        start,
-        end,
+        &[(start, end)],
+        SpanNames::StartEnd,
+        length,
+        deltas,
+        rope,
+    )
+}
+
+/// Evicts every span `[start, end)` of `spans` (sorted, disjoint, each `start <= end`, inside
+/// `length`; adjacent and empty spans allowed) from every layer in one pass: every entry from
+/// the first span's start to `length` that lies in no span moves down to close the gaps (order
+/// kept), each moved key rotated by its delta (`deltas[t]` for the t-th moved entry). Returns
+/// the new valid length; no spans: nothing moves and `length` is returned.
+pub fn relocate_spans<T: Float>(
+    layers: &mut [LayerKv<'_, T>],
+    spans: &[(usize, usize)],
+    length: Option<usize>,
+    deltas: Deltas<'_>,
+    rope: &Rope,
+) -> Result<usize> {
+    relocate_with(layers, spans, SpanNames::List, length, deltas, rope)
+}
+
+pub(crate) fn relocate_with<T: Float>(
+    layers: &mut [LayerKv<'_, T>],
+    spans: &[(usize, usize)],
+    names: SpanNames,
+    length: Option<usize>,
+    deltas: Deltas<'_>,
+    rope: &Rope,
+) -> Result<usize> {
+    let plan = check_relocate(
+        layers,
+        spans,
+        names,
         length,
         &KernelDeltas::Host(deltas),
         rope,
     )?;
     let config = rope.config();
-    if moved == 0 || layers.is_empty() {
-        return Ok(length - (end - start));
+    if plan.moved == 0 || layers.is_empty() {
+        return Ok(plan.new_length());
     }
-    let table = rope.table(deltas, moved);
+    let table = rope.table(deltas, plan.moved);
     let interleaved = config.interleaved;
     let lanes = lanes(layers);
     lanes
@@ -158,23 +192,119 @@ pub fn relocate_span<T: Float>(
         .with_min_len(1)
         .for_each_init(Vec::new, |scratch, lane| {
             // SAFETY: lanes are disjoint (views non-overlapping and pairwise disjoint); within a
-            // lane, going up, row start+t is written only after row end+t' <= ... was read:
-            // every row read later (end+t', t' > t) lies above every row written so far.
-            unsafe { shift_lane(lane, start, end, moved, &table, interleaved, scratch) }
+            // lane, going up, row start+t is written only after every row that reads it (a
+            // source s(t') = start + t with t' <= t: sources never lie below destinations) was
+            // read, and every row read later lies above every row written so far.
+            unsafe { shift_lane(lane, &plan, &table, interleaved, scratch) }
         });
-    Ok(length - (end - start))
+    Ok(plan.new_length())
 }
 
-/// The checks of [`relocate_span`] (shapes, span, deltas; nothing is touched): returns the
-/// valid length and the number of entries that move. Shared with the CUDA backend.
+/// How the span arguments are named in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpanNames {
+    /// `start` and `end` (one span, [`relocate_span`]).
+    StartEnd,
+    /// `spans[i]` ([`relocate_spans`]).
+    List,
+}
+
+/// Where the entries of an eviction come from, as checked by [`check_relocate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpanPlan {
+    /// Where the first moved entry goes: the first span's start (`length` without spans).
+    pub start: usize,
+    /// The valid entries before the eviction.
+    pub length: usize,
+    /// The entries that move: every one from `start` to `length` outside the spans.
+    pub moved: usize,
+    /// Per span, `(first, end)`: the moved entries `t` from `first` (up to the next span's
+    /// `first`) come from row `end + (t - first)`. Sorted by `first` (equal for empty runs).
+    pub runs: Vec<(usize, usize)>,
+}
+
+impl SpanPlan {
+    /// Checks `spans` against `length` (sorted, disjoint, `start <= end <= length`).
+    pub fn new(spans: &[(usize, usize)], names: SpanNames, length: usize) -> Result<Self> {
+        let name = |i: usize| match names {
+            SpanNames::StartEnd => format!("start = {}, end = {}", spans[i].0, spans[i].1),
+            SpanNames::List => format!("spans[{i}] = ({}, {})", spans[i].0, spans[i].1),
+        };
+        let mut runs = Vec::with_capacity(spans.len());
+        let mut removed = 0;
+        for (i, &(start, end)) in spans.iter().enumerate() {
+            if start > end {
+                return Err(value_err!(
+                    "{}: the span [start, end) needs start <= end",
+                    name(i)
+                ));
+            }
+            if end > length {
+                return Err(match names {
+                    SpanNames::StartEnd => index_err!(
+                        "end = {end}: must be <= length = {length} (the valid entries of the cache)"
+                    ),
+                    SpanNames::List => index_err!(
+                        "{}: end must be <= length = {length} (the valid entries of the cache)",
+                        name(i)
+                    ),
+                });
+            }
+            if i > 0 && start < spans[i - 1].1 {
+                return Err(value_err!(
+                    "{} starts before {} ends: spans must be sorted and disjoint",
+                    name(i),
+                    name(i - 1)
+                ));
+            }
+            removed += end - start;
+            runs.push((end - spans[0].0 - removed, end));
+        }
+        let start = spans.first().map_or(length, |s| s.0);
+        Ok(SpanPlan {
+            start,
+            length,
+            moved: length - start - removed,
+            runs,
+        })
+    }
+
+    /// The entries removed.
+    pub fn removed(&self) -> usize {
+        self.length - self.start - self.moved
+    }
+
+    pub fn new_length(&self) -> usize {
+        self.start + self.moved
+    }
+
+    /// `(first, source, count)` per span: moved entries `first..first + count` come from rows
+    /// `source..`.
+    pub fn moves(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.runs.iter().enumerate().map(|(k, &(first, end))| {
+            let next = self.runs.get(k + 1).map_or(self.moved, |r| r.0);
+            (first, end, next - first)
+        })
+    }
+
+    /// The row moved entry 0 comes from (`start + moved` without moved entries).
+    pub fn first_source(&self) -> usize {
+        self.moves()
+            .find(|m| m.2 > 0)
+            .map_or(self.start + self.moved, |m| m.1)
+    }
+}
+
+/// The checks of [`relocate_spans`] (shapes, spans, deltas; nothing is touched): returns where
+/// the moved entries come from. Shared with the CUDA backend.
 pub(crate) fn check_relocate<T: Float>(
     layers: &[LayerKv<'_, T>],
-    start: usize,
-    end: usize,
+    spans: &[(usize, usize)],
+    names: SpanNames,
     length: Option<usize>,
     deltas: &KernelDeltas<'_>,
     rope: &Rope,
-) -> Result<(usize, usize)> {
+) -> Result<SpanPlan> {
     let config = rope.config();
     let seq = check_layers(layers, config.head_dim)?;
     let length = length.unwrap_or(seq);
@@ -183,52 +313,59 @@ pub(crate) fn check_relocate<T: Float>(
             "length = {length}: the cache holds only {seq} positions"
         ));
     }
-    if start > end {
-        return Err(value_err!(
-            "start = {start}, end = {end}: the span [start, end) needs start <= end"
-        ));
-    }
-    if end > length {
-        return Err(index_err!(
-            "end = {end}: must be <= length = {length} (the valid entries of the cache)"
-        ));
-    }
-    let moved = length - end;
-    deltas.check(moved, config, "the span's followers (length - end)")?;
-    Ok((length, moved))
+    let plan = SpanPlan::new(spans, names, length)?;
+    let what = match names {
+        SpanNames::StartEnd => "the span's followers (length - end)",
+        SpanNames::List => "the entries kept after spans[0]'s start",
+    };
+    deltas.check(plan.moved, config, what)?;
+    Ok(plan)
 }
 
 unsafe fn shift_lane<T: Float>(
     lane: &Lane<T>,
-    start: usize,
-    end: usize,
-    moved: usize,
+    plan: &SpanPlan,
     table: &AngleTable,
     interleaved: bool,
     scratch: &mut Vec<f32>,
 ) {
+    let start = plan.start;
     if !lane.is_key {
-        if start == end {
+        if plan.removed() == 0 {
             return;
         }
-        if lane.dim_stride == 1 && lane.seq_stride == lane.dim as isize {
-            // Rows back to back: one overlapping move.
-            std::ptr::copy(lane.row(end).ptr, lane.row(start).ptr, moved * lane.dim);
-        } else {
-            for t in 0..moved {
-                copy_row(lane.row(end + t), lane.row(start + t));
+        let packed = lane.dim_stride == 1 && lane.seq_stride == lane.dim as isize;
+        for (first, source, count) in plan.moves() {
+            if source == start + first {
+                continue;
+            }
+            if packed {
+                // Rows back to back: one overlapping move per run.
+                std::ptr::copy(
+                    lane.row(source).ptr,
+                    lane.row(start + first).ptr,
+                    count * lane.dim,
+                );
+            } else {
+                for i in 0..count {
+                    copy_row(lane.row(source + i), lane.row(start + first + i));
+                }
             }
         }
         return;
     }
-    for t in 0..moved {
-        let (cos, sin, identity) = table.row(t);
-        let (src, dst) = (lane.row(end + t), lane.row(start + t));
-        match (start == end, identity) {
-            (true, true) => {}
-            (true, false) => rotate_row(dst, cos, sin, interleaved, scratch),
-            (false, true) => copy_row(src, dst),
-            (false, false) => rotate_row_into(src, dst, cos, sin, interleaved, scratch),
+    for (first, source, count) in plan.moves() {
+        let in_place = source == start + first;
+        for i in 0..count {
+            let t = first + i;
+            let (cos, sin, identity) = table.row(t);
+            let (src, dst) = (lane.row(source + i), lane.row(start + t));
+            match (in_place, identity) {
+                (true, true) => {}
+                (true, false) => rotate_row(dst, cos, sin, interleaved, scratch),
+                (false, true) => copy_row(src, dst),
+                (false, false) => rotate_row_into(src, dst, cos, sin, interleaved, scratch),
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::error::Result;
 use crate::tensor::{tuple_str, Device, IntArray, TensorView};
 use crate::{dispatch_float, type_err, value_err};
 
-use super::contiguous::{self, LayerKv, LayerKvRef};
+use super::contiguous::{self, LayerKv, LayerKvRef, SpanNames, SpanPlan};
 use super::paged::{self, PagedCache, PagedLayout};
 use super::rerotate;
 use super::rope::Deltas;
@@ -151,7 +151,7 @@ pub fn relocate_deltas(
                 format!("({moved},)")
             };
             Err(value_err!(
-                "old_positions has shape {}: expected {expected}, the position ids of the length - end = {moved} entries after the span{}",
+                "old_positions has shape {}: expected {expected}, the position ids of the {moved} entries that move (after one span: length - end){}",
                 tuple_str(shape),
                 if mrope {
                     " as transformers lays them out ([3, n]: t, h, w)"
@@ -410,7 +410,8 @@ fn layer_views<'v, T: Float>(
 /// Evicts positions `[start, end)` from every layer of a contiguous cache (keys and values
 /// `[batch, kv_heads, seq, head_dim]` per layer): entries `[end, length)` move down to
 /// `start`, each moved key rotated by its delta. Returns the new valid length; entries from
-/// there to `length` (default `seq`) are left stale for the caller to drop.
+/// there to `length` (default `seq`) are left stale for the caller to drop. The one-span case
+/// of [`relocate_spans`].
 #[allow(clippy::too_many_arguments)]
 pub fn relocate_span(
     keys: &mut [TensorView<'_>],
@@ -422,17 +423,88 @@ pub fn relocate_span(
     rope: &Rope,
     launch: Launch<'_>,
 ) -> Result<usize> {
+    relocate(
+        keys,
+        values,
+        &[(start, end)],
+        SpanNames::StartEnd,
+        length,
+        deltas,
+        rope,
+        launch,
+    )
+}
+
+/// Evicts every span `[start, end)` of `spans` from every layer of a contiguous cache in one
+/// pass (sorted, disjoint, each `start <= end <= length`; adjacent and empty spans allowed):
+/// every entry from the first span's start to `length` outside the spans moves down to close
+/// the gaps, order kept, each moved key rotated by its delta (one per moved entry; by default,
+/// plain RoPE only, minus the entries removed before it; with positions, `[moved]` or `[3,
+/// moved]` ids of the moved entries before and after). Returns the new valid length (`length`
+/// without spans).
+pub fn relocate_spans(
+    keys: &mut [TensorView<'_>],
+    values: &mut [TensorView<'_>],
+    spans: &[(usize, usize)],
+    length: Option<usize>,
+    deltas: SpanDeltas<'_>,
+    rope: &Rope,
+    launch: Launch<'_>,
+) -> Result<usize> {
+    relocate(
+        keys,
+        values,
+        spans,
+        SpanNames::List,
+        length,
+        deltas,
+        rope,
+        launch,
+    )
+}
+
+/// Plain RoPE: each moved entry's delta is minus the entries removed before it (one value when
+/// all moved entries shift alike, as after one span).
+fn shift_deltas(plan: &SpanPlan) -> OwnedDeltas {
+    let shifts: Vec<(i64, usize)> = plan
+        .moves()
+        .filter(|m| m.2 > 0)
+        .map(|(first, source, count)| (-((source - plan.start - first) as i64), count))
+        .collect();
+    match shifts.as_slice() {
+        [] => OwnedDeltas::Same(-(plan.removed() as i64)),
+        [(d, _)] => OwnedDeltas::Same(*d),
+        _ => OwnedDeltas::PerToken(
+            shifts
+                .iter()
+                .flat_map(|&(d, count)| std::iter::repeat(d).take(count))
+                .collect(),
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn relocate(
+    keys: &mut [TensorView<'_>],
+    values: &mut [TensorView<'_>],
+    spans: &[(usize, usize)],
+    names: SpanNames,
+    length: Option<usize>,
+    deltas: SpanDeltas<'_>,
+    rope: &Rope,
+    launch: Launch<'_>,
+) -> Result<usize> {
     let call = Call::of(keys.first(), "keys");
     let dtype = float_dtype(keys.first())?;
     dispatch_float!(dtype, T => {
         let mut layers = layer_views::<T>(&call, keys, values)?;
         let seq = layers.first().map_or(0, |l| l.keys.shape()[2]);
         let valid = length.unwrap_or(seq);
-        let deltas = if start <= end && end <= valid {
-            match deltas {
+        let deltas = match SpanPlan::new(spans, names, valid) {
+            Ok(plan) => match deltas {
                 SpanDeltas::Given(d) => call.deltas(d)?,
                 SpanDeltas::Positions { old, new } => {
-                    Resolved::Owned(relocate_deltas(&old, &new, valid - end, rope)?)
+                    Resolved::Owned(relocate_deltas(&old, &new, plan.moved, rope)?)
                 }
                 SpanDeltas::Span if rope.config().is_mrope() => {
                     return Err(value_err!(
@@ -440,18 +512,17 @@ pub fn relocate_span(
                          M-RoPE positions by what get_rope_index assigns, not by end - start"
                     ));
                 }
-                SpanDeltas::Span => Resolved::Host(Deltas::Same(-((end - start) as i64))),
-            }
-        } else {
-            // The span checks refuse it, naming start / end / length.
-            Resolved::Host(Deltas::Same(0))
+                SpanDeltas::Span => Resolved::Owned(shift_deltas(&plan)),
+            },
+            // The span checks refuse it, naming the spans / start / end / length.
+            Err(_) => Resolved::Host(Deltas::Same(0)),
         };
         match call.device {
             Device::Cuda(ordinal) => run::<T>(
-                gpu::relocate_span(ordinal, &layers, start, end, length, deltas.kernel(), rope)?,
+                gpu::relocate_spans(ordinal, &layers, spans, names, length, deltas.kernel(), rope)?,
                 launch,
             ),
-            _ => contiguous::relocate_span(&mut layers, start, end, length, deltas.host(), rope),
+            _ => contiguous::relocate_with(&mut layers, spans, names, length, deltas.host(), rope),
         }
     })
 }

@@ -15,7 +15,7 @@ use crate::kv::{
 };
 use crate::python::cuda::{on_host, tensors_arg, CudaCall};
 use crate::python::tensor::{
-    int_array, int_vector_arg, IntShape, PyTensor, INDEX_DTYPES, KV_DTYPES,
+    int_array, int_table_arg, int_vector_arg, IntShape, PyTensor, INDEX_DTYPES, KV_DTYPES,
 };
 use crate::tensor::{IntArray, TensorView};
 use crate::value_err;
@@ -146,6 +146,54 @@ fn run<T: Send>(
     }
 }
 
+/// `length` (the valid entries), when given: >= 0.
+fn length_arg(length: Option<Arg<i64>>) -> PyResult<Option<usize>> {
+    match opt_arg(length, "length")? {
+        Some(l) if l < 0 => Err(value_err!("length = {l}: must be >= 0").into()),
+        l => Ok(l.map(|l| l as usize)),
+    }
+}
+
+/// The cache layers, `delta`, `old_positions`, `new_positions` of `relocate_span` /
+/// `relocate_spans`.
+type RelocateArgs<'a, 'py> = (
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    Option<&'a Bound<'py, PyAny>>,
+    Option<&'a Bound<'py, PyAny>>,
+    Option<&'a Bound<'py, PyAny>>,
+);
+
+/// Parses the arguments `relocate_span` and `relocate_spans` share, once, and runs `op` (the
+/// core function) on them.
+fn relocate_call(
+    py: Python<'_>,
+    call: Option<&CudaCall<'_>>,
+    (keys, values, delta, old_positions, new_positions): RelocateArgs<'_, '_>,
+    op: impl FnOnce(
+            &mut [TensorView<'_>],
+            &mut [TensorView<'_>],
+            SpanDeltas<'_>,
+            crate::cuda::Launch<'_>,
+        ) -> crate::error::Result<usize>
+        + Send,
+) -> PyResult<usize> {
+    let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
+    let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
+    let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
+    let old = old_positions
+        .map(|o| host_array(call, o, "old_positions"))
+        .transpose()?;
+    let new = new_positions
+        .map(|n| host_array(call, n, "new_positions"))
+        .transpose()?;
+    let deltas = SpanDeltas::from_args(delta.as_ref().map(DeltaArg::source), old, new)?;
+    let (mut keys, mut values) = (views(&mut k), views(&mut v));
+    run(py, call, |launch| {
+        op(&mut keys, &mut values, deltas, launch)
+    })
+}
+
 // ---- functions ----
 
 /// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
@@ -205,7 +253,6 @@ fn relocate_span(
 ) -> PyResult<usize> {
     let start = start.get("start")?;
     let end = end.get("end")?;
-    let length = opt_arg(length, "length")?;
     let rope = rope_kwargs(
         rope_theta,
         head_dim,
@@ -219,35 +266,68 @@ fn relocate_span(
             "start = {start}, end = {end}: the span [start, end) must lie inside the cache (>= 0)"
         )));
     }
-    if let Some(l) = length {
-        if l < 0 {
-            return Err(value_err!("length = {l}: must be >= 0").into());
-        }
-    }
-    let (start, end, length) = (start as usize, end as usize, length.map(|l| l as usize));
+    let (start, end, length) = (start as usize, end as usize, length_arg(length)?);
     CudaCall::maybe(py, keys, "keys", |call| {
-        let mut k = tensors_arg(call, keys, "keys", KV_DTYPES)?;
-        let mut v = tensors_arg(call, values, "values", KV_DTYPES)?;
-        let delta = delta.map(|d| DeltaArg::parse(call, d)).transpose()?;
-        let old = old_positions
-            .map(|o| host_array(call, o, "old_positions"))
-            .transpose()?;
-        let new = new_positions
-            .map(|n| host_array(call, n, "new_positions"))
-            .transpose()?;
-        let deltas = SpanDeltas::from_args(delta.as_ref().map(DeltaArg::source), old, new)?;
-        let (mut keys, mut values) = (views(&mut k), views(&mut v));
-        run(py, call, |launch| {
-            kv::relocate_span(
-                &mut keys,
-                &mut values,
-                start,
-                end,
-                length,
-                deltas,
-                &rope,
-                launch,
+        let moves = (keys, values, delta, old_positions, new_positions);
+        relocate_call(py, call, moves, |keys, values, deltas, launch| {
+            kv::relocate_span(keys, values, start, end, length, deltas, &rope, launch)
+        })
+    })
+}
+
+/// Evicts several spans from every layer of a contiguous cache in one pass (see
+/// `tvc_rs.kv.relocate_spans`).
+#[pyfunction]
+#[pyo3(signature = (keys, values, spans, *, rope_theta, head_dim, delta = None, old_positions = None,
+    new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, spans, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
+#[allow(clippy::too_many_arguments)]
+fn relocate_spans(
+    py: Python<'_>,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    spans: &Bound<'_, PyAny>,
+    rope_theta: Arg<f64>,
+    head_dim: Arg<i64>,
+    delta: Option<&Bound<'_, PyAny>>,
+    old_positions: Option<&Bound<'_, PyAny>>,
+    new_positions: Option<&Bound<'_, PyAny>>,
+    length: Option<Arg<i64>>,
+    rotary_dim: Option<Arg<i64>>,
+    interleaved: Arg<bool>,
+    mrope_section: Option<Arg<Vec<i64>>>,
+    mrope_interleaved: Arg<bool>,
+) -> PyResult<usize> {
+    let rope = rope_kwargs(
+        rope_theta,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        mrope_section,
+        mrope_interleaved,
+    )?;
+    let length = length_arg(length)?;
+    CudaCall::maybe(py, keys, "keys", |call| {
+        let layout = "[n, 2] of (start, end)";
+        let rows = match call {
+            Some(_) => int_table_arg(&on_host(spans)?, "spans", 2, layout)?,
+            None => int_table_arg(spans, "spans", 2, layout)?,
+        };
+        let spans = rows
+            .iter()
+            .enumerate()
+            .map(
+                |(i, r)| match (usize::try_from(r[0]), usize::try_from(r[1])) {
+                    (Ok(s), Ok(e)) => Ok((s, e)),
+                    _ => Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                    "spans[{i}] = ({}, {}): a span [start, end) must lie inside the cache (>= 0)",
+                    r[0], r[1]
+                ))),
+                },
             )
+            .collect::<PyResult<Vec<_>>>()?;
+        let moves = (keys, values, delta, old_positions, new_positions);
+        relocate_call(py, call, moves, |keys, values, deltas, launch| {
+            kv::relocate_spans(keys, values, &spans, length, deltas, &rope, launch)
         })
     })
 }
@@ -374,6 +454,7 @@ fn paged_reinject(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rerotate_keys, m)?)?;
     m.add_function(wrap_pyfunction!(relocate_span, m)?)?;
+    m.add_function(wrap_pyfunction!(relocate_spans, m)?)?;
     m.add_function(wrap_pyfunction!(append_entries, m)?)?;
     m.add_function(wrap_pyfunction!(paged_reinject, m)?)?;
     Ok(())

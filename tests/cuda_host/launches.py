@@ -75,7 +75,7 @@ RerotateArgs = struct("RerotateArgs", [("layers", u64 * MAX_LAYERS), ("tokens", 
                                        ("heads", i32)])
 RelocateArgs = struct("RelocateArgs", [("keys", u64 * MAX_LAYERS), ("values", u64 * MAX_LAYERS), ("key_strides", i64 * 4),
                                        ("value_strides", i64 * 4), ("start", i64), ("end", i64), ("moved", i64), ("seg_rows", i64),
-                                       ("delta", DeltaArgs), ("angles", AngleSource), ("rope", RopeArgs), ("n_layers", i32),
+                                       ("removed", i64), ("n_runs", i64), ("runs", u64), ("delta", DeltaArgs), ("angles", AngleSource), ("rope", RopeArgs), ("n_layers", i32),
                                        ("batch", i32), ("heads", i32), ("key_dim", i32), ("value_dim", i32), ("pad", i32)])
 AppendArgs = struct("AppendArgs", [("keys", u64 * MAX_APPEND_LAYERS), ("values", u64 * MAX_APPEND_LAYERS),
                                    ("new_keys", u64 * MAX_APPEND_LAYERS), ("new_values", u64 * MAX_APPEND_LAYERS),
@@ -421,8 +421,24 @@ def rerotate(keys: list[torch.Tensor], deltas: Deltas, rope: RopeArgs) -> None:
 
 
 def relocate(keys, values, start, end, length, deltas: Deltas, rope: RopeArgs, multiprocessors=MULTIPROCESSORS) -> int:
-    """kv.rs `relocate_span`: layers [batch, heads, seq, dim]; returns the new length."""
-    moved = length - end
+    """kv.rs `relocate_span`: the one-span case of `relocate_spans`."""
+    return relocate_spans(keys, values, [(start, end)], length, deltas, rope, multiprocessors)
+
+
+def relocate_spans(keys, values, spans, length, deltas: Deltas, rope: RopeArgs, multiprocessors=MULTIPROCESSORS) -> int:
+    """kv.rs `relocate_spans` (spans sorted, disjoint, inside length: checked by the caller):
+    layers [batch, heads, seq, dim]; returns the new length."""
+    start = spans[0][0] if spans else length
+    removed = sum(e - s for s, e in spans)
+    moved = length - start - removed
+    runs, gone = [], 0  # per span (first moved index after it, its end): SpanPlan::runs
+    for s, e in spans:
+        gone += e - s
+        runs.append((e - start - gone, e))
+    counts = [(runs[k + 1][0] if k + 1 < len(runs) else moved) - runs[k][0] for k in range(len(runs))]
+    nonempty = [runs[k] for k in range(len(runs)) if counts[k] > 0]
+    end = nonempty[0][1] if nonempty else start + moved  # SpanPlan::first_source
+    table = np.array(runs, np.int64).reshape(-1) if len(nonempty) > 1 else None
     if moved > 0 and keys:
         delta, angles = deltas.tabled(moved)
         shared = angles.table_rows * rope.half * 8
@@ -439,15 +455,17 @@ def relocate(keys, values, start, end, length, deltas: Deltas, rope: RopeArgs, m
             lanes = len(group) * batch * heads * 2
             if lanes == 0:
                 continue
-            overlap = start != end and moved > end - start
+            overlap = removed > 0 and moved > end - start
             seg_rows, segments = grid_rows(moved, lanes, multiprocessors, overlap)
-            a = RelocateArgs(start=start, end=end, moved=moved, seg_rows=seg_rows, delta=delta, angles=angles, rope=rope,
-                             n_layers=len(group), batch=batch, heads=heads, key_dim=key_dim, value_dim=vs[3])
+            a = RelocateArgs(start=start, end=end, moved=moved, seg_rows=seg_rows, removed=removed,
+                             n_runs=len(runs) if table is not None else 1, runs=ptr(table) if table is not None else 0,
+                             delta=delta, angles=angles, rope=rope, n_layers=len(group), batch=batch, heads=heads,
+                             key_dim=key_dim, value_dim=vs[3])
             a.keys[: len(kp)], a.values[: len(vp)] = kp, vp
             a.key_strides[:], a.value_strides[:] = kst, vst
             kernels("kv.cu").launch(kernel_name("relocate", keys[0].dtype, packed, rope.interleaved), (lanes, segments), 256,
                                     shared, a)
-    return length - (end - start)
+    return length - removed
 
 
 def append(keys, values, new_keys, new_values, positions, rotate: tuple[Deltas, RopeArgs] | None) -> None:

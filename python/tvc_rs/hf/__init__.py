@@ -30,7 +30,7 @@ generation goes on. Three modes (``PVCConfig.mode``):
     positions that follow (``get_rope_index`` of the whole, longer sequence).
 ``kv``
     The cache entries of the image blocks (``<|vision_start|> ... <|vision_end|>``) are evicted
-    and every later key is re-rotated in place (``tvc_rs.relocate_span``) to the position
+    and every later key is re-rotated in place (``tvc_rs.relocate_spans``, one pass) to the position
     ``relocate`` gives it; then ``bridge + compressed image`` are prefilled on top. Keys and
     positions equal ``relocate``'s; values (and keys past layer 0) still carry what the tokens
     saw of the first image, so this approximates ``relocate`` at a fraction of its cost.

@@ -16,7 +16,7 @@ import numpy as np
 from tvc_rs.compress import pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores
 from tvc_rs.hf.inputs import _prepare_inputs
 from tvc_rs.hf.model import _check_model, _compressible, _Rope, _torch
-from tvc_rs.kv import relocate_span, rerotate_keys
+from tvc_rs.kv import relocate_spans, rerotate_keys
 from tvc_rs.pvc import PVCConfig, PVCMode, bridge_ids
 from tvc_rs.rope import mrope_position_ids
 from tvc_rs.triggers import ReflectionDetector
@@ -567,20 +567,18 @@ class _Session:
         lay = self.layout
         cached = len(lay.ids) - 1  # the pending last token is not in the cache
         after, kept = _drop_images(lay)
-        # Each kept entry's final delta (new - old position); entries of later image blocks are
-        # dropped too and move unrotated (delta 0).
+        # Each kept entry's delta (new - old position); every image block leaves the cache in one
+        # pass, the cached entries kept from the first block on moving down to close the gaps.
         delta = torch.zeros(len(lay.ids), 3, dtype=torch.long)
         delta[kept] = (after.positions - lay.positions[:, kept]).T
+        spans = [(start, end) for start, end, _ in lay.spans]
+        moved = kept.clone()
+        moved[: spans[0][0] if spans else cached] = False
+        moved[cached:] = False
         keys = [layer.keys for layer in self.cache.layers]
         values = [layer.values for layer in self.cache.layers]
-        dropped = 0
-        for start, end, _ in lay.spans:
-            # The first span's move rotates every later entry to its final position; the later
-            # spans' moves only shift (the rotation by 0 is skipped by the kernels).
-            moved = delta[end:cached] if dropped == 0 else 0
-            relocate_span(keys, values, start - dropped, end - dropped, delta=moved, length=cached - dropped,
-                          **self.rope.kwargs())
-            dropped += end - start
+        new_length = relocate_spans(keys, values, spans, delta=delta[moved], length=cached, **self.rope.kwargs())
+        dropped = cached - new_length
         self.cache.crop(-dropped)
         self.blocks = _merge_text([b for b in self.blocks if isinstance(b, _Text)])
         self.layout = after
