@@ -10,6 +10,7 @@
 //! (PyTorch's caching allocator in the bindings) and [`Prepared::launch`] copies the upload into
 //! it and launches, all on the caller's stream, without waiting for the GPU.
 
+use super::args::kv::*;
 use super::driver::{device, Device, Stream};
 use super::sources::KernelFile;
 use super::Launch;
@@ -20,140 +21,6 @@ use crate::kv::{
     LayerKvRef, PagedCache, Rope, SpanNames, StridedMut,
 };
 use crate::value_err;
-
-pub const MAX_LAYERS: usize = 32;
-pub const MAX_APPEND_LAYERS: usize = 24;
-pub const MAX_HALF: usize = 128;
-/// Distinct deltas a block keeps cos / sin tables of in shared memory.
-pub const MAX_TABLE: usize = 32;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RopeArgs {
-    inv_freq: [f64; MAX_HALF],
-    comp: [u8; MAX_HALF],
-    half: i32,
-    head_dim: i32,
-    interleaved: i32,
-    pad: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct DeltaArgs {
-    ptr: u64,
-    same: [i64; 3],
-    token_stride: i64,
-    comp_stride: i64,
-    kind: i32,
-    is_i64: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct AngleSource {
-    map: u64,
-    table_rows: i32,
-    pad: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RerotateArgs {
-    layers: [u64; MAX_LAYERS],
-    tokens: i64,
-    token_stride: i64,
-    head_stride: i64,
-    dim_stride: i64,
-    delta: DeltaArgs,
-    rope: RopeArgs,
-    n_layers: i32,
-    heads: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RelocateArgs {
-    keys: [u64; MAX_LAYERS],
-    values: [u64; MAX_LAYERS],
-    key_strides: [i64; 4],
-    value_strides: [i64; 4],
-    start: i64,
-    end: i64,
-    moved: i64,
-    seg_rows: i64,
-    removed: i64,
-    n_runs: i64,
-    runs: u64,
-    delta: DeltaArgs,
-    angles: AngleSource,
-    rope: RopeArgs,
-    n_layers: i32,
-    batch: i32,
-    heads: i32,
-    key_dim: i32,
-    value_dim: i32,
-    pad: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AppendArgs {
-    keys: [u64; MAX_APPEND_LAYERS],
-    values: [u64; MAX_APPEND_LAYERS],
-    new_keys: [u64; MAX_APPEND_LAYERS],
-    new_values: [u64; MAX_APPEND_LAYERS],
-    key_strides: [i64; 4],
-    value_strides: [i64; 4],
-    new_key_strides: [i64; 4],
-    new_value_strides: [i64; 4],
-    positions: u64,
-    start: i64,
-    n: i64,
-    delta: DeltaArgs,
-    rope: RopeArgs,
-    rotate: i32,
-    n_layers: i32,
-    batch: i32,
-    heads: i32,
-    key_dim: i32,
-    value_dim: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PagedArgs {
-    caches: [u64; MAX_LAYERS],
-    block_stride: i64,
-    slot_stride: i64,
-    head_stride: i64,
-    dim_stride: i64,
-    value_offset: i64,
-    entries: u64,
-    n_entries: i64,
-    seg_entries: i64,
-    staging: u64,
-    layer0: i64,
-    delta: DeltaArgs,
-    angles: AngleSource,
-    rope: RopeArgs,
-    mode: i32,
-    n_layers: i32,
-    total_layers: i32,
-    heads: i32,
-    head_dim: i32,
-    block_size: i32,
-}
-
-/// Sizes of the argument structs, checked against the .cu file at compile time.
-pub(crate) fn arg_sizes() -> Vec<(&'static str, usize)> {
-    vec![
-        ("RerotateArgs", std::mem::size_of::<RerotateArgs>()),
-        ("RelocateArgs", std::mem::size_of::<RelocateArgs>()),
-        ("AppendArgs", std::mem::size_of::<AppendArgs>()),
-        ("PagedArgs", std::mem::size_of::<PagedArgs>()),
-    ]
-}
 
 fn rope_args(rope: &Rope) -> Result<RopeArgs> {
     let config = rope.config();

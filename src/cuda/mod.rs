@@ -13,6 +13,7 @@
 //! panics, and the CPU paths never touch this module.
 
 pub mod alloc;
+mod args;
 pub mod cache;
 pub mod compress;
 pub mod driver;

@@ -1,7 +1,6 @@
 //! The CUDA sources, embedded in the library (`kernels/*.cu`), and how they are compiled.
 
-use super::compress::arg_sizes as compress_arg_sizes;
-use super::kv::arg_sizes as kv_arg_sizes;
+use super::args;
 
 /// The shared header every kernel file includes.
 pub const HEADER: (&str, &str) = (
@@ -38,8 +37,8 @@ impl KernelFile {
     /// `-DTVC_SIZEOF_<name>=<size>` so that a layout mismatch is a compile error.
     pub fn arg_sizes(self) -> Vec<(&'static str, usize)> {
         match self {
-            KernelFile::Compress => compress_arg_sizes(),
-            KernelFile::Kv => kv_arg_sizes(),
+            KernelFile::Compress => args::compress::sizes(),
+            KernelFile::Kv => args::kv::sizes(),
         }
     }
 }
