@@ -12,7 +12,9 @@ tokens in ``x``, i.e. in Qwen2-VL terms ``image_grid_thw`` with ``h`` and ``w`` 
 
 torch CUDA tensors run on the GPU (kernels/compress.cu, see ``tvc_rs.cuda``) with the same
 arguments and results, as torch tensors on the input's device, queued on the current stream.
-Grids and given indices are host data (copied to the host first when passed as CUDA tensors).
+Grids and given indices are host data (copied to the host first when passed as CUDA tensors);
+the grids :func:`pool_visual_tokens` returns are host data too (a CPU int64 tensor for CUDA
+input), so reading them costs no synchronisation. Pruned ``positions`` stay on the input's device.
 Mass selection waits for the GPU once (its output size depends on the scores); top-k does not,
 and so does not check the scores for NaN on the GPU (NaN ranks lowest there). Tensors that
 require grad must be detached first (DLPack cannot export them).
@@ -37,7 +39,8 @@ class Pooled(NamedTuple):
     tokens: Array
     """``[new_tokens, dim]``, same dtype as ``x``, row-major on the new grids."""
     grid_thw: Array
-    """``[n, 3]`` int64: ``(t, ceil(h / kh), ceil(w / kw))`` per input grid."""
+    """``[n, 3]`` int64: ``(t, ceil(h / kh), ceil(w / kw))`` per input grid; host data (a CPU
+    tensor for CUDA input)."""
 
 
 class Pruned(NamedTuple):

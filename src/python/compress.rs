@@ -2,7 +2,8 @@
 //! torch, no copy; integer arrays through `int_array`), the core is called once and routes by
 //! device; results go back as `Buffer`s (CPU) that `python/tvc_rs/compress.py` turns into the
 //! caller's kind of array, or as torch tensors on the input's GPU. Host metadata (grids, given
-//! indices) passed as CUDA tensors is copied to the host first (a synchronisation).
+//! indices) passed as CUDA tensors is copied to the host first (a synchronisation); grids
+//! returned are host data too.
 
 use pyo3::prelude::*;
 
@@ -11,7 +12,8 @@ use crate::python::errors::{opt_arg, Arg};
 
 use crate::compress::{self, keep_from, Budget, Grid, KeepFrom, DATA_DTYPES};
 use crate::python::cuda::Place;
-use crate::python::tensor::{int_array, IntShape};
+use crate::python::tensor::{buffer, int_array, IntShape};
+use crate::tensor::OwnedTensor;
 use crate::value_err;
 
 const GRID_LAYOUT: &str = "[n, 3] of (t, h, w)";
@@ -30,12 +32,14 @@ fn grid_arg(place: &Place<'_, '_>, grid_thw: &Bound<'_, PyAny>) -> PyResult<Vec<
     Ok(flat.chunks(3).map(|r| [r[0], r[1], r[2]]).collect())
 }
 
-fn grid_output<'py>(place: &Place<'_, 'py>, grids: &[Grid]) -> PyResult<Bound<'py, PyAny>> {
+/// New grids as a host int64 `[n, 3]` Buffer, also for CUDA input: they are metadata that
+/// callers read on the host, so an upload would only cost them a synchronisation.
+fn grid_output<'py>(py: Python<'py>, grids: &[Grid]) -> PyResult<Bound<'py, PyAny>> {
     let flat: Vec<i64> = grids
         .iter()
         .flat_map(|g| [g.t as i64, g.h as i64, g.w as i64])
         .collect();
-    place.int_output(flat, vec![grids.len(), 3])
+    Ok(buffer(py, OwnedTensor::new(flat, vec![grids.len(), 3])?)?.into_any())
 }
 
 fn factor_arg(factor: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
@@ -69,7 +73,7 @@ fn pool_visual_tokens<'py>(
         let grids = grid_arg(place, grid_thw)?;
         let factor = factor_arg(factor)?;
         let (pooled, new_grids) = compress::pool_visual_tokens(&x.view(), &grids, factor, place)?;
-        Ok((place.output(pooled)?, grid_output(place, &new_grids)?))
+        Ok((place.output(pooled)?, grid_output(py, &new_grids)?))
     })
 }
 
