@@ -604,3 +604,33 @@ def test_pooled_grids_of_cuda_input_are_host_data():
 def test_public_api():
     for name in ("pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "Pooled", "Pruned"):
         assert name in tvc_rs.__all__ and getattr(tvc_rs, name) is getattr(tvc_rs.compress, name)
+
+
+def test_the_native_functions_and_result_types_are_the_public_ones():
+    """No pass-through wrappers: tvc_rs.compress re-exports the native functions (documented
+    and with their signatures there) and the native named tuples Pooled / Pruned."""
+    import inspect
+    import pickle
+
+    for name in ("pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "Pooled", "Pruned"):
+        assert getattr(tvc_rs.compress, name) is getattr(tvc_rs._native, name)
+    assert str(inspect.signature(pool_visual_tokens)) == "(x, grid_thw, factor=4)"
+    assert str(inspect.signature(visual_token_scores)) == "(query, keys, *, lse=None, scale=None)"
+    assert pool_visual_tokens.__doc__.startswith("Average-pool visual tokens with ``kh x kw`` windows")
+    assert "Pruned(tokens, indices, positions)" in prune_visual_tokens.__doc__
+    assert tvc_rs.Pooled._fields == ("tokens", "grid_thw") and tvc_rs.Pruned._fields == ("tokens", "indices", "positions")
+    assert "host data" in tvc_rs.Pooled.grid_thw.__doc__
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2 * 6 * 7, 4)).astype(np.float32)
+    pooled = pool_visual_tokens(x, [(2, 6, 7)])  # the default factor is 4
+    assert isinstance(pooled, tvc_rs.Pooled) and isinstance(pooled, tuple)
+    tokens, grids = pooled
+    assert tokens is pooled.tokens and grids is pooled.grid_thw
+    assert grids.tolist() == [[2, 2, 2]] and tokens.shape == (8, 4)
+    again = pickle.loads(pickle.dumps(pooled))
+    assert type(again) is tvc_rs.Pooled and np.array_equal(again.tokens, tokens)
+    pruned = prune_visual_tokens(torch.from_numpy(x), [1, 3])
+    assert isinstance(pruned, tvc_rs.Pruned) and pruned.positions is None
+    assert isinstance(pruned.tokens, torch.Tensor) and pruned.indices.tolist() == [1, 3]
+    assert isinstance(select_tokens(torch.from_numpy(x[:, 0]), keep=2), torch.Tensor)
+    assert isinstance(visual_token_scores(x[:1].reshape(1, 1, 4), x.reshape(-1, 1, 4)), np.ndarray)
