@@ -566,7 +566,7 @@ def answer_cut(
     (or inside the ``bridge`` ids right before it) moves to its start."""
 
 def qwen2_vl_patches(
-    images: list[npt.NDArray[np.uint8]],
+    images: list[Any],  # uint8 NumPy arrays or torch CPU tensors (read through DLPack)
     mean: Sequence[float],
     std: Sequence[float],
     *,
