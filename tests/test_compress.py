@@ -484,7 +484,7 @@ def assert_same(before, after):
         (lambda x, s: pool_visual_tokens(x, [(1, 6, 7), (1, 0, 3)], 2), ValueError, "^" + re.escape("grid_thw[1] = (1, 0, 3): every grid dimension must be >= 1")),
         (lambda x, s: pool_visual_tokens(x, [(1, 6)], 2), ValueError, "^" + re.escape("grid_thw[0] has 2 entries")),
         (lambda x, s: pool_visual_tokens(x, np.array([1, 6, 7]), 2), ValueError, "^" + re.escape("grid_thw: expected a 2-D tensor")),
-        (lambda x, s: pool_visual_tokens(x, np.array([[1.0, 6, 7]]), 2), TypeError, "^" + re.escape("grid_thw: expected dtype int32 or int64, got float64")),
+        (lambda x, s: pool_visual_tokens(x, np.array([[1.0, 6, 7]]), 2), TypeError, "^" + re.escape("grid_thw: expected an integer dtype (int32, int64 or another int/uint), got float64")),
         (lambda x, s: pool_visual_tokens(x, "grid", 2), TypeError, "^" + re.escape("grid_thw: expected")),
         (lambda x, s: pool_visual_tokens(x[None], [(1, 6, 7)], 2), ValueError, "^" + re.escape("x: expected a 2-D tensor [tokens, dim], got shape (1, 42, 5)")),
         (lambda x, s: pool_visual_tokens(x.astype(np.float64), [(1, 6, 7)], 2), TypeError, "^" + re.escape("x: expected dtype float32, float16 or bfloat16, got float64")),
@@ -494,7 +494,7 @@ def assert_same(before, after):
         (lambda x, s: prune_visual_tokens(x, [3, 3]), ValueError, "^" + re.escape("indices[1] = 3 repeats indices[0]")),
         (lambda x, s: prune_visual_tokens(x, [4, 3]), ValueError, "^" + re.escape("indices must be sorted")),
         (lambda x, s: prune_visual_tokens(x, np.array([[1, 2]])), ValueError, "^" + re.escape("indices: expected a 1-D tensor")),
-        (lambda x, s: prune_visual_tokens(x, np.array([1.0])), TypeError, "^" + re.escape("indices: expected dtype int32 or int64")),
+        (lambda x, s: prune_visual_tokens(x, np.array([1.0])), TypeError, "^" + re.escape("indices: expected an integer dtype")),
         (lambda x, s: prune_visual_tokens(x, [1], scores=s, keep=3), ValueError, "^" + re.escape("indices, scores: ") + ".*" + re.escape(" not both")),
         (lambda x, s: prune_visual_tokens(x), ValueError, "^" + re.escape("indices, scores:")),
         (lambda x, s: prune_visual_tokens(x, [1], keep=3), ValueError, "^" + re.escape("keep, ratio, mass: these select from scores")),
@@ -566,6 +566,71 @@ def test_cpu_and_cuda_tensors_are_not_mixed():
         visual_token_scores(torch.randn(1, 2, 4, device="cuda"), torch.randn(3, 2, 4))
 
 
+def _expected_grids(grids, kh, kw):
+    return np.array([(t, -(-h // kh), -(-w // kw)) for t, h, w in grids], np.int64)
+
+
+def test_pooled_grids_are_host_data():
+    """The returned grids are host int64 data of the caller's kind: NumPy for NumPy input, a CPU
+    torch tensor for torch input."""
+    rng = np.random.default_rng()
+    grids = [tuple(int(v) for v in rng.integers(1, 9, 3)) for _ in range(3)]
+    kh, kw = (int(v) for v in rng.integers(1, 5, 2))
+    x = rng.standard_normal((sum(t * h * w for t, h, w in grids), 8)).astype(np.float32)
+    pooled = pool_visual_tokens(x, grids, (kh, kw))
+    assert isinstance(pooled.grid_thw, np.ndarray) and pooled.grid_thw.dtype == np.int64
+    assert np.array_equal(pooled.grid_thw, _expected_grids(grids, kh, kw))
+    pooled = pool_visual_tokens(torch.from_numpy(x), grids, (kh, kw))
+    assert isinstance(pooled.grid_thw, torch.Tensor) and pooled.grid_thw.device.type == "cpu"
+    assert pooled.grid_thw.dtype == torch.int64
+    assert np.array_equal(pooled.grid_thw.numpy(), _expected_grids(grids, kh, kw))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_pooled_grids_of_cuda_input_are_host_data():
+    """CUDA input: the tokens stay on the GPU, the grids come back as a CPU int64 tensor (no
+    upload, so reading them does not wait for the GPU); pruned positions stay on the GPU."""
+    rng = np.random.default_rng()
+    grids = [(1, 6, 7), (2, 3, 5)]
+    x = torch.from_numpy(rng.standard_normal((42 + 30, 16)).astype(np.float32))
+    pooled = pool_visual_tokens(x.cuda(), grids, 2)
+    assert pooled.tokens.device.type == "cuda" and pooled.grid_thw.device.type == "cpu"
+    assert np.array_equal(pooled.grid_thw.numpy(), _expected_grids(grids, 2, 2))
+    assert torch.allclose(pooled.tokens.cpu(), pool_visual_tokens(x, grids, 2).tokens, atol=1e-6)
+    pruned = prune_visual_tokens(x.cuda(), [0, 5, 50], grid_thw=grids)
+    assert pruned.positions.device.type == "cuda"
+
+
 def test_public_api():
     for name in ("pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "Pooled", "Pruned"):
         assert name in tvc_rs.__all__ and getattr(tvc_rs, name) is getattr(tvc_rs.compress, name)
+
+
+def test_the_native_functions_and_result_types_are_the_public_ones():
+    """No pass-through wrappers: tvc_rs.compress re-exports the native functions (documented
+    and with their signatures there) and the native named tuples Pooled / Pruned."""
+    import inspect
+    import pickle
+
+    for name in ("pool_visual_tokens", "visual_token_scores", "select_tokens", "prune_visual_tokens", "Pooled", "Pruned"):
+        assert getattr(tvc_rs.compress, name) is getattr(tvc_rs._native, name)
+    assert str(inspect.signature(pool_visual_tokens)) == "(x, grid_thw, factor=4)"
+    assert str(inspect.signature(visual_token_scores)) == "(query, keys, *, lse=None, scale=None)"
+    assert pool_visual_tokens.__doc__.startswith("Average-pool visual tokens with ``kh x kw`` windows")
+    assert "Pruned(tokens, indices, positions)" in prune_visual_tokens.__doc__
+    assert tvc_rs.Pooled._fields == ("tokens", "grid_thw") and tvc_rs.Pruned._fields == ("tokens", "indices", "positions")
+    assert "host data" in tvc_rs.Pooled.grid_thw.__doc__
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2 * 6 * 7, 4)).astype(np.float32)
+    pooled = pool_visual_tokens(x, [(2, 6, 7)])  # the default factor is 4
+    assert isinstance(pooled, tvc_rs.Pooled) and isinstance(pooled, tuple)
+    tokens, grids = pooled
+    assert tokens is pooled.tokens and grids is pooled.grid_thw
+    assert grids.tolist() == [[2, 2, 2]] and tokens.shape == (8, 4)
+    again = pickle.loads(pickle.dumps(pooled))
+    assert type(again) is tvc_rs.Pooled and np.array_equal(again.tokens, tokens)
+    pruned = prune_visual_tokens(torch.from_numpy(x), [1, 3])
+    assert isinstance(pruned, tvc_rs.Pruned) and pruned.positions is None
+    assert isinstance(pruned.tokens, torch.Tensor) and pruned.indices.tolist() == [1, 3]
+    assert isinstance(select_tokens(torch.from_numpy(x[:, 0]), keep=2), torch.Tensor)
+    assert isinstance(visual_token_scores(x[:1].reshape(1, 1, 4), x.reshape(-1, 1, 4)), np.ndarray)

@@ -413,6 +413,23 @@ def test_patches_equal_the_processor_arithmetic(bh, bw, channels, hwc, seed):
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+def test_native_patches_read_torch_uint8_tensors_through_dlpack():
+    """The native call reads uint8 images through DLPack: a torch CPU tensor, strided (a
+    permuted HWC view, a crop), gives the reference's bits as a NumPy array does."""
+    rng = np.random.default_rng()
+    image = rng.integers(0, 256, (3, 84, 140), dtype=np.uint8)
+    mean, std = [120.5, 100.25, 90.0], [60.0, 55.5, 70.125]
+    expected = reference_patches(torch.from_numpy(image[:, :56, 28:112].copy()), mean, std).numpy()
+    crop = torch.from_numpy(image)[:, :56, 28:112]  # strided view
+    hwc = torch.from_numpy(np.ascontiguousarray(image.transpose(1, 2, 0)))[:56, 28:112]
+    for arg, layout in [(crop, "chw"), (hwc, "hwc"), (crop.permute(1, 2, 0), "hwc")]:
+        got = tvc_rs._native.qwen2_vl_patches([arg], mean, std, layout=layout)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), layout
+    with pytest.raises(TypeError, match=re.escape("images[1]: expected dtype uint8, got int16")):
+        tvc_rs._native.qwen2_vl_patches([crop, crop.to(torch.int16)], mean, std)
+
+
 def test_patches_equal_the_image_processor_on_real_images(image_processors):
     """Bit for bit transformers' Qwen2VLImageProcessor (torchvision backend) after its resize."""
     from PIL import Image

@@ -66,3 +66,24 @@ def test_native_stub_matches_the_compiled_module():
     result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "tvc_rs._native", "--allowlist", str(allowlist)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_kv_functions_are_the_documented_native_ones():
+    """``tvc_rs.kv`` re-exports the native functions (no pass-through wrappers): their
+    documentation and signature are the binding's own, and ``help()`` shows both."""
+    import inspect
+    import pydoc
+
+    import tvc_rs.kv
+    from tvc_rs import _native
+
+    for name in ["rerotate_keys", "relocate_span", "append_entries", "paged_reinject"]:
+        function = getattr(tvc_rs.kv, name)
+        assert function is getattr(_native, name) is getattr(tvc_rs, name)
+        assert "rope_theta" in str(inspect.signature(function))
+    doc = tvc_rs.kv.relocate_span.__doc__
+    assert doc.startswith("Evict cache positions ``[start, end)`` (e.g. the first image) from every layer.")
+    assert "cache.crop(new_length - old_length)" in doc and "Returns the new valid length" in doc
+    text = pydoc.plain(pydoc.render_doc(tvc_rs.kv.relocate_span))
+    assert "relocate_span(keys, values, start, end, *, rope_theta, head_dim, delta=None" in text
+    assert "Evict cache positions" in text

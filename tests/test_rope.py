@@ -416,28 +416,28 @@ VGRID = np.array([[2, 2, 2]])
     [
         ({"input_ids": IDS[0]}, ValueError, re.escape("input_ids must have shape (batch, seq), got shape (9,)")),
         ({"input_ids": IDS[None]}, ValueError, re.escape("input_ids must have shape (batch, seq)")),
-        ({"input_ids": IDS.astype(np.float32)}, TypeError, re.escape("input_ids must be int32 or int64, got dtype float32")),
-        ({"input_ids": IDS.astype(np.int16)}, TypeError, re.escape("input_ids must be int32 or int64")),
+        ({"input_ids": IDS.astype(np.float32)}, TypeError, re.escape("input_ids: expected dtype int32 or int64, got float32")),
+        ({"input_ids": IDS.astype(np.int16)}, TypeError, re.escape("input_ids: expected dtype int32 or int64, got int16")),
         ({"attention_mask": np.ones((1, 8))}, ValueError, re.escape("attention_mask must have the shape of input_ids (1, 9)")),
         ({"attention_mask": np.ones((2, 9))}, ValueError, re.escape("attention_mask must have the shape")),
-        ({"attention_mask": np.full((1, 9), "x")}, TypeError, re.escape("attention_mask must hold")),
+        ({"attention_mask": np.full((1, 9), "x")}, ValueError, re.escape("attention_mask: cannot be read through DLPack")),
         ({"mm_token_type_ids": np.zeros((1, 3), dtype=int)}, ValueError, re.escape("mm_token_type_ids must have the shape")),
         ({"mm_token_type_ids": np.full((1, 9), 3)}, ValueError, re.escape("mm_token_type_ids[0, 0] = 3")),
-        ({"mm_token_type_ids": np.zeros((1, 9))}, TypeError, re.escape("mm_token_type_ids must hold integers")),
+        ({"mm_token_type_ids": np.zeros((1, 9))}, TypeError, re.escape("mm_token_type_ids: expected an integer dtype (int32, int64 or another int/uint), got float64")),
         ({"image_grid_thw": None}, ValueError, re.escape("image_grid_thw is None but the sequences hold 1 image block")),
         ({"image_grid_thw": np.zeros((0, 3), dtype=int)}, ValueError, re.escape("image_grid_thw has 0 row(s)")),
         ({"image_grid_thw": np.array([[1, 4, 4], [1, 2, 2]])}, ValueError, re.escape("image_grid_thw has 2 row(s) but the sequences hold 1")),
         ({"image_grid_thw": np.array([[1, 4, 6]])}, ValueError, re.escape("image block 0 ") + ".*" + re.escape(" has 4 tokens but image_grid_thw[0] = (1, 4, 6) needs")),
         ({"image_grid_thw": np.array([[1, 4, 0]])}, ValueError, re.escape("image_grid_thw[0] = (1, 4, 0): every grid dimension must be >= 1")),
         ({"image_grid_thw": np.array([[1, -4, 4]])}, ValueError, re.escape("image_grid_thw[0] = (1, -4, 4)")),
-        ({"image_grid_thw": np.array([1, 4, 4])}, ValueError, re.escape("image_grid_thw must have shape (num_images, 3)")),
-        ({"image_grid_thw": np.array([[1, 4]])}, ValueError, re.escape("image_grid_thw must have shape (num_images, 3)")),
-        ({"image_grid_thw": np.array([[1.0, 4.0, 4.0]])}, TypeError, re.escape("image_grid_thw must hold integers")),
+        ({"image_grid_thw": np.array([1, 4, 4])}, ValueError, re.escape("image_grid_thw: expected a 2-D tensor (num_images, 3) of (t, h, w), got shape (3,)")),
+        ({"image_grid_thw": np.array([[1, 4]])}, ValueError, re.escape("image_grid_thw: expected shape (num_images, 3) of (t, h, w), got (1, 2)")),
+        ({"image_grid_thw": np.array([[1.0, 4.0, 4.0]])}, TypeError, re.escape("image_grid_thw: expected an integer dtype")),
         ({"video_grid_thw": None}, ValueError, re.escape("video_grid_thw is None but the sequences hold 1 video block")),
         ({"video_grid_thw": np.array([[2, 2, 2], [1, 2, 2]])}, ValueError, re.escape("video_grid_thw has 2 row(s)")),
         ({"video_grid_thw": np.array([[1, 2, 2]])}, ValueError, re.escape("video block 0 ") + ".*" + re.escape(" has 2 tokens but video_grid_thw[0]")),
         ({"video_grid_thw": np.array([[0, 2, 2]])}, ValueError, re.escape("video_grid_thw[0] = (0, 2, 2)")),
-        ({"video_grid_thw": np.array([[[2, 2, 2]]])}, ValueError, re.escape("video_grid_thw must have shape (num_videos, 3)")),
+        ({"video_grid_thw": np.array([[[2, 2, 2]]])}, ValueError, re.escape("video_grid_thw: expected a 2-D tensor (num_videos, 3) of (t, h, w), got shape (1, 1, 3)")),
         ({"second_per_grid_ts": [0.5]}, ValueError, re.escape("second_per_grid_ts is only used by model_type='qwen2_5_vl'")),
         ({"second_per_grid_ts": [0.5, 1.0], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts has 2 value(s) but video_grid_thw has 1 row")),
         ({"second_per_grid_ts": [], "model_type": "qwen2_5_vl"}, ValueError, re.escape("second_per_grid_ts has 0 value(s)")),
@@ -455,6 +455,33 @@ def test_bad_input(kwargs, error, match):
     args = {"input_ids": IDS, "image_grid_thw": GRID, "video_grid_thw": VGRID, **kwargs}
     with pytest.raises(error, match=match):
         tvc_rs.mrope_position_ids(**args)
+
+
+def test_native_reads_masks_of_any_dtype_and_strided_arrays():
+    """The native call reads its arrays through DLPack: a mask of any numeric dtype means
+    non-zero = kept (as ``tensor.bool()``), and strided views read as their contiguous copies."""
+    native = tvc_rs._native.mrope_position_ids
+    keep = np.ones((1, 9), bool)
+    keep[0, 0] = False  # the leading text token is padding
+    expected, expected_deltas = native(IDS, GRID, VGRID, keep)
+    unmasked, _ = native(IDS, GRID, VGRID)
+    assert not np.array_equal(expected, unmasked)  # the mask is read
+    for dtype in [np.float16, np.float32, np.float64, np.int8, np.uint8, np.int32, np.int64]:
+        mask = keep.astype(dtype) * 3  # any non-zero value keeps
+        positions, deltas = native(IDS, GRID, VGRID, mask)
+        assert np.array_equal(positions, expected) and np.array_equal(deltas, expected_deltas), dtype
+    nan_mask = np.where(keep, np.nan, 0.0)  # NaN is non-zero
+    assert np.array_equal(native(IDS, GRID, VGRID, nan_mask)[0], expected)
+    torch_mask = torch.from_numpy(keep).to(torch.bfloat16)
+    assert np.array_equal(native(IDS, GRID, VGRID, torch_mask)[0], expected)
+    for dtype in [np.int32, np.int64]:
+        strided_ids = np.repeat(IDS.astype(dtype), 2, axis=1)[:, ::2]
+        strided_grid = np.asfortranarray(np.repeat(GRID, 2, axis=0))[::2]
+        strided_mask = np.repeat(keep, 2, axis=1)[:, ::2]
+        assert not strided_ids.flags.c_contiguous
+        positions, deltas = native(strided_ids, strided_grid, VGRID, strided_mask)
+        assert positions.dtype == dtype
+        assert np.array_equal(positions, expected) and np.array_equal(deltas, expected_deltas)
 
 
 def test_bad_input_with_torch_tensors():

@@ -338,6 +338,40 @@ def test_detector_from_every_kind_of_tokenizer(tokenizer_json, qwen2_vl_dir, tok
     assert detector.encode(text) == ids
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"])
+def test_token_ids_of_every_integer_dtype_and_strides(detector, dtype):
+    """Token ids go through the one integer parser (DLPack): every integer width, any strides
+    (reversed, every other), NumPy and torch, read as the same ids as a Python list."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    # Narrow dtypes get random ids of their range; wide ones the vocabulary and some "Wait"s.
+    high = min(int(np.iinfo(dtype).max), detector.vocab_size - 1)
+    ids = rng.integers(0, high + 1, 64)
+    if high == detector.vocab_size - 1:
+        ids[::7] = detector.encode("Wait")[0]
+    expected = detector.find_tokens(ids.tolist())
+    array = np.asarray(ids, dtype=dtype)
+    assert detector.find_tokens(array) == expected
+    wide = np.repeat(array, 2)[::2]  # stride 2 elements
+    assert not wide.flags.c_contiguous and detector.find_tokens(wide) == expected
+    reversed_ids = array[::-1]
+    assert detector.find_tokens(reversed_ids) == detector.find_tokens(ids[::-1].tolist())
+    if dtype in ("int8", "int16", "int32", "int64", "uint8"):
+        assert detector.find_tokens(torch.from_numpy(array)) == expected
+
+
+def test_token_ids_refuse_what_is_not_integral(detector):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=re.escape("tokens: 9223372036854775808 does not fit in int64")):
+        detector.find_tokens(np.array([1, 2**63], np.uint64))
+    with pytest.raises(TypeError, match=re.escape("tokens: expected an integer dtype (int32, int64 or another int/uint), got bool")):
+        detector.find_tokens(np.array([True]))
+    with pytest.raises(TypeError, match=re.escape("tokens: expected an integer dtype (int32, int64 or another int/uint), got float32")):
+        detector.find_tokens(torch.tensor([1.0]))
+    with pytest.raises(TypeError, match=re.escape("tokens: expected a 1-D integer array or a sequence of ints, got str")):
+        detector.find_tokens("wait")
+
+
 def test_find_tokens_accepts_numpy_and_torch(detector, tokenizer):
     torch = pytest.importorskip("torch")
     ids = tokenizer.encode("Wait, hmm.", add_special_tokens=False).ids
@@ -453,7 +487,7 @@ def test_bad_input_raises_clear_errors(detector, tokenizer_json, tmp_path):
     assert stream.tokens_seen == 1  # nothing was fed
     with pytest.raises(IndexError, match=re.escape("token id")):
         detector.find_tokens([1, 2, 999999])
-    with pytest.raises(TypeError, match=re.escape("integer token ids")):
+    with pytest.raises(TypeError, match=re.escape("tokens: expected an integer dtype")):
         detector.find_tokens(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=re.escape("1-D")):
         detector.find_tokens(np.zeros((2, 2), dtype=np.int64))

@@ -173,6 +173,36 @@ def test_advance_against_the_plain_stream(detector, events, min_gap):
     assert batch.calibrations(2) == lists.calibrations(1) == [c for c in stream.calibrations if c.token_index < seen]
 
 
+def test_advance_reads_bools_and_ints_of_every_kind(detector):
+    """`sampling` as a bool list, a NumPy bool array (also strided) or a torch bool tensor, and
+    the integer rows as lists, narrow NumPy dtypes or torch tensors: the same rows come back."""
+    torch = pytest.importorskip("torch")
+    ids = detector.encode(TEXT)
+    schedule = tvc_rs.PVCSchedule(min_gap=0)
+    rng = np.random.default_rng()
+    sampling = rng.random(len(ids)) < 0.7
+    kinds = [
+        lambda i, s: ([0, 2], [0, i], [ids[0], ids[i]], [True, bool(s)]),
+        lambda i, s: (np.array([0, 2], np.uint8), np.array([0, i], np.int32), np.array([ids[0], ids[i]], np.uint32),
+                      np.array([True, True, s, s])[::2]),
+        lambda i, s: (torch.tensor([0, 2]), torch.tensor([0, i], dtype=torch.int16), torch.tensor([ids[0], ids[i]]),
+                      torch.tensor([True, bool(s)])),
+    ]
+    results = []
+    for kind in kinds:
+        batch = detector.batch(4)
+        batch.add(2, schedule)
+        results.append([batch.advance(*kind(i, s)).tolist() for i, s in enumerate(sampling)])
+    assert results[0] == results[1] == results[2]
+    assert any(rows for rows in results[0])  # TEXT calibrates
+    batch = detector.batch(4)
+    batch.add(0)
+    with pytest.raises(TypeError, match=re.escape("sampling: expected a bool array, got dtype int64")):
+        batch.advance([0], [0], [14190], np.array([1]))
+    with pytest.raises(ValueError, match=re.escape("sampling: expected a 1-D tensor, got shape (1, 1)")):
+        batch.advance([0], [0], [14190], np.array([[True]]))
+
+
 def test_advance_errors(detector):
     batch = detector.batch(3)
     batch.add(0)

@@ -14,7 +14,7 @@ __version__: str
 # --- triggers (src/python/triggers.rs) ---
 
 from os import PathLike
-from typing import Any, Literal, Optional, Self, Sequence, Union, final
+from typing import Any, Literal, NamedTuple, Optional, Self, Sequence, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -252,8 +252,22 @@ def image_token_count(
 
 # --- compress (src/python/compress.rs) ---
 
-def pool_visual_tokens(x: object, grid_thw: object, factor: int | tuple[int, int]) -> tuple[Buffer, Buffer]: ...
-def visual_token_scores(query: object, keys: object, lse: object | None = None, scale: float | None = None) -> Buffer: ...
+class Pooled(NamedTuple):
+    """Result of :func:`pool_visual_tokens`."""
+
+    tokens: Any
+    grid_thw: Any  # host data (a CPU tensor for CUDA input)
+
+class Pruned(NamedTuple):
+    """Result of :func:`prune_visual_tokens`."""
+
+    tokens: Any
+    indices: Any
+    positions: Any | None  # on the input's device
+
+# Results are of the kind of the main argument (torch tensors for torch input, NumPy otherwise).
+def pool_visual_tokens(x: object, grid_thw: object, factor: int | tuple[int, int] = 4) -> Pooled: ...
+def visual_token_scores(query: object, keys: object, *, lse: object | None = None, scale: float | None = None) -> Any: ...
 def select_tokens(
     scores: object,
     keep: int | None = None,
@@ -261,7 +275,7 @@ def select_tokens(
     mass: float | None = None,
     min_keep: int = 1,
     max_keep: int | None = None,
-) -> Buffer: ...
+) -> Any: ...
 def prune_visual_tokens(
     x: object,
     indices: object | None = None,
@@ -274,7 +288,7 @@ def prune_visual_tokens(
     max_keep: int | None = None,
     grid_thw: object | None = None,
     merge: bool = False,
-) -> tuple[Buffer, Buffer, Buffer | None]: ...
+) -> Pruned: ...
 
 # --- end compress ---
 
@@ -569,7 +583,7 @@ def answer_cut(
     (or inside the ``bridge`` ids right before it) moves to its start."""
 
 def qwen2_vl_patches(
-    images: list[npt.NDArray[np.uint8]],
+    images: list[Any],  # uint8 NumPy arrays or torch CPU tensors (read through DLPack)
     mean: Sequence[float],
     std: Sequence[float],
     *,

@@ -1011,7 +1011,8 @@ class _Session:
                     continue
                 # On the features' own device (the CUDA kernels for CUDA features): no host copy.
                 pooled = tvc_rs.pool_visual_tokens(f, [(t, h // merge, w // merge)], k)
-                pt, ph, pw = t, -(-h // merge // k), -(-w // merge // k)
+                # The pooled grid is host data (no device sync to read it).
+                pt, ph, pw = (int(d) for d in pooled.grid_thw[0])
                 out.append(((pooled.tokens, (pt, ph * merge, pw * merge)), pt * ph * pw))
         else:
             from PIL import Image

@@ -18,7 +18,7 @@ use crate::cuda::alloc::{DeviceAlloc, Output};
 use crate::cuda::{self, KernelFile, Stream};
 use crate::dtype::DType;
 use crate::python::tensor::{buffer, PyTensor};
-use crate::tensor::{Device, OwnedTensor, TensorView};
+use crate::tensor::{Device, TensorView};
 use crate::{type_err, value_err};
 
 const DL_CUDA: i32 = 2;
@@ -236,15 +236,6 @@ impl<'py> CudaCall<'py> {
             PyTensor::extract_with_stream(&tensor, "output", &[dtype], Some(self.dlpack_stream()))?;
         Ok((tensor, view))
     }
-
-    /// A 1-D int64 tensor on this device holding `values` (copied on this stream).
-    pub fn upload_i64(&self, values: &[i64]) -> PyResult<(Bound<'py, PyAny>, u64)> {
-        let (tensor, view) = self.empty(&[values.len()], DType::I64)?;
-        let ptr = view.view().data_ptr() as u64;
-        // SAFETY: a fresh tensor of values.len() int64 on this device.
-        unsafe { cuda::compress::write_indices(self.ordinal, self.stream, ptr, values)? };
-        Ok((tensor, ptr))
-    }
 }
 
 /// `obj`, or its `.cpu()` copy when it is a CUDA tensor (host data such as slots).
@@ -342,17 +333,6 @@ impl<'py> Place<'_, 'py> {
         match out {
             Output::Host(tensor) => Ok(buffer(self.py(), tensor)?.into_any()),
             Output::Device(tensor) => Ok(tensor.tensor),
-        }
-    }
-
-    /// Host int64 values `[rows, cols]` on the call's device.
-    pub fn int_output(&self, values: Vec<i64>, shape: Vec<usize>) -> PyResult<Bound<'py, PyAny>> {
-        match self {
-            Place::Cpu(py) => Ok(buffer(*py, OwnedTensor::new(values, shape)?)?.into_any()),
-            Place::Cuda(call) => call
-                .upload_i64(&values)?
-                .0
-                .call_method1("view", PyTuple::new(call.py, shape)?),
         }
     }
 

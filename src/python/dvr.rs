@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use numpy::prelude::*;
-use numpy::{PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -16,7 +14,8 @@ use super::errors::type_name;
 use pyo3::types::{PyList, PyString};
 use rayon::prelude::*;
 
-use super::triggers::{detector_from, phrases_arg, token_ids, Hit, ReflectionDetector};
+use super::tensor::{int_vector_arg, numpy_array, uint8_array};
+use super::triggers::{detector_from, phrases_arg, Hit, ReflectionDetector};
 use crate::dvr::{
     self, ChatFormat, ImageU8, Insertion as CoreInsertion, PatchSettings, Policy, Sample,
     SampleBuilder, VisionTokens,
@@ -284,17 +283,17 @@ pub struct DVRSample {
     #[pyo3(get)]
     planned_images: usize,
     #[pyo3(get)]
-    input_ids: Py<PyArray1<i64>>,
+    input_ids: Py<PyAny>,
     #[pyo3(get)]
-    labels: Py<PyArray1<i64>>,
+    labels: Py<PyAny>,
     #[pyo3(get)]
-    position_ids: Py<PyArray2<i64>>,
+    position_ids: Py<PyAny>,
     #[pyo3(get)]
     rope_delta: i64,
     #[pyo3(get)]
     images: Vec<DVRImage>,
     #[pyo3(get)]
-    image_grid_thw: Py<PyArray2<i64>>,
+    image_grid_thw: Py<PyAny>,
     #[pyo3(get)]
     prompt_tokens: usize,
     #[pyo3(get)]
@@ -303,19 +302,19 @@ pub struct DVRSample {
 
 #[pymethods]
 impl DVRSample {
-    fn __len__(&self, py: Python<'_>) -> usize {
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
         self.input_ids.bind(py).len()
     }
 
-    fn __repr__(&self, py: Python<'_>) -> String {
-        format!(
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
             "DVRSample(tokens={}, images={}, kept_images={}/{}, cut_tokens={})",
-            self.input_ids.bind(py).len(),
+            self.input_ids.bind(py).len()?,
             self.images.len(),
             self.kept_images,
             self.planned_images,
             self.cut_tokens
-        )
+        ))
     }
 }
 
@@ -341,9 +340,9 @@ fn sample_to_py(py: Python<'_>, s: Sample, phrases: &[String]) -> PyResult<DVRSa
             .collect(),
         kept_images: s.kept_images,
         planned_images: s.planned_images,
-        input_ids: PyArray1::from_vec(py, ids).unbind(),
-        labels: PyArray1::from_vec(py, s.labels).unbind(),
-        position_ids: PyArray1::from_vec(py, positions).reshape([3, n])?.unbind(),
+        input_ids: numpy_array(py, ids, vec![n])?.unbind(),
+        labels: numpy_array(py, s.labels, vec![n])?.unbind(),
+        position_ids: numpy_array(py, positions, vec![3, n])?.unbind(),
         rope_delta: s.positions.rope_delta,
         images: s
             .images
@@ -356,7 +355,7 @@ fn sample_to_py(py: Python<'_>, s: Sample, phrases: &[String]) -> PyResult<DVRSa
                 grid_thw: (im.grid.t, im.grid.h, im.grid.w),
             })
             .collect(),
-        image_grid_thw: PyArray1::from_vec(py, grids).reshape([k, 3])?.unbind(),
+        image_grid_thw: numpy_array(py, grids, vec![k, 3])?.unbind(),
         prompt_tokens: s.prompt_tokens,
         cut_tokens: s.cut_tokens,
     })
@@ -727,12 +726,12 @@ fn vision_blocks<'py>(
     vision_end: Arg<i64>,
     image_pad: Arg<i64>,
     video_pad: Arg<i64>,
-) -> PyResult<Bound<'py, PyArray2<i64>>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let vision_start = vision_start.get("vision_start")?;
     let vision_end = vision_end.get("vision_end")?;
     let image_pad = image_pad.get("image_pad")?;
     let video_pad = video_pad.get("video_pad")?;
-    let ids = token_ids(input_ids, "input_ids")?;
+    let ids = int_vector_arg(input_ids, "input_ids")?;
     let tokens = VisionTokens {
         vision_start,
         vision_end,
@@ -753,7 +752,7 @@ fn vision_blocks<'py>(
             ]
         })
         .collect();
-    PyArray1::from_vec(py, flat).reshape([blocks.len(), 6])
+    numpy_array(py, flat, vec![blocks.len(), 6])
 }
 
 /// How many tokens of an answer `input_ids` are kept under a cut after `keep` tokens without
@@ -772,10 +771,10 @@ fn answer_cut(
     image_pad: i64,
     video_pad: i64,
 ) -> PyResult<usize> {
-    let ids = token_ids(input_ids, "input_ids")?;
+    let ids = int_vector_arg(input_ids, "input_ids")?;
     let keep = non_negative("keep", keep)?;
     let bridge = match bridge {
-        Some(b) => token_ids(b, "bridge")?,
+        Some(b) => int_vector_arg(b, "bridge")?,
         None => Vec::new(),
     };
     let tokens = VisionTokens {
@@ -791,7 +790,7 @@ fn answer_cut(
 /// float32 per channel, repeated to `temporal_patch_size` frames and cut into merge-ordered
 /// patches, as `Qwen2VLImageProcessor._preprocess` does after resizing.
 ///
-/// images: 3-D uint8 NumPy arrays, `(channels, height, width)` (`layout="chw"`) or
+/// images: 3-D uint8 arrays (NumPy or torch CPU, read through DLPack), `(channels, height, width)` (`layout="chw"`) or
 /// `(height, width, channels)` (`layout="hwc"`), any non-negative strides; both sides
 /// multiples of `patch_size * merge_size`. mean, std: one float per channel, already divided by
 /// the rescale factor (the processor's fused values). Returns float32
@@ -808,7 +807,7 @@ fn qwen2_vl_patches<'py>(
     patch_size: Arg<i64>,
     merge_size: Arg<i64>,
     temporal_patch_size: Arg<i64>,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let layout_owned = layout.get("layout")?;
     let layout: &str = &layout_owned;
     let patch_size = patch_size.get("patch_size")?;
@@ -818,7 +817,7 @@ fn qwen2_vl_patches<'py>(
     let std = std.get("std")?;
     let images = images.cast::<PyList>().map_err(|_| {
         PyTypeError::new_err(format!(
-            "images: expected a list of NumPy uint8 arrays, got {}",
+            "images: expected a list of uint8 arrays (NumPy or torch), got {}",
             type_name(images)
         ))
     })?;
@@ -847,19 +846,8 @@ fn qwen2_vl_patches<'py>(
     // Check every image and find its memory before anything is written.
     let mut arrays = Vec::with_capacity(images.len());
     for (i, item) in images.iter().enumerate() {
-        let array = item.cast::<PyUntypedArray>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "images[{i}]: expected a NumPy uint8 array, got {}",
-                type_name(&item)
-            ))
-        })?;
-        if array.dtype().to_string() != "uint8" {
-            return Err(PyTypeError::new_err(format!(
-                "images[{i}]: expected dtype uint8, got {}",
-                array.dtype()
-            )));
-        }
-        if array.ndim() != 3 {
+        let array = uint8_array(&item, &format!("images[{i}]"))?;
+        if array.shape.len() != 3 {
             return Err(PyValueError::new_err(format!(
                 "images[{i}]: expected 3 dimensions ({}), got {}",
                 if hwc {
@@ -867,27 +855,21 @@ fn qwen2_vl_patches<'py>(
                 } else {
                     "channels, height, width"
                 },
-                array.ndim()
+                array.shape.len()
             )));
         }
-        if array.strides().iter().any(|&s| s < 0) {
-            return Err(PyValueError::new_err(format!(
-                "images[{i}]: negative strides are not supported (use numpy.ascontiguousarray)"
-            )));
-        }
-        let typed = array.cast::<numpy::PyArray3<u8>>()?;
-        arrays.push(
-            typed
-                .try_readonly()
-                .map_err(|e| PyValueError::new_err(format!("images[{i}] cannot be read: {e}")))?,
-        );
+        arrays.push(array);
     }
     let mut views = Vec::with_capacity(arrays.len());
     let mut rows = Vec::with_capacity(arrays.len());
     for (i, array) in arrays.iter().enumerate() {
-        let view = array.as_array();
-        let shape = view.shape();
-        let strides: Vec<usize> = view.strides().iter().map(|&s| s as usize).collect();
+        let data = array.bytes().ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "images[{i}]: negative strides are not supported (use numpy.ascontiguousarray)"
+            ))
+        })?;
+        let shape = &array.shape;
+        let strides: Vec<usize> = array.strides.iter().map(|&s| s as usize).collect();
         let (c, h, w, st) = if hwc {
             (
                 shape[2],
@@ -910,14 +892,6 @@ fn qwen2_vl_patches<'py>(
                 std.len()
             )));
         }
-        let span = if c == 0 || h == 0 || w == 0 {
-            0
-        } else {
-            (c - 1) * st[0] + (h - 1) * st[1] + (w - 1) * st[2] + 1
-        };
-        // SAFETY: the array is borrowed read-only for the whole call, its strides are
-        // non-negative, so its elements lie in [ptr, ptr + span).
-        let data = unsafe { std::slice::from_raw_parts(view.as_ptr(), span) };
         let image = ImageU8 {
             data,
             channels: c,
@@ -934,25 +908,15 @@ fn qwen2_vl_patches<'py>(
     }
     let row_len = settings.row_len(mean.len());
     let total: usize = rows.iter().sum();
-    // numpy.empty raises MemoryError where PyArray2::new would panic on a null pointer.
-    let out = py
-        .import("numpy")?
-        .getattr("empty")?
-        .call1(((total, row_len), "float32"))
-        .map_err(|e| {
-            pyo3::exceptions::PyMemoryError::new_err(format!(
-                "images: the output ({total}, {row_len}) float32 cannot be allocated: {}",
-                e.value(py)
-            ))
-        })?
-        .cast_into::<PyArray2<f32>>()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    {
-        let mut guard = out.readwrite();
-        let flat = guard
-            .as_slice_mut()
-            .map_err(|_| PyValueError::new_err("output is not contiguous"))?;
-        py.detach(|| dvr::write_patches_many(&views, &mean, &std, &settings, flat))?;
-    }
-    Ok(out)
+    let too_large = || {
+        pyo3::exceptions::PyMemoryError::new_err(format!(
+            "images: the output ({total}, {row_len}) float32 cannot be allocated"
+        ))
+    };
+    let len = total.checked_mul(row_len).ok_or_else(too_large)?;
+    let mut out: Vec<f32> = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| too_large())?;
+    out.resize(len, 0.0);
+    py.detach(|| dvr::write_patches_many(&views, &mean, &std, &settings, &mut out))?;
+    numpy_array(py, out, vec![total, row_len])
 }

@@ -196,7 +196,16 @@ fn relocate_call(
 
 // ---- functions ----
 
-/// Rotates cached keys in place by a position delta per token (see `tvc_rs.kv.rerotate_keys`).
+/// Rotate cached (already RoPE-rotated) keys in place by a position delta per token.
+///
+/// ``keys``: ``[tokens, heads, head_dim]`` float32/float16/bfloat16/float64, or a list/tuple of such
+/// tensors (one per layer, same ``tokens``, all rotated in one call). Any strides: for a
+/// transformers cache layer ``[batch, kv_heads, seq, head_dim]`` pass
+/// ``layer.keys[b].transpose(0, 1)`` (a view; no copy). Written in place.
+///
+/// ``delta``: int, ``[tokens]`` or (M-RoPE) ``[tokens, 3]`` int32/int64. A key stored at
+/// position ``p`` becomes the key at ``p + delta``: ``R(p + d) = R(d) R(p)``.
+/// Only the first ``rotary_dim`` dims of each key change.
 #[pyfunction]
 #[pyo3(signature = (keys, delta, *, rope_theta, head_dim, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, delta, *, rope_theta, head_dim, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
 #[allow(clippy::too_many_arguments)]
@@ -229,7 +238,27 @@ fn rerotate_keys(
     })
 }
 
-/// Evicts a span from every layer of a contiguous cache (see `tvc_rs.kv.relocate_span`).
+/// Evict cache positions ``[start, end)`` (e.g. the first image) from every layer.
+///
+/// ``keys``, ``values``: lists/tuples of per-layer tensors ``[batch, kv_heads, seq, head_dim]``
+/// (transformers' ``[layer.keys for layer in cache.layers]`` and ``[layer.values ...]``; values
+/// may have another head size), one dtype for all. Modified in place: entries
+/// ``[end, length)`` move down to ``[start, length - (end - start))`` in keys and values, and
+/// each moved key is re-rotated to its new position. Entries before ``start`` are untouched;
+/// entries from the returned length on are stale: drop them (transformers 5.24.0:
+/// ``cache.crop(new_length - old_length)``, a negative count removing that many).
+///
+/// The moved entries' deltas (``n = length - end`` of them), one of:
+///
+/// - ``delta``: int, ``[n]`` or ``[n, 3]`` (t, h, w);
+/// - ``old_positions`` and ``new_positions``: their position ids before and after, ``[n]`` or,
+///   for M-RoPE, ``[3, n]`` as transformers lays position ids out (``position_ids[:, b, end:length]``
+///   and what ``get_rope_index`` assigns them in the rebuilt sequence: the ``relocate`` mode);
+/// - neither (plain RoPE only): ``-(end - start)``. With M-RoPE an image advances positions by
+///   ``max(t, h, w)`` of its grid, not by its token count, so the deltas must be given.
+///
+/// ``length``: valid entries (default ``seq``; e.g. a StaticCache's filled length).
+/// Returns the new valid length ``length - (end - start)``.
 #[pyfunction]
 #[pyo3(signature = (keys, values, start, end, *, rope_theta, head_dim, delta = None, old_positions = None,
     new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, start, end, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
@@ -275,8 +304,32 @@ fn relocate_span(
     })
 }
 
-/// Evicts several spans from every layer of a contiguous cache in one pass (see
-/// `tvc_rs.kv.relocate_spans`).
+/// Evict several spans (e.g. every image block) from every layer in one pass.
+///
+/// ``spans``: ``(start, end)`` pairs (a sequence of 2-tuples or an int array ``[k, 2]``),
+/// sorted and disjoint (``end`` of one <= ``start`` of the next; adjacent and empty spans
+/// allowed), each inside ``length``. ``keys`` and ``values`` as for ``relocate_span``, modified
+/// in place: every entry from ``spans[0][0]`` to ``length`` that lies in no span moves down to
+/// close the gaps, order kept, and each moved key is re-rotated to its new position. The same
+/// result as ``relocate_span`` once per span from the last to the first, with each entry rotated
+/// once by its total delta. No spans: nothing is touched.
+///
+/// The moved entries' deltas (``n`` of them: the entries from ``spans[0][0]`` on outside the
+/// spans), one of:
+///
+/// - ``delta``: int, ``[n]`` or ``[n, 3]`` (t, h, w);
+/// - ``old_positions`` and ``new_positions``: their position ids before and after, ``[n]`` or,
+///   for M-RoPE, ``[3, n]`` as transformers lays position ids out;
+/// - neither (plain RoPE only): each entry moves back by the number of evicted entries before it.
+///
+/// ``length``: valid entries (default ``seq``). Returns the new valid length ``length`` minus the
+/// evicted entries.
+///
+/// Raises:
+///     ValueError: ``spans`` unsorted, overlapping, a span with ``start > end`` or rows that are
+///         not pairs; shapes, deltas as for ``relocate_span``.
+///     IndexError: a span outside ``[0, length]``; ``length`` above ``seq``.
+///     TypeError: ``spans`` not integer pairs.
 #[pyfunction]
 #[pyo3(signature = (keys, values, spans, *, rope_theta, head_dim, delta = None, old_positions = None,
     new_positions = None, length = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, spans, *, rope_theta, head_dim, delta=None, old_positions=None, new_positions=None, length=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
@@ -332,7 +385,14 @@ fn relocate_spans(
     })
 }
 
-/// Writes new entries into every layer of a contiguous cache (see `tvc_rs.kv.append_entries`).
+/// Write new entries (e.g. a compressed image's K/V) into every layer of a contiguous cache.
+///
+/// ``keys``, ``values``: per-layer ``[batch, kv_heads, seq, head_dim]`` (written in place).
+/// ``new_keys``, ``new_values``: per-layer ``[batch, kv_heads, n, head_dim]`` (read only; must
+/// not share memory with the cache). ``positions``: an int ``start`` (entries go to
+/// ``start .. start + n``) or ``[n]`` int32/int64 distinct cache indices ``< seq``.
+/// ``delta`` (optional; needs ``rope_theta`` and ``head_dim``): rotate each new key by it while
+/// writing (int, ``[n]`` or ``[n, 3]``). The cache must already be long enough (grow it first).
 #[pyfunction]
 #[pyo3(signature = (keys, values, new_keys, new_values, positions, *, delta = None, rope_theta = None,
     head_dim = None, rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(keys, values, new_keys, new_values, positions, *, delta=None, rope_theta=None, head_dim=None, rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]
@@ -411,7 +471,21 @@ fn append_entries(
     })
 }
 
-/// Gathers, re-rotates and scatters entries of a paged (vLLM) cache (see `tvc_rs.kv.paged_reinject`).
+/// Move entries of a paged (vLLM) cache: gather, re-rotate keys, scatter, for every layer.
+///
+/// ``kv_caches``: one tensor or a list (one per layer), written in place, in ``layout``:
+///
+/// - ``"vllm"`` (vLLM 0.33): ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, keys then
+///   values in the last dimension, with whatever strides vLLM's ``KVCacheLayout`` gave the view
+///   (NHD by default, HND for FlashInfer's TRT-LLM kernels);
+/// - ``"kv_blocks"`` (earlier vLLM FlashAttention): ``[2, num_blocks, block_size, kv_heads, head_dim]``;
+/// - ``"blocks_kv"`` (earlier vLLM FlashInfer): ``[num_blocks, 2, block_size, kv_heads, head_dim]``.
+///
+/// ``src_slots``, ``dst_slots``: ``[n]`` int32/int64 slots numbered as vLLM's slot mapping,
+/// ``block_number * block_size + offset``; a pair with a negative slot (``PAD_SLOT_ID = -1``)
+/// is skipped. Destinations must be distinct. All sources are read before any destination is
+/// written, so moves within one cache may overlap. ``delta``: int, ``[n]`` or ``[n, 3]``.
+/// Returns the number of entries moved per layer.
 #[pyfunction]
 #[pyo3(signature = (kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout = Arg::of("vllm".to_string()),
     rotary_dim = None, interleaved = Arg::of(false), mrope_section = None, mrope_interleaved = Arg::of(false)), text_signature = "(kv_caches, src_slots, dst_slots, delta, *, rope_theta, head_dim, layout='vllm', rotary_dim=None, interleaved=False, mrope_section=None, mrope_interleaved=False)")]

@@ -1,11 +1,10 @@
 //! Bindings of `crate::rope`: M-RoPE position ids and image token counts.
 //!
-//! The Python layer (`tvc_rs/rope.py`) hands over NumPy arrays (torch tensors already converted,
-//! C-contiguous); here dtypes and ranks are checked, the GIL is released and the core runs.
+//! The Python layer (`tvc_rs/rope.py`) hands over NumPy arrays (torch tensors already on the
+//! host); they are read through DLPack (`super::tensor`), dtypes and ranks are checked, the GIL
+//! is released and the core runs.
 
 use half::{bf16, f16};
-use numpy::prelude::*;
-use numpy::{Element, PyArray1, PyArrayDyn, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -13,6 +12,8 @@ use pyo3::prelude::*;
 use crate::python::errors::{opt_arg, Arg};
 
 use super::errors::type_name;
+use super::tensor::{bool_array, int_array, numpy_array, IntShape, PyTensor, INDEX_DTYPES};
+use crate::dtype::DType;
 use pyo3::types::{PyBool, PyFloat, PyInt};
 
 use crate::rope::{
@@ -28,95 +29,23 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn as_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyUntypedArray>> {
-    obj.cast::<PyUntypedArray>().cloned().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a NumPy array or a torch tensor, got {}",
-            type_name(obj)
-        ))
-    })
-}
-
 fn shape_str(shape: &[usize]) -> String {
-    match shape {
-        [n] => format!("({n},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
+    crate::tensor::tuple_str(shape)
 }
 
-fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
-    arr.dtype().to_string()
-}
-
-/// `kind` of the array's dtype: b bool, i signed, u unsigned, f float, ...
-fn dtype_kind(arr: &Bound<'_, PyUntypedArray>) -> u8 {
-    arr.dtype().kind()
-}
-
-fn contiguous_slice<'a, T: Element>(
-    arr: &'a numpy::PyReadonlyArray<'_, T, numpy::IxDyn>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    arr.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
-}
-
-fn readonly<'py, T: Element>(
-    arr: &Bound<'py, PyArrayDyn<T>>,
-    name: &str,
-) -> PyResult<numpy::PyReadonlyArray<'py, T, numpy::IxDyn>> {
-    arr.try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{name} cannot be read: {e}")))
-}
-
-/// An integer array converted to int64 (a copy only when it is not int64 already).
-fn int64_array<'py>(
-    arr: &Bound<'py, PyUntypedArray>,
-    name: &str,
-) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
-    if !matches!(dtype_kind(arr), b'i' | b'u') {
-        return Err(PyTypeError::new_err(format!(
-            "{name} must hold integers, got dtype {}",
-            dtype_str(arr)
-        )));
-    }
-    let converted = match arr.cast::<PyArrayDyn<i64>>() {
-        Ok(a) => a.clone(),
-        Err(_) => arr
-            .call_method1("astype", ("int64",))?
-            .cast_into::<PyArrayDyn<i64>>()?,
-    };
-    Ok(converted)
-}
-
-/// `(num, 3)` grids; an empty sequence (any dtype, e.g. `np.asarray([])`) means no rows.
+/// `(num, 3)` grids through the one integer parser; an empty sequence (any dtype, e.g.
+/// `np.asarray([])`) means no rows.
 fn grids(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<GridThw>>> {
     let Some(obj) = obj else { return Ok(None) };
-    let arr = as_array(obj, name)?;
-    if arr.ndim() == 1 && arr.len() == 0 {
+    if obj.len().ok() == Some(0) {
         return Ok(Some(Vec::new()));
     }
-    if arr.ndim() != 2 || arr.shape()[1] != 3 {
-        return Err(PyValueError::new_err(format!(
-            "{name} must have shape (num_{}, 3) with one (t, h, w) row per input, got shape {}",
-            if name.starts_with("image") {
-                "images"
-            } else {
-                "videos"
-            },
-            shape_str(arr.shape())
-        )));
-    }
-    let arr = int64_array(&arr, name)?;
-    let ro = readonly(&arr, name)?;
-    let values: Vec<i64> = ro.as_array().iter().copied().collect();
+    let layout = if name.starts_with("image") {
+        "(num_images, 3) of (t, h, w)"
+    } else {
+        "(num_videos, 3) of (t, h, w)"
+    };
+    let values = int_array(obj, name, IntShape::Table { cols: 3, layout })?.values;
     Ok(Some(
         values
             .chunks_exact(3)
@@ -188,10 +117,11 @@ fn seconds_list(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Opti
             .collect::<PyResult<Vec<_>>>()
             .map(Some);
     }
-    if let Ok(arr) = obj.cast::<PyUntypedArray>() {
-        one_d(arr.shape().to_vec())?;
-        let dtype = dtype_str(arr);
-        let values = arr.call_method0("tolist")?;
+    let numpy = py.import("numpy")?;
+    if obj.is_instance(&numpy.getattr("ndarray")?)? {
+        one_d(obj.getattr("shape")?.extract::<Vec<usize>>()?)?;
+        let dtype = obj.getattr("dtype")?.str()?.to_string();
+        let values = obj.call_method0("tolist")?;
         return values
             .try_iter()?
             .enumerate()
@@ -199,7 +129,7 @@ fn seconds_list(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Opti
             .collect::<PyResult<Vec<_>>>()
             .map(Some);
     }
-    let numpy_generic = py.import("numpy")?.getattr("generic")?;
+    let numpy_generic = numpy.getattr("generic")?;
     let items = obj.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
             "second_per_grid_ts must be a tensor, an array or a sequence of numbers, got {}",
@@ -285,7 +215,7 @@ fn compute<'py, I, M>(
     p: &Prepared,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)>
 where
-    I: TokenId + PositionInt + Element,
+    I: TokenId + PositionInt + crate::tensor::Element,
     M: MaskValue,
 {
     let input = BatchInput {
@@ -305,58 +235,13 @@ where
         rope::batch_positions(&input, &cfg, &mut positions, &mut deltas)?;
         Ok((positions, deltas))
     })?;
-    let positions = PyArray1::from_vec(py, positions)
-        .reshape([3, p.batch, p.seq])?
-        .into_any();
-    let deltas = PyArray1::from_vec(py, deltas)
-        .reshape([p.batch, 1])?
-        .into_any();
-    Ok((positions, deltas))
+    Ok((
+        numpy_array(py, positions, vec![3, p.batch, p.seq])?,
+        numpy_array(py, deltas, vec![p.batch, 1])?,
+    ))
 }
 
-fn with_mask<'py, I>(
-    py: Python<'py>,
-    ids: &[I],
-    mask: Option<&Bound<'py, PyUntypedArray>>,
-    types: Option<&[i64]>,
-    p: &Prepared,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)>
-where
-    I: TokenId + PositionInt + Element,
-{
-    let Some(mask) = mask else {
-        return compute::<I, bool>(py, ids, None, types, p);
-    };
-    macro_rules! try_mask {
-        ($($t:ty),*) => {$(
-            if let Ok(m) = mask.cast::<PyArrayDyn<$t>>() {
-                let ro = readonly(m, "attention_mask")?;
-                return compute::<I, $t>(py, ids, Some(contiguous_slice(&ro, "attention_mask")?), types, p);
-            }
-        )*};
-    }
-    try_mask!(bool, i64, i32, u8, f32, f64);
-    // Any other numeric dtype: non-zero means kept, as `tensor.bool()`.
-    if matches!(dtype_kind(mask), b'b' | b'i' | b'u' | b'f') {
-        let converted = mask
-            .call_method1("astype", ("bool",))?
-            .cast_into::<PyArrayDyn<bool>>()?;
-        let ro = readonly(&converted, "attention_mask")?;
-        return compute::<I, bool>(
-            py,
-            ids,
-            Some(contiguous_slice(&ro, "attention_mask")?),
-            types,
-            p,
-        );
-    }
-    Err(PyTypeError::new_err(format!(
-        "attention_mask must hold booleans, integers or floats, got dtype {}",
-        dtype_str(mask)
-    )))
-}
-
-/// Native part of `tvc_rs.mrope_position_ids` (arguments already NumPy, settings resolved).
+/// Native part of `tvc_rs.mrope_position_ids` (arguments on the host, settings resolved).
 #[pyfunction]
 #[pyo3(signature = (
     input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
@@ -398,47 +283,43 @@ fn mrope_position_ids<'py>(
             .or(defaults.video_end_token_id),
     };
 
-    let ids = as_array(input_ids, "input_ids")?;
+    let ids = PyTensor::extract(input_ids, "input_ids", INDEX_DTYPES)?;
+    let ids = ids.view();
+    ids.expect_cpu()?;
     if ids.ndim() != 2 {
         return Err(PyValueError::new_err(format!(
             "input_ids must have shape (batch, seq), got shape {}",
             shape_str(ids.shape())
         )));
     }
-    let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
-    let same_shape = |arr: &Bound<'py, PyUntypedArray>, name: &str| -> PyResult<()> {
-        if arr.shape() != ids.shape() {
+    let (batch, seq) = (ids.dim(0), ids.dim(1));
+    let same_shape = |shape: &[usize], name: &str| -> PyResult<()> {
+        if shape != ids.shape() {
             return Err(PyValueError::new_err(format!(
                 "{name} must have the shape of input_ids {}, got shape {}",
                 shape_str(ids.shape()),
-                shape_str(arr.shape())
+                shape_str(shape)
             )));
         }
         Ok(())
     };
-    let mask = attention_mask
-        .map(|m| as_array(m, "attention_mask"))
-        .transpose()?;
-    if let Some(mask) = &mask {
-        same_shape(mask, "attention_mask")?;
-    }
-    let types = match mm_token_type_ids {
-        Some(t) => {
-            let arr = as_array(t, "mm_token_type_ids")?;
-            same_shape(&arr, "mm_token_type_ids")?;
-            Some(int64_array(&arr, "mm_token_type_ids")?)
+    // Any numeric mask: non-zero means kept, as `tensor.bool()`.
+    let mask = match attention_mask {
+        Some(m) => {
+            let (values, shape) = bool_array(m, "attention_mask", true)?;
+            same_shape(&shape, "attention_mask")?;
+            Some(values)
         }
         None => None,
     };
-    let types_ro = types
-        .as_ref()
-        .map(|t| readonly(t, "mm_token_type_ids"))
-        .transpose()?;
-    let types_slice = types_ro
-        .as_ref()
-        .map(|t| contiguous_slice(t, "mm_token_type_ids"))
-        .transpose()?;
-
+    let types = match mm_token_type_ids {
+        Some(t) => {
+            let types = int_array(t, "mm_token_type_ids", IntShape::Any)?;
+            same_shape(&types.shape, "mm_token_type_ids")?;
+            Some(types.values)
+        }
+        None => None,
+    };
     let prepared = Prepared {
         batch,
         seq,
@@ -447,30 +328,20 @@ fn mrope_position_ids<'py>(
         seconds: seconds_list(py, second_per_grid_ts)?,
         cfg,
     };
-    if let Ok(a) = ids.cast::<PyArrayDyn<i64>>() {
-        let ro = readonly(a, "input_ids")?;
-        return with_mask(
-            py,
-            contiguous_slice(&ro, "input_ids")?,
-            mask.as_ref(),
-            types_slice,
-            &prepared,
-        );
+    let (mask, types) = (mask.as_deref(), types.as_deref());
+    // The positions keep the dtype of input_ids, as transformers' do.
+    match ids.dtype() {
+        DType::I32 => {
+            let strided = ids.strided::<i32>()?;
+            let ids = strided.to_contiguous()?;
+            compute::<i32, bool>(py, &ids, mask, types, &prepared)
+        }
+        _ => {
+            let strided = ids.strided::<i64>()?;
+            let ids = strided.to_contiguous()?;
+            compute::<i64, bool>(py, &ids, mask, types, &prepared)
+        }
     }
-    if let Ok(a) = ids.cast::<PyArrayDyn<i32>>() {
-        let ro = readonly(a, "input_ids")?;
-        return with_mask(
-            py,
-            contiguous_slice(&ro, "input_ids")?,
-            mask.as_ref(),
-            types_slice,
-            &prepared,
-        );
-    }
-    Err(PyTypeError::new_err(format!(
-        "input_ids must be int32 or int64, got dtype {}",
-        dtype_str(&ids)
-    )))
 }
 
 /// Native `tvc_rs.smart_resize`.

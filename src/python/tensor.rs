@@ -176,22 +176,14 @@ enum Managed {
     Versioned(*mut DLManagedTensorVersioned),
 }
 
-/// A tensor argument imported through DLPack: the consumed capsule's tensor and a view of it.
-///
-/// Read with [`PyTensor::view`]; write in place with [`PyTensor::view_mut`] (which refuses
-/// read-only arrays). Dropping it calls the producer's deleter, so keep it alive as long as
-/// any slice of it is in use (slices borrow it, so the compiler checks that).
-pub struct PyTensor {
-    managed: Managed,
-    /// Lifetime erased; only handed out re-borrowed from `&self` / `&mut self`.
-    view: TensorView<'static>,
-}
+/// A consumed DLPack capsule; dropping it calls the producer's deleter.
+struct Capsule(Managed);
 
-impl Drop for PyTensor {
+impl Drop for Capsule {
     fn drop(&mut self) {
         // SAFETY: we consumed the capsule, so calling the deleter once is ours to do.
         unsafe {
-            match self.managed {
+            match self.0 {
                 Managed::Legacy(ptr) => {
                     if let Some(deleter) = (*ptr).deleter {
                         deleter(ptr)
@@ -205,6 +197,211 @@ impl Drop for PyTensor {
             }
         }
     }
+}
+
+/// What `__dlpack__` handed over, before its dtype is matched: the one import of every array
+/// argument ([`PyTensor`] for the core's dtypes; integer and bool arrays of any width for
+/// [`int_array`] and [`bool_vector_arg`]).
+pub(crate) struct Imported {
+    capsule: Capsule,
+    dtype: DLDataType,
+    pub(crate) shape: Vec<usize>,
+    /// In elements.
+    pub(crate) strides: Vec<isize>,
+    ptr: *mut u8,
+    device: Device,
+    readonly: bool,
+}
+
+impl Imported {
+    fn shape_str(&self) -> String {
+        crate::tensor::tuple_str(&self.shape)
+    }
+
+    /// `{name}: expected a {rank}-D tensor{layout}, got shape ...`, as `TensorView::expect_rank`.
+    fn expect_rank(&self, name: &str, rank: usize, layout: &str) -> PyResult<()> {
+        if self.shape.len() == rank {
+            return Ok(());
+        }
+        let layout = if layout.is_empty() {
+            String::new()
+        } else {
+            format!(" {layout}")
+        };
+        Err(value_err!(
+            "{name}: expected a {rank}-D tensor{layout}, got shape {}",
+            self.shape_str()
+        )
+        .into())
+    }
+
+    /// Every element in row-major order, read as `T` and mapped by `f` (any strides).
+    /// The caller has checked that the memory is on the CPU and holds `T`s.
+    fn read<T: Copy, U>(&self, mut f: impl FnMut(T) -> PyResult<U>) -> PyResult<Vec<U>> {
+        let count: usize = self.shape.iter().product();
+        let mut out = Vec::with_capacity(count);
+        if count == 0 {
+            return Ok(out);
+        }
+        let ptr = self.ptr as *const T;
+        let mut index = vec![0usize; self.shape.len()];
+        let mut offset: isize = 0;
+        for _ in 0..count {
+            // SAFETY: `index` stays inside `shape`, so `offset` addresses an element of the
+            // producer's array, alive while `self.capsule` is.
+            out.push(f(unsafe { ptr.offset(offset).read_unaligned() })?);
+            // Odometer step over the dimensions, last fastest.
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                offset += self.strides[d];
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                offset -= self.strides[d] * self.shape[d] as isize;
+                index[d] = 0;
+            }
+        }
+        Ok(out)
+    }
+
+    fn expect_cpu(&self, name: &str) -> PyResult<()> {
+        match self.device {
+            Device::Cpu => Ok(()),
+            device => Err(value_err!(
+                "{name}: expected a CPU array or tensor, got one on {device} (this argument is read on the host)"
+            )
+            .into()),
+        }
+    }
+
+    /// Whether the dtype is an integer one [`Imported::int_values`] reads.
+    fn is_int(&self) -> bool {
+        matches!(
+            (self.dtype.code, self.dtype.bits, self.dtype.lanes),
+            (DL_INT | DL_UINT, 8 | 16 | 32 | 64, 1)
+        )
+    }
+
+    /// The elements as `i64` (integer dtypes: check [`Imported::is_int`] and the device first).
+    fn int_values(&self, name: &str) -> PyResult<Vec<i64>> {
+        let ok = |v: i64| -> PyResult<i64> { Ok(v) };
+        match (self.dtype.code, self.dtype.bits) {
+            (DL_INT, 8) => self.read(|v: i8| ok(v as i64)),
+            (DL_INT, 16) => self.read(|v: i16| ok(v as i64)),
+            (DL_INT, 32) => self.read(|v: i32| ok(v as i64)),
+            (DL_INT, 64) => self.read(ok),
+            (DL_UINT, 8) => self.read(|v: u8| ok(v as i64)),
+            (DL_UINT, 16) => self.read(|v: u16| ok(v as i64)),
+            (DL_UINT, 32) => self.read(|v: u32| ok(v as i64)),
+            (DL_UINT, 64) => self.read(|v: u64| {
+                i64::try_from(v)
+                    .map_err(|_| PyErr::from(value_err!("{name}: {v} does not fit in int64")))
+            }),
+            _ => Err(type_err!("{name}: not an integer array").into()),
+        }
+    }
+
+    fn dtype_name(&self) -> String {
+        dtype_from_dl(self.dtype)
+            .map(|d| d.name().to_string())
+            .unwrap_or_else(|name| name)
+    }
+}
+
+/// Import `obj` through `__dlpack__` (see the module docs); dtype and device not checked.
+fn import(obj: &Bound<'_, PyAny>, name: &str, stream: Option<isize>) -> PyResult<Imported> {
+    let py = obj.py();
+    if !obj.hasattr("__dlpack__")? {
+        return Err(type_err!(
+            "{name}: expected a NumPy array or a torch tensor (an object with __dlpack__), got {}",
+            type_name(obj)
+        )
+        .into());
+    }
+    let export_failed = |err: PyErr| -> PyErr {
+        value_err!("{name}: cannot be read through DLPack: {}", err.value(py)).into()
+    };
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("stream", stream)?;
+    kwargs.set_item("max_version", (1u32, 0u32))?;
+    let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+        Ok(capsule) => capsule,
+        // Producers older than DLPack 1.0 do not know `max_version`.
+        Err(err) if err.is_instance_of::<PyTypeError>(py) => {
+            kwargs.del_item("max_version")?;
+            obj.call_method("__dlpack__", (), Some(&kwargs))
+                .map_err(export_failed)?
+        }
+        Err(err) => return Err(export_failed(err)),
+    };
+    // SAFETY: the capsule checks below make sure of the pointer's type before use.
+    let managed = unsafe { consume_capsule(&capsule) }.ok_or_else(|| {
+        type_err!(
+            "{name}: __dlpack__ returned {}, not a DLPack capsule",
+            type_name(&capsule)
+        )
+    })?;
+    // From here on, dropping `capsule` calls the producer's deleter.
+    let capsule = Capsule(managed);
+    let (tensor, readonly) = match capsule.0 {
+        // SAFETY: valid until the deleter runs (when `capsule` drops).
+        Managed::Legacy(ptr) => unsafe { (&(*ptr).dl_tensor, false) },
+        Managed::Versioned(ptr) => unsafe {
+            if (*ptr).version.major != 1 {
+                return Err(value_err!(
+                    "{name}: unsupported DLPack version {}.{} (expected 1.x)",
+                    (*ptr).version.major,
+                    (*ptr).version.minor
+                )
+                .into());
+            }
+            (&(*ptr).dl_tensor, (*ptr).flags & FLAG_READ_ONLY != 0)
+        },
+    };
+    let ndim =
+        usize::try_from(tensor.ndim).map_err(|_| value_err!("{name}: negative DLPack ndim"))?;
+    // SAFETY: DLPack gives `ndim` shape entries and, when not null, `ndim` strides.
+    let shape_i64: &[i64] = if ndim == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }
+    };
+    let shape: Vec<usize> = shape_i64
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| value_err!("{name}: negative dimension in DLPack shape"))
+        })
+        .collect::<Result<_, _>>()?;
+    let strides: Vec<isize> = if tensor.strides.is_null() || ndim == 0 {
+        contiguous_strides(&shape)
+    } else {
+        // SAFETY: see above.
+        unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
+            .iter()
+            .map(|&s| s as isize)
+            .collect()
+    };
+    let ptr = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
+    Ok(Imported {
+        dtype: tensor.dtype,
+        device: device_from_dl(tensor.device),
+        capsule,
+        shape,
+        strides,
+        ptr,
+        readonly,
+    })
+}
+
+/// A tensor argument imported through DLPack: the consumed capsule's tensor and a view of it.
+///
+/// Read with [`PyTensor::view`]; write in place with [`PyTensor::view_mut`] (which refuses
+/// read-only arrays). Dropping it calls the producer's deleter, so keep it alive as long as
+/// any slice of it is in use (slices borrow it, so the compiler checks that).
+pub struct PyTensor {
+    /// Lifetime erased; only handed out re-borrowed from `&self` / `&mut self`.
+    view: TensorView<'static>,
+    _capsule: Capsule,
 }
 
 impl PyTensor {
@@ -226,92 +423,18 @@ impl PyTensor {
         dtypes: &[DType],
         stream: Option<isize>,
     ) -> PyResult<PyTensor> {
-        let py = obj.py();
-        if !obj.hasattr("__dlpack__")? {
-            return Err(type_err!(
-                "{name}: expected a NumPy array or a torch tensor (an object with __dlpack__), got {}",
-                type_name(obj)
-            )
-            .into());
-        }
-        let export_failed = |err: PyErr| -> PyErr {
-            value_err!("{name}: cannot be read through DLPack: {}", err.value(py)).into()
-        };
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("stream", stream)?;
-        kwargs.set_item("max_version", (1u32, 0u32))?;
-        let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
-            Ok(capsule) => capsule,
-            // Producers older than DLPack 1.0 do not know `max_version`.
-            Err(err) if err.is_instance_of::<PyTypeError>(py) => {
-                kwargs.del_item("max_version")?;
-                obj.call_method("__dlpack__", (), Some(&kwargs))
-                    .map_err(export_failed)?
-            }
-            Err(err) => return Err(export_failed(err)),
-        };
-        // SAFETY: the capsule checks below make sure of the pointer's type before use.
-        let managed = unsafe { consume_capsule(&capsule) }.ok_or_else(|| {
-            type_err!(
-                "{name}: __dlpack__ returned {}, not a DLPack capsule",
-                type_name(&capsule)
-            )
-        })?;
-        // From here on, dropping `guard` calls the producer's deleter.
-        let mut guard = PyTensor {
-            managed,
-            view: TensorView::from_slice::<f32>("", &[], &[0]).expect("empty"),
-        };
-        let (tensor, readonly) = match guard.managed {
-            // SAFETY: valid until the deleter runs (when `guard` drops).
-            Managed::Legacy(ptr) => unsafe { (&(*ptr).dl_tensor, false) },
-            Managed::Versioned(ptr) => unsafe {
-                if (*ptr).version.major != 1 {
-                    return Err(value_err!(
-                        "{name}: unsupported DLPack version {}.{} (expected 1.x)",
-                        (*ptr).version.major,
-                        (*ptr).version.minor
-                    )
-                    .into());
-                }
-                (&(*ptr).dl_tensor, (*ptr).flags & FLAG_READ_ONLY != 0)
-            },
-        };
-        let dtype = dtype_from_dl(tensor.dtype)
+        let imported = import(obj, name, stream)?;
+        let dtype = dtype_from_dl(imported.dtype)
             .ok()
             .filter(|dtype| dtypes.contains(dtype))
             .ok_or_else(|| {
-                let got = dtype_from_dl(tensor.dtype)
-                    .map(|d| d.name().to_string())
-                    .unwrap_or_else(|name| name);
-                type_err!("{name}: expected dtype {}, got {got}", dtype_list(dtypes))
+                type_err!(
+                    "{name}: expected dtype {}, got {}",
+                    dtype_list(dtypes),
+                    imported.dtype_name()
+                )
             })?;
-        let ndim =
-            usize::try_from(tensor.ndim).map_err(|_| value_err!("{name}: negative DLPack ndim"))?;
-        // SAFETY: DLPack gives `ndim` shape entries and, when not null, `ndim` strides.
-        let shape_i64: &[i64] = if ndim == 0 {
-            &[]
-        } else {
-            unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }
-        };
-        let shape: Vec<usize> = shape_i64
-            .iter()
-            .map(|&d| {
-                usize::try_from(d)
-                    .map_err(|_| value_err!("{name}: negative dimension in DLPack shape"))
-            })
-            .collect::<Result<_, _>>()?;
-        let strides: Vec<isize> = if tensor.strides.is_null() || ndim == 0 {
-            contiguous_strides(&shape)
-        } else {
-            // SAFETY: see above.
-            unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
-                .iter()
-                .map(|&s| s as isize)
-                .collect()
-        };
-        let ptr = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
-        let device = device_from_dl(tensor.device);
+        let device = imported.device;
         if dtype == DType::F64 && device != Device::Cpu {
             // The CUDA kernels are built for f32 / f16 / bf16 only.
             return Err(type_err!(
@@ -319,12 +442,24 @@ impl PyTensor {
             )
             .into());
         }
-        // SAFETY: the producer's memory stays valid until the deleter runs in `Drop`; the view
-        // is only handed out borrowed from the PyTensor.
-        guard.view = unsafe {
+        let Imported {
+            capsule,
+            shape,
+            strides,
+            ptr,
+            readonly,
+            ..
+        } = imported;
+        // SAFETY: the producer's memory stays valid until the capsule's deleter runs, after
+        // the view (fields drop in order); the view is only handed out borrowed from the
+        // PyTensor.
+        let view = unsafe {
             TensorView::from_raw_parts(name, ptr, dtype, shape, strides, device, readonly, true)
         };
-        Ok(guard)
+        Ok(PyTensor {
+            view,
+            _capsule: capsule,
+        })
     }
 
     /// A read-only view, borrowed from `self`.
@@ -373,47 +508,52 @@ pub enum IntShape<'a> {
     Table { cols: usize, layout: &'a str },
 }
 
-/// Every integer-array argument (indices, slots, positions, deltas, grids) goes through here:
-/// an int32/int64 array (CPU, any strides, read through DLPack) or Python ints / sequences of
-/// ints, as row-major `i64`s with their shape, checked against `want`.
+/// Every integer-array argument (indices, slots, positions, deltas, grids, token ids) goes
+/// through here: an integer array of any width (int8..int64, uint8..uint64; CPU, any strides,
+/// read through DLPack) or Python ints / sequences of ints, as row-major `i64`s with their
+/// shape, checked against `want`.
 pub fn int_array(obj: &Bound<'_, PyAny>, name: &str, want: IntShape<'_>) -> PyResult<IntArray> {
     if obj.hasattr("__dlpack__")? {
-        let tensor = PyTensor::extract(obj, name, INDEX_DTYPES)?;
-        let view = tensor.view();
-        view.expect_cpu()?;
+        let array = import(obj, name, None)?;
+        if !array.is_int() {
+            return Err(type_err!(
+                "{name}: expected an integer dtype (int32, int64 or another int/uint), got {}",
+                array.dtype_name()
+            )
+            .into());
+        }
+        array.expect_cpu(name)?;
         match want {
-            IntShape::Any if view.ndim() > 2 => {
+            IntShape::Any if array.shape.len() > 2 => {
                 return Err(value_err!(
                     "{name}: expected an int array of rank <= 2, got shape {}",
-                    view.shape_str()
+                    array.shape_str()
                 )
                 .into());
             }
             IntShape::Any => {}
-            IntShape::Vector => {
-                view.expect_rank(1, "")?;
-            }
+            IntShape::Vector => array.expect_rank(name, 1, "")?,
             IntShape::Table { cols, layout } => {
-                view.expect_rank(2, layout)?;
-                if view.dim(1) != cols {
+                array.expect_rank(name, 2, layout)?;
+                if array.shape[1] != cols {
                     return Err(value_err!(
                         "{name}: expected shape {layout}, got {}",
-                        view.shape_str()
+                        array.shape_str()
                     )
                     .into());
                 }
             }
         }
         return Ok(IntArray {
-            values: view.int_values()?,
-            shape: view.shape().to_vec(),
+            values: array.int_values(name)?,
+            shape: array.shape.clone(),
         });
     }
     let vector = |values: Vec<i64>| IntArray {
         shape: vec![values.len()],
         values,
     };
-    match want {
+    let (rows, cols, layout): (Vec<Vec<i64>>, Option<usize>, &str) = match want {
         IntShape::Any => {
             if let Ok(v) = obj.extract::<i64>() {
                 return Ok(IntArray {
@@ -424,55 +564,160 @@ pub fn int_array(obj: &Bound<'_, PyAny>, name: &str, want: IntShape<'_>) -> PyRe
             if let Ok(values) = obj.extract::<Vec<i64>>() {
                 return Ok(vector(values));
             }
-            if let Ok(rows) = obj.extract::<Vec<Vec<i64>>>() {
-                let cols = rows.first().map_or(0, |r| r.len());
-                if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
-                    return Err(value_err!(
-                        "{name}[{i}] has {} entries but {name}[0] has {cols}: rows must be equal",
-                        row.len()
-                    )
-                    .into());
-                }
-                let shape = vec![rows.len(), cols];
-                return Ok(IntArray {
-                    values: rows.into_iter().flatten().collect(),
-                    shape,
-                });
-            }
-            Err(type_err!(
-                "{name}: expected an int, an int32/int64 array or a sequence of ints, got {}",
-                type_name(obj)
-            )
-            .into())
-        }
-        IntShape::Vector => obj.extract::<Vec<i64>>().map(vector).map_err(|_| {
-            type_err!(
-                "{name}: expected a 1-D int32/int64 array or a sequence of ints, got {}",
-                type_name(obj)
-            )
-            .into()
-        }),
-        IntShape::Table { cols, layout } => {
-            let rows: Vec<Vec<i64>> = obj.extract().map_err(|_| {
+            let rows = obj.extract::<Vec<Vec<i64>>>().map_err(|_| {
                 PyErr::from(type_err!(
-                    "{name}: expected an int32/int64 array {layout} or a sequence of {cols}-tuples of ints, got {}",
+                    "{name}: expected an int, an integer array or a sequence of ints, got {}",
                     type_name(obj)
                 ))
             })?;
-            if let Some((i, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != cols) {
-                return Err(value_err!(
-                    "{name}[{i}] has {} entries, expected {cols} ({layout})",
-                    row.len()
+            (rows, None, "")
+        }
+        IntShape::Vector => {
+            return obj.extract::<Vec<i64>>().map(vector).map_err(|_| {
+                type_err!(
+                    "{name}: expected a 1-D integer array or a sequence of ints, got {}",
+                    type_name(obj)
                 )
-                .into());
-            }
-            let shape = vec![rows.len(), cols];
-            Ok(IntArray {
-                values: rows.concat(),
-                shape,
+                .into()
             })
         }
+        IntShape::Table { cols, layout } => {
+            let rows = obj.extract::<Vec<Vec<i64>>>().map_err(|_| {
+                PyErr::from(type_err!(
+                    "{name}: expected an integer array {layout} or a sequence of {cols}-tuples of ints, got {}",
+                    type_name(obj)
+                ))
+            })?;
+            (rows, Some(cols), layout)
+        }
+    };
+    // One row-length check for both shapes: a table's fixed width, else the first row's.
+    let cols = cols.unwrap_or_else(|| rows.first().map_or(0, |r| r.len()));
+    if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols) {
+        let why = if layout.is_empty() {
+            format!("as {name}[0]: rows must be equal")
+        } else {
+            layout.to_string()
+        };
+        return Err(value_err!(
+            "{name}[{i}] has {} entries, expected {cols} ({why})",
+            row.len()
+        )
+        .into());
     }
+    Ok(IntArray {
+        shape: vec![rows.len(), cols],
+        values: rows.concat(),
+    })
+}
+
+/// A bool argument and its shape: a bool array (CPU, any strides, through DLPack); with
+/// `numeric`, integer and float arrays too, non-zero (and NaN) meaning true as `tensor.bool()`.
+pub fn bool_array(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    numeric: bool,
+) -> PyResult<(Vec<bool>, Vec<usize>)> {
+    let array = import(obj, name, None)?;
+    let kind = (array.dtype.code, array.dtype.bits, array.dtype.lanes);
+    let float = matches!(kind, (DL_FLOAT, 16 | 32 | 64, 1) | (DL_BFLOAT, 16, 1));
+    if kind != (DL_BOOL, 8, 1) && !(numeric && (float || array.is_int())) {
+        return Err(if numeric {
+            type_err!(
+                "{name}: expected a bool, integer or float dtype, got {}",
+                array.dtype_name()
+            )
+        } else {
+            type_err!(
+                "{name}: expected a bool array, got dtype {}",
+                array.dtype_name()
+            )
+        }
+        .into());
+    }
+    // Checked before any read: the memory must be the host's.
+    array.expect_cpu(name)?;
+    let values = match kind {
+        (DL_BOOL, _, _) => array.read(|v: u8| Ok(v != 0))?,
+        (DL_FLOAT, 16, _) => array.read(|v: half::f16| Ok(v.to_f32() != 0.0))?,
+        (DL_BFLOAT, 16, _) => array.read(|v: half::bf16| Ok(v.to_f32() != 0.0))?,
+        (DL_FLOAT, 32, _) => array.read(|v: f32| Ok(v != 0.0))?,
+        (DL_FLOAT, 64, _) => array.read(|v: f64| Ok(v != 0.0))?,
+        _ => array
+            .int_values(name)?
+            .into_iter()
+            .map(|v| v != 0)
+            .collect(),
+    };
+    Ok((values, array.shape.clone()))
+}
+
+/// A 1-D bool argument: a bool array (see [`bool_array`]) or a sequence of bools.
+pub fn bool_vector_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
+    if obj.hasattr("__dlpack__")? {
+        let (values, shape) = bool_array(obj, name, false)?;
+        if shape.len() != 1 {
+            return Err(value_err!(
+                "{name}: expected a 1-D tensor, got shape {}",
+                crate::tensor::tuple_str(&shape)
+            )
+            .into());
+        }
+        return Ok(values);
+    }
+    obj.extract::<Vec<bool>>().map_err(|_| {
+        type_err!(
+            "{name}: expected a 1-D bool array or a sequence of bools, got {}",
+            type_name(obj)
+        )
+        .into()
+    })
+}
+
+/// A uint8 array (images): CPU, any strides, through DLPack. Read its bytes with
+/// [`Imported::bytes`].
+pub(crate) fn uint8_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Imported> {
+    let array = import(obj, name, None)?;
+    if (array.dtype.code, array.dtype.bits, array.dtype.lanes) != (DL_UINT, 8, 1) {
+        return Err(type_err!("{name}: expected dtype uint8, got {}", array.dtype_name()).into());
+    }
+    array.expect_cpu(name)?;
+    Ok(array)
+}
+
+impl Imported {
+    /// The bytes of a uint8 array with non-negative strides, from its first element to its
+    /// last (`None` for negative strides), borrowed from the import.
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        if self.strides.iter().any(|&s| s < 0) {
+            return None;
+        }
+        let span = if self.shape.iter().any(|&d| d == 0) {
+            0
+        } else {
+            1 + self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .map(|(&d, &s)| (d - 1) * s as usize)
+                .sum::<usize>()
+        };
+        // SAFETY: the strides are non-negative, so every element lies in [ptr, ptr + span),
+        // memory the producer keeps alive until the capsule (owned by `self`) drops.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr as *const u8, span) })
+    }
+}
+
+/// A result as a NumPy array: `numpy.from_dlpack` of a [`Buffer`] (no copy).
+pub fn numpy_array<'py, T: crate::tensor::Element>(
+    py: Python<'py>,
+    values: Vec<T>,
+    shape: Vec<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let tensor = OwnedTensor::new(values, shape)?;
+    py.import("numpy")?
+        .getattr("from_dlpack")?
+        .call1((Buffer::new(tensor),))
 }
 
 /// [`int_array`] of a vector `[n]` (`indices`-like arguments).

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -14,6 +13,7 @@ use crate::python::errors::{about, opt_arg, type_name, Arg};
 use pyo3::types::{PyList, PyString};
 
 use super::pvc::{Calibration, PVCSchedule};
+use super::tensor::{bool_vector_arg, int_vector_arg, numpy_array};
 use crate::pvc::{ListRead, Monitor, MonitorBatch, OutOfVocab, Schedule, ScheduleState};
 use crate::triggers::{Detector, Hit as CoreHit, DEFAULT_PHRASES};
 
@@ -60,7 +60,6 @@ impl Hit {
     }
 }
 
-/// Token ids from a list, a tuple, a NumPy array or a PyTorch tensor (CPU), as i64.
 /// The optional `phrases` argument: None, or a list of strings (a single string is refused,
 /// not split into characters).
 pub(crate) fn phrases_arg(phrases: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<String>>> {
@@ -74,96 +73,6 @@ pub(crate) fn phrases_arg(phrases: Option<&Bound<'_, PyAny>>) -> PyResult<Option
             .map(Some)
             .map_err(|_| PyTypeError::new_err("phrases: expected a list of strings")),
     }
-}
-
-pub(crate) fn token_ids(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
-    if let Ok(array) = obj.cast::<PyArray1<i64>>() {
-        return Ok(array.readonly().as_array().to_vec());
-    }
-    if let Ok(array) = obj.cast::<PyArray1<i32>>() {
-        return Ok(array
-            .readonly()
-            .as_array()
-            .iter()
-            .map(|&v| v as i64)
-            .collect());
-    }
-    if obj.hasattr("__array__")? && !obj.is_instance_of::<PyList>() {
-        // Other array-likes (torch tensors, other integer dtypes) through NumPy, which refuses
-        // what is not integral.
-        let np = obj.py().import("numpy")?;
-        let array = np.call_method1("asarray", (obj,)).map_err(|e| {
-            PyTypeError::new_err(format!(
-                "{name}: cannot be read as an array of token ids: {}",
-                e.value(obj.py())
-            ))
-        })?;
-        let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
-        if kind != "i" && kind != "u" {
-            return Err(PyTypeError::new_err(format!(
-                "{name}: expected integer token ids, got an array of dtype {}",
-                array.getattr("dtype")?.str()?
-            )));
-        }
-        let ndim: usize = array.getattr("ndim")?.extract()?;
-        if ndim != 1 {
-            return Err(PyValueError::new_err(format!(
-                "{name}: expected a 1-D array of token ids, got {ndim} dimensions"
-            )));
-        }
-        let array = array.call_method1("astype", ("int64",))?;
-        let array: PyReadonlyArray1<i64> = array.extract()?;
-        return Ok(array.as_array().to_vec());
-    }
-    obj.extract::<Vec<i64>>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name}: expected a sequence of int token ids (list, NumPy array or tensor), got {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })
-}
-
-/// A 1-D integer argument: read in place from a contiguous int64 NumPy array, else converted.
-enum Ints<'py> {
-    Borrowed(PyReadonlyArray1<'py, i64>),
-    Owned(Vec<i64>),
-}
-
-impl<'py> Ints<'py> {
-    fn new(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Ints<'py>> {
-        if let Ok(array) = obj.cast::<PyArray1<i64>>() {
-            let readonly = array.readonly();
-            if readonly.as_slice().is_ok() {
-                return Ok(Ints::Borrowed(readonly));
-            }
-        }
-        Ok(Ints::Owned(token_ids(obj, name)?))
-    }
-
-    fn as_slice(&self) -> &[i64] {
-        match self {
-            Ints::Borrowed(a) => a.as_slice().unwrap_or(&[]),
-            Ints::Owned(v) => v,
-        }
-    }
-}
-
-fn bools(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
-    if let Ok(array) = obj.cast::<PyArray1<bool>>() {
-        return Ok(array.readonly().as_array().to_vec());
-    }
-    obj.extract::<Vec<bool>>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name}: expected a 1-D bool array or a list of bools, got {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })
 }
 
 /// Finds self-reflection phrases ("wait", "hmm", "let me double-check", ...) in the text a
@@ -265,7 +174,7 @@ impl ReflectionDetector {
     /// Every hit in a whole token list, exactly as streaming the tokens one at a time and then
     /// calling `finish()` gives. Offsets are into the decoded text.
     fn find_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<Hit>> {
-        let ids = token_ids(tokens, "tokens")?;
+        let ids = int_vector_arg(tokens, "tokens")?;
         let hits = py
             .detach(|| self.inner.find_tokens(&ids))
             .map_err(about("tokens"))?;
@@ -432,7 +341,7 @@ impl ReflectionStream {
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<Calibration>> {
-        let ids = token_ids(tokens, "tokens")?;
+        let ids = int_vector_arg(tokens, "tokens")?;
         for (i, &id) in ids.iter().enumerate() {
             self.detector.check_token(id).map_err(|e| {
                 pyo3::exceptions::PyIndexError::new_err(format!("tokens[{i}]: {e}"))
@@ -595,7 +504,7 @@ impl StreamBatch {
         tokens: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<Calibration>> {
         let slot = slot.get("slot")?;
-        let ids = token_ids(tokens, "tokens")?;
+        let ids = int_vector_arg(tokens, "tokens")?;
         let inner = &mut self.inner;
         let made = py
             .detach(|| inner.feed(slot, &ids))
@@ -618,28 +527,16 @@ impl StreamBatch {
         &mut self,
         py: Python<'py>,
         tokens: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        let owned;
-        let readonly;
-        let ids: &[i64] = if let Ok(array) = tokens.cast::<PyArray1<i64>>() {
-            readonly = array.readonly();
-            match readonly.as_slice() {
-                Ok(slice) => slice,
-                Err(_) => {
-                    owned = readonly.as_array().to_vec();
-                    &owned
-                }
-            }
-        } else {
-            owned = token_ids(tokens, "tokens")?;
-            &owned
-        };
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ids = int_vector_arg(tokens, "tokens")?;
+        let ids = &ids[..];
         let inner = &mut self.inner;
         let last = &mut self.last;
         last.clear();
         py.detach(|| inner.step(ids, |slot, c| last.push((slot, c))))?;
         let slots: Vec<i32> = self.last.iter().map(|(slot, _)| *slot as i32).collect();
-        Ok(PyArray1::from_vec(py, slots))
+        let n = slots.len();
+        numpy_array(py, slots, vec![n])
     }
 
     /// One step of a serving engine whose rows name their stream (vLLM's V2 model runner):
@@ -656,21 +553,21 @@ impl StreamBatch {
         token_index: &Bound<'py, PyAny>,
         tokens: &Bound<'py, PyAny>,
         sampling: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        let slots = Ints::new(slots, "slots")?;
-        let token_index = Ints::new(token_index, "token_index")?;
-        let tokens = Ints::new(tokens, "tokens")?;
-        let sampling = bools(sampling, "sampling")?;
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let slots = int_vector_arg(slots, "slots")?;
+        let token_index = int_vector_arg(token_index, "token_index")?;
+        let tokens = int_vector_arg(tokens, "tokens")?;
+        let sampling = bool_vector_arg(sampling, "sampling")?;
         let inner = &mut self.inner;
-        let (slots, token_index, tokens) =
-            (slots.as_slice(), token_index.as_slice(), tokens.as_slice());
+        let (slots, token_index, tokens) = (&slots[..], &token_index[..], &tokens[..]);
         let mut forced: Vec<i32> = Vec::new();
         py.detach(|| {
             inner.advance(slots, token_index, tokens, &sampling, |row| {
                 forced.push(row as i32)
             })
         })?;
-        Ok(PyArray1::from_vec(py, forced))
+        let n = forced.len();
+        numpy_array(py, forced, vec![n])
     }
 
     /// `advance` for an engine that describes each row by its sequence length (vLLM's V2 model
@@ -687,21 +584,21 @@ impl StreamBatch {
         tokens: &Bound<'py, PyAny>,
         prompt_len: &Bound<'py, PyAny>,
         prefill_len: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        let slots = Ints::new(slots, "slots")?;
-        let tokens = Ints::new(tokens, "tokens")?;
-        // Per-slot tables (a few KB): copied, so the core reads plain slices.
-        let seq_lens = token_ids(seq_lens, "seq_lens")?;
-        let prompt_len = token_ids(prompt_len, "prompt_len")?;
-        let prefill_len = token_ids(prefill_len, "prefill_len")?;
-        let (inner, slots, tokens) = (&mut self.inner, slots.as_slice(), tokens.as_slice());
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let slots = int_vector_arg(slots, "slots")?;
+        let tokens = int_vector_arg(tokens, "tokens")?;
+        let seq_lens = int_vector_arg(seq_lens, "seq_lens")?;
+        let prompt_len = int_vector_arg(prompt_len, "prompt_len")?;
+        let prefill_len = int_vector_arg(prefill_len, "prefill_len")?;
+        let (inner, slots, tokens) = (&mut self.inner, &slots[..], &tokens[..]);
         let mut forced: Vec<i32> = Vec::new();
         py.detach(|| {
             inner.advance_seq(slots, &seq_lens, tokens, &prompt_len, &prefill_len, |row| {
                 forced.push(row as i32)
             })
         })?;
-        Ok(PyArray1::from_vec(py, forced))
+        let n = forced.len();
+        numpy_array(py, forced, vec![n])
     }
 
     /// One step of a serving engine that keeps each stream's generated tokens in a list
@@ -716,7 +613,7 @@ impl StreamBatch {
         py: Python<'py>,
         outputs: &Bound<'py, PyAny>,
         rows: Arg<usize>,
-    ) -> PyResult<(Bound<'py, PyArray1<i32>>, Vec<usize>)> {
+    ) -> PyResult<(Bound<'py, PyAny>, Vec<usize>)> {
         let rows = rows.get("rows")?;
         let outputs = outputs.cast::<PyList>().map_err(|_| {
             PyTypeError::new_err(format!(
@@ -786,7 +683,8 @@ impl StreamBatch {
         let blind = py.detach(|| {
             inner.advance_lists(&reads, &tokens, rows, |slot| forced.push(slot as i32))
         })?;
-        Ok((PyArray1::from_vec(py, forced), blind))
+        let n = forced.len();
+        Ok((numpy_array(py, forced, vec![n])?, blind))
     }
 
     /// The calibrations of the latest `step`, as (slot, Calibration) pairs.

@@ -470,7 +470,8 @@ class _Session:
                 # On the features' device (the CUDA kernels for a GPU model), no host copy.
                 pooled = pool_visual_tokens(_compressible(feats), [grid], k)
                 tokens = pooled.tokens.to(self.dtype)
-                new_grid = (grid[0], -(-grid[1] // k), -(-grid[2] // k))
+                # The pooled grid is host data (no device sync to read it).
+                new_grid = tuple(int(d) for d in pooled.grid_thw[0])
                 out.append(_Image(i, new_grid, tokens, injected=True))
             self._pooled[k] = out
         return self._pooled[k]
