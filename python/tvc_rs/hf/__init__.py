@@ -61,9 +61,11 @@ model's own tokens over all segments (bridges and images are not counted).
 ``visual_attention_curve`` measures visual forgetting: the share of attention that goes to image
 tokens at each generated token, per layer, with or without PVC.
 
-Tensors may live on any device; the Rust kernels run on CPU float32 / float16 / bfloat16 tensors,
-and other dtypes or devices go through an exact PyTorch path (re-rotation) or a CPU float32 copy
-(pooling, scoring: small tensors).
+Tensors stay on the model's device: pooling, scores, pruning and the cache moves are tvc-rs calls
+on the model's own tensors, run by the CPU kernels (float32 / float16 / bfloat16; float64 models'
+caches computed in float32, their features cast to float32 for compression) or by the CUDA kernels
+of kernels/*.cu (float32 / float16 / bfloat16; ``kv`` mode with a float64 model on a GPU is
+refused up front). Only the kept cells' indices go to the host, for the layout.
 """
 
 # The driver is split by concern (tvc_rs.hf.model, .inputs, .session, .generation, .diagnostics);
