@@ -662,6 +662,46 @@ proptest! {
     }
 
     #[test]
+    fn relocate_spans_match_f64(seed in any::<u64>(), case in rope_case(), seq in 0usize..=12, n_spans in 0usize..=3, layers in 1usize..=2) {
+        let mut rng = rng(seed);
+        let mrope = case.sections.is_some();
+        // Sorted, disjoint (possibly adjacent or empty) spans inside the cache.
+        let mut cuts: Vec<usize> = (0..2 * n_spans).map(|_| rng.random_range(0..=seq)).collect();
+        cuts.sort();
+        let spans: Vec<(usize, usize)> = cuts.chunks(2).map(|c| (c[0], c[1])).collect();
+        let evicted = |p: usize| spans.iter().any(|&(a, b)| a <= p && p < b);
+        let first = spans.first().map_or(seq, |s| s.0);
+        let sources: Vec<usize> = (first..seq).filter(|&p| !evicted(p)).collect();
+        let deltas: Vec<[i64; 3]> = sources.iter().map(|_| random_delta(&mut rng, mrope)).collect();
+        let plain: Vec<i64> = deltas.iter().map(|d| d[0]).collect();
+        let d = case.head_dim;
+        let shape = [1, 2, seq, d];
+        let n = 2 * seq * d;
+        for dtype in DTYPES {
+            for view in VIEWS {
+                let keys: Vec<Tensor> = (0..layers).map(|_| cache_layer(&random(&mut rng, n), shape, dtype, view, &mut rng)).collect();
+                let values: Vec<Tensor> = (0..layers).map(|_| cache_layer(&random(&mut rng, n), shape, dtype, view, &mut rng)).collect();
+                let (k0, v0): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (keys.iter().map(values_f64).collect(), values.iter().map(values_f64).collect());
+                let deltas_arg = if mrope { Deltas::PerTokenThw(&deltas) } else { Deltas::PerToken(&plain) };
+                let new_len = tc::relocate_spans(&keys, &values, &spans, None, deltas_arg, &case.rope()).unwrap();
+                prop_assert_eq!(new_len, first + sources.len());
+                for l in 0..layers {
+                    let (got_k, got_v) = (values_f64(&keys[l]), values_f64(&values[l]));
+                    for h in 0..2 {
+                        let at = |p: usize| (h * seq + p) * d;
+                        for pos in 0..new_len {
+                            let (src, delta) = if pos < first { (pos, [0; 3]) } else { (sources[pos - first], deltas[pos - first]) };
+                            let want_k = if pos < first { k0[l][at(src)..at(src) + d].to_vec() } else { case.rotate(&k0[l][at(src)..at(src) + d], delta) };
+                            assert_close(&got_k[at(pos)..at(pos) + d], &want_k, tol(dtype), &format!("relocate_spans keys {dtype:?} {view:?} {spans:?}"));
+                            prop_assert_eq!(&got_v[at(pos)..at(pos) + d], &v0[l][at(src)..at(src) + d]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn append_entries_matches_core_and_f64(seed in any::<u64>(), case in rope_case(), seq in 1usize..=8, heads in 1usize..=2, layers in 1usize..=2, rotate in any::<bool>()) {
         let mut rng = rng(seed);
         let mrope = case.sections.is_some();

@@ -81,14 +81,47 @@ pub fn relocate_span(
     deltas: Deltas<'_>,
     rope: &Rope,
 ) -> Result<usize> {
+    relocate(keys, values, deltas, |k, v, deltas| {
+        core::relocate_span(k, v, start, end, length, deltas, rope, Launch::default())
+    })
+}
+
+/// Evicts every span `[start, end)` of `spans` (sorted, disjoint; adjacent and empty spans
+/// allowed) from every layer in one pass: every entry from the first span's start to `length`
+/// that lies in no span moves down to close the gaps, order kept, each moved key rotated by its
+/// delta (`deltas[t]` for the t-th moved entry). Returns the new valid length. The same checks
+/// and kernels as `tvc_rs::kv::relocate_spans`.
+pub fn relocate_spans(
+    keys: &[Tensor],
+    values: &[Tensor],
+    spans: &[(usize, usize)],
+    length: Option<usize>,
+    deltas: Deltas<'_>,
+    rope: &Rope,
+) -> Result<usize> {
+    relocate(keys, values, deltas, |k, v, deltas| {
+        core::relocate_spans(k, v, spans, length, deltas, rope, Launch::default())
+    })
+}
+
+/// The glue of both relocations: keys and values locked and viewed, then `op` on them.
+fn relocate(
+    keys: &[Tensor],
+    values: &[Tensor],
+    deltas: Deltas<'_>,
+    op: impl FnOnce(
+        &mut [TensorView<'_>],
+        &mut [TensorView<'_>],
+        SpanDeltas<'_>,
+    ) -> crate::error::Result<usize>,
+) -> Result<usize> {
     same_layer_count(keys, "keys", values, "values")?;
     let mut operands = named(keys, "keys", true);
     operands.extend(named(values, "values", true));
     with_cpu(&operands, |locked| {
         let mut all = views(locked)?;
         let (k, v) = all.split_at_mut(keys.len());
-        let deltas = SpanDeltas::Given(DeltaSource::Host(deltas));
-        core::relocate_span(k, v, start, end, length, deltas, rope, Launch::default()).candle()
+        op(k, v, SpanDeltas::Given(DeltaSource::Host(deltas))).candle()
     })
 }
 

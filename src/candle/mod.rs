@@ -9,7 +9,7 @@
 //!
 //! - compression: [`pool_visual_tokens`], [`visual_token_scores`], [`select_tokens`],
 //!   [`prune_visual_tokens`] (with merging);
-//! - KV cache: [`rerotate_keys`], [`relocate_span`], [`append_entries`], [`paged_reinject`];
+//! - KV cache: [`rerotate_keys`], [`relocate_span`] / [`relocate_spans`], [`append_entries`], [`paged_reinject`];
 //! - positions: [`mrope_position_ids`] (Qwen2-VL / Qwen2.5-VL `get_rope_index`);
 //! - generation loops: [`push_token`] and [`step_batch`] feed sampled token tensors to the
 //!   reflection detector and the PVC schedule ([`Monitor`], [`MonitorBatch`]).
@@ -51,7 +51,9 @@ mod rope;
 pub use compress::{
     pool_visual_tokens, prune_visual_tokens, select_tokens, visual_token_scores, Keep, Pruned,
 };
-pub use kv::{append_entries, paged_reinject, relocate_span, rerotate_keys, PagedLayoutKind};
+pub use kv::{
+    append_entries, paged_reinject, relocate_span, relocate_spans, rerotate_keys, PagedLayoutKind,
+};
 pub use pvc::{push_token, step_batch};
 pub use rope::{mrope_position_ids, MropeInput};
 
